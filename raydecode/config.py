@@ -1,0 +1,147 @@
+"""Stage configs: one pydantic model per stage, loaded from YAML, ``--set a.b=c`` overrides.
+
+Every stage shares the top-level keys ``store``, ``workdir``, ``tracking_uri``,
+``run_name`` and ``s3`` (:class:`StageConfig`), so one ``--set store=...``
+retargets any stage. Unknown keys and invalid values are refused with a
+message naming the key and, where there is a fixed set, the allowed values.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from raydecode.errors import ConfigError
+from raydecode.storage import S3Options
+
+
+class StageConfig(BaseModel):
+    """Keys every stage has."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    store: str = Field("work/store", description="store URI: a path, file:// or s3://bucket/prefix")
+    workdir: str = Field("work", description="local outputs (logs, summaries, the default MLflow database)")
+    tracking_uri: str | None = Field(None, description="MLflow tracking URI; default sqlite:///<workdir>/mlflow.db")
+    run_name: str | None = Field(None, description="MLflow run name; the same name resumes a stage")
+    s3: S3Options = Field(default_factory=S3Options)
+
+    def resolved_tracking_uri(self) -> str:
+        if self.tracking_uri:
+            return self.tracking_uri
+        return f"sqlite:///{os.path.abspath(os.path.join(self.workdir, 'mlflow.db'))}"
+
+
+class IngestSyntheticConfig(StageConfig):
+    """``raydecode ingest synthetic``: a synthetic NSD with planted structure, written to ``store``."""
+
+    preset: Literal["tiny", "demo", "paper"] = "tiny"
+    seed: int = 0
+    timeseries: bool = Field(True, description="also write per-run BOLD time series (Dynadiff)")
+    subjects: list[int] | None = Field(None, description="subset of subjects 1..8 (default: all)")
+
+
+class InfoConfig(StageConfig):
+    """``raydecode info``: summarise a store, optionally verifying every shard."""
+
+    verify: bool = False
+
+
+class DemoConfig(StageConfig):
+    """``raydecode demo``: the whole pipeline on embedded defaults (local Ray, local store, sqlite MLflow)."""
+
+    workdir: str = "work/demo"
+    store: str = "work/demo/store"
+    preset: Literal["tiny", "demo"] = "demo"
+    seed: int = 0
+
+
+C = TypeVar("C", bound=BaseModel)
+
+
+def _parse_value(raw: str) -> Any:
+    try:
+        return yaml.safe_load(raw)
+    except yaml.YAMLError:
+        return raw
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply ``a.b=c`` overrides (values parsed as YAML: ``3``, ``true``, ``[1, 2]``) to a nested dict."""
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected key=value (e.g. --set store=s3://bucket/nsd)")
+        key, raw = item.split("=", 1)
+        key = key.strip()
+        if not key:
+            raise ConfigError(f"--set {item!r}: empty key")
+        parts = key.split(".")
+        node = data
+        for part in parts[:-1]:
+            nxt = node.get(part)
+            if nxt is None:
+                nxt = node[part] = {}
+            elif not isinstance(nxt, dict):
+                raise ConfigError(f"--set {key}: '{part}' is a value, not a section")
+            node = nxt
+        node[parts[-1]] = _parse_value(raw)
+    return data
+
+
+def _allowed_keys(model: type[BaseModel], loc: tuple) -> list[str]:
+    """The field names of the (sub)model at ``loc`` (without the unknown key itself)."""
+    cur: Any = model
+    for part in loc[:-1]:
+        field = getattr(cur, "model_fields", {}).get(part)
+        if field is None:
+            return []
+        ann = field.annotation
+        cur = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+        if cur is None:
+            return []
+    return sorted(getattr(cur, "model_fields", {}).keys())
+
+
+def format_validation_error(model: type[BaseModel], exc: ValidationError, source: str) -> str:
+    """One line per problem, naming the key and what is allowed."""
+    lines = []
+    for err in exc.errors():
+        loc = tuple(err["loc"])
+        key = ".".join(str(p) for p in loc) or "(root)"
+        value = err.get("input")
+        if err["type"] == "extra_forbidden":
+            allowed = _allowed_keys(model, loc)
+            lines.append(f"{source}: unknown key '{key}'; allowed keys: {', '.join(allowed)}")
+        elif err["type"] in ("literal_error", "enum"):
+            expected = err.get("ctx", {}).get("expected", "")
+            lines.append(f"{source}: key '{key}': invalid value {value!r}; allowed values: {expected}")
+        else:
+            lines.append(f"{source}: key '{key}': invalid value {value!r} ({err['msg']})")
+    return "\n".join(lines)
+
+
+def load_config(model: type[C], path: str | None = None, overrides: list[str] | None = None, **defaults) -> C:
+    """Validate a stage config from an optional YAML file, ``--set`` overrides and CLI defaults."""
+    data: dict = dict(defaults)
+    source = "config"
+    if path:
+        p = Path(path)
+        source = str(p)
+        if not p.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            loaded = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from exc
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: expected a mapping of keys to values at the top level")
+        data.update(loaded)
+    data = apply_overrides(data, overrides or [])
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(model, exc, source)) from exc

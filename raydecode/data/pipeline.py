@@ -1,0 +1,239 @@
+"""Ray Data pipeline: datasets from a store, for training (streaming split) and evaluation.
+
+Files are selected from the manifest (subjects, sessions), never by listing a
+bucket, then read by ``ray.data.read_parquet`` through the store's pyarrow
+filesystem, so the same code streams a local directory or an S3 prefix.
+
+Betas of subjects with different voxel counts share one dataset: each row
+carries ``betas`` (float32, zero-padded to the widest selected subject) and
+``n_voxels``; a model's per-subject ridge reads ``betas[:, :n_voxels]``.
+
+Stimuli (images, categories) and frozen embeddings are joined by image id in a
+stateful ``map_batches`` (an actor pool): each actor reads only the stimulus
+shards its batches point at (shards are sorted by image id and the manifest
+holds their ranges) and keeps a bounded cache of them, so betas are never
+shuffled across the cluster and no process holds the whole store.
+"""
+
+from __future__ import annotations
+
+import io
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from pydantic import BaseModel, ConfigDict, Field
+
+from raydecode.data.schema import ShardInfo
+from raydecode.data.store import Store, open_store
+from raydecode.storage import S3Options
+
+TRIAL_COLUMNS = ("subject", "session", "run", "trial", "image_id", "repetition", "split", "betas")
+
+
+class DataSelection(BaseModel):
+    """What a stage reads from the store (the ``data`` block of training configs)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    subjects: list[int] | None = Field(None, description="subject ids (default: all in the store)")
+    sessions: list[int] | None = Field(None, description="sessions to read, e.g. [1] for the 1-hour setting")
+    average_test_repeats: bool = Field(True, description="test split: average the repetitions of each image")
+    shuffle: bool = Field(True, description="train split: new file order every epoch (plus the loop's local shuffle)")
+    categories: bool = Field(True, description="join each image's 80-way multi-hot categories")
+    images: bool = Field(False, description="join stimulus images (uint8 HxWx3)")
+    embeddings: str | None = Field(None, description="join this encoder's frozen embeddings from the store")
+    stimulus_cache_shards: int = Field(4, ge=1, description="stimulus shards each lookup actor keeps in memory")
+
+
+def betas_lengths(col: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    """Values per row of a betas column (fixed-size or, after Ray unifies subjects' schemas, variable lists)."""
+    arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+    if pa.types.is_fixed_size_list(arr.type):
+        return np.full(len(arr), arr.type.list_size, np.int32)
+    return pc.list_value_length(arr).to_numpy(zero_copy_only=False).astype(np.int32)
+
+
+def betas_matrix(col: pa.ChunkedArray | pa.Array, width: int | None = None) -> np.ndarray:
+    """(rows, width) float32 from a betas list column, each row zero-padded to ``width``."""
+    arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+    lengths = betas_lengths(arr)
+    flat = np.asarray(arr.flatten().to_numpy(zero_copy_only=False), np.float32)
+    n = len(lengths)
+    width = int(width if width is not None else (lengths.max() if n else 0))
+    if n and (lengths == lengths[0]).all():
+        out = flat.reshape(n, int(lengths[0]))
+        return np.pad(out, ((0, 0), (0, width - out.shape[1]))) if width > out.shape[1] else out
+    out = np.zeros((n, width), np.float32)
+    rows = np.repeat(np.arange(n), lengths)
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+    out[rows, np.arange(len(flat)) - np.repeat(starts, lengths)] = flat
+    return out
+
+
+def _decode_betas(batch: pa.Table, width: int) -> dict[str, np.ndarray]:
+    """pyarrow batch -> numpy batch with float32, zero-padded betas and n_voxels."""
+    out: dict[str, np.ndarray] = {}
+    for name in batch.column_names:
+        if name == "betas":
+            out["betas"] = betas_matrix(batch["betas"], width)
+            out["n_voxels"] = betas_lengths(batch["betas"])
+        else:
+            out[name] = batch[name].to_numpy(zero_copy_only=False)
+    return out
+
+
+def _average_repeats(group: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """One row per (subject, image): betas averaged over repetitions (MindEye's test protocol)."""
+    out = {}
+    for name, values in group.items():
+        if name == "betas":
+            out[name] = values.mean(0, keepdims=True).astype(np.float32)
+        elif name == "repetition":
+            out[name] = np.array([len(values)], np.int8)
+        else:
+            out[name] = values[:1]
+    return out
+
+
+class StimulusLookup:
+    """Adds stimulus (and embedding) columns to batches by image id, reading shards on demand.
+
+    Used as a Ray Data actor class: the store is opened once per actor; at most
+    ``cache_shards`` decoded shards are kept (least recently used first out)."""
+
+    def __init__(self, store_uri: str, s3: dict | None, images: bool, embeddings: str | None, cache_shards: int):
+        self.store = open_store(store_uri, S3Options(**(s3 or {})), check=False)
+        self.images = images
+        self.embeddings = embeddings
+        self.cache: OrderedDict[str, dict[int, dict[str, Any]]] = OrderedDict()
+        self.cache_shards = cache_shards
+        m = self.store.manifest
+        self.stim_shards = m.shards_of("stimuli")
+        self.emb_shards = m.shards_of("embeddings", encoder=embeddings) if embeddings else []
+        if embeddings and not self.emb_shards:
+            from raydecode.errors import StoreError
+
+            raise StoreError(f"store {self.store.uri} has no embeddings for encoder {embeddings!r}; run `raydecode embed` first")
+
+    def _load(self, shard: ShardInfo, kind: str) -> dict[int, dict[str, Any]]:
+        if shard.path in self.cache:
+            self.cache.move_to_end(shard.path)
+            return self.cache[shard.path]
+        table = self.store.read_shard(shard)
+        rows: dict[int, dict[str, Any]] = {}
+        ids = table["image_id"].to_pylist()
+        if kind == "stimuli":
+            from PIL import Image
+
+            cats = np.asarray(table["categories"].combine_chunks().flatten()).reshape(len(ids), -1)
+            for n, i in enumerate(ids):
+                row = {"categories": cats[n]}
+                if self.images:
+                    row["image"] = np.asarray(Image.open(io.BytesIO(table["image"][n].as_py())).convert("RGB"))
+                rows[i] = row
+        else:
+            for name in ("tokens", "pooled"):
+                col = table[name].combine_chunks()
+                values = np.asarray(col.flatten().to_numpy(zero_copy_only=False), np.float32) if pa.types.is_fixed_size_list(col.type) else col
+                per = values.reshape(len(ids), -1)
+                for n, i in enumerate(ids):
+                    rows.setdefault(i, {})[name] = per[n]
+        self.cache[shard.path] = rows
+        while len(self.cache) > self.cache_shards:
+            self.cache.popitem(last=False)
+        return rows
+
+    def _rows_for(self, shards: list[ShardInfo], kind: str, image_ids: np.ndarray) -> list[dict[str, Any]]:
+        out = []
+        for i in image_ids.tolist():
+            shard = next((s for s in shards if s.image_id_min <= i <= s.image_id_max), None)
+            row = self._load(shard, kind).get(i) if shard else None
+            if row is None:
+                from raydecode.errors import StoreError
+
+                raise StoreError(f"image {i} is missing from the {kind} of store {self.store.uri}")
+            out.append(row)
+        return out
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        ids = batch["image_id"]
+        stim = self._rows_for(self.stim_shards, "stimuli", ids)
+        batch["categories"] = np.stack([r["categories"] for r in stim])
+        if self.images:
+            batch["image"] = np.stack([r["image"] for r in stim])
+        if self.embeddings:
+            emb = self._rows_for(self.emb_shards, "embeddings", ids)
+            batch["tokens"] = np.stack([r["tokens"] for r in emb])
+            batch["pooled"] = np.stack([r["pooled"] for r in emb])
+        return batch
+
+
+@dataclass
+class TrialsDataset:
+    """A Ray dataset of trials and what a model needs to know about it."""
+
+    dataset: Any  # ray.data.Dataset
+    subjects: list[int]
+    voxels: dict[int, int]
+    width: int  # betas are zero-padded to this many values
+    files: list[str] = field(default_factory=list)
+
+
+def trials_dataset(
+    store: Store | str,
+    split: str,
+    selection: DataSelection | None = None,
+    s3: S3Options | None = None,
+) -> TrialsDataset:
+    """Trials of one split as a Ray dataset (one row per trial, or per image with averaged test repeats)."""
+    import ray.data
+    from ray.data import ActorPoolStrategy
+
+    sel = selection or DataSelection()
+    if split not in ("train", "test"):
+        from raydecode.errors import ConfigError
+
+        raise ConfigError(f"split {split!r}: allowed values: train, test")
+    if isinstance(store, str):
+        store = open_store(store, s3)
+    subjects = store.check_subjects(sel.subjects)
+    sessions = store.check_sessions(subjects, sel.sessions)
+    shards = store.manifest.shards_of("trials", subjects=subjects, sessions=sessions)
+    voxels = {s: store.manifest.subject(s).voxels for s in subjects}
+    width = max(voxels.values())
+    paths = [store.location(s).path for s in shards]
+    shuffle = "files" if (sel.shuffle and split == "train") else None
+    ds = ray.data.read_parquet(
+        paths,
+        filesystem=store.root.fs,
+        columns=list(TRIAL_COLUMNS),
+        partitioning=None,
+        shuffle=shuffle,
+    )
+    ds = ds.filter(expr=f"split == '{split}'")
+    ds = ds.map_batches(_decode_betas, fn_kwargs={"width": width}, batch_format="pyarrow")
+    if split == "test" and sel.average_test_repeats:
+        ds = ds.groupby(["subject", "image_id"]).map_groups(_average_repeats, batch_format="numpy")
+    if sel.categories or sel.images or sel.embeddings:
+        s3_dump = store.s3.model_dump() if store.s3 else None
+        ds = ds.map_batches(
+            StimulusLookup,
+            fn_constructor_args=(store.uri, s3_dump, sel.images, sel.embeddings, sel.stimulus_cache_shards),
+            batch_format="numpy",
+            compute=ActorPoolStrategy(min_size=1, max_size=2),
+        )
+    return TrialsDataset(ds, subjects, voxels, width, [s.path for s in shards])
+
+
+def train_datasets(store: Store | str, selection: DataSelection | None = None, s3: S3Options | None = None) -> dict:
+    """``{"train": ..., "test": ...}`` for ``TorchTrainer(datasets=...)``; the train split is
+    streamed and split across workers (Ray Train's default ``DataConfig``)."""
+    return {
+        "train": trials_dataset(store, "train", selection, s3).dataset,
+        "test": trials_dataset(store, "test", selection, s3).dataset,
+    }

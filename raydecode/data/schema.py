@@ -1,0 +1,196 @@
+"""The NSD store contract: Arrow schemas of every shard kind and the manifest.
+
+Layout (see DESIGN.md, "Store layout")::
+
+    <store>/manifest.json                          written LAST
+    <store>/voxels/subject=NN.parquet              voxel, i, j, k, roi
+    <store>/trials/subject=NN/part-SSSSS.parquet   one row per trial, one shard per session
+    <store>/timeseries/subject=NN/part-SSSSS.parquet   one row per run, one shard per session
+    <store>/stimuli/part-NNNNN.parquet             one row per image, sorted by image_id
+    <store>/embeddings/<encoder>/part-NNNNN.parquet    image_id, tokens, pooled
+    <store>/stats/<run>/...                        derived statistics
+
+Betas are stored as a fixed-size list of float16 whose length is the subject's
+voxel count, so every reader knows the width without reading a row.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import pyarrow as pa
+from pydantic import BaseModel, ConfigDict, Field
+
+SCHEMA_VERSION = 1
+MANIFEST = "manifest.json"
+SPLITS = ("train", "test")
+SOURCES = ("synthetic", "nsd", "mindeye2")
+SHARD_KINDS = ("voxels", "trials", "timeseries", "stimuli", "embeddings")
+
+# The 80 COCO object categories, in COCO's order (NSD images are COCO images).
+COCO_CATEGORIES = (
+    "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat",
+    "traffic light", "fire hydrant", "stop sign", "parking meter", "bench", "bird", "cat", "dog",
+    "horse", "sheep", "cow", "elephant", "bear", "zebra", "giraffe", "backpack", "umbrella",
+    "handbag", "tie", "suitcase", "frisbee", "skis", "snowboard", "sports ball", "kite",
+    "baseball bat", "baseball glove", "skateboard", "surfboard", "tennis racket", "bottle",
+    "wine glass", "cup", "fork", "knife", "spoon", "bowl", "banana", "apple", "sandwich", "orange",
+    "broccoli", "carrot", "hot dog", "pizza", "donut", "cake", "chair", "couch", "potted plant",
+    "bed", "dining table", "toilet", "tv", "laptop", "mouse", "remote", "keyboard", "cell phone",
+    "microwave", "oven", "toaster", "sink", "refrigerator", "book", "clock", "vase", "scissors",
+    "teddy bear", "hair drier", "toothbrush",
+)
+N_CATEGORIES = len(COCO_CATEGORIES)
+
+
+def subject_dir(subject: int) -> str:
+    return f"subject={subject:02d}"
+
+
+def voxels_schema() -> pa.Schema:
+    return pa.schema(
+        [
+            pa.field("voxel", pa.int32(), nullable=False),  # position in the subject's beta vector
+            pa.field("i", pa.int16(), nullable=False),
+            pa.field("j", pa.int16(), nullable=False),
+            pa.field("k", pa.int16(), nullable=False),
+            pa.field("roi", pa.string(), nullable=False),
+        ]
+    )
+
+
+def trials_schema(n_voxels: int) -> pa.Schema:
+    return pa.schema(
+        [
+            pa.field("subject", pa.int16(), nullable=False),
+            pa.field("session", pa.int16(), nullable=False),  # 1-based, as in NSD
+            pa.field("run", pa.int16(), nullable=False),  # 1-based within the session
+            pa.field("trial", pa.int32(), nullable=False),  # 1-based within the session
+            pa.field("image_id", pa.int32(), nullable=False),
+            pa.field("repetition", pa.int8(), nullable=False),  # 1..3: which showing of this image
+            pa.field("split", pa.string(), nullable=False),
+            pa.field("onset_s", pa.float32(), nullable=False),  # stimulus onset within the run
+            pa.field("betas", pa.list_(pa.float16(), n_voxels), nullable=False),
+        ]
+    )
+
+
+def timeseries_schema() -> pa.Schema:
+    return pa.schema(
+        [
+            pa.field("subject", pa.int16(), nullable=False),
+            pa.field("session", pa.int16(), nullable=False),
+            pa.field("run", pa.int16(), nullable=False),
+            pa.field("tr_s", pa.float32(), nullable=False),
+            pa.field("n_voxels", pa.int32(), nullable=False),
+            pa.field("n_tr", pa.int32(), nullable=False),
+            # voxel x time, row-major: bold[v * n_tr + t]
+            pa.field("bold", pa.list_(pa.float16()), nullable=False),
+            # image shown at each TR's onset window (-1: blank), length n_tr
+            pa.field("design", pa.list_(pa.int32()), nullable=False),
+            pa.field("trial", pa.list_(pa.int32()), nullable=False),  # trials of this run (session numbering)
+            pa.field("trial_onset_s", pa.list_(pa.float32()), nullable=False),
+            pa.field("trial_image_id", pa.list_(pa.int32()), nullable=False),
+        ]
+    )
+
+
+def stimuli_schema() -> pa.Schema:
+    return pa.schema(
+        [
+            pa.field("image_id", pa.int32(), nullable=False),
+            pa.field("image", pa.binary(), nullable=False),  # PNG bytes, RGB
+            pa.field("height", pa.int16(), nullable=False),
+            pa.field("width", pa.int16(), nullable=False),
+            pa.field("categories", pa.list_(pa.uint8(), N_CATEGORIES), nullable=False),  # multi-hot
+            pa.field("caption", pa.string(), nullable=False),
+            pa.field("shared", pa.bool_(), nullable=False),  # one of the test images every subject saw
+        ]
+    )
+
+
+def schema_for(kind: str, n_voxels: int | None = None) -> pa.Schema:
+    if kind == "voxels":
+        return voxels_schema()
+    if kind == "trials":
+        assert n_voxels is not None
+        return trials_schema(n_voxels)
+    if kind == "timeseries":
+        return timeseries_schema()
+    if kind == "stimuli":
+        return stimuli_schema()
+    raise ValueError(f"no fixed schema for shard kind {kind!r}")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ShardInfo(_Strict):
+    path: str  # relative to the store root
+    kind: Literal["voxels", "trials", "timeseries", "stimuli", "embeddings"]
+    rows: int = Field(ge=0)
+    bytes: int = Field(ge=0)
+    sha256: str
+    subject: int | None = None
+    session: int | None = None
+    encoder: str | None = None  # embeddings only
+    image_id_min: int | None = None  # stimuli/embeddings: shards are sorted by image_id
+    image_id_max: int | None = None
+
+
+class SubjectInfo(_Strict):
+    subject: int
+    voxels: int = Field(gt=0)
+    grid_shape: tuple[int, int, int]
+    sessions: int = Field(ge=0)
+    runs: int = Field(ge=0)
+    trials: dict[str, int]  # per split
+    images: dict[str, int]  # distinct images per split
+
+
+class EncoderInfo(_Strict):
+    name: str
+    tokens_shape: tuple[int, ...]
+    pooled_dim: int
+
+
+class Manifest(_Strict):
+    schema_version: int
+    source: Literal["synthetic", "nsd", "mindeye2"]
+    source_params: dict = Field(default_factory=dict)  # e.g. preset and seed; compared on re-runs
+    created_by: str
+    tr_s: float | None = None
+    image_size: tuple[int, int]
+    n_images: int
+    categories: list[str]
+    subjects: list[SubjectInfo]
+    shared_test_image_ids: list[int]
+    embeddings: dict[str, EncoderInfo] = Field(default_factory=dict)
+    shards: list[ShardInfo]
+
+    def subject(self, subject: int) -> SubjectInfo:
+        for s in self.subjects:
+            if s.subject == subject:
+                return s
+        raise KeyError(subject)
+
+    @property
+    def subject_ids(self) -> list[int]:
+        return [s.subject for s in self.subjects]
+
+    def shards_of(
+        self,
+        kind: str,
+        subjects: list[int] | None = None,
+        sessions: list[int] | None = None,
+        encoder: str | None = None,
+    ) -> list[ShardInfo]:
+        out = [s for s in self.shards if s.kind == kind]
+        if subjects is not None:
+            out = [s for s in out if s.subject in subjects]
+        if sessions is not None:
+            out = [s for s in out if s.session in sessions]
+        if encoder is not None:
+            out = [s for s in out if s.encoder == encoder]
+        return out

@@ -1,0 +1,437 @@
+"""Reading, writing and verifying an NSD store (local directory or S3 prefix).
+
+Writers are idempotent and atomic: each shard is validated, then written whole
+(temporary file + rename, or a single S3 PUT), and ``manifest.json`` is written
+last. A store without a manifest is incomplete; re-running the same ingest
+completes it, skipping the shards already there.
+
+Readers open the manifest first and check it and the shards' schemas before any
+training starts, refusing a mismatch with a message naming the file and field.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from pydantic import ValidationError
+
+import raydecode
+from raydecode.data.schema import (
+    MANIFEST,
+    N_CATEGORIES,
+    SCHEMA_VERSION,
+    SPLITS,
+    Manifest,
+    ShardInfo,
+    SubjectInfo,
+    schema_for,
+)
+from raydecode.errors import StorageError, StoreError
+from raydecode.storage import Location, S3Options, resolve
+
+
+@dataclass
+class Problem:
+    """One thing wrong with one file of a store."""
+
+    file: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.file}: {self.message}"
+
+
+def _pydantic_problem(exc: ValidationError) -> str:
+    err = exc.errors()[0]
+    field = ".".join(str(p) for p in err["loc"]) or "(root)"
+    return f"field '{field}': {err['msg']}"
+
+
+# ---------------------------------------------------------------------------------------
+# Validation of shard contents, shared by the writer (before writing) and by `info --verify`.
+# ---------------------------------------------------------------------------------------
+
+
+def _schema_problem(expected: pa.Schema, actual: pa.Schema) -> str | None:
+    exp = {f.name: f.type for f in expected}
+    act = {f.name: f.type for f in actual}
+    for name, typ in exp.items():
+        if name not in act:
+            return f"missing field '{name}' ({typ})"
+        if act[name] != typ:
+            if name == "betas" and pa.types.is_fixed_size_list(act[name]) and pa.types.is_fixed_size_list(typ):
+                return f"field 'betas' has {act[name].list_size} values per trial, expected {typ.list_size} (the subject's voxel count)"
+            return f"field '{name}' has type {act[name]}, expected {typ}"
+    extra = sorted(set(act) - set(exp))
+    if extra:
+        return f"unexpected field(s) {', '.join(extra)}"
+    return None
+
+
+def _nonfinite(values: pa.Array) -> int:
+    arr = values.to_numpy(zero_copy_only=False)
+    return int(arr.size - np.isfinite(arr).sum())
+
+
+def validate_table(
+    kind: str,
+    table: pa.Table,
+    subject: SubjectInfo | None = None,
+    session: int | None = None,
+    stimulus_ids: set[int] | None = None,
+) -> list[str]:
+    """Problems with one shard's contents (empty if it follows the contract)."""
+    expected = schema_for(kind, subject.voxels if (subject and kind == "trials") else None)
+    problem = _schema_problem(expected, table.schema)
+    if problem:
+        return [problem]
+    problems: list[str] = []
+    if kind in ("trials", "timeseries"):
+        assert subject is not None
+        bad = pc.not_equal(table["subject"], subject.subject)
+        if pc.any(bad).as_py():
+            problems.append(f"field 'subject' holds values other than {subject.subject}")
+        if session is not None and pc.any(pc.not_equal(table["session"], session)).as_py():
+            problems.append(f"field 'session' holds values other than {session}")
+    if kind == "trials":
+        splits = set(table["split"].unique().to_pylist())
+        if not splits <= set(SPLITS):
+            problems.append(f"field 'split' holds {sorted(splits - set(SPLITS))}, allowed: {', '.join(SPLITS)}")
+        flat = table["betas"].combine_chunks().flatten() if table.num_rows else pa.array([], pa.float16())
+        n_bad = _nonfinite(flat)
+        if n_bad:
+            problems.append(f"field 'betas' holds {n_bad} NaN/Inf values")
+        if stimulus_ids is not None:
+            ids = set(table["image_id"].unique().to_pylist())
+            missing = sorted(ids - stimulus_ids)
+            if missing:
+                shown = ", ".join(map(str, missing[:5])) + (" ..." if len(missing) > 5 else "")
+                problems.append(f"field 'image_id' points at {len(missing)} image(s) missing from stimuli: {shown}")
+    elif kind == "timeseries":
+        n_vox = table["n_voxels"].to_numpy()
+        n_tr = table["n_tr"].to_numpy()
+        if (n_vox != subject.voxels).any():
+            problems.append(f"field 'n_voxels' differs from the subject's {subject.voxels} voxels")
+        lengths = pc.list_value_length(table["bold"]).to_numpy()
+        if (lengths != n_vox * n_tr).any():
+            problems.append("field 'bold' length is not n_voxels * n_tr")
+        if (pc.list_value_length(table["design"]).to_numpy() != n_tr).any():
+            problems.append("field 'design' length is not n_tr")
+        flat = table["bold"].combine_chunks().flatten() if table.num_rows else pa.array([], pa.float16())
+        n_bad = _nonfinite(flat)
+        if n_bad:
+            problems.append(f"field 'bold' holds {n_bad} NaN/Inf values")
+    elif kind == "stimuli":
+        ids = table["image_id"].to_numpy()
+        if len(ids) and (np.diff(ids) <= 0).any():
+            problems.append("field 'image_id' is not strictly increasing (shards are sorted by image_id)")
+        cats = table["categories"].combine_chunks().flatten().to_numpy(zero_copy_only=False) if table.num_rows else []
+        if len(cats) and (np.asarray(cats) > 1).any():
+            problems.append(f"field 'categories' is not {N_CATEGORIES}-way multi-hot (values other than 0/1)")
+    elif kind == "voxels":
+        assert subject is not None
+        if table.num_rows != subject.voxels:
+            problems.append(f"{table.num_rows} rows, expected one per voxel ({subject.voxels})")
+        elif not np.array_equal(table["voxel"].to_numpy(), np.arange(subject.voxels)):
+            problems.append("field 'voxel' is not 0..voxels-1 in order")
+        for axis, size in zip("ijk", subject.grid_shape):
+            c = table[axis].to_numpy()
+            if len(c) and (c.min() < 0 or c.max() >= size):
+                problems.append(f"field '{axis}' falls outside the grid shape {tuple(subject.grid_shape)}")
+    return problems
+
+
+def _parquet_bytes(table: pa.Table) -> bytes:
+    buf = io.BytesIO()
+    pq.write_table(table, buf, compression="zstd", row_group_size=256)
+    return buf.getvalue()
+
+
+# ---------------------------------------------------------------------------------------
+# Reader
+# ---------------------------------------------------------------------------------------
+
+
+class Store:
+    """An opened store: its root location and validated manifest."""
+
+    def __init__(self, root: Location, manifest: Manifest, s3: S3Options | None = None):
+        self.root = root
+        self.manifest = manifest
+        self.s3 = s3
+
+    @property
+    def uri(self) -> str:
+        return self.root.uri
+
+    def location(self, shard: ShardInfo | str) -> Location:
+        return self.root.join(shard.path if isinstance(shard, ShardInfo) else shard)
+
+    def check_subjects(self, subjects: Iterable[int] | None) -> list[int]:
+        """The requested subjects, or all; an unknown id is an error naming it."""
+        known = self.manifest.subject_ids
+        if subjects is None:
+            return list(known)
+        subjects = [int(s) for s in subjects]
+        unknown = [s for s in subjects if s not in known]
+        if unknown:
+            raise StoreError(
+                f"unknown subject {', '.join(map(str, unknown))} in store {self.uri}; "
+                f"available: {', '.join(map(str, known))}"
+            )
+        return subjects
+
+    def check_sessions(self, subjects: list[int], sessions: Iterable[int] | None) -> list[int] | None:
+        if sessions is None:
+            return None
+        sessions = [int(s) for s in sessions]
+        for subj in subjects:
+            have = self.manifest.subject(subj).sessions
+            bad = [s for s in sessions if s < 1 or s > have]
+            if bad:
+                raise StoreError(
+                    f"session {', '.join(map(str, bad))} out of range for subject {subj} in {self.uri} (sessions 1..{have})"
+                )
+        return sessions
+
+    def read_shard(self, shard: ShardInfo, columns: list[str] | None = None) -> pa.Table:
+        loc = self.location(shard)
+        try:
+            with loc.open_input_file() as f:
+                return pq.read_table(f, columns=columns)
+        except StorageError:
+            raise
+        except Exception as exc:
+            raise StoreError(f"{loc.uri}: unreadable parquet shard ({exc})") from exc
+
+    def voxel_table(self, subject: int) -> pa.Table:
+        """For every position of the subject's beta vector: voxel, i, j, k, roi. Grid shape in the manifest."""
+        self.check_subjects([subject])
+        (shard,) = self.manifest.shards_of("voxels", subjects=[subject])
+        return self.read_shard(shard)
+
+    def check_schemas(self, kinds: Iterable[str] = ("trials",), subjects: list[int] | None = None) -> None:
+        """Read each relevant shard's footer (not its data) and compare its schema with the contract."""
+        for kind in kinds:
+            for shard in self.manifest.shards_of(kind, subjects=subjects):
+                loc = self.location(shard)
+                try:
+                    with loc.open_input_file() as f:
+                        schema = pq.read_schema(f)
+                except StorageError:
+                    raise
+                except Exception as exc:
+                    raise StoreError(f"{loc.uri}: unreadable parquet shard ({exc})") from exc
+                subj = self.manifest.subject(shard.subject) if shard.subject is not None else None
+                if kind in ("embeddings",):
+                    continue
+                problem = _schema_problem(schema_for(kind, subj.voxels if subj else None), schema)
+                if problem:
+                    raise StoreError(f"{loc.uri}: {problem}")
+
+    def stimulus_ids(self) -> set[int]:
+        ids: set[int] = set()
+        for shard in self.manifest.shards_of("stimuli"):
+            ids.update(self.read_shard(shard, columns=["image_id"])["image_id"].to_pylist())
+        return ids
+
+    def verify(self, progress: Callable[[Iterable], Iterable] | None = None) -> list[Problem]:
+        """Read every shard and check it against the manifest and the contract.
+
+        Existence, byte size, checksum, row count, schema, finite values of the right
+        length, and trials that point at existing stimuli."""
+        problems: list[Problem] = []
+        shards = self.manifest.shards
+        listed = {s.path for s in shards}
+        stimulus_ids: set[int] = set()
+        # stimuli first, so trials can be checked against them
+        ordered = sorted(shards, key=lambda s: (s.kind != "stimuli", s.kind != "voxels", s.path))
+        it = progress(ordered) if progress else ordered
+        for shard in it:
+            loc = self.location(shard)
+            try:
+                data = loc.read_bytes()
+            except StorageError as exc:
+                problems.append(Problem(loc.uri, "missing" if "missing file" in str(exc) else str(exc)))
+                continue
+            if len(data) != shard.bytes:
+                problems.append(Problem(loc.uri, f"{len(data)} bytes, manifest says {shard.bytes} (truncated or replaced)"))
+            if hashlib.sha256(data).hexdigest() != shard.sha256:
+                problems.append(Problem(loc.uri, "sha256 checksum differs from the manifest"))
+            try:
+                table = pq.read_table(io.BytesIO(data))
+            except Exception as exc:
+                problems.append(Problem(loc.uri, f"unreadable parquet ({exc})"))
+                continue
+            if table.num_rows != shard.rows:
+                problems.append(Problem(loc.uri, f"{table.num_rows} rows, manifest says {shard.rows}"))
+            if shard.kind == "stimuli":
+                stimulus_ids.update(table["image_id"].to_pylist())
+            if shard.kind == "embeddings":
+                continue
+            subj = None
+            if shard.subject is not None:
+                try:
+                    subj = self.manifest.subject(shard.subject)
+                except KeyError:
+                    problems.append(Problem(loc.uri, f"subject {shard.subject} is not in the manifest"))
+                    continue
+            for msg in validate_table(
+                shard.kind,
+                table,
+                subj,
+                shard.session,
+                stimulus_ids if shard.kind == "trials" else None,
+            ):
+                problems.append(Problem(loc.uri, msg))
+        # files in the store's data folders that the manifest does not list
+        for folder in ("trials", "timeseries", "stimuli", "voxels", "embeddings"):
+            for f in self.root.join(folder).list_files():
+                rel = f.uri[len(self.root.uri.rstrip("/")) + 1 :]
+                if rel not in listed and not rel.rsplit("/", 1)[-1].startswith("."):
+                    problems.append(Problem(f.uri, "not listed in the manifest"))
+        return problems
+
+    def total_bytes(self) -> int:
+        return sum(s.bytes for s in self.manifest.shards)
+
+
+def read_manifest(root: Location) -> Manifest | None:
+    """The manifest at ``root``, or None if there is none. Invalid manifests are errors naming the field."""
+    loc = root.join(MANIFEST)
+    if not loc.exists():
+        return None
+    raw = loc.read_bytes()
+    try:
+        data = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise StoreError(f"{loc.uri}: not valid JSON ({exc})") from exc
+    if isinstance(data, dict) and data.get("schema_version") not in (None, SCHEMA_VERSION):
+        raise StoreError(
+            f"{loc.uri}: field 'schema_version' is {data.get('schema_version')!r}; "
+            f"this raydecode reads version {SCHEMA_VERSION}"
+        )
+    try:
+        return Manifest.model_validate(data)
+    except ValidationError as exc:
+        raise StoreError(f"{loc.uri}: {_pydantic_problem(exc)}") from exc
+
+
+def open_store(uri: str, s3: S3Options | None = None, check: bool = True) -> Store:
+    """Open a store, validating its manifest (and, with ``check``, every trials shard's schema)."""
+    root = resolve(uri, s3)
+    manifest = read_manifest(root)
+    if manifest is None:
+        if any(True for _ in root.list_files()):
+            raise StoreError(
+                f"{root.uri} is an incomplete store: shards but no {MANIFEST} "
+                "(an interrupted ingest); re-run the same ingest command to complete it"
+            )
+        raise StoreError(f"{root.uri} is empty: no {MANIFEST} and no shards (is this the right prefix?)")
+    store = Store(root, manifest, s3)
+    if check:
+        store.check_schemas(("voxels", "trials", "stimuli"))
+    return store
+
+
+# ---------------------------------------------------------------------------------------
+# Writer
+# ---------------------------------------------------------------------------------------
+
+
+class StoreWriter:
+    """Writes a store's shards, then its manifest.
+
+    ``status`` is ``"complete"`` when a manifest made with the same source
+    parameters already exists (the re-run is a no-op), ``"partial"`` when shards
+    exist without a manifest (they are kept and completed), ``"new"`` otherwise.
+    """
+
+    def __init__(self, root: Location, source: str, source_params: dict):
+        self.root = root
+        self.source = source
+        self.source_params = source_params
+        self.shards: list[ShardInfo] = []
+        existing = read_manifest(root)
+        if existing is not None:
+            if existing.source != source or existing.source_params != source_params:
+                raise StoreError(
+                    f"{root.uri} already holds a {existing.source} store made with {existing.source_params}; "
+                    f"refusing to overwrite it with {source} {source_params} (choose another output)"
+                )
+            self.status = "complete"
+            self.existing = existing
+        else:
+            self.existing = None
+            self.status = "partial" if any(True for _ in root.list_files()) else "new"
+
+    def existing_shard(self, path: str, kind: str, **meta) -> ShardInfo | None:
+        """The shard at ``path`` if an earlier (interrupted) run wrote it, else None.
+
+        Writes are atomic, so a shard that exists and parses is whole."""
+        if self.status != "partial":
+            return None
+        loc = self.root.join(path)
+        if not loc.exists():
+            return None
+        data = loc.read_bytes()
+        try:
+            rows = pq.read_metadata(io.BytesIO(data)).num_rows
+        except Exception:
+            return None  # unreadable leftovers are rewritten
+        info = ShardInfo(
+            path=path, kind=kind, rows=rows, bytes=len(data), sha256=hashlib.sha256(data).hexdigest(), **meta
+        )
+        self.shards.append(info)
+        return info
+
+    def write_shard(
+        self,
+        path: str,
+        kind: str,
+        table: pa.Table,
+        subject_info: SubjectInfo | None = None,
+        stimulus_ids: set[int] | None = None,
+        **meta,
+    ) -> ShardInfo:
+        """Validate ``table`` against the contract and write it whole; refuse it naming the field."""
+        loc = self.root.join(path)
+        problems = validate_table(kind, table, subject_info, meta.get("session"), stimulus_ids)
+        if problems:
+            raise StoreError(f"{loc.uri}: {'; '.join(problems)}")
+        data = _parquet_bytes(table)
+        loc.write_bytes_atomic(data)
+        info = ShardInfo(
+            path=path,
+            kind=kind,
+            rows=table.num_rows,
+            bytes=len(data),
+            sha256=hashlib.sha256(data).hexdigest(),
+            **meta,
+        )
+        self.shards.append(info)
+        return info
+
+    def finalize(self, **fields) -> Manifest:
+        """Write manifest.json (last): the store becomes complete."""
+        manifest = Manifest(
+            schema_version=SCHEMA_VERSION,
+            source=self.source,
+            source_params=self.source_params,
+            created_by=f"raydecode {raydecode.__version__}",
+            shards=sorted(self.shards, key=lambda s: s.path),
+            **fields,
+        )
+        self.root.join(MANIFEST).write_bytes_atomic(
+            json.dumps(manifest.model_dump(mode="json"), indent=1).encode()
+        )
+        self.status = "complete"
+        return manifest
