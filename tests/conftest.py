@@ -1,0 +1,79 @@
+"""Shared fixtures: a tiny synthetic store, a local Ray cluster, a moto S3 server on 127.0.0.1."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from raydecode.data.ingest import run_ingest, synthetic_plan
+from raydecode.storage import S3Options
+
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+os.environ.setdefault("TQDM_DISABLE", "1")
+
+
+@pytest.fixture(scope="session")
+def tiny_store(tmp_path_factory) -> str:
+    """A tiny synthetic store (seed 0), ingested once per session. Tests must not modify it."""
+    out = tmp_path_factory.mktemp("stores") / "tiny"
+    run_ingest(synthetic_plan("tiny", 0), str(out), progress=False)
+    return str(out)
+
+
+@pytest.fixture
+def store_copy(tiny_store, tmp_path) -> str:
+    """A private copy of the tiny store that a test may damage."""
+    dst = tmp_path / "store"
+    shutil.copytree(tiny_store, dst)
+    return str(dst)
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="warning")
+    yield ray
+    ray.shutdown()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """moto's S3 server over HTTP on 127.0.0.1, with a bucket `nsd`. Yields the S3Options to reach it."""
+    from moto.server import ThreadedMotoServer
+
+    port = _free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    opts = S3Options(
+        endpoint_url=f"http://127.0.0.1:{port}", region="us-east-1",
+        access_key_id="testing", secret_access_key="testing",
+    )
+    import boto3
+
+    boto3.client(
+        "s3", endpoint_url=opts.endpoint_url, region_name="us-east-1",
+        aws_access_key_id="testing", aws_secret_access_key="testing",
+    ).create_bucket(Bucket="nsd")
+    yield opts
+    server.stop()
+
+
+def run_cli(*args: str, env: dict | None = None, cwd: str | None = None) -> subprocess.CompletedProcess:
+    """Run the real console script in a subprocess."""
+    full_env = {**os.environ, **(env or {})}
+    exe = Path(sys.executable).with_name("raydecode")
+    return subprocess.run([str(exe), *args], capture_output=True, text=True, env=full_env, cwd=cwd, timeout=600)

@@ -1,0 +1,47 @@
+import pytest
+
+from raydecode.config import IngestSyntheticConfig, InfoConfig, load_config
+from raydecode.errors import ConfigError
+from tests.conftest import run_cli
+
+
+def test_yaml_and_overrides(tmp_path):
+    cfg_file = tmp_path / "ingest.yaml"
+    cfg_file.write_text("preset: demo\nstore: /tmp/a\ns3:\n  region: eu-west-1\n")
+    cfg = load_config(IngestSyntheticConfig, str(cfg_file), ["seed=7", "s3.endpoint_url=http://127.0.0.1:9", "subjects=[1, 2]"])
+    assert (cfg.preset, cfg.seed, cfg.store, cfg.subjects) == ("demo", 7, "/tmp/a", [1, 2])
+    assert cfg.s3.region == "eu-west-1" and cfg.s3.endpoint_url == "http://127.0.0.1:9"
+    # one --set store=... retargets any stage
+    assert load_config(InfoConfig, None, ["store=s3://lab/nsd"]).store == "s3://lab/nsd"
+
+
+def test_unknown_key_names_key_and_allowed(tmp_path):
+    with pytest.raises(ConfigError) as e:
+        load_config(IngestSyntheticConfig, None, ["s3.endpoint=http://x"])
+    msg = str(e.value)
+    assert "unknown key 's3.endpoint'" in msg and "endpoint_url" in msg
+
+
+def test_invalid_value_lists_allowed_values():
+    with pytest.raises(ConfigError) as e:
+        load_config(IngestSyntheticConfig, None, ["preset=huge"])
+    msg = str(e.value)
+    assert "key 'preset'" in msg and "'huge'" in msg and "'tiny'" in msg and "'paper'" in msg
+    with pytest.raises(ConfigError, match="key 'seed'"):
+        load_config(IngestSyntheticConfig, None, ["seed=abc"])
+    with pytest.raises(ConfigError, match="expected key=value"):
+        load_config(IngestSyntheticConfig, None, ["seed"])
+
+
+def test_cli_invalid_config_value_exits_nonzero_with_one_line(tmp_path):
+    out = tmp_path / "store"
+    r = run_cli("ingest", "synthetic", "--out", str(out), "--set", "preset=huge")
+    assert r.returncode != 0
+    assert r.stderr.strip().startswith("error:") and "preset" in r.stderr and "tiny" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    assert not out.exists()  # nothing half-written
+
+
+def test_missing_config_file():
+    with pytest.raises(ConfigError, match="nope.yaml does not exist"):
+        load_config(InfoConfig, "nope.yaml")
