@@ -8,6 +8,7 @@ import pytest
 from raydecode.data.pipeline import DataSelection, trials_dataset
 from raydecode.data.store import open_store
 from raydecode.errors import StoreError
+from raydecode.storage import train_storage
 
 
 def _collect(ds):
@@ -100,12 +101,13 @@ def test_streaming_split_feeds_ray_train_workers(tiny_store, ray_local, tmp_path
                            "key_sum": key_sum.item(), "rank_rows": len(orders[0])}, f)
 
     out = str(tmp_path / "counts.json")
+    storage_path, storage_fs = train_storage(str(tmp_path / "runs"))
     trainer = TorchTrainer(
         loop,
         train_loop_config={"out": out},
         scaling_config=ScalingConfig(num_workers=2, use_gpu=False, resources_per_worker={"CPU": 0.5}),
         datasets={"train": td.dataset},
-        run_config=RunConfig(storage_path=str(tmp_path), name="split"),
+        run_config=RunConfig(storage_path=storage_path, storage_filesystem=storage_fs, name="split"),
     )
     trainer.fit()
     metrics = json.load(open(out))

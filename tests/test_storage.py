@@ -52,3 +52,10 @@ def test_s3_round_trip(s3_server):
     f.write_bytes_atomic(b"\x00" * 1000)
     assert f.exists() and f.read_bytes() == b"\x00" * 1000
     assert [x.uri for x in loc.list_files()] == ["s3://nsd/roundtrip/a/b.bin"]
+
+
+def test_s3_options_as_environment_for_mlflow_and_workers(monkeypatch):
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "from-env")
+    env = S3Options(endpoint_url="http://127.0.0.1:5000", region="eu-west-1").env()
+    assert env["MLFLOW_S3_ENDPOINT_URL"] == env["AWS_ENDPOINT_URL_S3"] == "http://127.0.0.1:5000"
+    assert env["AWS_ACCESS_KEY_ID"] == "from-env" and env["AWS_DEFAULT_REGION"] == "eu-west-1"

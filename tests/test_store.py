@@ -37,6 +37,10 @@ def test_round_trip_local(tiny_store):
     ijk = np.stack([vt[c].to_numpy() for c in "ijk"], 1)
     assert len(vt) == m.subject(3).voxels and len(np.unique(ijk, axis=0)) == len(vt)
     assert (ijk < np.array(m.subject(3).grid_shape)).all()
+    assert vt.schema.metadata[b"grid_shape"] == ",".join(map(str, m.subject(3).grid_shape)).encode()
+    volume = np.zeros(m.subject(3).grid_shape, bool)
+    volume[ijk[:, 0], ijk[:, 1], ijk[:, 2]] = True
+    assert volume.sum() == len(vt)
     assert {"V1", "V2", "V3", "hV4"} <= set(vt["roi"].to_pylist())
     # trials per split in the manifest match the shards
     train = sum((store.read_shard(s, ["split"])["split"].to_numpy(zero_copy_only=False) == "train").sum()

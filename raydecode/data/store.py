@@ -213,10 +213,13 @@ class Store:
             raise StoreError(f"{loc.uri}: unreadable parquet shard ({exc})") from exc
 
     def voxel_table(self, subject: int) -> pa.Table:
-        """For every position of the subject's beta vector: voxel, i, j, k, roi. Grid shape in the manifest."""
+        """For every position of the subject's beta vector: voxel, i, j, k, roi; the grid shape is in the
+        manifest and in the table's schema metadata (``grid_shape``: "X,Y,Z")."""
         self.check_subjects([subject])
         (shard,) = self.manifest.shards_of("voxels", subjects=[subject])
-        return self.read_shard(shard)
+        table = self.read_shard(shard)
+        grid = ",".join(map(str, self.manifest.subject(subject).grid_shape))
+        return table.replace_schema_metadata({**(table.schema.metadata or {}), b"grid_shape": grid.encode()})
 
     def check_schemas(self, kinds: Iterable[str] = ("trials",), subjects: list[int] | None = None) -> None:
         """Read each relevant shard's footer (not its data) and compare its schema with the contract."""

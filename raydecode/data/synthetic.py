@@ -515,7 +515,7 @@ class SyntheticNSD:
                 "k": pa.array(c[:, 2], pa.int16()),
                 "roi": subj.roi.tolist(),
             },
-            schema=voxels_schema(),
+            schema=voxels_schema().with_metadata({"grid_shape": ",".join(map(str, self.preset.grid_shape))}),
         )
 
     def subject_info(self, subject: int) -> SubjectInfo:

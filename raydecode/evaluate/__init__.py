@@ -1,0 +1,1 @@
+"""Retrieval, reconstruction and classification metrics, reports and plots."""

@@ -1,0 +1,1 @@
+"""The single Ray Train + DeepSpeed loop, checkpointing and launch (TorchTrainer)."""
