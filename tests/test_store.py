@@ -103,6 +103,11 @@ def _rewrite(store_uri, path, table):
     pq.write_table(table, os.path.join(store_uri, path))
 
 
+def _with_betas(table, betas):
+    col = pa.FixedSizeListArray.from_arrays(pa.array(betas.astype(np.float16).ravel(), pa.float16()), betas.shape[1])
+    return table.set_column(table.schema.get_field_index("betas"), "betas", col)
+
+
 def _verify_cli(uri):
     r = run_cli("info", uri, "--verify")
     assert r.returncode != 0
@@ -123,9 +128,7 @@ def test_truncated_shard(store_copy):
 def test_wrong_voxel_count(store_copy, tiny_store):
     path = "trials/subject=02/part-00001.parquet"
     t = pq.read_table(os.path.join(store_copy, path))
-    b = betas_matrix(t["betas"])[:, :-5].astype(np.float16)
-    bad = t.set_column(t.schema.get_field_index("betas"), "betas",
-                       pa.FixedSizeListArray.from_arrays(pa.array(b.ravel(), pa.float16()), b.shape[1]))
+    bad = _with_betas(t, betas_matrix(t["betas"])[:, :-5])
     _rewrite(store_copy, path, bad)
     out = _verify_cli(store_copy)
     assert path in out and "'betas' has 195 values per trial, expected 200" in out
@@ -142,8 +145,7 @@ def test_nan_and_inf_betas(store_copy, tiny_store):
     b = betas_matrix(t["betas"]).astype(np.float16)
     b[3, 7] = np.nan
     b[5, 1] = np.inf
-    bad = t.set_column(t.schema.get_field_index("betas"), "betas",
-                       pa.FixedSizeListArray.from_arrays(pa.array(b.ravel(), pa.float16()), b.shape[1]))
+    bad = _with_betas(t, b)
     _rewrite(store_copy, path, bad)
     out = _verify_cli(store_copy)
     assert path in out and "2 NaN/Inf" in out
