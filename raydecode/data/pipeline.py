@@ -30,6 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from raydecode.data.schema import ShardInfo
 from raydecode.data.store import Store, open_store
+from raydecode.errors import ConfigError, StoreError
 from raydecode.storage import S3Options
 
 TRIAL_COLUMNS = ("subject", "session", "run", "trial", "image_id", "repetition", "split", "betas")
@@ -116,8 +117,6 @@ class StimulusLookup:
         self.stim_shards = m.shards_of("stimuli")
         self.emb_shards = m.shards_of("embeddings", encoder=embeddings) if embeddings else []
         if embeddings and not self.emb_shards:
-            from raydecode.errors import StoreError
-
             raise StoreError(f"store {self.store.uri} has no embeddings for encoder {embeddings!r}; run `raydecode embed` first")
 
     def _load(self, shard: ShardInfo, kind: str) -> dict[int, dict[str, Any]]:
@@ -154,8 +153,6 @@ class StimulusLookup:
             shard = next((s for s in shards if s.image_id_min <= i <= s.image_id_max), None)
             row = self._load(shard, kind).get(i) if shard else None
             if row is None:
-                from raydecode.errors import StoreError
-
                 raise StoreError(f"image {i} is missing from the {kind} of store {self.store.uri}")
             out.append(row)
         return out
@@ -196,8 +193,6 @@ def trials_dataset(
 
     sel = selection or DataSelection()
     if split not in ("train", "test"):
-        from raydecode.errors import ConfigError
-
         raise ConfigError(f"split {split!r}: allowed values: train, test")
     if isinstance(store, str):
         store = open_store(store, s3)
