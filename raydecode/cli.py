@@ -58,6 +58,36 @@ def stage_ingest_synthetic(args) -> StageResult:
     )
 
 
+def stage_embed(args) -> StageResult:
+    from raydecode.config import EmbedConfig
+    from raydecode.data.embed import run_embed
+    from raydecode.report import table
+
+    cfg = load_config(EmbedConfig, args.config, args.overrides,
+                      **_cli_defaults(store=args.store, encoders=args.encoders))
+    res = run_embed(cfg.store, cfg.encoders, cfg.s3, cfg.batch_size)  # starts Ray (init_ray) only if there is work
+    rows = []
+    for name, e in res.encoders.items():
+        prov = " ".join(f"{k}={v}" for k, v in e.provenance().items() if v is not None and k != "tiny_channels")
+        rows.append([name, "x".join(map(str, e.tokens_shape)), e.pooled_dim,
+                     "written" if name in res.written else "unchanged", prov])
+    print(f"store    {res.store} ({res.images:,} images)")
+    print(table(["encoder", "tokens", "pooled", "status", "made with"], rows))
+    where = f" on {res.device}" if res.device else ""
+    print(f"\nembed    wrote {res.shards_written} shard(s) for {len(res.written)} encoder(s), kept {res.shards_kept} "
+          f"from an interrupted run, {len(res.skipped)} encoder(s) unchanged; {res.images_encoded:,} images encoded"
+          f"{where} in {res.seconds:.1f} s")
+    return StageResult(
+        stage="embed", status=res.status,
+        metrics={
+            "images": res.images, "images_encoded": res.images_encoded,
+            "encoders_written": len(res.written), "encoders_skipped": len(res.skipped),
+            "shards_written": res.shards_written, "shards_kept": res.shards_kept, "seconds": round(res.seconds, 3),
+        },
+        artifacts={"store": res.store, **{f"embeddings.{n}": f"{res.store.rstrip('/')}/embeddings/{n}" for n in res.encoders}},
+    )
+
+
 def stage_info(args) -> StageResult:
     from tqdm.auto import tqdm
 
@@ -78,6 +108,37 @@ def stage_info(args) -> StageResult:
         if problems:
             status = "failed"
     return StageResult(stage="info", status=status, metrics=metrics, artifacts={"store": store.uri})
+
+
+def stage_pretrain(args) -> StageResult:
+    from raydecode.config import TrainConfig
+    from raydecode.train.launch import run_training
+
+    cfg = load_config(TrainConfig, args.config, args.overrides)
+    return run_training(cfg, stage="pretrain")
+
+
+def stage_model_info(args) -> StageResult:
+    import json
+
+    from raydecode.methods.info import model_info
+
+    voxels = args.voxels or None
+    info = model_info(args.method, args.preset, voxels, overrides=load_config_overrides(args.overrides))
+    if args.json:
+        print(json.dumps(info, indent=2))
+    else:
+        from raydecode.methods.info import format_model_info
+
+        print(format_model_info(info))
+    return StageResult(stage="model-info", status="ok",
+                       metrics={"total": info["total"], "trainable": info["trainable"]}, artifacts={})
+
+
+def load_config_overrides(overrides: list[str]) -> dict:
+    from raydecode.config import apply_overrides
+
+    return apply_overrides({}, overrides)
 
 
 def stage_demo(args) -> StageResult:
@@ -103,11 +164,37 @@ def build_parser() -> argparse.ArgumentParser:
     syn.add_argument("--seed", type=int)
     syn.set_defaults(func=stage_ingest_synthetic)
 
+    embed = sub.add_parser("embed", help="frozen image targets (OpenCLIP tokens, VAE latents) of every stimulus, "
+                           "written into the store (Ray Data; GPU actors where there are GPUs)")
+    embed.add_argument("--store", metavar="URI", help="store URI (default: the config's `store`)")
+    embed.add_argument("--encoder", dest="encoders", action="append", metavar="NAME",
+                       help="encoder name, e.g. openclip-bigg, sd-vae, openclip-demo, vae-demo (repeatable)")
+    _common(embed)
+    embed.set_defaults(func=stage_embed)
+
     info = sub.add_parser("info", help="summarise a store; --verify checks every shard")
     info.add_argument("uri", nargs="?", metavar="URI", help="store URI (default: the config's `store`)")
     info.add_argument("--verify", action="store_true", help="read every shard and check it against the manifest")
     _common(info)
     info.set_defaults(func=stage_info)
+
+    pretrain = sub.add_parser("pretrain", help="train a method on Ray Train + DeepSpeed (pretraining or, with "
+                              "init_from, fine-tuning); tracked in MLflow")
+    _common(pretrain)
+    pretrain.set_defaults(func=stage_pretrain)
+
+    minfo = sub.add_parser("model-info", help="parameters per module, total and trainable (paper presets on the "
+                           "meta device: no memory)")
+    minfo.add_argument("--method", default="mindeye2")
+    minfo.add_argument("--preset", default="paper", choices=["tiny", "demo", "paper"])
+    minfo.add_argument("--voxels", type=int, nargs="+", metavar="N",
+                       help="voxels per subject (default: NSD nsdgeneral counts of subjects 1-8 at paper scale, "
+                            "the synthetic preset's otherwise)")
+    minfo.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a field of the method preset, e.g. --set hidden=1024")
+    minfo.add_argument("--json", action="store_true")
+    minfo.add_argument("--summary", metavar="PATH")
+    minfo.set_defaults(func=stage_model_info)
 
     demo = sub.add_parser("demo", help="the whole pipeline on embedded defaults (what `make demo` runs)")
     _common(demo)

@@ -15,6 +15,7 @@ from typing import Any, Literal, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from raydecode.data.pipeline import DataSelection
 from raydecode.errors import ConfigError
 from raydecode.storage import S3Options
 
@@ -49,6 +50,17 @@ class InfoConfig(StageConfig):
     """``raydecode info``: summarise a store, optionally verifying every shard."""
 
     verify: bool = False
+
+
+class EmbedConfig(StageConfig):
+    """``raydecode embed``: frozen image targets (every stimulus through each encoder) written into ``store``."""
+
+    encoders: list[str | dict[str, Any]] = Field(
+        default_factory=list,
+        description="encoder names (openclip-bigg, sd-vae, openclip-tiny, vae-tiny, openclip-demo, vae-demo) "
+        "or full encoder mappings (name, kind, arch, weights, image_size, seed)",
+    )
+    batch_size: int = Field(64, ge=1, description="images per encoder call")
 
 
 class DemoConfig(StageConfig):
@@ -145,3 +157,94 @@ def load_config(model: type[C], path: str | None = None, overrides: list[str] | 
         return model.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(format_validation_error(model, exc, source)) from exc
+
+
+# -- training (pretrain / fine-tune; Duala and Dynadiff reuse these blocks) -----------------
+
+
+class OptimConfig(BaseModel):
+    """Optimizer and schedule (a torch AdamW handed to DeepSpeed)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    epochs: int = Field(10, ge=1)
+    batch_size: int = Field(32, ge=2, description="per worker (DeepSpeed micro-batch)")
+    lr: float = Field(3e-4, gt=0, description="max lr of the OneCycle schedule")
+    weight_decay: float = Field(1e-2, ge=0)
+    schedule: Literal["onecycle", "constant"] = "onecycle"
+    grad_clip: float = Field(1.0, ge=0)
+    seed: int = 0
+    shuffle_buffer: int = Field(256, ge=0, description="local shuffle buffer (rows) on top of Ray Data's file shuffle")
+
+
+class ScalingConfig(BaseModel):
+    """Ray Train workers."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    num_workers: int = Field(2, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1.0, gt=0)
+
+
+class DeepSpeedConfig(BaseModel):
+    """DeepSpeed engine: ZeRO stage and precision; ``extra`` is merged into the generated DeepSpeed config."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    precision: Literal["auto", "bf16", "fp32"] = Field("auto", description="auto: bf16 on GPU, fp32 on CPU")
+    extra: dict[str, Any] = Field(default_factory=dict)
+
+
+class CheckpointConfig(BaseModel):
+    """DeepSpeed per-rank checkpoints reported to Ray Train, and where they go."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    storage_path: str | None = Field(None, description="Ray Train storage (path or s3://); default <workdir>/runs")
+    every_epochs: int = Field(1, ge=1)
+    every_steps: int | None = Field(None, ge=1, description="also checkpoint every N optimizer steps")
+    num_to_keep: int | None = Field(2, ge=1)
+    max_failures: int = Field(0, ge=-1, description="worker-group restarts from the last checkpoint (-1: unlimited)")
+
+
+class FaultInjection(BaseModel):
+    """Testing fault tolerance: kill one worker once, at a step (a marker file makes it happen only once)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    rank: int = 1
+    at_step: int = Field(ge=1)
+    marker: str
+
+
+class EvalConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    every_epochs: int = Field(1, ge=1)
+    candidates: int = Field(300, ge=2, description="retrieval candidate set (MindEye: 300)")
+    draws: int = Field(30, ge=1)
+
+
+class TrainConfig(StageConfig):
+    """``raydecode pretrain``: one Ray Train + DeepSpeed job for any registered method."""
+
+    run_name: str | None = "pretrain"
+    experiment: str = Field("raydecode", description="MLflow experiment")
+    ray_address: str | None = Field(None, description="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
+    method: str = "mindeye2"
+    preset: Literal["tiny", "demo", "paper"] = "demo"
+    model: dict[str, Any] = Field(default_factory=dict, description="overrides of the method preset's fields")
+    data: DataSelection = Field(default_factory=DataSelection)
+    init_from: str | None = Field(None, description="fine-tune: a consolidated checkpoint (final/ dir URI) to start from")
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    scaling: ScalingConfig = Field(default_factory=ScalingConfig)
+    deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    fault_injection: FaultInjection | None = None
+
+    def storage_path(self) -> str:
+        return self.checkpoint.storage_path or os.path.abspath(os.path.join(self.workdir, "runs"))
+

@@ -23,7 +23,8 @@ def describe(store: Store) -> str:
         + ", ".join(f"{k} {n} ({human_bytes(b)})" for k, (n, b) in sorted(kinds.items())),
     ]
     if m.embeddings:
-        lines.append("embeddings " + ", ".join(f"{k} tokens {tuple(e.tokens_shape)}" for k, e in m.embeddings.items()))
+        lines.append("embeddings " + ", ".join(f"{k} tokens {tuple(e.tokens_shape)} pooled {e.pooled_dim}"
+                                                for k, e in m.embeddings.items()))
     rows = []
     for s in m.subjects:
         rows.append([

@@ -47,8 +47,10 @@ class DataSelection(BaseModel):
     shuffle: bool = Field(True, description="train split: new file order every epoch (plus the loop's local shuffle)")
     categories: bool = Field(True, description="join each image's 80-way multi-hot categories")
     images: bool = Field(False, description="join stimulus images (uint8 HxWx3)")
-    embeddings: str | None = Field(None, description="join this encoder's frozen embeddings from the store")
+    embeddings: list[str] = Field(default_factory=list, description="join these encoders' frozen embeddings from the store")
     stimulus_cache_shards: int = Field(4, ge=1, description="stimulus shards each lookup actor keeps in memory")
+    read_cpus: float = Field(1.0, gt=0, description="CPUs per Ray Data read/decode task")
+    lookup_cpus: float = Field(0.5, gt=0, description="CPUs per stimulus-lookup actor (I/O bound)")
 
 
 def betas_lengths(col: pa.ChunkedArray | pa.Array) -> np.ndarray:
@@ -101,13 +103,29 @@ def _average_repeats(group: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return out
 
 
+def embedding_column(encoder: str, part: str) -> str:
+    """Batch column of an encoder's joined embeddings (``part``: tokens or pooled), flattened float32."""
+    return f"{part}.{encoder}"
+
+
+def check_embeddings(store: Store, encoders: list[str]) -> None:
+    """Refuse, before any reading, encoders the store has no embeddings for or whose shards do not match the manifest."""
+    for e in encoders:
+        if e not in store.manifest.embeddings or not store.manifest.shards_of("embeddings", encoder=e):
+            have = ", ".join(store.manifest.embeddings) or "none"
+            raise StoreError(f"store {store.uri} has no embeddings for encoder {e!r} (it has: {have}); "
+                             f"run `raydecode embed --store {store.uri} --encoder {e}` first")
+    if encoders:
+        store.check_schemas(("embeddings",), encoders=list(encoders))
+
+
 class StimulusLookup:
     """Adds stimulus (and embedding) columns to batches by image id, reading shards on demand.
 
     Used as a Ray Data actor class: the store is opened once per actor; at most
     ``cache_shards`` decoded shards are kept (least recently used first out)."""
 
-    def __init__(self, store_uri: str, s3: dict | None, images: bool, embeddings: str | None, cache_shards: int):
+    def __init__(self, store_uri: str, s3: dict | None, images: bool, embeddings: list[str], cache_shards: int):
         self.store = open_store(store_uri, S3Options(**(s3 or {})), check=False)
         self.images = images
         self.embeddings = embeddings
@@ -115,9 +133,10 @@ class StimulusLookup:
         self.cache_shards = cache_shards
         m = self.store.manifest
         self.stim_shards = m.shards_of("stimuli")
-        self.emb_shards = m.shards_of("embeddings", encoder=embeddings) if embeddings else []
-        if embeddings and not self.emb_shards:
-            raise StoreError(f"store {self.store.uri} has no embeddings for encoder {embeddings!r}; run `raydecode embed` first")
+        self.emb_shards = {e: m.shards_of("embeddings", encoder=e) for e in embeddings}
+        for e, shards in self.emb_shards.items():
+            if not shards:
+                raise StoreError(f"store {self.store.uri} has no embeddings for encoder {e!r}; run `raydecode embed` first")
 
     def _load(self, shard: ShardInfo, kind: str) -> dict[int, dict[str, Any]]:
         if shard.path in self.cache:
@@ -136,10 +155,18 @@ class StimulusLookup:
                     row["image"] = np.asarray(Image.open(io.BytesIO(table["image"][n].as_py())).convert("RGB"))
                 rows[i] = row
         else:
-            for name in ("tokens", "pooled"):
+            # tokens: the encoder's token array flattened row-major (fixed-size list of float16)
+            info = self.store.manifest.embeddings.get(shard.encoder or "")
+            if info is None:
+                raise StoreError(f"{self.store.location(shard).uri}: encoder {shard.encoder!r} is not in the manifest's 'embeddings'")
+            widths = {"tokens": int(np.prod(info.tokens_shape)), "pooled": info.pooled_dim}
+            for name, width in widths.items():
                 col = table[name].combine_chunks()
-                values = np.asarray(col.flatten().to_numpy(zero_copy_only=False), np.float32) if pa.types.is_fixed_size_list(col.type) else col
-                per = values.reshape(len(ids), -1)
+                flat = np.asarray(col.flatten().to_numpy(zero_copy_only=False), np.float32)
+                if flat.size != len(ids) * width:
+                    raise StoreError(f"{self.store.location(shard).uri}: field '{name}' does not hold {width} values per image "
+                                     f"(encoder {shard.encoder!r}); run `raydecode info --verify`")
+                per = flat.reshape(len(ids), width)
                 for n, i in enumerate(ids):
                     rows.setdefault(i, {})[name] = per[n]
         self.cache[shard.path] = rows
@@ -163,10 +190,10 @@ class StimulusLookup:
         batch["categories"] = np.stack([r["categories"] for r in stim])
         if self.images:
             batch["image"] = np.stack([r["image"] for r in stim])
-        if self.embeddings:
-            emb = self._rows_for(self.emb_shards, "embeddings", ids)
-            batch["tokens"] = np.stack([r["tokens"] for r in emb])
-            batch["pooled"] = np.stack([r["pooled"] for r in emb])
+        for e, shards in self.emb_shards.items():
+            emb = self._rows_for(shards, "embeddings", ids)
+            batch[embedding_column(e, "tokens")] = np.stack([r["tokens"] for r in emb])
+            batch[embedding_column(e, "pooled")] = np.stack([r["pooled"] for r in emb])
         return batch
 
 
@@ -198,6 +225,7 @@ def trials_dataset(
         store = open_store(store, s3)
     subjects = store.check_subjects(sel.subjects)
     sessions = store.check_sessions(subjects, sel.sessions)
+    check_embeddings(store, sel.embeddings)
     shards = store.manifest.shards_of("trials", subjects=subjects, sessions=sessions)
     voxels = {s: store.manifest.subject(s).voxels for s in subjects}
     width = max(voxels.values())
@@ -209,11 +237,12 @@ def trials_dataset(
         columns=list(TRIAL_COLUMNS),
         partitioning=None,
         shuffle=shuffle,
+        num_cpus=sel.read_cpus,
     )
-    ds = ds.filter(expr=f"split == '{split}'")
-    ds = ds.map_batches(_decode_betas, fn_kwargs={"width": width}, batch_format="pyarrow")
+    ds = ds.filter(expr=f"split == '{split}'", num_cpus=sel.read_cpus)
+    ds = ds.map_batches(_decode_betas, fn_kwargs={"width": width}, batch_format="pyarrow", num_cpus=sel.read_cpus)
     if split == "test" and sel.average_test_repeats:
-        ds = ds.groupby(["subject", "image_id"]).map_groups(_average_repeats, batch_format="numpy")
+        ds = ds.groupby(["subject", "image_id"], num_partitions=max(1, len(subjects))).map_groups(_average_repeats, batch_format="numpy", num_cpus=sel.read_cpus)
     if sel.categories or sel.images or sel.embeddings:
         s3_dump = store.s3.model_dump() if store.s3 else None
         ds = ds.map_batches(
@@ -221,6 +250,7 @@ def trials_dataset(
             fn_constructor_args=(store.uri, s3_dump, sel.images, sel.embeddings, sel.stimulus_cache_shards),
             batch_format="numpy",
             compute=ActorPoolStrategy(min_size=1, max_size=2),
+            num_cpus=sel.lookup_cpus,
         )
     return TrialsDataset(ds, subjects, voxels, width, [s.path for s in shards])
 
@@ -232,3 +262,30 @@ def train_datasets(store: Store | str, selection: DataSelection | None = None, s
         "train": trials_dataset(store, "train", selection, s3).dataset,
         "test": trials_dataset(store, "test", selection, s3).dataset,
     }
+
+
+def read_split(store: Store | str, split: str, selection: DataSelection | None = None,
+               s3: S3Options | None = None) -> dict[str, np.ndarray]:
+    """The same rows as :func:`trials_dataset`, read with pyarrow into memory (no Ray): for small
+    evaluation sets, checkpoint checks in a fresh process and in-memory baselines."""
+    sel = selection or DataSelection()
+    if isinstance(store, str):
+        store = open_store(store, s3)
+    subjects = store.check_subjects(sel.subjects)
+    sessions = store.check_sessions(subjects, sel.sessions)
+    check_embeddings(store, sel.embeddings)
+    shards = store.manifest.shards_of("trials", subjects=subjects, sessions=sessions)
+    width = max(store.manifest.subject(s).voxels for s in subjects)
+    tables = [store.read_shard(s, list(TRIAL_COLUMNS)) for s in shards]
+    tables = [t.filter(pc.equal(t["split"], split)) for t in tables]
+    parts = [_decode_betas(t, width) for t in tables if t.num_rows]
+    batch = {n: np.concatenate([p[n] for p in parts]) for n in parts[0]} if parts else {}
+    if batch and split == "test" and sel.average_test_repeats:
+        keys = batch["subject"].astype(np.int64) * 10**7 + batch["image_id"]
+        groups = [_average_repeats({n: v[keys == k] for n, v in batch.items()}) for k in np.unique(keys)]
+        batch = {n: np.concatenate([g[n] for g in groups]) for n in groups[0]}
+    if batch and (sel.categories or sel.images or sel.embeddings):
+        lookup = StimulusLookup(store.uri, store.s3.model_dump() if store.s3 else None, sel.images,
+                                sel.embeddings, sel.stimulus_cache_shards)
+        batch = lookup(batch)
+    return batch

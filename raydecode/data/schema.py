@@ -11,7 +11,9 @@ Layout (see DESIGN.md, "Store layout")::
     <store>/stats/<run>/...                        derived statistics
 
 Betas are stored as a fixed-size list of float16 whose length is the subject's
-voxel count, so every reader knows the width without reading a row.
+voxel count, so every reader knows the width without reading a row. Embeddings
+likewise: ``tokens`` is the encoder's token array flattened row-major (its shape
+is the manifest's ``embeddings[<encoder>].tokens_shape``), ``pooled`` a vector.
 """
 
 from __future__ import annotations
@@ -109,7 +111,21 @@ def stimuli_schema() -> pa.Schema:
     )
 
 
-def schema_for(kind: str, n_voxels: int | None = None) -> pa.Schema:
+def embeddings_schema(tokens_shape: tuple[int, ...], pooled_dim: int) -> pa.Schema:
+    """One row per image: ``tokens`` flattened row-major from ``tokens_shape``, ``pooled`` of ``pooled_dim``."""
+    width = 1
+    for n in tokens_shape:
+        width *= int(n)
+    return pa.schema(
+        [
+            pa.field("image_id", pa.int32(), nullable=False),
+            pa.field("tokens", pa.list_(pa.float16(), width), nullable=False),
+            pa.field("pooled", pa.list_(pa.float16(), int(pooled_dim)), nullable=False),
+        ]
+    )
+
+
+def schema_for(kind: str, n_voxels: int | None = None, encoder: EncoderInfo | None = None) -> pa.Schema:
     if kind == "voxels":
         return voxels_schema()
     if kind == "trials":
@@ -119,6 +135,9 @@ def schema_for(kind: str, n_voxels: int | None = None) -> pa.Schema:
         return timeseries_schema()
     if kind == "stimuli":
         return stimuli_schema()
+    if kind == "embeddings":
+        assert encoder is not None
+        return embeddings_schema(encoder.tokens_shape, encoder.pooled_dim)
     raise ValueError(f"no fixed schema for shard kind {kind!r}")
 
 
@@ -153,6 +172,16 @@ class EncoderInfo(_Strict):
     name: str
     tokens_shape: tuple[int, ...]
     pooled_dim: int
+    # provenance: what made these embeddings (compared when `embed` runs again; None: not recorded)
+    kind: str | None = None
+    arch: str | None = None
+    weights: str | None = None
+    image_size: int | None = None
+    seed: int | None = None
+    tiny_channels: tuple[int, ...] | None = None  # vae 'tiny' (random weights) only
+
+    def provenance(self) -> dict:
+        return {k: getattr(self, k) for k in ("kind", "arch", "weights", "image_size", "seed", "tiny_channels")}
 
 
 class Manifest(_Strict):

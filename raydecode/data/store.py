@@ -29,6 +29,7 @@ from raydecode.data.schema import (
     N_CATEGORIES,
     SCHEMA_VERSION,
     SPLITS,
+    EncoderInfo,
     Manifest,
     ShardInfo,
     SubjectInfo,
@@ -69,6 +70,8 @@ def _schema_problem(expected: pa.Schema, actual: pa.Schema) -> str | None:
         if act[name] != typ:
             if name == "betas" and pa.types.is_fixed_size_list(act[name]) and pa.types.is_fixed_size_list(typ):
                 return f"field 'betas' has {act[name].list_size} values per trial, expected {typ.list_size} (the subject's voxel count)"
+            if name in ("tokens", "pooled") and pa.types.is_fixed_size_list(act[name]) and pa.types.is_fixed_size_list(typ):
+                return f"field '{name}' has {act[name].list_size} values per image, expected {typ.list_size} (the manifest's encoder shape)"
             return f"field '{name}' has type {act[name]}, expected {typ}"
     extra = sorted(set(act) - set(exp))
     if extra:
@@ -87,9 +90,14 @@ def validate_table(
     subject: SubjectInfo | None = None,
     session: int | None = None,
     stimulus_ids: set[int] | None = None,
+    encoder: EncoderInfo | None = None,
 ) -> list[str]:
-    """Problems with one shard's contents (empty if it follows the contract)."""
-    expected = schema_for(kind, subject.voxels if (subject and kind == "trials") else None)
+    """Problems with one shard's contents (empty if it follows the contract).
+
+    ``encoder`` (embeddings): the manifest's entry, whose shapes the shard must have."""
+    if kind == "embeddings" and encoder is None:
+        return ["embeddings shard of an encoder that is not in the manifest's 'embeddings'"]
+    expected = schema_for(kind, subject.voxels if (subject and kind == "trials") else None, encoder)
     problem = _schema_problem(expected, table.schema)
     if problem:
         return [problem]
@@ -136,6 +144,20 @@ def validate_table(
         cats = table["categories"].combine_chunks().flatten().to_numpy(zero_copy_only=False) if table.num_rows else []
         if len(cats) and (np.asarray(cats) > 1).any():
             problems.append(f"field 'categories' is not {N_CATEGORIES}-way multi-hot (values other than 0/1)")
+    elif kind == "embeddings":
+        ids = table["image_id"].to_numpy()
+        if len(ids) and (np.diff(ids) <= 0).any():
+            problems.append("field 'image_id' is not strictly increasing (shards are sorted by image_id)")
+        for name in ("tokens", "pooled"):
+            flat = table[name].combine_chunks().flatten() if table.num_rows else pa.array([], pa.float16())
+            n_bad = _nonfinite(flat)
+            if n_bad:
+                problems.append(f"field '{name}' holds {n_bad} NaN/Inf values")
+        if stimulus_ids is not None:
+            missing = sorted(set(ids.tolist()) - stimulus_ids)
+            if missing:
+                shown = ", ".join(map(str, missing[:5])) + (" ..." if len(missing) > 5 else "")
+                problems.append(f"field 'image_id' holds {len(missing)} id(s) that are not stimuli: {shown}")
     elif kind == "voxels":
         assert subject is not None
         if table.num_rows != subject.voxels:
@@ -221,10 +243,17 @@ class Store:
         grid = ",".join(map(str, self.manifest.subject(subject).grid_shape))
         return table.replace_schema_metadata({**(table.schema.metadata or {}), b"grid_shape": grid.encode()})
 
-    def check_schemas(self, kinds: Iterable[str] = ("trials",), subjects: list[int] | None = None) -> None:
-        """Read each relevant shard's footer (not its data) and compare its schema with the contract."""
+    def check_schemas(
+        self, kinds: Iterable[str] = ("trials",), subjects: list[int] | None = None, encoders: list[str] | None = None
+    ) -> None:
+        """Read each relevant shard's footer (not its data) and compare its schema with the contract.
+
+        ``encoders``: which encoders' embeddings shards to check (default: all in the manifest)."""
         for kind in kinds:
-            for shard in self.manifest.shards_of(kind, subjects=subjects):
+            shards = self.manifest.shards_of(kind, subjects=subjects)
+            if kind == "embeddings" and encoders is not None:
+                shards = [s for s in shards if s.encoder in encoders]
+            for shard in shards:
                 loc = self.location(shard)
                 try:
                     with loc.open_input_file() as f:
@@ -234,9 +263,12 @@ class Store:
                 except Exception as exc:
                     raise StoreError(f"{loc.uri}: unreadable parquet shard ({exc})") from exc
                 subj = self.manifest.subject(shard.subject) if shard.subject is not None else None
-                if kind in ("embeddings",):
-                    continue
-                problem = _schema_problem(schema_for(kind, subj.voxels if subj else None), schema)
+                encoder = None
+                if kind == "embeddings":
+                    encoder = self.manifest.embeddings.get(shard.encoder or "")
+                    if encoder is None:
+                        raise StoreError(f"{loc.uri}: encoder {shard.encoder!r} is not in the manifest's 'embeddings'")
+                problem = _schema_problem(schema_for(kind, subj.voxels if subj else None, encoder), schema)
                 if problem:
                     raise StoreError(f"{loc.uri}: {problem}")
 
@@ -250,12 +282,15 @@ class Store:
         """Read every shard and check it against the manifest and the contract.
 
         Existence, byte size, checksum, row count, schema, finite values of the right
-        length, and trials that point at existing stimuli."""
+        length, trials that point at existing stimuli, and embeddings of exactly the
+        stimulus images, with the shapes the manifest gives their encoder."""
         problems: list[Problem] = []
         shards = self.manifest.shards
         listed = {s.path for s in shards}
         stimulus_ids: set[int] = set()
-        # stimuli first, so trials can be checked against them
+        embedded: dict[str, set[int]] = {}  # encoder -> image ids its shards hold
+        unread: set[str | None] = set()  # encoders with a shard that could not be read (reported already)
+        # stimuli first, so trials and embeddings can be checked against them
         ordered = sorted(shards, key=lambda s: (s.kind != "stimuli", s.kind != "voxels", s.path))
         it = progress(ordered) if progress else ordered
         for shard in it:
@@ -264,6 +299,7 @@ class Store:
                 data = loc.read_bytes()
             except StorageError as exc:
                 problems.append(Problem(loc.uri, "missing" if "missing file" in str(exc) else str(exc)))
+                unread.add(shard.encoder)
                 continue
             if len(data) != shard.bytes:
                 problems.append(Problem(loc.uri, f"{len(data)} bytes, manifest says {shard.bytes} (truncated or replaced)"))
@@ -273,13 +309,20 @@ class Store:
                 table = pq.read_table(io.BytesIO(data))
             except Exception as exc:
                 problems.append(Problem(loc.uri, f"unreadable parquet ({exc})"))
+                unread.add(shard.encoder)
                 continue
             if table.num_rows != shard.rows:
                 problems.append(Problem(loc.uri, f"{table.num_rows} rows, manifest says {shard.rows}"))
             if shard.kind == "stimuli":
                 stimulus_ids.update(table["image_id"].to_pylist())
-            if shard.kind == "embeddings":
-                continue
+            if shard.kind == "embeddings" and shard.encoder in self.manifest.embeddings:
+                embedded.setdefault(shard.encoder, set()).update(table["image_id"].to_pylist())
+                ids = table["image_id"].to_numpy()
+                if len(ids) and shard.image_id_min is not None and shard.image_id_max is not None and (
+                    ids.min() < shard.image_id_min or ids.max() > shard.image_id_max
+                ):
+                    problems.append(Problem(loc.uri, f"image ids outside the manifest's range "
+                                                     f"{shard.image_id_min}..{shard.image_id_max}"))
             subj = None
             if shard.subject is not None:
                 try:
@@ -292,9 +335,20 @@ class Store:
                 table,
                 subj,
                 shard.session,
-                stimulus_ids if shard.kind == "trials" else None,
+                stimulus_ids if shard.kind in ("trials", "embeddings") else None,
+                self.manifest.embeddings.get(shard.encoder or "") if shard.kind == "embeddings" else None,
             ):
                 problems.append(Problem(loc.uri, msg))
+        # every encoder in the manifest covers exactly the stimulus images
+        manifest_uri = self.root.join(MANIFEST).uri
+        for name in self.manifest.embeddings:
+            if not self.manifest.shards_of("embeddings", encoder=name):
+                problems.append(Problem(manifest_uri, f"encoder {name!r} is listed in 'embeddings' but has no shards"))
+                continue
+            missing = stimulus_ids - embedded.get(name, set())
+            if missing and name not in unread:
+                shown = ", ".join(map(str, sorted(missing)[:5])) + (" ..." if len(missing) > 5 else "")
+                problems.append(Problem(manifest_uri, f"embeddings of encoder {name!r} miss {len(missing)} stimulus image(s): {shown}"))
         # files in the store's data folders that the manifest does not list
         for folder in ("trials", "timeseries", "stimuli", "voxels", "embeddings"):
             for f in self.root.join(folder).list_files():
@@ -356,6 +410,10 @@ class StoreWriter:
     ``status`` is ``"complete"`` when a manifest made with the same source
     parameters already exists (the re-run is a no-op), ``"partial"`` when shards
     exist without a manifest (they are kept and completed), ``"new"`` otherwise.
+
+    :meth:`extending` makes a writer that adds shards to a complete store (e.g.
+    embeddings): ``status`` ``"extending"``; :meth:`commit` rewrites the manifest,
+    last, with the store's shards plus the new ones.
     """
 
     def __init__(self, root: Location, source: str, source_params: dict):
@@ -376,20 +434,35 @@ class StoreWriter:
             self.existing = None
             self.status = "partial" if any(True for _ in root.list_files()) else "new"
 
-    def existing_shard(self, path: str, kind: str, **meta) -> ShardInfo | None:
+    @classmethod
+    def extending(cls, store: Store) -> "StoreWriter":
+        """A writer that adds shards to the complete ``store``; nothing is visible to readers until :meth:`commit`."""
+        m = store.manifest
+        writer = cls(store.root, m.source, m.source_params)
+        writer.status = "extending"
+        return writer
+
+    def existing_shard(
+        self, path: str, kind: str, accept: Callable[[pq.FileMetaData], bool] | None = None, **meta
+    ) -> ShardInfo | None:
         """The shard at ``path`` if an earlier (interrupted) run wrote it, else None.
 
-        Writes are atomic, so a shard that exists and parses is whole."""
-        if self.status != "partial":
+        Writes are atomic, so a shard that exists and parses is whole. ``accept``:
+        a further check of its parquet metadata (e.g. that it was made by the same
+        encoder); a leftover it refuses is rewritten."""
+        if self.status not in ("partial", "extending"):
             return None
         loc = self.root.join(path)
         if not loc.exists():
             return None
         data = loc.read_bytes()
         try:
-            rows = pq.read_metadata(io.BytesIO(data)).num_rows
+            metadata = pq.read_metadata(io.BytesIO(data))
         except Exception:
             return None  # unreadable leftovers are rewritten
+        if accept is not None and not accept(metadata):
+            return None
+        rows = metadata.num_rows
         info = ShardInfo(
             path=path, kind=kind, rows=rows, bytes=len(data), sha256=hashlib.sha256(data).hexdigest(), **meta
         )
@@ -403,11 +476,12 @@ class StoreWriter:
         table: pa.Table,
         subject_info: SubjectInfo | None = None,
         stimulus_ids: set[int] | None = None,
+        encoder_info: EncoderInfo | None = None,
         **meta,
     ) -> ShardInfo:
         """Validate ``table`` against the contract and write it whole; refuse it naming the field."""
         loc = self.root.join(path)
-        problems = validate_table(kind, table, subject_info, meta.get("session"), stimulus_ids)
+        problems = validate_table(kind, table, subject_info, meta.get("session"), stimulus_ids, encoder_info)
         if problems:
             raise StoreError(f"{loc.uri}: {'; '.join(problems)}")
         data = _parquet_bytes(table)
@@ -433,6 +507,26 @@ class StoreWriter:
             shards=sorted(self.shards, key=lambda s: s.path),
             **fields,
         )
+        return self._write_manifest(manifest)
+
+    def commit(self, embeddings: dict[str, EncoderInfo] | None = None) -> Manifest:
+        """Extending writer: rewrite the manifest (last) with the store's shards plus the ones
+        written or kept here, and ``embeddings`` entries added. The manifest is read again
+        first, so entries another writer committed in the meantime are kept."""
+        assert self.status == "extending", "commit() is for a writer made by StoreWriter.extending()"
+        current = read_manifest(self.root)
+        if current is None or current.source != self.source or current.source_params != self.source_params:
+            raise StoreError(f"{self.root.join(MANIFEST).uri} changed while shards were being added; run again")
+        new = {s.path for s in self.shards}
+        shards = [s for s in current.shards if s.path not in new] + self.shards
+        manifest = Manifest.model_validate({
+            **current.model_dump(),
+            "embeddings": {**current.embeddings, **(embeddings or {})},
+            "shards": sorted(shards, key=lambda s: s.path),
+        })
+        return self._write_manifest(manifest)
+
+    def _write_manifest(self, manifest: Manifest) -> Manifest:
         self.root.join(MANIFEST).write_bytes_atomic(
             json.dumps(manifest.model_dump(mode="json"), indent=1).encode()
         )

@@ -1,0 +1,188 @@
+"""Frozen image encoders that produce training targets: OpenCLIP image tokens and VAE latents.
+
+An encoder maps uint8 images ``(B, H, W, 3)`` to ``tokens`` (a fixed shape per
+encoder) and a ``pooled`` vector. At ``paper`` scale the weights come from a
+local file or directory named in config (OpenCLIP ViT-bigG/14, the Stable
+Diffusion VAE); at ``tiny``/``demo`` scale the same architectures are built
+small with random weights from a fixed seed, so nothing is downloaded.
+
+- ``openclip``: ``tokens`` = the vision transformer's patch tokens after
+  ``ln_post`` (256 x 1664 for ViT-bigG/14 at 224 px, MindEye2's target),
+  ``pooled`` = the projected image embedding.
+- ``vae``: ``tokens`` = the scaled posterior mean (4 x 28 x 28 for the SD VAE at
+  224 px, MindEye2's low-level target), ``pooled`` = the encoder's mid-block
+  feature maps average-pooled to 2 x 2 (the low-level feature target of the
+  auxiliary head; MindEye2 used ConvNeXt features here).
+
+The same encoder objects serve the ``embed`` stage (targets written to the
+store) and the train loop (targets computed in the worker when the store has
+none).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field
+
+from raydecode.errors import ConfigError
+
+CONFIG_DIR = Path(__file__).with_name("encoder_configs")
+OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+class EncoderConfig(BaseModel):
+    """One frozen encoder. ``name`` is also its key under the store's ``embeddings/``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    kind: Literal["openclip", "vae"]
+    arch: str = Field(description="openclip: model name (e.g. ViT-bigG-14); vae: 'tiny' or 'pretrained'")
+    weights: str | None = Field(None, description="local weights (file or diffusers dir); None = random weights from `seed`")
+    image_size: int = Field(224, ge=8)
+    seed: int = 0
+    tiny_channels: tuple[int, ...] = Field((16, 32, 32), description="vae 'tiny': block widths (downsampling 2^(n-1))")
+
+
+# Named encoders a config can refer to by name (a full EncoderConfig mapping also works).
+ENCODERS: dict[str, EncoderConfig] = {
+    e.name: e
+    for e in (
+        EncoderConfig(name="openclip-bigg", kind="openclip", arch="ViT-bigG-14", image_size=224),
+        EncoderConfig(name="sd-vae", kind="vae", arch="pretrained", image_size=224),
+        EncoderConfig(name="openclip-tiny", kind="openclip", arch="raydecode-tiny-vit", image_size=32),
+        EncoderConfig(name="vae-tiny", kind="vae", arch="tiny", image_size=32, tiny_channels=(16, 32, 32)),
+        EncoderConfig(name="openclip-demo", kind="openclip", arch="raydecode-demo-vit", image_size=64),
+        EncoderConfig(name="vae-demo", kind="vae", arch="tiny", image_size=64, tiny_channels=(16, 32, 32)),
+    )
+}
+
+
+def encoder_config(ref: str | EncoderConfig | dict) -> EncoderConfig:
+    if isinstance(ref, EncoderConfig):
+        return ref
+    if isinstance(ref, dict):
+        return EncoderConfig(**ref)
+    if ref not in ENCODERS:
+        raise ConfigError(f"encoder {ref!r}: allowed names: {', '.join(ENCODERS)} (or a full encoder mapping)")
+    return ENCODERS[ref]
+
+
+def _register_openclip_configs() -> None:
+    import open_clip
+
+    if "raydecode-tiny-vit" not in open_clip.list_models():
+        open_clip.add_model_config(CONFIG_DIR)
+
+
+class FrozenEncoder(torch.nn.Module):
+    """A frozen image encoder: ``encode(images_uint8) -> (tokens, pooled)`` in float32."""
+
+    def __init__(self, cfg: EncoderConfig):
+        super().__init__()
+        self.cfg = cfg
+        if requires_weights(cfg):
+            raise ConfigError(f"encoder {cfg.name!r} needs `weights` (a local path); nothing is downloaded at run time")
+        if cfg.weights is not None and not Path(cfg.weights).exists():
+            raise ConfigError(f"encoder {cfg.name!r}: weights {cfg.weights!r} do not exist")
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.seed)
+            self.net = self._build_openclip(cfg) if cfg.kind == "openclip" else self._build_vae(cfg)
+        self.net.eval().requires_grad_(False)
+        self._mid: torch.Tensor | None = None
+        if cfg.kind == "vae":
+            self.net.encoder.mid_block.register_forward_hook(lambda _m, _i, out: setattr(self, "_mid", out))
+        with torch.no_grad():
+            tokens, pooled = self.encode(torch.zeros(1, cfg.image_size, cfg.image_size, 3, dtype=torch.uint8))
+        self.tokens_shape = tuple(tokens.shape[1:])
+        self.pooled_dim = int(pooled.shape[1])
+
+    @staticmethod
+    def _build_openclip(cfg: EncoderConfig) -> torch.nn.Module:
+        import open_clip
+
+        _register_openclip_configs()
+        if cfg.arch not in open_clip.list_models():
+            raise ConfigError(f"encoder {cfg.name!r}: unknown OpenCLIP model {cfg.arch!r}")
+        model = open_clip.create_model(cfg.arch, pretrained=cfg.weights, device="cpu")
+        visual = model.visual
+        visual.output_tokens = True
+        return visual
+
+    @staticmethod
+    def _build_vae(cfg: EncoderConfig) -> torch.nn.Module:
+        from diffusers import AutoencoderKL
+
+        if cfg.weights is not None:
+            path = Path(cfg.weights)
+            sub = "vae" if (path / "vae" / "config.json").exists() else None
+            return AutoencoderKL.from_pretrained(path, subfolder=sub)
+        n = len(cfg.tiny_channels)
+        return AutoencoderKL(
+            down_block_types=("DownEncoderBlock2D",) * n, up_block_types=("UpDecoderBlock2D",) * n,
+            block_out_channels=tuple(cfg.tiny_channels), layers_per_block=1, latent_channels=4,
+            norm_num_groups=8, sample_size=cfg.image_size,
+        )
+
+    def _pixels(self, images: torch.Tensor) -> torch.Tensor:
+        x = images.to(next(self.net.parameters()).device)
+        x = x.permute(0, 3, 1, 2).float() / 255.0
+        if x.shape[-1] != self.cfg.image_size or x.shape[-2] != self.cfg.image_size:
+            x = F.interpolate(x, size=(self.cfg.image_size,) * 2, mode="bilinear", antialias=True, align_corners=False)
+        return x
+
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = self._pixels(images)
+        if self.cfg.kind == "openclip":
+            mean = x.new_tensor(OPENAI_MEAN).view(1, 3, 1, 1)
+            std = x.new_tensor(OPENAI_STD).view(1, 3, 1, 1)
+            pooled, tokens = self.net((x - mean) / std)
+            return tokens.float(), pooled.float()
+        posterior = self.net.encode(x * 2 - 1).latent_dist
+        latents = posterior.mean * self.net.config.scaling_factor
+        pooled = F.adaptive_avg_pool2d(self._mid, 2).flatten(1)
+        return latents.float(), pooled.float()
+
+
+class TargetCache:
+    """Frozen targets by image id, computed once per process (images repeat across epochs and subjects)."""
+
+    def __init__(self, encoders: dict[str, FrozenEncoder]):
+        self.encoders = encoders
+        self.cache: dict[str, dict[int, tuple[torch.Tensor, torch.Tensor]]] = {k: {} for k in encoders}
+
+    def __call__(self, image_ids: torch.Tensor, images: torch.Tensor | None = None,
+                 load_images=None) -> dict[str, torch.Tensor]:
+        """Targets for ``image_ids``; images of uncached ids come from ``images`` (aligned with the ids)
+        or from ``load_images(ids)``."""
+        out: dict[str, torch.Tensor] = {}
+        ids = [int(i) for i in image_ids.tolist()]
+        for key, enc in self.encoders.items():
+            cache = self.cache[key]
+            missing = [n for n, i in enumerate(ids) if i not in cache]
+            if missing:
+                if images is not None:
+                    pixels = images[missing]
+                elif load_images is not None:
+                    pixels = load_images(torch.tensor([ids[n] for n in missing]))
+                else:
+                    raise ConfigError(f"target {key!r}: no images and no embeddings in the store")
+                tokens, pooled = enc.encode(pixels)
+                for j, n in enumerate(missing):
+                    cache[ids[n]] = (tokens[j].cpu(), pooled[j].cpu())
+            out[f"{key}_tokens"] = torch.stack([cache[i][0] for i in ids])
+            out[f"{key}_pooled"] = torch.stack([cache[i][1] for i in ids])
+        return out
+
+
+def requires_weights(cfg: EncoderConfig) -> bool:
+    """True for encoders that exist only as pretrained weights (nothing is downloaded at run time)."""
+    if cfg.weights is not None:
+        return False
+    return cfg.arch == "pretrained" if cfg.kind == "vae" else not cfg.arch.startswith("raydecode-")

@@ -1,0 +1,123 @@
+"""MethodSpec: the one seam between a method and the infrastructure (train loop, sweeps, evaluation).
+
+Each method module builds one :class:`MethodSpec` and registers it with
+:func:`register`; the train loop asks the spec for the model, its trainable
+parameter groups, the loss and the predictions, and never imports a method.
+Nothing here knows about Ray.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
+
+import torch
+from pydantic import BaseModel, ValidationError
+
+from raydecode.config import format_validation_error
+from raydecode.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """What a model needs to know about the data it is built for."""
+
+    subjects: list[int]
+    voxels: dict[int, int]  # voxels per subject (betas are zero-padded to max(voxels))
+    n_classes: int = 80
+
+    @property
+    def width(self) -> int:
+        return max(self.voxels.values())
+
+    def to_dict(self) -> dict:
+        return {"subjects": list(self.subjects), "voxels": {str(k): v for k, v in self.voxels.items()},
+                "n_classes": self.n_classes}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "DatasetInfo":
+        return cls(list(d["subjects"]), {int(k): int(v) for k, v in d["voxels"].items()}, int(d.get("n_classes", 80)))
+
+
+@dataclass(frozen=True)
+class Progress:
+    """Where training is, for schedules (e.g. BiMixCo for the first third, then SoftCLIP)."""
+
+    epoch: int
+    epochs: int
+    step: int
+    total_steps: int
+
+    @property
+    def fraction(self) -> float:
+        return min(1.0, self.step / max(1, self.total_steps))
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """Everything method-specific the generic loop needs.
+
+    - ``config_model`` / ``presets``: the method's pydantic config and its named sizes (tiny, demo, paper);
+    - ``build_model(cfg, info)``: the ``nn.Module`` (all parameters in submodules called through their
+      ``forward``, so ZeRO-3 can gather them);
+    - ``param_groups(model, cfg, weight_decay)``: trainable parameter groups for the optimizer;
+    - ``loss(model, batch, progress)``: ``(loss, metrics)``; ``model`` may be a DeepSpeed engine;
+    - ``predict(model, batch)``: tensors evaluation consumes (e.g. ``brain`` and ``image`` retrieval embeddings);
+    - ``columns``: batch columns the model reads; ``targets(cfg)``: frozen encoders whose outputs the batch
+      must carry as ``<key>_tokens`` / ``<key>_pooled``.
+    """
+
+    name: str
+    config_model: type[BaseModel]
+    presets: dict[str, dict]
+    build_model: Callable[[Any, DatasetInfo], torch.nn.Module]
+    param_groups: Callable[[torch.nn.Module, Any, float], list[dict]]
+    loss: Callable[[Any, dict, Progress], tuple[torch.Tensor, dict[str, float]]]
+    predict: Callable[[Any, dict], dict[str, torch.Tensor]]
+    columns: tuple[str, ...]
+    targets: Callable[[Any], dict[str, str]] = field(default=lambda cfg: {})
+    load_pretrained: Callable[[torch.nn.Module, dict[str, torch.Tensor]], list[str]] | None = None
+
+    def config(self, preset: str, overrides: dict | None = None) -> BaseModel:
+        if preset not in self.presets:
+            raise ConfigError(f"preset {preset!r} of method {self.name!r}: allowed values: {', '.join(self.presets)}")
+        values = {**self.presets[preset], **(overrides or {})}
+        try:
+            return self.config_model(**values)
+        except ValidationError as exc:
+            raise ConfigError(format_validation_error(self.config_model, exc, f"model ({self.name}, preset {preset})")) from None
+
+
+_REGISTRY: dict[str, MethodSpec] = {}
+# Built-in methods, imported on first lookup (nothing is imported at package import time).
+_BUILTIN = {"mindeye2": "raydecode.methods.mindeye2"}
+
+
+def register(spec: MethodSpec) -> MethodSpec:
+    _REGISTRY[spec.name] = spec
+    return spec
+
+
+def get_method(name: str) -> MethodSpec:
+    if name not in _REGISTRY and name in _BUILTIN:
+        importlib.import_module(_BUILTIN[name])
+    if name not in _REGISTRY:
+        raise ConfigError(f"method {name!r}: allowed values: {', '.join(sorted(set(_BUILTIN) | set(_REGISTRY)))}")
+    return _REGISTRY[name]
+
+
+def methods() -> list[str]:
+    return sorted(set(_BUILTIN) | set(_REGISTRY))
+
+
+def count_parameters(model: torch.nn.Module, trainable: Iterable[torch.nn.Parameter] | None = None) -> dict:
+    """Parameters per top-level module, total and trainable (works on the meta device)."""
+    train_ids = {id(p) for p in (trainable if trainable is not None else model.parameters()) if p.requires_grad}
+    rows = {}
+    for name, child in model.named_children():
+        ps = list(child.parameters())
+        rows[name] = {"total": sum(p.numel() for p in ps), "trainable": sum(p.numel() for p in ps if id(p) in train_ids)}
+    total = sum(p.numel() for p in model.parameters())
+    trainable_n = sum(p.numel() for p in model.parameters() if id(p) in train_ids)
+    return {"modules": rows, "total": total, "trainable": trainable_n}

@@ -1,0 +1,31 @@
+"""``raydecode model-info``: parameter counts per module, built on the meta device (no memory)."""
+
+from __future__ import annotations
+
+import torch
+
+from raydecode.methods.base import DatasetInfo, count_parameters, get_method
+from raydecode.report import table
+
+
+def model_info(method: str, preset: str, voxels: list[int] | None = None, overrides: dict | None = None) -> dict:
+    """Build ``method`` at ``preset`` on the meta device for subjects 1..len(voxels) and count parameters."""
+    from raydecode.data.synthetic import PRESETS
+
+    spec = get_method(method)
+    cfg = spec.config(preset, overrides)
+    voxels = list(voxels or PRESETS["paper" if preset == "paper" else preset].voxels)
+    info = DatasetInfo(list(range(1, len(voxels) + 1)), {i + 1: v for i, v in enumerate(voxels)})
+    with torch.device("meta"):
+        model = spec.build_model(cfg, info)
+        trainable = [p for g in spec.param_groups(model, cfg, 0.0) for p in g["params"]]
+    counts = count_parameters(model, trainable)
+    on_meta = all(p.is_meta for p in model.parameters())
+    return {"method": method, "preset": preset, "voxels": voxels, "device": "meta" if on_meta else "mixed", **counts}
+
+
+def format_model_info(info: dict) -> str:
+    rows = [[name, f"{c['total']:,}", f"{c['trainable']:,}"] for name, c in info["modules"].items()]
+    rows.append(["total", f"{info['total']:,}", f"{info['trainable']:,}"])
+    head = f"{info['method']} ({info['preset']}), {len(info['voxels'])} subjects, voxels {info['voxels']}\n"
+    return head + table(["module", "parameters", "trainable"], rows)

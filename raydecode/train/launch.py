@@ -1,0 +1,258 @@
+"""Launch a training stage: MLflow run, Ray datasets, ``TorchTrainer`` running :mod:`raydecode.train.loop`.
+
+The driver validates everything it can before any worker starts (store,
+subjects, sessions, encoders, the checkpoint to fine-tune from), opens one
+MLflow run for the job (the flattened config as params), fits, then logs the
+consolidated checkpoint's URI, its config, the metric curves and a summary.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+
+import pyarrow.compute as pc
+
+from raydecode.config import TrainConfig
+from raydecode.errors import ConfigError, UserError
+from raydecode.methods.base import DatasetInfo, count_parameters, get_method
+from raydecode.report import StageResult, table
+from raydecode.storage import resolve, train_storage
+
+SECRET_KEYS = {"access_key_id", "secret_access_key", "session_token"}
+
+
+class TrainingError(UserError):
+    exit_code = 5
+
+
+@dataclass
+class TrainPlan:
+    """What the driver worked out before launching workers."""
+
+    info: DatasetInfo
+    method_config: object
+    targets: dict[str, dict]  # key -> {"encoder": name, "source": "store" | "compute"}
+    train_rows: int
+    steps_per_epoch: int
+    final_uri: str
+    init_state_uri: str | None
+
+
+def flatten(d: dict, prefix: str = "") -> dict[str, object]:
+    out: dict[str, object] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(flatten(v, key + "."))
+        elif k not in SECRET_KEYS:
+            out[key] = v
+    return out
+
+
+def plan_training(cfg: TrainConfig) -> TrainPlan:
+    from raydecode.data.encoders import encoder_config, requires_weights
+    from raydecode.data.store import open_store
+
+    spec = get_method(cfg.method)
+    mcfg = spec.config(cfg.preset, cfg.model)
+    store = open_store(cfg.store, cfg.s3)
+    subjects = store.check_subjects(cfg.data.subjects)
+    sessions = store.check_sessions(subjects, cfg.data.sessions)
+    info = DatasetInfo(subjects, {s: store.manifest.subject(s).voxels for s in subjects}, len(store.manifest.categories))
+
+    targets = {}
+    for key, name in spec.targets(mcfg).items():
+        enc = encoder_config(name)
+        if name in store.manifest.embeddings:
+            targets[key] = {"encoder": name, "source": "store"}
+        else:
+            if requires_weights(enc):
+                raise ConfigError(f"encoder {name!r} needs local weights and the store {store.uri} has no "
+                                  f"embeddings for it; run `raydecode embed --encoder {name}` first")
+            targets[key] = {"encoder": name, "source": "compute"}
+
+    shards = store.manifest.shards_of("trials", subjects=subjects, sessions=sessions)
+    train_rows = sum(int(pc.sum(pc.equal(store.read_shard(s, ["split"])["split"], "train")).as_py() or 0)
+                     for s in shards)
+    per_worker = train_rows // cfg.scaling.num_workers
+    steps = per_worker // cfg.optim.batch_size
+    if steps < 1:
+        raise ConfigError(f"optim.batch_size {cfg.optim.batch_size}: larger than the {per_worker} train rows each of "
+                          f"{cfg.scaling.num_workers} workers gets ({train_rows} rows selected)")
+
+    init_state_uri = None
+    if cfg.init_from:
+        from raydecode.train.checkpoint import CONFIG_FILE, read_json
+
+        src = read_json(cfg.init_from, CONFIG_FILE, cfg.s3)
+        if src["method"] != cfg.method and not cfg.method.startswith(src["method"]):
+            raise ConfigError(f"init_from {cfg.init_from}: a {src['method']!r} checkpoint, not {cfg.method!r}")
+        init_state_uri = cfg.init_from
+    final_uri = resolve(cfg.storage_path(), cfg.s3).join(cfg.run_name or "run", "final").uri
+    return TrainPlan(info, mcfg, targets, train_rows, steps, final_uri, init_state_uri)
+
+
+def _root_cause(exc: BaseException) -> BaseException:
+    seen = set()
+    while id(exc) not in seen:
+        seen.add(id(exc))
+        nxt = getattr(exc, "cause", None) or exc.__cause__
+        if nxt is None:
+            break
+        exc = nxt
+    return exc
+
+
+def run_training(cfg: TrainConfig, stage: str = "pretrain") -> StageResult:
+    import mlflow
+    import ray.train
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from raydecode import tracking
+    from raydecode.data.pipeline import trials_dataset
+    from raydecode.demo import init_ray
+    from raydecode.train.loop import train_loop_per_worker
+
+    t0 = time.time()
+    plan = plan_training(cfg)
+    spec = get_method(cfg.method)
+    import torch
+
+    with torch.device("meta"):
+        counts = count_parameters(spec.build_model(plan.method_config, plan.info))
+    selection = cfg.data.model_copy(update={
+        "embeddings": sorted({*cfg.data.embeddings, *(t["encoder"] for t in plan.targets.values()
+                                                       if t["source"] == "store")}),
+    })
+    print(f"[{stage}] {cfg.method} ({cfg.preset}): {counts['total'] / 1e6:.2f} M parameters; "
+          f"subjects {plan.info.subjects}; {plan.train_rows} train trials; {cfg.scaling.num_workers} workers x "
+          f"{plan.steps_per_epoch} steps/epoch x {cfg.optim.epochs} epochs; ZeRO-{cfg.deepspeed.zero_stage}; "
+          "targets " + ", ".join(f"{k}={t['encoder']} ({t['source']})" for k, t in plan.targets.items()))
+
+    tracking_uri = tracking.configure(cfg)
+    exp_id = tracking.experiment(cfg.experiment)
+    run = mlflow.start_run(experiment_id=exp_id, run_name=cfg.run_name)
+    run_id = run.info.run_id
+    try:
+        mlflow.log_params({k: str(v)[:500] for k, v in flatten(cfg.model_dump(mode="json")).items()})
+        mlflow.log_params({f"model.{k}": str(v)[:500] for k, v in plan.method_config.model_dump(mode="json").items()
+                           if k not in cfg.model})
+        mlflow.log_params({"params.total": counts["total"], "data.train_rows": plan.train_rows,
+                           "steps_per_epoch": plan.steps_per_epoch})
+        mlflow.set_tags({"raydecode.stage": stage, "raydecode.method": cfg.method, "raydecode.store": cfg.store,
+                         "raydecode.checkpoint_uri": plan.final_uri})
+
+        init_ray(cfg.ray_address)
+        _check_cluster_fits(cfg, selection)
+        train = trials_dataset(cfg.store, "train", selection, cfg.s3)
+        test = trials_dataset(cfg.store, "test", selection, cfg.s3)
+        storage_path, storage_fs = train_storage(cfg.storage_path(), cfg.s3)
+        payload = {
+            "cfg": cfg.model_dump(mode="json"), "method_config": plan.method_config.model_dump(mode="json"),
+            "info": plan.info.to_dict(), "targets": plan.targets, "steps_per_epoch": plan.steps_per_epoch,
+            "final_uri": plan.final_uri, "init_state_uri": plan.init_state_uri,
+            "tracking_uri": tracking_uri, "run_id": run_id,
+        }
+        resources = {"CPU": cfg.scaling.cpus_per_worker, **({"GPU": 1} if cfg.scaling.use_gpu else {})}
+        trainer = TorchTrainer(
+            train_loop_per_worker,
+            train_loop_config=payload,
+            scaling_config=ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
+                                         resources_per_worker=resources),
+            datasets={"train": train.dataset, "test": test.dataset.materialize()},
+            dataset_config=DataConfig(datasets_to_split=["train"]),
+            run_config=RunConfig(
+                name=cfg.run_name, storage_path=storage_path, storage_filesystem=storage_fs,
+                failure_config=FailureConfig(max_failures=cfg.checkpoint.max_failures),
+                checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.num_to_keep),
+                worker_runtime_env={"env_vars": cfg.s3.env()} if cfg.s3.env() else None,
+            ),
+        )
+        try:
+            result = trainer.fit()
+        except Exception as exc:  # a worker's UserError (bad store, bad weights) reaches the user as itself
+            cause = _root_cause(exc)
+            if isinstance(cause, UserError):
+                raise cause from None
+            raise TrainingError(f"training failed: {type(cause).__name__}: {str(cause).splitlines()[0][:300]}") from exc
+
+        from raydecode.train.checkpoint import METRICS_FILE, read_json
+
+        final = read_json(plan.final_uri, METRICS_FILE, cfg.s3)
+        metrics = {k: v for k, v in final.items() if isinstance(v, (int, float))}
+        ckpt_uri = result.checkpoint.path if result.checkpoint else None
+        artifacts = {"checkpoint": plan.final_uri, "last_ray_checkpoint": ckpt_uri,
+                     "mlflow_run": f"runs:/{run_id}"}
+        _log_artifacts(cfg, plan, run_id, artifacts)
+        mlflow.log_metrics({f"final.{k}": float(v) for k, v in metrics.items() if k.startswith("retrieval.")})
+    except BaseException:
+        mlflow.end_run(status="FAILED")
+        raise
+    mlflow.end_run()
+
+    rows = [[k, f"{v:.4g}"] for k, v in metrics.items()
+            if k.startswith("retrieval.") or k.startswith("train.loss") or k in ("epoch", "step")]
+    print("\n" + table(["metric", "value"], rows))
+    print(f"\ncheckpoint {plan.final_uri}\nmlflow run {run_id} ({tracking_uri})")
+    metrics["seconds"] = round(time.time() - t0, 1)
+    return StageResult(stage=stage, status="ok", mlflow_run_id=run_id, metrics=metrics, artifacts=artifacts)
+
+
+def _check_cluster_fits(cfg: TrainConfig, selection) -> None:
+    """Refuse configs that would hang: Ray Data needs one whole CPU (file listing) next to the lookup actor,
+    beside the train workers."""
+    import ray
+
+    total = ray.cluster_resources().get("CPU", 0.0)
+    need = cfg.scaling.num_workers * cfg.scaling.cpus_per_worker + 1.0 + selection.lookup_cpus
+    if need > total + 1e-9:
+        raise ConfigError(
+            f"scaling: {cfg.scaling.num_workers} workers x {cfg.scaling.cpus_per_worker} CPU + Ray Data (1 CPU for file "
+            f"listing + data.lookup_cpus {selection.lookup_cpus}) need {need:g} CPUs; the cluster has {total:g}. "
+            f"Lower scaling.cpus_per_worker / data.lookup_cpus or add nodes")
+
+
+def _log_artifacts(cfg: TrainConfig, plan: TrainPlan, run_id: str, artifacts: dict) -> None:
+    """Config, checkpoint reference and the loss / retrieval curves as MLflow artifacts."""
+    import tempfile
+
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from raydecode.train.checkpoint import CONFIG_FILE, read_json
+
+    client = MlflowClient()
+    with tempfile.TemporaryDirectory() as tmp:
+        with open(os.path.join(tmp, "checkpoint.json"), "w") as f:
+            json.dump(artifacts, f, indent=2)
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump(read_json(plan.final_uri, CONFIG_FILE, cfg.s3), f, indent=2)
+        curves = {k: client.get_metric_history(run_id, k)
+                  for k in ("train.loss", "retrieval.brain_to_image_top1", "retrieval.image_to_brain_top1",
+                            "retrieval.chance")}
+        if curves["train.loss"]:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+
+            fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.2))
+            h = curves["train.loss"]
+            a.plot([m.step for m in h], [m.value for m in h], marker="o")
+            a.set(xlabel="epoch", ylabel="train loss", title="loss")
+            for key, label in (("retrieval.brain_to_image_top1", "brain→image"),
+                               ("retrieval.image_to_brain_top1", "image→brain"), ("retrieval.chance", "chance")):
+                h = curves[key]
+                if h:
+                    b.plot([m.step for m in h], [m.value for m in h], marker="o" if key != "retrieval.chance" else None,
+                           linestyle="--" if key == "retrieval.chance" else "-", label=label)
+            b.set(xlabel="epoch", ylabel="top-1", title="test retrieval", ylim=(0, 1))
+            b.legend()
+            fig.tight_layout()
+            fig.savefig(os.path.join(tmp, "curves.png"), dpi=110)
+            plt.close(fig)
+        mlflow.log_artifacts(tmp)
