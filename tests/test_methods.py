@@ -1,0 +1,95 @@
+"""MethodSpec registry, MindEye2 pieces and `model-info` (no Ray)."""
+
+from __future__ import annotations
+
+import json
+import resource
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from raydecode.errors import ConfigError
+from raydecode.methods.base import DatasetInfo, Progress, get_method
+from raydecode.methods.info import model_info
+from raydecode.methods.mindeye2 import cosine_anneal, mixco, mixco_nce, soft_clip_loss
+
+from conftest import run_cli
+
+
+def test_model_info_paper_preset_builds_on_meta_without_memory():
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    info = model_info("mindeye2", "paper")
+    grown_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+    assert info["device"] == "meta"
+    assert info["total"] > 2e9  # ~2.6 B parameters: 8 ridge maps, 4096 x (256 x 1664) token map, prior ...
+    # the paper sizes, module by module
+    assert info["modules"]["to_tokens"]["total"] == 4096 * 256 * 1664 + 256 * 1664
+    assert info["modules"]["ridge"]["total"] == sum((v + 1) * 4096 for v in info["voxels"])
+    assert info["trainable"] == info["total"]
+    assert grown_mb < 500, f"building on meta grew RSS by {grown_mb:.0f} MB"
+
+
+def test_model_info_cli_json():
+    proc = run_cli("model-info", "--method", "mindeye2", "--preset", "tiny", "--voxels", "100", "120", "--json")
+    assert proc.returncode == 0, proc.stderr
+    info = json.loads(proc.stdout[: proc.stdout.rindex("}") + 1])
+    assert info["voxels"] == [100, 120] and info["modules"]["ridge"]["total"] == (100 + 1) * 128 + (120 + 1) * 128
+    bad = run_cli("model-info", "--method", "nope")
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith("error: method 'nope'")
+
+
+def test_unknown_preset_and_override_are_refused():
+    spec = get_method("mindeye2")
+    with pytest.raises(ConfigError, match="preset 'huge'"):
+        spec.config("huge")
+    with pytest.raises(ConfigError, match="unknown key 'hiden'"):
+        spec.config("tiny", {"hiden": 3})
+
+
+def test_contrastive_losses_prefer_the_true_pairing():
+    torch.manual_seed(0)
+    image = F.normalize(torch.randn(16, 64), dim=-1)
+    shuffled = image[torch.randperm(16)]
+    assert soft_clip_loss(image, image, 0.05) < soft_clip_loss(shuffled, image, 0.05)
+    lam = torch.ones(16)
+    perm = torch.arange(16)
+    assert mixco_nce(image, image, 0.05, perm, lam) < mixco_nce(shuffled, image, 0.05, perm, lam)
+    assert cosine_anneal(0.004, 0.0075, 0) == pytest.approx(0.004)
+    assert cosine_anneal(0.004, 0.0075, 1) == pytest.approx(0.0075)
+
+
+def test_mixco_mixes_only_within_a_subject():
+    betas = torch.randn(12, 5)
+    subject = torch.tensor([1] * 6 + [2] * 6)
+    _, perm, lam = mixco(betas, subject, 0.15, 1.0)
+    assert torch.equal(subject[perm], subject)
+    assert ((lam > 0) & (lam <= 1)).all()
+
+
+def test_mindeye2_tiny_forward_backward_and_ridge_per_subject():
+    spec = get_method("mindeye2")
+    cfg = spec.config("tiny")
+    info = DatasetInfo([1, 2], {1: 30, 2: 20})
+    torch.manual_seed(0)
+    model = spec.build_model(cfg, info)
+    n, d = cfg.clip_tokens
+    batch = {
+        "betas": torch.randn(6, 30), "subject": torch.tensor([1, 1, 1, 2, 2, 2]),
+        "clip_tokens": torch.randn(6, n * d), "vae_tokens": torch.randn(6, *cfg.vae_latents),
+        "vae_pooled": torch.randn(6, cfg.lowlevel_feature_dim),
+    }
+    batch["betas"][3:, 20:] = 0  # subject 2 has 20 voxels: its padding must not matter
+    loss, parts = spec.loss(model, batch, Progress(0, 1, 0, 10))
+    loss.backward()
+    assert {"loss_clip", "loss_prior", "loss_blur", "loss_aux"} <= set(parts)
+    assert model.ridge.maps["1"].weight.grad.abs().sum() > 0
+    assert model.ridge.maps["2"].weight.grad.abs().sum() > 0
+    model.eval()
+    with torch.no_grad():
+        p1 = spec.predict(model, batch)["brain"]
+        batch["betas"][3:, 20:] = 99.0
+        p2 = spec.predict(model, batch)["brain"]
+    assert torch.allclose(p1, p2)
+    samples = model.prior.sample(model.encode(batch["betas"], batch["subject"])[1], steps=3)
+    assert samples.shape == (6, n, d) and torch.isfinite(samples).all()

@@ -1,0 +1,147 @@
+"""The training stage: MindEye2 on Ray Train + DeepSpeed (2 CPU workers), MLflow, checkpoints, fine-tuning."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from raydecode.config import TrainConfig
+from raydecode.errors import ConfigError
+from raydecode.train.launch import run_training
+
+SOURCE_SUBJECTS = [1, 2, 3, 4, 5, 6, 7]
+
+
+def tiny_config(store: str, workdir: Path, run_name: str, **over) -> TrainConfig:
+    base = {
+        "store": store, "workdir": str(workdir), "run_name": run_name, "preset": "tiny",
+        "data": {"subjects": SOURCE_SUBJECTS, "categories": False, "read_cpus": 0.25, "lookup_cpus": 0.25},
+        "optim": {"epochs": 6, "batch_size": 32, "lr": 1e-3},
+        "scaling": {"num_workers": 2, "cpus_per_worker": 0.25},
+        "deepspeed": {"zero_stage": 2},
+    }
+    for key, value in over.items():
+        if isinstance(value, dict):
+            base[key] = {**base.get(key, {}), **value}
+        else:
+            base[key] = value
+    return TrainConfig.model_validate(base)
+
+
+def metric_history(cfg: TrainConfig, run_id: str, key: str) -> list[tuple[int, float]]:
+    from mlflow.tracking import MlflowClient
+
+    return [(m.step, m.value) for m in MlflowClient(cfg.resolved_tracking_uri()).get_metric_history(run_id, key)]
+
+
+@pytest.fixture(scope="module")
+def pretrained(tiny_store, ray_local, tmp_path_factory):
+    """Pretrain on the 7 source subjects: 2 workers, ZeRO-2, 6 epochs."""
+    cfg = tiny_config(tiny_store, tmp_path_factory.mktemp("pretrain"), "pretrain-tiny")
+    return cfg, run_training(cfg)
+
+
+def test_pretrain_learns_and_is_tracked(pretrained):
+    cfg, result = pretrained
+    m = result.metrics
+    loss = metric_history(cfg, result.mlflow_run_id, "train.loss")
+    assert [s for s, _ in loss] == list(range(1, 7))
+    assert loss[-1][1] < 0.6 * loss[0][1], loss
+    chance = m["retrieval.chance"]
+    assert chance == pytest.approx(1 / 30)
+    assert m["retrieval.brain_to_image_top1"] >= 5 * chance, m
+    assert m["retrieval.image_to_brain_top1"] >= 5 * chance, m
+    assert m["step"] == 6 * (1050 // 2 // 32)
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(cfg.resolved_tracking_uri())
+    run = client.get_run(result.mlflow_run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["deepspeed.zero_stage"] == "2"
+    assert run.data.params["model.hidden"] == "128"
+    assert "s3.secret_access_key" not in run.data.params
+    assert run.data.tags["raydecode.checkpoint_uri"] == result.artifacts["checkpoint"]
+    arts = {a.path for a in client.list_artifacts(result.mlflow_run_id)}
+    assert {"config.json", "checkpoint.json", "curves.png"} <= arts
+    assert len(metric_history(cfg, result.mlflow_run_id, "retrieval.brain_to_image_top1")) == 6
+
+
+def test_consolidated_checkpoint_reproduces_retrieval_in_a_fresh_process(pretrained, tiny_store, tmp_path):
+    cfg, result = pretrained
+    script = f"""
+import json, sys, torch
+from raydecode.train.checkpoint import load_consolidated
+from raydecode.data.pipeline import DataSelection, read_split
+from raydecode.data.encoders import FrozenEncoder, TargetCache, encoder_config
+from raydecode.evaluate.retrieval import retrieval_top1
+from raydecode.train.loop import collate
+
+ck = load_consolidated({result.artifacts['checkpoint']!r})
+test = collate(read_split({tiny_store!r}, "test", DataSelection(subjects={SOURCE_SUBJECTS}, images=True)))
+cache = TargetCache({{k: FrozenEncoder(encoder_config(t["encoder"])) for k, t in ck.config["targets"].items()}})
+test.update(cache(test["image_id"], test.pop("image")))
+with torch.no_grad():
+    pred = ck.spec.predict(ck.model, test)
+r = retrieval_top1(pred["brain"], pred["image"], test["subject"].numpy())
+json.dump({{"retrieval": r, "ray": "ray" in sys.modules, "deepspeed": "deepspeed" in sys.modules}}, sys.stdout)
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert not out["ray"] and not out["deepspeed"]
+    for key in ("brain_to_image_top1", "image_to_brain_top1"):
+        assert out["retrieval"][key] == pytest.approx(result.metrics[f"retrieval.{key}"], abs=0.01)
+
+
+def test_fine_tune_from_pretrained_beats_scratch_on_one_session(pretrained, tiny_store, tmp_path):
+    """MindEye2's 1-hour recipe: a new subject's ridge map on top of the shared model (ZeRO-1 here)."""
+    cfg, result = pretrained
+    common = dict(data={"subjects": [8], "sessions": [1]}, optim={"epochs": 8, "batch_size": 8, "lr": 1e-3},
+                  deepspeed={"zero_stage": 1})
+    fine = run_training(tiny_config(tiny_store, tmp_path / "ft", "finetune", init_from=result.artifacts["checkpoint"],
+                                    **common))
+    scratch = run_training(tiny_config(tiny_store, tmp_path / "scratch", "scratch", **common))
+    gain = {k: fine.metrics[f"retrieval.{k}"] - scratch.metrics[f"retrieval.{k}"]
+            for k in ("brain_to_image_top1", "image_to_brain_top1")}
+    assert min(gain.values()) >= 0.1, (fine.metrics, scratch.metrics)
+    # ZeRO-1 wrote one optimizer partition per rank into the last Ray Train checkpoint
+    files = os.listdir(os.path.join(fine.artifacts["last_ray_checkpoint"], "state"))
+    assert {"zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"} <= set(files)
+
+
+def test_worker_failure_resumes_from_checkpoint_with_zero3(tiny_store, ray_local, tmp_path):
+    """Rank 1 dies in epoch 2 (after the epoch-1 checkpoint); the group restarts from that checkpoint."""
+    subjects = [1, 2]
+    steps_per_epoch = 300 // 2 // 16
+    marker = tmp_path / "killed"
+    cfg = tiny_config(
+        tiny_store, tmp_path, "faulty", data={"subjects": subjects},
+        optim={"epochs": 3, "batch_size": 16}, deepspeed={"zero_stage": 3},
+        checkpoint={"max_failures": 1, "num_to_keep": 1},
+        fault_injection={"rank": 1, "at_step": steps_per_epoch + 2, "marker": str(marker)},
+    )
+    result = run_training(cfg)
+    assert marker.exists()
+    assert result.metrics["step"] == 3 * steps_per_epoch
+    # epoch 1 ran once: the restart resumed at epoch 2 instead of starting over
+    assert [s for s, _ in metric_history(cfg, result.mlflow_run_id, "train.loss")] == [1, 2, 3]
+    files = set(os.listdir(os.path.join(result.artifacts["last_ray_checkpoint"], "state")))
+    assert {"zero_pp_rank_0_mp_rank_00_model_states.pt", "zero_pp_rank_1_mp_rank_00_model_states.pt"} <= files
+    assert Path(result.artifacts["checkpoint"], "model.safetensors").exists()
+
+
+def test_bad_training_configs_fail_before_any_worker_starts(tiny_store, tmp_path):
+    with pytest.raises(ConfigError, match="method 'mindeye3'"):
+        run_training(tiny_config(tiny_store, tmp_path, "x", method="mindeye3"))
+    with pytest.raises(ConfigError, match="optim.batch_size 4096"):
+        run_training(tiny_config(tiny_store, tmp_path, "x", optim={"batch_size": 4096}))
+    with pytest.raises(ConfigError, match="unknown key 'hiden'"):
+        run_training(tiny_config(tiny_store, tmp_path, "x", model={"hiden": 3}))
+    with pytest.raises(ConfigError, match="needs local weights"):
+        run_training(tiny_config(tiny_store, tmp_path, "x", model={"clip_encoder": "openclip-bigg"}))
