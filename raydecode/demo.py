@@ -1,8 +1,9 @@
 """`make demo`: the main job on embedded defaults (local Ray, local store, sqlite MLflow, synthetic NSD).
 
 Stages so far: ingest a synthetic NSD, summarise and verify it, stream it through
-the Ray Data pipeline the trainers use. Later stages (pretrain, sweep, dynadiff,
-evaluate, promote) append themselves here.
+the Ray Data pipeline the trainers use, pretrain MindEye2 on 7 subjects (Ray Train
++ DeepSpeed ZeRO-2, 2 CPU workers) and fine-tune it on one session of the 8th.
+Later stages (sweep, dynadiff, evaluate, promote) append themselves here.
 """
 
 from __future__ import annotations
@@ -61,11 +62,56 @@ def run_demo(cfg: DemoConfig) -> StageResult:
     steps.append(["stream", "ok", f"{n_train} train trials (1 session x {len(train.subjects)} subjects), "
                   f"{n_test} averaged test rows", f"{secs:.1f}"])
 
+    from raydecode.train.launch import run_training
+
+    t3 = time.time()
+    print("\n== 4. pretrain MindEye2 on subjects 1-7 (Ray Train, DeepSpeed ZeRO-2, 2 CPU workers)")
+    pre_cfg = demo_train_config(cfg, "pretrain")
+    pre = run_training(pre_cfg, stage="pretrain")
+    pm = pre.metrics
+    steps.append(["pretrain", pre.status, f"retrieval top-1 {pm['retrieval.brain_to_image_top1']:.2f} / "
+                  f"{pm['retrieval.image_to_brain_top1']:.2f} (chance {pm['retrieval.chance']:.3f})",
+                  f"{time.time() - t3:.1f}"])
+
+    t4 = time.time()
+    print("\n== 5. fine-tune on one session of subject 8 (MindEye2's 1-hour recipe)")
+    ft = run_training(demo_train_config(cfg, "finetune", init_from=pre.artifacts["checkpoint"]), stage="finetune")
+    fm = ft.metrics
+    steps.append(["finetune", ft.status, f"subject 8, session 1: top-1 {fm['retrieval.brain_to_image_top1']:.2f} / "
+                  f"{fm['retrieval.image_to_brain_top1']:.2f} (chance {fm['retrieval.chance']:.3f})",
+                  f"{time.time() - t4:.1f}"])
+
     print("\n" + table(["step", "status", "what", "seconds"], steps))
+    print(f"\nMLflow: mlflow ui --backend-store-uri {cfg.resolved_tracking_uri()}")
     return StageResult(
         stage="demo",
         status="ok" if not problems else "failed",
+        mlflow_run_id=ft.mlflow_run_id,
         metrics={"train_rows_session1": n_train, "test_rows_averaged": n_test, "problems": len(problems),
+                 **{f"pretrain.{k}": v for k, v in pm.items() if k.startswith("retrieval.")},
+                 **{f"finetune.{k}": v for k, v in fm.items() if k.startswith("retrieval.")},
                  "seconds": round(time.time() - t0, 2)},
-        artifacts={"store": store.uri},
+        artifacts={"store": store.uri, "pretrained": pre.artifacts["checkpoint"],
+                   "finetuned": ft.artifacts["checkpoint"]},
     )
+
+
+def demo_train_config(cfg: DemoConfig, which: str, init_from: str | None = None):
+    """The embedded twins of jobs/pretrain.yaml and jobs/finetune.yaml, on the demo's store and work dir."""
+    from raydecode.config import TrainConfig
+
+    common = {
+        "store": cfg.store, "workdir": cfg.workdir, "tracking_uri": cfg.tracking_uri, "s3": cfg.s3.model_dump(),
+        "method": "mindeye2", "preset": cfg.preset,
+        "scaling": {"num_workers": 2, "cpus_per_worker": 0.25},
+        "deepspeed": {"zero_stage": 2}, "checkpoint": {"max_failures": 1},
+    }
+    data = {"categories": False, "read_cpus": 0.25, "lookup_cpus": 0.25}
+    if which == "pretrain":
+        return TrainConfig.model_validate({
+            **common, "run_name": "pretrain-demo", "data": {**data, "subjects": [1, 2, 3, 4, 5, 6, 7]},
+            "optim": {"epochs": 6, "batch_size": 64, "lr": 1e-3}})
+    return TrainConfig.model_validate({
+        **common, "run_name": "finetune-demo-subj08", "init_from": init_from,
+        "data": {**data, "subjects": [8], "sessions": [1]},
+        "optim": {"epochs": 10, "batch_size": 16, "lr": 1e-3}, "checkpoint": {"max_failures": 1, "every_epochs": 5}})

@@ -102,14 +102,16 @@ json.dump({{"retrieval": r, "ray": "ray" in sys.modules, "deepspeed": "deepspeed
 def test_fine_tune_from_pretrained_beats_scratch_on_one_session(pretrained, tiny_store, tmp_path):
     """MindEye2's 1-hour recipe: a new subject's ridge map on top of the shared model (ZeRO-1 here)."""
     cfg, result = pretrained
-    common = dict(data={"subjects": [8], "sessions": [1]}, optim={"epochs": 8, "batch_size": 8, "lr": 1e-3},
+    common = dict(data={"subjects": [8], "sessions": [1]}, optim={"epochs": 6, "batch_size": 8, "lr": 1e-3},
                   deepspeed={"zero_stage": 1})
     fine = run_training(tiny_config(tiny_store, tmp_path / "ft", "finetune", init_from=result.artifacts["checkpoint"],
                                     **common))
     scratch = run_training(tiny_config(tiny_store, tmp_path / "scratch", "scratch", **common))
+    assert fine.metrics["retrieval.candidates"] == 30  # tested on every session's test images, not session 1's
     gain = {k: fine.metrics[f"retrieval.{k}"] - scratch.metrics[f"retrieval.{k}"]
             for k in ("brain_to_image_top1", "image_to_brain_top1")}
-    assert min(gain.values()) >= 0.1, (fine.metrics, scratch.metrics)
+    assert sum(gain.values()) / 2 >= 0.08, (fine.metrics, scratch.metrics)
+    assert min(gain.values()) > 0, (fine.metrics, scratch.metrics)
     # ZeRO-1 wrote one optimizer partition per rank into the last Ray Train checkpoint
     files = os.listdir(os.path.join(fine.artifacts["last_ray_checkpoint"], "state"))
     assert {"zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"} <= set(files)

@@ -149,7 +149,8 @@ def run_training(cfg: TrainConfig, stage: str = "pretrain") -> StageResult:
         init_ray(cfg.ray_address)
         _check_cluster_fits(cfg, selection)
         train = trials_dataset(cfg.store, "train", selection, cfg.s3)
-        test = trials_dataset(cfg.store, "test", selection, cfg.s3)
+        # the test split is every session's repetitions of the shared images, whatever sessions train on
+        test = trials_dataset(cfg.store, "test", selection.model_copy(update={"sessions": None}), cfg.s3)
         storage_path, storage_fs = train_storage(cfg.storage_path(), cfg.s3)
         payload = {
             "cfg": cfg.model_dump(mode="json"), "method_config": plan.method_config.model_dump(mode="json"),

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import tempfile
 import time
 from typing import Any
@@ -262,7 +263,8 @@ def train_loop_per_worker(payload: dict) -> None:
         metrics = {f"train.{k}": v / max(1, n) for k, v in sums.items()}
         metrics.update({"epoch": epoch, "step": step, "lr": scheduler.get_last_lr()[0],
                         "epoch_seconds": time.time() - t0, "train.samples_per_s": n * cfg.optim.batch_size * world
-                        / max(1e-9, time.time() - t0)})
+                        / max(1e-9, time.time() - t0),
+                        "worker.peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})
         if epoch % cfg.eval.every_epochs == 0 or epoch == cfg.optim.epochs:
             metrics.update(evaluate(engine, spec, test_batches, prepare, cfg))
         tracker.log({k: v for k, v in metrics.items() if k not in ("epoch",)}, step=epoch)
