@@ -136,9 +136,10 @@ def format_validation_error(model: type[BaseModel], exc: ValidationError, source
     return "\n".join(lines)
 
 
-def load_config(model: type[C], path: str | None = None, overrides: list[str] | None = None, **defaults) -> C:
-    """Validate a stage config from an optional YAML file, ``--set`` overrides and CLI defaults."""
-    data: dict = dict(defaults)
+def load_config(model: type[C], path: str | None = None, overrides: list[str] | None = None, **flags) -> C:
+    """Validate a stage config: the YAML file, then explicit CLI flags (e.g. ``--out``), then ``--set``
+    overrides, each winning over the one before."""
+    data: dict = {}
     source = "config"
     if path:
         p = Path(path)
@@ -152,6 +153,7 @@ def load_config(model: type[C], path: str | None = None, overrides: list[str] | 
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: expected a mapping of keys to values at the top level")
         data.update(loaded)
+    data.update(flags)
     data = apply_overrides(data, overrides or [])
     try:
         return model.model_validate(data)
