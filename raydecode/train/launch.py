@@ -95,6 +95,11 @@ def plan_training(cfg: TrainConfig) -> TrainPlan:
     return TrainPlan(info, mcfg, targets, train_rows, steps, final_uri, init_state_uri)
 
 
+def _absolute(uri: str) -> str:
+    """Local paths (no scheme) made absolute; URIs with a scheme unchanged."""
+    return uri if "://" in uri else os.path.abspath(uri)
+
+
 def _root_cause(exc: BaseException) -> BaseException:
     seen = set()
     while id(exc) not in seen:
@@ -118,6 +123,9 @@ def run_training(cfg: TrainConfig, stage: str = "pretrain") -> StageResult:
     from raydecode.train.loop import train_loop_per_worker
 
     t0 = time.time()
+    # workers run in Ray's own working directory: local paths must be absolute before they leave the driver
+    cfg = cfg.model_copy(update={"store": _absolute(cfg.store), "workdir": os.path.abspath(cfg.workdir),
+                                 "init_from": _absolute(cfg.init_from) if cfg.init_from else None})
     plan = plan_training(cfg)
     spec = get_method(cfg.method)
     import torch
