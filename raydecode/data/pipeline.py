@@ -208,6 +208,17 @@ class TrialsDataset:
     files: list[str] = field(default_factory=list)
 
 
+def _select(store: Store | str, sel: DataSelection, s3: S3Options | None):
+    """Open the store and check a selection against its manifest -> (store, subjects, voxels, trial shards)."""
+    if isinstance(store, str):
+        store = open_store(store, s3)
+    subjects = store.check_subjects(sel.subjects)
+    sessions = store.check_sessions(subjects, sel.sessions)
+    check_embeddings(store, sel.embeddings)
+    shards = store.manifest.shards_of("trials", subjects=subjects, sessions=sessions)
+    return store, subjects, {s: store.manifest.subject(s).voxels for s in subjects}, shards
+
+
 def trials_dataset(
     store: Store | str,
     split: str,
@@ -221,13 +232,7 @@ def trials_dataset(
     sel = selection or DataSelection()
     if split not in ("train", "test"):
         raise ConfigError(f"split {split!r}: allowed values: train, test")
-    if isinstance(store, str):
-        store = open_store(store, s3)
-    subjects = store.check_subjects(sel.subjects)
-    sessions = store.check_sessions(subjects, sel.sessions)
-    check_embeddings(store, sel.embeddings)
-    shards = store.manifest.shards_of("trials", subjects=subjects, sessions=sessions)
-    voxels = {s: store.manifest.subject(s).voxels for s in subjects}
+    store, subjects, voxels, shards = _select(store, sel, s3)
     width = max(voxels.values())
     paths = [store.location(s).path for s in shards]
     shuffle = "files" if (sel.shuffle and split == "train") else None
@@ -269,13 +274,8 @@ def read_split(store: Store | str, split: str, selection: DataSelection | None =
     """The same rows as :func:`trials_dataset`, read with pyarrow into memory (no Ray): for small
     evaluation sets, checkpoint checks in a fresh process and in-memory baselines."""
     sel = selection or DataSelection()
-    if isinstance(store, str):
-        store = open_store(store, s3)
-    subjects = store.check_subjects(sel.subjects)
-    sessions = store.check_sessions(subjects, sel.sessions)
-    check_embeddings(store, sel.embeddings)
-    shards = store.manifest.shards_of("trials", subjects=subjects, sessions=sessions)
-    width = max(store.manifest.subject(s).voxels for s in subjects)
+    store, subjects, voxels, shards = _select(store, sel, s3)
+    width = max(voxels.values())
     tables = [store.read_shard(s, list(TRIAL_COLUMNS)) for s in shards]
     tables = [t.filter(pc.equal(t["split"], split)) for t in tables]
     parts = [_decode_betas(t, width) for t in tables if t.num_rows]
