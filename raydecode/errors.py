@@ -25,3 +25,40 @@ class StoreError(UserError):
     """A store whose manifest or shards do not match the data contract."""
 
     exit_code = 4
+
+
+def user_error_in(exc: BaseException) -> UserError | None:
+    """The :class:`UserError` behind an exception Ray raised for a failed task, actor or training worker.
+
+    Walks ``cause`` / ``__cause__`` chains and Ray Train's ``worker_failures`` / ``controller_failure``;
+    where Ray kept only a traceback's text (Ray Data UDFs, some worker failures), the last
+    ``raydecode.errors.X: message`` line is turned back into that error.
+    """
+    import re
+    import sys
+
+    seen: set[int] = set()
+    stack: list[BaseException] = [exc]
+    texts: list[str] = []
+    while stack:
+        e = stack.pop()
+        if id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, UserError):
+            return e
+        texts.append(str(e))
+        nxt = [getattr(e, "cause", None), e.__cause__, getattr(e, "controller_failure", None)]
+        failures = getattr(e, "worker_failures", None)
+        if isinstance(failures, dict):
+            nxt += [failures[rank] for rank in sorted(failures, reverse=True)]
+        stack += [n for n in nxt if isinstance(n, BaseException)]
+    module = sys.modules[__name__]
+    for text in texts:
+        found = re.findall(r"^raydecode\.errors\.(\w+): (.+)$", text, flags=re.MULTILINE)
+        if found:
+            name, message = found[-1]
+            cls = getattr(module, name, None)
+            if isinstance(cls, type) and issubclass(cls, UserError):
+                return cls(message)
+    return None

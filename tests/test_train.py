@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import posixpath
 import subprocess
 import sys
 from pathlib import Path
@@ -102,12 +103,21 @@ json.dump({{"retrieval": r, "ray": "ray" in sys.modules, "deepspeed": "deepspeed
         assert out["retrieval"][key] == pytest.approx(result.metrics[f"retrieval.{key}"], abs=0.01)
 
 
-def test_fine_tune_from_pretrained_beats_scratch_on_one_session(pretrained, tiny_store, tmp_path):
-    """MindEye2's 1-hour recipe: a new subject's ridge map on top of the shared model (fine-tune with ZeRO-1,
-    the from-scratch baseline with ZeRO-3: both stages train and checkpoint)."""
+def test_fine_tune_from_pretrained_beats_scratch_on_one_session(pretrained, tiny_store, s3_server, tmp_path):
+    """MindEye2's 1-hour recipe: a new subject's ridge map on top of the shared model. The fine-tune runs with
+    ZeRO-1 against S3 (store read from and checkpoints written to moto's server); the from-scratch baseline with
+    ZeRO-3 on local disk: both stages train and checkpoint."""
+    from pyarrow import fs as pafs
+
+    from raydecode.storage import resolve
+    from raydecode.train.checkpoint import load_consolidated
+
     cfg, result = pretrained
+    store = resolve("s3://nsd/train/store", s3_server)
+    pafs.copy_files(tiny_store, store.path, destination_filesystem=store.fs)
     common = dict(data={"subjects": [8], "sessions": [1]}, optim={"epochs": 6, "batch_size": 8, "lr": 1e-3})
-    fine = run_training(tiny_config(tiny_store, tmp_path / "ft", "finetune", init_from=result.artifacts["checkpoint"],
+    fine = run_training(tiny_config(store.uri, tmp_path / "ft", "finetune", init_from=result.artifacts["checkpoint"],
+                                    s3=s3_server.model_dump(), checkpoint={"storage_path": "s3://nsd/train/runs"},
                                     deepspeed={"zero_stage": 1}, **common))
     scratch = run_training(tiny_config(tiny_store, tmp_path / "scratch", "scratch", deepspeed={"zero_stage": 3},
                                        **common))
@@ -116,12 +126,18 @@ def test_fine_tune_from_pretrained_beats_scratch_on_one_session(pretrained, tiny
             for k in ("brain_to_image_top1", "image_to_brain_top1")}
     assert sum(gain.values()) / 2 >= 0.08, (fine.metrics, scratch.metrics)
     assert min(gain.values()) > 0, (fine.metrics, scratch.metrics)
-    # ZeRO-1 and ZeRO-3 wrote one partition per rank into the last Ray Train checkpoint
-    files = os.listdir(os.path.join(fine.artifacts["last_ray_checkpoint"], "state"))
-    assert {"zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"} <= set(files)
+
+    # ZeRO-1 and ZeRO-3 wrote one partition per rank into the last Ray Train checkpoint (on S3 for the fine-tune)
+    assert fine.artifacts["checkpoint"] == "s3://nsd/train/runs/finetune/final"
+    last = resolve(fine.artifacts["last_ray_checkpoint"], s3_server).join("state")
+    files = {posixpath.basename(f.path) for f in last.list_files()}
+    assert {"zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"} <= files
     files = os.listdir(os.path.join(scratch.artifacts["last_ray_checkpoint"], "state"))
     assert {"zero_pp_rank_0_mp_rank_00_model_states.pt", "zero_pp_rank_1_mp_rank_00_model_states.pt"} <= set(files)
     assert Path(scratch.artifacts["checkpoint"], "model.safetensors").exists()
+    # the consolidated fine-tune loads back from S3 with the new subject's ridge map
+    ck = load_consolidated(fine.artifacts["checkpoint"], s3_server)
+    assert ck.info.subjects == [8] and ck.metrics["step"] == fine.metrics["step"]
 
 
 def test_worker_failure_resumes_from_the_last_checkpoint(pretrained):
@@ -143,3 +159,25 @@ def test_bad_training_configs_fail_before_any_worker_starts(tiny_store, tmp_path
         run_training(tiny_config(tiny_store, tmp_path, "x", model={"hiden": 3}))
     with pytest.raises(ConfigError, match="needs local weights"):
         run_training(tiny_config(tiny_store, tmp_path, "x", model={"clip_encoder": "openclip-bigg"}))
+
+
+def test_a_store_error_inside_a_worker_reaches_the_user_as_itself(store_copy, ray_local, tmp_path):
+    """Stimulus images are read by the workers (targets computed there). Shards whose footers are intact (the
+    driver's checks pass) but whose data pages are damaged must give the user the StoreError naming the shard,
+    not Ray's page of worker tracebacks, and no final checkpoint."""
+    from raydecode.data.store import open_store
+    from raydecode.errors import StoreError
+
+    store = open_store(store_copy)
+    for shard in store.manifest.shards_of("stimuli"):
+        path = store.location(shard).path
+        size = os.path.getsize(path)
+        with open(path, "r+b") as f:
+            f.seek(size // 4)
+            f.write(b"\0" * (size // 3))
+    open_store(store_copy)  # footers still read: the damage is only found where the images are decoded
+    cfg = tiny_config(store_copy, tmp_path, "broken", data={"subjects": [1]}, optim={"epochs": 1})
+    with pytest.raises(StoreError, match=r"stimuli/part-\d+\.parquet: unreadable parquet shard") as err:
+        run_training(cfg)
+    assert "\n" not in str(err.value) and "Traceback" not in str(err.value)
+    assert not (tmp_path / "runs" / "broken" / "final").exists()

@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 
 from raydecode.data.schema import EncoderInfo, Manifest, ShardInfo, embeddings_schema
 from raydecode.data.store import Store, StoreWriter, open_store
-from raydecode.errors import ConfigError, StoreError, UserError
+from raydecode.errors import ConfigError, StoreError, UserError, user_error_in
 from raydecode.storage import S3Options
 
 METADATA_KEY = b"raydecode.encoder"  # parquet metadata of an embeddings shard: its EncoderInfo as JSON
@@ -192,30 +192,6 @@ class EncodeImages:
         return out
 
 
-def _user_error(exc: BaseException) -> UserError | None:
-    """The UserError (e.g. missing weights) behind an exception Ray raised for a failed actor or task.
-
-    Ray Data keeps only the text of a UDF's exception, so the last ``raydecode.errors.X: message``
-    line of its traceback is turned back into that error."""
-    from raydecode import errors
-
-    seen = set()
-    e: BaseException | None = exc
-    while e is not None and id(e) not in seen:
-        seen.add(id(e))
-        cause = getattr(e, "cause", None)
-        if isinstance(cause, UserError):
-            return cause
-        e = cause if isinstance(cause, BaseException) else e.__cause__
-    found = re.findall(r"^raydecode\.errors\.(\w+): (.+)$", str(exc), flags=re.MULTILINE)
-    if found:
-        name, message = found[-1]
-        cls = getattr(errors, name, None)
-        if isinstance(cls, type) and issubclass(cls, UserError):
-            return cls(message)
-    return None
-
-
 def _compute_resources() -> tuple[str, Any, dict, int | None]:
     """(device, actor pool, actor resources, torch threads): one GPU per actor where there are GPUs."""
     import ray
@@ -309,7 +285,7 @@ def _encode_and_write(
     except UserError:
         raise
     except Exception as exc:
-        cause = _user_error(exc)
+        cause = user_error_in(exc)
         if cause is not None:
             raise type(cause)(str(cause)) from None
         raise

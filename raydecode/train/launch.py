@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import pyarrow.compute as pc
 
 from raydecode.config import TrainConfig
-from raydecode.errors import ConfigError, UserError
+from raydecode.errors import ConfigError, UserError, user_error_in
 from raydecode.methods.base import DatasetInfo, count_parameters, get_method
 from raydecode.report import StageResult, table
 from raydecode.storage import resolve, train_storage
@@ -100,21 +100,26 @@ def _absolute(uri: str) -> str:
     return uri if "://" in uri else os.path.abspath(uri)
 
 
-def _root_cause(exc: BaseException) -> BaseException:
-    seen = set()
-    while id(exc) not in seen:
-        seen.add(id(exc))
-        nxt = getattr(exc, "cause", None) or exc.__cause__
-        if nxt is None:
-            break
-        exc = nxt
-    return exc
+def _first_failure(exc: BaseException) -> str:
+    """One line naming the rank and the error that stopped training (Ray's own message is a page of tracebacks)."""
+    failures = getattr(exc, "worker_failures", None)
+    if isinstance(failures, dict) and failures:
+        rank = min(failures)
+        err = failures[rank]
+        err = getattr(err, "cause", None) or err
+        lines = [ln for ln in str(err).strip().splitlines() if ln.strip()]
+        last = lines[-1].strip() if lines else type(err).__name__
+        return f"rank {rank}: {last[:300]} (see the Ray worker logs for the traceback)"
+    err = getattr(exc, "controller_failure", None) or exc
+    lines = [ln for ln in str(err).strip().splitlines() if ln.strip()]
+    return f"{type(err).__name__}: {lines[-1][:300] if lines else ''}"
 
 
 def run_training(cfg: TrainConfig, stage: str = "pretrain") -> StageResult:
     import mlflow
     import ray.train
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.data import DataContext
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from raydecode import tracking
@@ -156,9 +161,16 @@ def run_training(cfg: TrainConfig, stage: str = "pretrain") -> StageResult:
 
         init_ray(cfg.ray_address)
         _check_cluster_fits(cfg, selection)
-        train = trials_dataset(cfg.store, "train", selection, cfg.s3)
-        # the test split is every session's repetitions of the shared images, whatever sessions train on
-        test = trials_dataset(cfg.store, "test", selection.model_copy(update={"sessions": None}), cfg.s3)
+        # a dataset snapshots the context it is created in and carries it to the split coordinator and the
+        # workers, whose progress bars would reach the driver as a line per refresh (workers log one per epoch)
+        data_ctx = DataContext.get_current()
+        bars, data_ctx.enable_progress_bars = data_ctx.enable_progress_bars, False
+        try:
+            train = trials_dataset(cfg.store, "train", selection, cfg.s3)
+            # the test split is every session's repetitions of the shared images, whatever sessions train on
+            test = trials_dataset(cfg.store, "test", selection.model_copy(update={"sessions": None}), cfg.s3)
+        finally:
+            data_ctx.enable_progress_bars = bars
         storage_path, storage_fs = train_storage(cfg.storage_path(), cfg.s3)
         payload = {
             "cfg": cfg.model_dump(mode="json"), "method_config": plan.method_config.model_dump(mode="json"),
@@ -178,22 +190,27 @@ def run_training(cfg: TrainConfig, stage: str = "pretrain") -> StageResult:
                 name=cfg.run_name, storage_path=storage_path, storage_filesystem=storage_fs,
                 failure_config=FailureConfig(max_failures=cfg.checkpoint.max_failures),
                 checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.num_to_keep),
+                logging_config=LoggingConfig(log_level="WARNING"),  # Ray Train's per-report INFO lines
                 worker_runtime_env={"env_vars": cfg.s3.env()} if cfg.s3.env() else None,
             ),
         )
         try:
             result = trainer.fit()
         except Exception as exc:  # a worker's UserError (bad store, bad weights) reaches the user as itself
-            cause = _root_cause(exc)
-            if isinstance(cause, UserError):
-                raise cause from None
-            raise TrainingError(f"training failed: {type(cause).__name__}: {str(cause).splitlines()[0][:300]}") from exc
+            cause = user_error_in(exc)
+            if cause is not None:
+                raise type(cause)(str(cause)) from None
+            raise TrainingError(f"training failed: {_first_failure(exc)}") from exc
 
         from raydecode.train.checkpoint import METRICS_FILE, read_json
 
         final = read_json(plan.final_uri, METRICS_FILE, cfg.s3)
         metrics = {k: v for k, v in final.items() if isinstance(v, (int, float))}
-        ckpt_uri = result.checkpoint.path if result.checkpoint else None
+        ckpt_uri = None
+        if result.checkpoint:  # Ray gives a path on the storage filesystem: back to a URI
+            ckpt_uri = result.checkpoint.path
+            if resolve(cfg.storage_path(), cfg.s3).is_s3:
+                ckpt_uri = "s3://" + ckpt_uri.lstrip("/")
         artifacts = {"checkpoint": plan.final_uri, "last_ray_checkpoint": ckpt_uri,
                      "mlflow_run": f"runs:/{run_id}"}
         _log_artifacts(cfg, plan, run_id, artifacts)

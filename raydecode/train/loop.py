@@ -15,8 +15,10 @@ Rank 0 alone logs to MLflow. Nothing here names a method.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import resource
+import sys
 import tempfile
 import time
 from typing import Any
@@ -28,6 +30,18 @@ from raydecode.config import TrainConfig
 from raydecode.methods.base import DatasetInfo, MethodSpec, Progress, get_method
 
 CHECKPOINT_TAG = "state"
+log = logging.getLogger("raydecode.train")
+
+
+def _worker_logging() -> None:
+    """Progress lines go straight to the worker's stdout (Ray forwards them to the driver) under a ``[train]``
+    prefix; Ray Train's own INFO lines are silenced by ``RunConfig.logging_config`` in the launcher."""
+    if not log.handlers:
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter("[train] %(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+        log.propagate = False
 
 
 # -- batches -------------------------------------------------------------------------------
@@ -172,10 +186,13 @@ class Tracker:
 
 
 def train_loop_per_worker(payload: dict) -> None:
+    import ray.data
     import ray.train
     from ray.train import Checkpoint
 
     cfg = TrainConfig.model_validate(payload["cfg"])
+    _worker_logging()
+    ray.data.DataContext.get_current().enable_progress_bars = False  # one line per epoch instead
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     use_gpu = cfg.scaling.use_gpu and torch.cuda.is_available()
@@ -200,7 +217,7 @@ def train_loop_per_worker(payload: dict) -> None:
         state = load_state(payload["init_state_uri"], cfg.s3)
         fresh = spec.load_pretrained(model, state) if spec.load_pretrained else model.load_state_dict(state)
         if rank == 0:
-            print(f"[train] initialised from {payload['init_state_uri']}; left at init: {fresh}")
+            log.info(f"initialised from {payload['init_state_uri']}; left at init: {fresh}")
     optimizer = torch.optim.AdamW(spec.param_groups(model, mcfg, cfg.optim.weight_decay), lr=cfg.optim.lr)
     # the engine steps the schedule and keeps its state in its checkpoints
     engine, optimizer, _, scheduler = deepspeed.initialize(
@@ -217,7 +234,7 @@ def train_loop_per_worker(payload: dict) -> None:
             _, client = engine.load_checkpoint(d, tag=CHECKPOINT_TAG)
         epoch, step = int(client["epoch"]), int(client["step"])
         if rank == 0:
-            print(f"[train] resumed from checkpoint at epoch {epoch}, step {step}")
+            log.info(f"resumed from checkpoint at epoch {epoch}, step {step}")
 
     def save(metrics: dict, epoch_next: int) -> None:
         with tempfile.TemporaryDirectory(prefix="raydecode-ckpt-") as tmp:
@@ -255,7 +272,7 @@ def train_loop_per_worker(payload: dict) -> None:
                 sums[k] = sums.get(k, 0.0) + v
             if fault and rank == fault.rank and step == fault.at_step and not os.path.exists(fault.marker):
                 open(fault.marker, "w").write(f"killed rank {rank} at step {step}\n")
-                print(f"[train] fault injection: killing rank {rank} at step {step}", flush=True)
+                log.info(f"fault injection: killing rank {rank} at step {step}")
                 os._exit(1)
             if cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0 and i + 1 < steps_per_epoch:
                 save({"epoch": epoch, "step": step}, epoch)
@@ -272,8 +289,7 @@ def train_loop_per_worker(payload: dict) -> None:
         if rank == 0:
             shown = " ".join(f"{k.split('.')[-1]} {v:.4g}" for k, v in metrics.items()
                              if k.startswith("train.loss") or k.endswith("top1"))
-            print(f"[train] epoch {epoch}/{cfg.optim.epochs} step {step} {shown} ({metrics['epoch_seconds']:.1f} s)",
-                  flush=True)
+            log.info(f"epoch {epoch}/{cfg.optim.epochs} step {step} {shown} ({metrics['epoch_seconds']:.1f} s)")
         if epoch % cfg.checkpoint.every_epochs == 0 or epoch == cfg.optim.epochs:
             save(metrics, epoch)
         else:
@@ -289,4 +305,4 @@ def train_loop_per_worker(payload: dict) -> None:
                   "info": info.to_dict(), "targets": payload["targets"], "train": payload["cfg"]}
         write_consolidated(payload["final_uri"], state, config, {**metrics, "steps_per_epoch": steps_per_epoch,
                                                                   "world_size": world}, cfg.s3)
-        print(f"[train] consolidated checkpoint: {payload['final_uri']}", flush=True)
+        log.info(f"consolidated checkpoint: {payload['final_uri']}")
