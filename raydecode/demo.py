@@ -25,7 +25,8 @@ def init_ray(address: str | None = None) -> None:
     if address:
         ray.init(address=address, log_to_driver=True)
     else:
-        ray.init(include_dashboard=False, log_to_driver=True, configure_logging=True, logging_level="warning")
+        # the dashboard serves the state API, which Ray Train's placement-group cleaner polls every second
+        ray.init(include_dashboard=True, log_to_driver=True, configure_logging=True, logging_level="warning")
 
 
 def run_demo(cfg: DemoConfig) -> StageResult:

@@ -150,6 +150,15 @@ def test_worker_failure_resumes_from_the_last_checkpoint(pretrained):
     assert {"zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"} <= files
 
 
+def test_a_run_name_is_not_reused_for_another_config(pretrained):
+    """Ray Train resumes a run by name: relaunching 'pretrain-tiny' with another learning rate would silently
+    continue the old run, so it is refused before anything starts, naming what changed."""
+    cfg, _ = pretrained
+    changed = cfg.model_copy(update={"optim": cfg.optim.model_copy(update={"lr": 5e-4})})
+    with pytest.raises(ConfigError, match=r"run_name 'pretrain-tiny' .*optim\.lr 0\.001 -> 0\.0005"):
+        run_training(changed)
+
+
 def test_bad_training_configs_fail_before_any_worker_starts(tiny_store, tmp_path):
     with pytest.raises(ConfigError, match="method 'mindeye3'"):
         run_training(tiny_config(tiny_store, tmp_path, "x", method="mindeye3"))

@@ -95,6 +95,32 @@ def plan_training(cfg: TrainConfig) -> TrainPlan:
     return TrainPlan(info, mcfg, targets, train_rows, steps, final_uri, init_state_uri)
 
 
+RUN_FILE = "raydecode_run.json"
+# what makes two launches under one run_name the same run (anything else may change on a resume)
+_RUN_IDENTITY = ("method", "preset", "model", "store", "data", "init_from", "optim", "scaling.num_workers",
+                 "deepspeed.zero_stage")
+
+
+def _claim_run_name(cfg: TrainConfig) -> bool:
+    """Record the run's identity under ``<storage>/<run_name>/``; a relaunch with the same identity resumes from the
+    run's last checkpoint (Ray Train restores by name), a different one is refused. Returns True on a resume."""
+    flat = flatten(cfg.model_dump(mode="json"))
+    ident = {k: v for k, v in flat.items() if any(k == key or k.startswith(key + ".") for key in _RUN_IDENTITY)}
+    ident = json.loads(json.dumps(ident, sort_keys=True))
+    loc = resolve(cfg.storage_path(), cfg.s3).join(cfg.run_name or "run", RUN_FILE)
+    if loc.exists():
+        old = json.loads(loc.read_bytes())
+        changed = sorted(k for k in set(old) | set(ident) if old.get(k) != ident.get(k))
+        if changed:
+            diff = ", ".join(f"{k} {old.get(k)!r} -> {ident.get(k)!r}" for k in changed[:4])
+            raise ConfigError(f"run_name {cfg.run_name!r} already names a run with another config at {loc.uri} "
+                              f"({diff}{', ...' if len(changed) > 4 else ''}); it would resume from that run's "
+                              "checkpoints: pick a new --run-name or delete that directory")
+        return True
+    loc.write_bytes_atomic(json.dumps(ident, sort_keys=True, indent=1).encode())
+    return False
+
+
 def _absolute(uri: str) -> str:
     """Local paths (no scheme) made absolute; URIs with a scheme unchanged."""
     return uri if "://" in uri else os.path.abspath(uri)
@@ -146,6 +172,8 @@ def run_training(cfg: TrainConfig, stage: str = "pretrain") -> StageResult:
           f"{plan.steps_per_epoch} steps/epoch x {cfg.optim.epochs} epochs; ZeRO-{cfg.deepspeed.zero_stage}; "
           "targets " + ", ".join(f"{k}={t['encoder']} ({t['source']})" for k, t in plan.targets.items()))
 
+    if _claim_run_name(cfg):
+        print(f"[{stage}] run {cfg.run_name!r} exists with this config: resuming from its last checkpoint")
     tracking_uri = tracking.configure(cfg)
     exp_id = tracking.experiment(cfg.experiment)
     run = mlflow.start_run(experiment_id=exp_id, run_name=cfg.run_name)

@@ -42,6 +42,12 @@ def _worker_logging() -> None:
         log.addHandler(handler)
         log.setLevel(logging.INFO)
         log.propagate = False
+    try:  # Ray Train logs every report at INFO on a logger named by its file path, which LoggingConfig misses
+        from ray.train.v2._internal.execution import context as train_context
+
+        logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
+    except ImportError:
+        pass
 
 
 # -- batches -------------------------------------------------------------------------------
