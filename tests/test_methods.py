@@ -91,5 +91,5 @@ def test_mindeye2_tiny_forward_backward_and_ridge_per_subject():
         batch["betas"][3:, 20:] = 99.0
         p2 = spec.predict(model, batch)["brain"]
     assert torch.allclose(p1, p2)
-    samples = model.prior.sample(model.encode(batch["betas"], batch["subject"])[1], steps=3)
+    samples = model.prior.sample(model.encode(batch["betas"], batch["subject"])[2], steps=3)
     assert samples.shape == (6, n, d) and torch.isfinite(samples).all()

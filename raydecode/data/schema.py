@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from typing import Literal
 
+import numpy as np
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -43,6 +44,13 @@ COCO_CATEGORIES = (
     "teddy bear", "hair drier", "toothbrush",
 )
 N_CATEGORIES = len(COCO_CATEGORIES)
+
+
+def primary_category(multi_hot: np.ndarray) -> np.ndarray:
+    """One class per image for class-level statistics and losses: the first of its categories in COCO order
+    (``person`` first when present); -1 for an image without categories."""
+    hot = np.asarray(multi_hot) > 0
+    return np.where(hot.any(axis=-1), hot.argmax(axis=-1), -1).astype(np.int64)
 
 
 def subject_dir(subject: int) -> str:

@@ -65,7 +65,11 @@ class MethodSpec:
     - ``loss(model, batch, progress)``: ``(loss, metrics)``; ``model`` may be a DeepSpeed engine;
     - ``predict(model, batch)``: tensors evaluation consumes (e.g. ``brain`` and ``image`` retrieval embeddings);
     - ``columns``: batch columns the model reads; ``targets(cfg)``: frozen encoders whose outputs the batch
-      must carry as ``<key>_tokens`` / ``<key>_pooled``.
+      must carry as ``<key>_tokens`` / ``<key>_pooled``;
+    - ``load_pretrained(model, state)``: start from the ``init_from`` checkpoint (of a method in
+      ``init_methods``); returns the keys left at initialisation;
+    - ``statistics(cfg)``: embedding spaces of the ``init_from`` model whose class statistics over its source
+      subjects (:mod:`raydecode.data.stats`) training needs; ``attach_statistics(model, tensors)`` hands them over.
     """
 
     name: str
@@ -78,6 +82,9 @@ class MethodSpec:
     columns: tuple[str, ...]
     targets: Callable[[Any], dict[str, str]] = field(default=lambda cfg: {})
     load_pretrained: Callable[[torch.nn.Module, dict[str, torch.Tensor]], list[str]] | None = None
+    init_methods: tuple[str, ...] = ()  # methods whose checkpoints ``init_from`` may name (default: its own)
+    statistics: Callable[[Any], list[str]] = field(default=lambda cfg: [])
+    attach_statistics: Callable[[torch.nn.Module, dict[str, torch.Tensor]], None] | None = None
 
     def config(self, preset: str, overrides: dict | None = None) -> BaseModel:
         if preset not in self.presets:
@@ -91,7 +98,7 @@ class MethodSpec:
 
 _REGISTRY: dict[str, MethodSpec] = {}
 # Built-in methods, imported on first lookup (nothing is imported at package import time).
-_BUILTIN = {"mindeye2": "raydecode.methods.mindeye2"}
+_BUILTIN = {"mindeye2": "raydecode.methods.mindeye2", "duala": "raydecode.methods.duala"}
 
 
 def register(spec: MethodSpec) -> MethodSpec:

@@ -19,6 +19,7 @@ subject's ridge map (:func:`load_pretrained`).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -236,10 +237,16 @@ class MindEye2(nn.Module):
         self.prior = DiffusionPrior(n, d, cfg.prior_depth, cfg.prior_heads, cfg.prior_timesteps) if cfg.prior else None
         self.lowlevel = LowLevel(cfg) if cfg.lowlevel else None
 
-    def encode(self, betas: torch.Tensor, subject: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """-> (backbone latent (B, hidden), backbone tokens (B, N, D))."""
-        h = self.backbone(self.ridge(betas, subject))
-        return h, self.to_tokens(h).view(-1, *self.cfg.clip_tokens)
+    def encode(self, betas: torch.Tensor, subject: torch.Tensor,
+               perturb: Callable[[torch.Tensor], torch.Tensor] | None = None):
+        """-> (shared latent after the ridge map (B, hidden), backbone output (B, hidden), tokens (B, N, D)).
+
+        ``perturb``: applied to the shared latent before the backbone (Duala's distribution perturbation)."""
+        z = self.ridge(betas, subject)
+        if perturb is not None:
+            z = perturb(z)
+        h = self.backbone(z)
+        return z, h, self.to_tokens(h).view(-1, *self.cfg.clip_tokens)
 
     def forward(self, batch: dict, progress: Progress | None = None, predict: bool = False):
         if predict:
@@ -247,8 +254,8 @@ class MindEye2(nn.Module):
         return self._loss(batch, progress)
 
     def _predict(self, batch: dict) -> dict[str, torch.Tensor]:
-        h, tokens = self.encode(batch["betas"], batch["subject"])
-        out = {"brain": self.projector(tokens).flatten(1), "backbone": tokens.flatten(1)}
+        z, h, tokens = self.encode(batch["betas"], batch["subject"])
+        out = {"brain": self.projector(tokens).flatten(1), "backbone": tokens.flatten(1), "latent": z, "hidden": h}
         if "clip_tokens" in batch:
             out["image"] = batch["clip_tokens"].flatten(1)
         if self.lowlevel is not None:
@@ -256,13 +263,21 @@ class MindEye2(nn.Module):
         return out
 
     def _loss(self, batch: dict, progress: Progress) -> tuple[torch.Tensor, dict[str, float]]:
+        loss, metrics, _ = self.base_loss(batch, progress)
+        metrics["loss"] = loss.detach()
+        return loss, {k: float(v) for k, v in metrics.items()}
+
+    def base_loss(self, batch: dict, progress: Progress, perturb: Callable[[torch.Tensor], torch.Tensor] | None = None
+                  ) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, torch.Tensor | bool]]:
+        """The MindEye2 objective -> (loss, metric tensors, {"latent", "hidden": this pass's embeddings,
+        "mixed": whether the betas were mixed up}); fine-tuning methods add their terms to it."""
         cfg = self.cfg
         betas, subject = batch["betas"], batch["subject"]
         target = batch["clip_tokens"].view(-1, *cfg.clip_tokens)
         mixup = progress.fraction < cfg.mixup_fraction
         if mixup:
             betas, perm, lam = mixco(betas, subject, cfg.mixup_beta, cfg.mixup_select)
-        h, tokens = self.encode(betas, subject)
+        z, h, tokens = self.encode(betas, subject, perturb)
         brain = F.normalize(self.projector(tokens).flatten(1), dim=-1)
         image = F.normalize(target.flatten(1), dim=-1)
         if mixup:
@@ -284,8 +299,7 @@ class MindEye2(nn.Module):
             loss = loss + cfg.blur_scale * (loss_blur + cfg.aux_scale * loss_aux)
             metrics["loss_blur"] = loss_blur.detach()
             metrics["loss_aux"] = loss_aux.detach()
-        metrics["loss"] = loss.detach()
-        return loss, {k: float(v) for k, v in metrics.items()}
+        return loss, metrics, {"latent": z, "hidden": h, "mixed": mixup}
 
 
 # -- losses --------------------------------------------------------------------------------
