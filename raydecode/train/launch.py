@@ -88,9 +88,14 @@ def plan_training(cfg: TrainConfig) -> TrainPlan:
         from raydecode.train.checkpoint import CONFIG_FILE, read_json
 
         src = read_json(cfg.init_from, CONFIG_FILE, cfg.s3)
-        if src["method"] != cfg.method and not cfg.method.startswith(src["method"]):
-            raise ConfigError(f"init_from {cfg.init_from}: a {src['method']!r} checkpoint, not {cfg.method!r}")
+        allowed = spec.init_methods or (cfg.method,)
+        if src["method"] not in allowed:
+            raise ConfigError(f"init_from {cfg.init_from}: a {src['method']!r} checkpoint; method {cfg.method!r} "
+                              f"starts from {' or '.join(repr(m) for m in allowed)} checkpoints")
         init_state_uri = cfg.init_from
+    if spec.statistics(mcfg) and not cfg.init_from:
+        raise ConfigError(f"method {cfg.method!r} adapts a pretrained model: set init_from to a checkpoint "
+                          f"(a final/ directory of a {' or '.join(spec.init_methods)} run)")
     final_uri = resolve(cfg.storage_path(), cfg.s3).join(cfg.run_name or "run", "final").uri
     return TrainPlan(info, mcfg, targets, train_rows, steps, final_uri, init_state_uri)
 
@@ -166,8 +171,10 @@ def run_training(cfg: TrainConfig, stage: str = "pretrain") -> StageResult:
     selection = cfg.data.model_copy(update={
         "embeddings": sorted({*cfg.data.embeddings, *(t["encoder"] for t in plan.targets.values()
                                                        if t["source"] == "store")}),
+        "categories": cfg.data.categories or "categories" in spec.columns,
     })
-    print(f"[{stage}] {cfg.method} ({cfg.preset}): {counts['total'] / 1e6:.2f} M parameters; "
+    print(f"[{stage}] {cfg.method} ({cfg.preset}): {counts['total'] / 1e6:.2f} M parameters "
+          f"({counts['trainable'] / 1e6:.2f} M trainable); "
           f"subjects {plan.info.subjects}; {plan.train_rows} train trials; {cfg.scaling.num_workers} workers x "
           f"{plan.steps_per_epoch} steps/epoch x {cfg.optim.epochs} epochs; ZeRO-{cfg.deepspeed.zero_stage}; "
           "targets " + ", ".join(f"{k}={t['encoder']} ({t['source']})" for k, t in plan.targets.items()))
@@ -189,6 +196,16 @@ def run_training(cfg: TrainConfig, stage: str = "pretrain") -> StageResult:
 
         init_ray(cfg.ray_address)
         _check_cluster_fits(cfg, selection)
+        stats_uri = None
+        if spec.statistics(plan.method_config):  # e.g. Duala's source statistics, once per pretrained checkpoint
+            from raydecode.data.stats import run_class_statistics
+
+            st = run_class_statistics(cfg.store, cfg.init_from, spec.statistics(plan.method_config), s3=cfg.s3,
+                                      cpus=cfg.data.read_cpus)
+            stats_uri = st.uri
+            mlflow.set_tag("raydecode.stats_uri", st.uri)
+            print(f"[{stage}] class statistics of {cfg.init_from}: {st.status} {st.uri} "
+                  f"({st.info['trials']} trials of subjects {st.info['subjects']}, {st.seconds:.1f} s)")
         # a dataset snapshots the context it is created in and carries it to the split coordinator and the
         # workers, whose progress bars would reach the driver as a line per refresh (workers log one per epoch)
         data_ctx = DataContext.get_current()
@@ -203,7 +220,7 @@ def run_training(cfg: TrainConfig, stage: str = "pretrain") -> StageResult:
         payload = {
             "cfg": cfg.model_dump(mode="json"), "method_config": plan.method_config.model_dump(mode="json"),
             "info": plan.info.to_dict(), "targets": plan.targets, "steps_per_epoch": plan.steps_per_epoch,
-            "final_uri": plan.final_uri, "init_state_uri": plan.init_state_uri,
+            "final_uri": plan.final_uri, "init_state_uri": plan.init_state_uri, "stats_uri": stats_uri,
             "tracking_uri": tracking_uri, "run_id": run_id,
         }
         resources = {"CPU": cfg.scaling.cpus_per_worker, **({"GPU": 1} if cfg.scaling.use_gpu else {})}

@@ -223,7 +223,12 @@ def train_loop_per_worker(payload: dict) -> None:
         state = load_state(payload["init_state_uri"], cfg.s3)
         fresh = spec.load_pretrained(model, state) if spec.load_pretrained else model.load_state_dict(state)
         if rank == 0:
-            log.info(f"initialised from {payload['init_state_uri']}; left at init: {fresh}")
+            shown = fresh if len(fresh) <= 8 else fresh[:8] + [f"... {len(fresh) - 8} more"]
+            log.info(f"initialised from {payload['init_state_uri']}; left at init: {shown}")
+    if payload.get("stats_uri"):
+        from raydecode.data.stats import load_stats
+
+        spec.attach_statistics(model, load_stats(payload["stats_uri"], cfg.s3)[0])
     optimizer = torch.optim.AdamW(spec.param_groups(model, mcfg, cfg.optim.weight_decay), lr=cfg.optim.lr)
     # the engine steps the schedule and keeps its state in its checkpoints
     engine, optimizer, _, scheduler = deepspeed.initialize(
