@@ -14,7 +14,7 @@ import time
 
 from raydecode.config import DemoConfig, IngestSyntheticConfig, InfoConfig, load_config
 from raydecode.errors import UserError
-from raydecode.report import StageResult
+from raydecode.report import StageResult, table
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -118,6 +118,31 @@ def stage_pretrain(args) -> StageResult:
     return run_training(cfg, stage="pretrain")
 
 
+def stage_sweep(args) -> StageResult:
+    from raydecode.config import SweepConfig
+    from raydecode.tune import run_sweep
+
+    cfg = load_config(SweepConfig, args.config, args.overrides)
+    return run_sweep(cfg)
+
+
+def stage_promote(args) -> StageResult:
+    from raydecode import tracking
+    from raydecode.config import StageConfig
+
+    cfg = load_config(StageConfig, args.config, args.overrides)
+    tracking.configure(cfg)
+    d = tracking.promote(args.model, args.version)
+    champ = d.champion
+    print(table(["", "version", d.candidate["metric"] or "metric", d.candidate["tie_break"] or "tie-break", "test set"],
+                [["candidate", d.version, d.candidate["value"], d.candidate["tie_value"], d.candidate["test_set"]]]
+                + ([["champion (before)", champ["version"], champ["value"], champ["tie_value"], champ["test_set"]]]
+                   if champ else [])))
+    print(f"\n{d.name} v{d.version} -> {d.alias}: {d.reason}")
+    return StageResult(stage="promote", status="ok", metrics={},
+                       artifacts={"model": f"models:/{d.name}/{d.version}", "alias": d.alias, "reason": d.reason})
+
+
 def stage_model_info(args) -> StageResult:
     import json
 
@@ -182,6 +207,17 @@ def build_parser() -> argparse.ArgumentParser:
                               "init_from, fine-tuning); tracked in MLflow")
     _common(pretrain)
     pretrain.set_defaults(func=stage_pretrain)
+
+    sweep = sub.add_parser("sweep", help="per-subject adaptations x a search space on Ray Tune; one MLflow child run "
+                           "per trial; the best per subject registered and gated")
+    _common(sweep)
+    sweep.set_defaults(func=stage_sweep)
+
+    promote = sub.add_parser("promote", help="apply the champion gate to a registered model version by hand")
+    promote.add_argument("--model", required=True, help="registered model name, e.g. raydecode-duala-subj08")
+    promote.add_argument("--version", required=True)
+    _common(promote)
+    promote.set_defaults(func=stage_promote)
 
     minfo = sub.add_parser("model-info", help="parameters per module, total and trainable (paper presets on the "
                            "meta device: no memory)")

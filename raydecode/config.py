@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from raydecode.data.pipeline import DataSelection
 from raydecode.errors import ConfigError
@@ -250,3 +250,51 @@ class TrainConfig(StageConfig):
     def storage_path(self) -> str:
         return self.checkpoint.storage_path or os.path.abspath(os.path.join(self.workdir, "runs"))
 
+
+
+class ParamSpace(BaseModel):
+    """One swept key: exactly one of ``grid`` (every value), ``choice`` (sampled), ``uniform`` / ``loguniform``
+    ([low, high], sampled)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    grid: list[Any] | None = None
+    choice: list[Any] | None = None
+    uniform: tuple[float, float] | None = None
+    loguniform: tuple[float, float] | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> "ParamSpace":
+        given = [k for k in ("grid", "choice", "uniform", "loguniform") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of grid, choice, uniform, loguniform (got {', '.join(given) or 'none'})")
+        return self
+
+
+class AshaConfig(BaseModel):
+    """ASHA early stopping on the selection metric, one rung per ``grace_period`` x ``reduction_factor``^k epochs."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    grace_period: int = Field(2, ge=1, description="epochs every trial runs before it can be stopped")
+    reduction_factor: int = Field(2, ge=2)
+
+
+class SweepConfig(TrainConfig):
+    """``raydecode sweep``: per-subject adaptations x a search space, on Ray Tune; every trial is a training run
+    (the ``pretrain`` stage's keys are the base of every trial) and an MLflow child run of the sweep's run."""
+
+    run_name: str | None = "sweep"
+    method: str = "duala"
+    subjects: list[int] = Field(default_factory=lambda: [8], description="new subjects, each adapted on its own")
+    space: dict[str, ParamSpace] = Field(default_factory=dict,
+                                         description="dotted trial-config keys (model.margin, optim.lr, ...) -> values")
+    search: Literal["grid", "random", "optuna"] = Field(
+        "grid", description="grid/random: Tune's variant generator (num_samples draws of sampled keys); "
+                            "optuna: OptunaSearch (pip install optuna), one search per subject")
+    num_samples: int = Field(1, ge=1)
+    asha: AshaConfig | None = None
+    max_concurrent_trials: int | None = Field(None, ge=1, description="default: as many as the cluster's CPUs fit")
+    metric: str = Field("retrieval.image_to_brain_top1", description="selects the best trial per subject")
+    tie_break: str = "retrieval.brain_to_image_top1"
+    promote: bool = Field(True, description="register the best trial per subject and apply the champion gate")

@@ -82,7 +82,21 @@ def run_demo(cfg: DemoConfig) -> StageResult:
                   f"{fm['retrieval.image_to_brain_top1']:.2f} (chance {fm['retrieval.chance']:.3f})",
                   f"{time.time() - t4:.1f}"])
 
+    t5 = time.time()
+    print("\n== 6. Duala on subject 8: a Ray Tune sweep over the triplet margin, best trial registered and gated")
+    from raydecode.tune import run_sweep
+
+    sw = run_sweep(demo_sweep_config(cfg, pre.artifacts["checkpoint"]))
+    promoted = {k: v for k, v in sw.artifacts.items() if k.startswith("raydecode-")}
+    best = max((v for k, v in sw.metrics.items() if k.startswith("best.")), default=float("nan"))
+    steps.append(["sweep", sw.status, f"{int(sw.metrics['trials_ok'])}/{int(sw.metrics['trials'])} trials ok, best "
+                  f"image->brain top-1 {best:.2f}; " + ", ".join(f"{k}: {v.split()[-1].strip('()')}"
+                                                                 for k, v in promoted.items()),
+                  f"{time.time() - t5:.1f}"])
+
     print("\n" + table(["step", "status", "what", "seconds"], steps))
+    if promoted:
+        print("\npromoted models: " + "; ".join(f"{v}" for v in promoted.values()))
     print(f"\nMLflow: mlflow ui --backend-store-uri {cfg.resolved_tracking_uri()}")
     return StageResult(
         stage="demo",
@@ -91,9 +105,10 @@ def run_demo(cfg: DemoConfig) -> StageResult:
         metrics={"train_rows_session1": n_train, "test_rows_averaged": n_test, "problems": len(problems),
                  **{f"pretrain.{k}": v for k, v in pm.items() if k.startswith("retrieval.")},
                  **{f"finetune.{k}": v for k, v in fm.items() if k.startswith("retrieval.")},
+                 **{f"sweep.{k}": v for k, v in sw.metrics.items() if k != "seconds"},
                  "seconds": round(time.time() - t0, 2)},
         artifacts={"store": store.uri, "pretrained": pre.artifacts["checkpoint"],
-                   "finetuned": ft.artifacts["checkpoint"]},
+                   "finetuned": ft.artifacts["checkpoint"], "sweep_run": sw.artifacts["mlflow_run"], **promoted},
     )
 
 
@@ -115,4 +130,18 @@ def demo_train_config(cfg: DemoConfig, which: str, init_from: str | None = None)
     return TrainConfig.model_validate({
         **common, "run_name": "finetune-demo-subj08", "init_from": init_from,
         "data": {**data, "subjects": [8], "sessions": [1]},
-        "optim": {"epochs": 10, "batch_size": 16, "lr": 1e-3}, "checkpoint": {"max_failures": 1, "every_epochs": 5}})
+        "optim": {"epochs": 6, "batch_size": 16, "lr": 1e-3}, "checkpoint": {"max_failures": 1, "every_epochs": 3}})
+
+
+def demo_sweep_config(cfg: DemoConfig, init_from: str):
+    """The embedded twin of jobs/sweep.yaml: Duala on subject 8, session 1, margin 0.1 vs 0.3."""
+    from raydecode.config import SweepConfig
+
+    return SweepConfig.model_validate({
+        "store": cfg.store, "workdir": cfg.workdir, "tracking_uri": cfg.tracking_uri, "s3": cfg.s3.model_dump(),
+        "run_name": "sweep-demo", "method": "duala", "preset": cfg.preset, "init_from": init_from, "subjects": [8],
+        "space": {"model.margin": {"grid": [0.1, 0.3]}, "model.lambda_rc": {"grid": [0.1]}},
+        "data": {"sessions": [1], "read_cpus": 0.25, "lookup_cpus": 0.25},
+        "optim": {"epochs": 5, "batch_size": 10, "lr": 1e-3},
+        "scaling": {"num_workers": 1, "cpus_per_worker": 0.25}, "deepspeed": {"zero_stage": 0},
+        "checkpoint": {"every_epochs": 5}})

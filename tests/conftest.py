@@ -1,4 +1,5 @@
-"""Shared fixtures: a tiny synthetic store, a local Ray cluster, a moto S3 server on 127.0.0.1."""
+"""Shared fixtures: a tiny synthetic store, a local Ray cluster, a moto S3 server on 127.0.0.1, a pretrained
+tiny MindEye2 (the start of every fine-tune, adaptation and sweep test)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from raydecode.config import TrainConfig
 from raydecode.data.ingest import run_ingest, synthetic_plan
 from raydecode.storage import S3Options
 
@@ -77,3 +79,43 @@ def run_cli(*args: str, env: dict | None = None, cwd: str | None = None) -> subp
     full_env = {**os.environ, **(env or {})}
     exe = Path(sys.executable).with_name("raydecode")
     return subprocess.run([str(exe), *args], capture_output=True, text=True, env=full_env, cwd=cwd, timeout=600)
+
+
+# -- training ------------------------------------------------------------------------------
+
+SOURCE_SUBJECTS = [1, 2, 3, 4, 5, 6]  # 7 and 8 are the new subjects
+STEPS_PER_EPOCH = 6 * 150 // 2 // 32  # tiny store: 150 train trials per subject; 2 workers; batch 32
+
+
+def tiny_config(store: str, workdir: Path, run_name: str, **over) -> TrainConfig:
+    base = {
+        "store": store, "workdir": str(workdir), "run_name": run_name, "preset": "tiny",
+        "data": {"subjects": SOURCE_SUBJECTS, "categories": False, "read_cpus": 0.25, "lookup_cpus": 0.25},
+        "optim": {"epochs": 6, "batch_size": 32, "lr": 1e-3},
+        "scaling": {"num_workers": 2, "cpus_per_worker": 0.25},
+        "deepspeed": {"zero_stage": 2},
+    }
+    for key, value in over.items():
+        if isinstance(value, dict):
+            base[key] = {**base.get(key, {}), **value}
+        else:
+            base[key] = value
+    return TrainConfig.model_validate(base)
+
+
+def metric_history(cfg: TrainConfig, run_id: str, key: str) -> list[tuple[int, float]]:
+    from mlflow.tracking import MlflowClient
+
+    return [(m.step, m.value) for m in MlflowClient(cfg.resolved_tracking_uri()).get_metric_history(run_id, key)]
+
+
+@pytest.fixture(scope="session")
+def pretrained(tiny_store, ray_local, tmp_path_factory):
+    """Pretrain on the 6 source subjects: 2 workers, ZeRO-2, 6 epochs of 14 steps. Rank 1 is killed in
+    epoch 2 (after the epoch-1 checkpoint, max_failures=1): the group must resume, not start over."""
+    work = tmp_path_factory.mktemp("pretrain")
+    cfg = tiny_config(tiny_store, work, "pretrain-tiny", checkpoint={"max_failures": 1},
+                      fault_injection={"rank": 1, "at_step": STEPS_PER_EPOCH + 3, "marker": str(work / "killed")})
+    from raydecode.train.launch import run_training
+
+    return cfg, run_training(cfg)

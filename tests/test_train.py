@@ -15,40 +15,7 @@ from raydecode.config import TrainConfig
 from raydecode.errors import ConfigError
 from raydecode.train.launch import run_training
 
-SOURCE_SUBJECTS = [1, 2, 3, 4, 5, 6, 7]
-
-
-def tiny_config(store: str, workdir: Path, run_name: str, **over) -> TrainConfig:
-    base = {
-        "store": store, "workdir": str(workdir), "run_name": run_name, "preset": "tiny",
-        "data": {"subjects": SOURCE_SUBJECTS, "categories": False, "read_cpus": 0.25, "lookup_cpus": 0.25},
-        "optim": {"epochs": 6, "batch_size": 32, "lr": 1e-3},
-        "scaling": {"num_workers": 2, "cpus_per_worker": 0.25},
-        "deepspeed": {"zero_stage": 2},
-    }
-    for key, value in over.items():
-        if isinstance(value, dict):
-            base[key] = {**base.get(key, {}), **value}
-        else:
-            base[key] = value
-    return TrainConfig.model_validate(base)
-
-
-def metric_history(cfg: TrainConfig, run_id: str, key: str) -> list[tuple[int, float]]:
-    from mlflow.tracking import MlflowClient
-
-    return [(m.step, m.value) for m in MlflowClient(cfg.resolved_tracking_uri()).get_metric_history(run_id, key)]
-
-
-@pytest.fixture(scope="module")
-def pretrained(tiny_store, ray_local, tmp_path_factory):
-    """Pretrain on the 7 source subjects: 2 workers, ZeRO-2, 6 epochs of 16 steps. Rank 1 is killed in
-    epoch 2 (after the epoch-1 checkpoint, max_failures=1): the group must resume, not start over."""
-    work = tmp_path_factory.mktemp("pretrain")
-    cfg = tiny_config(tiny_store, work, "pretrain-tiny", checkpoint={"max_failures": 1},
-                      fault_injection={"rank": 1, "at_step": 16 + 3, "marker": str(work / "killed")})
-    return cfg, run_training(cfg)
-
+from conftest import SOURCE_SUBJECTS, STEPS_PER_EPOCH, metric_history, tiny_config
 
 def test_pretrain_learns_and_is_tracked(pretrained):
     cfg, result = pretrained
@@ -60,7 +27,7 @@ def test_pretrain_learns_and_is_tracked(pretrained):
     assert chance == pytest.approx(1 / 30)
     assert m["retrieval.brain_to_image_top1"] >= 5 * chance, m
     assert m["retrieval.image_to_brain_top1"] >= 5 * chance, m
-    assert m["step"] == 6 * (1050 // 2 // 32)
+    assert m["step"] == 6 * STEPS_PER_EPOCH
 
     from mlflow.tracking import MlflowClient
 
@@ -143,7 +110,7 @@ def test_fine_tune_from_pretrained_beats_scratch_on_one_session(pretrained, tiny
 def test_worker_failure_resumes_from_the_last_checkpoint(pretrained):
     cfg, result = pretrained
     assert Path(cfg.fault_injection.marker).exists()  # the failure happened
-    assert result.metrics["step"] == 6 * 16
+    assert result.metrics["step"] == 6 * STEPS_PER_EPOCH
     # epoch 1 was logged once: the restarted group resumed at epoch 2 instead of starting over
     assert [s for s, _ in metric_history(cfg, result.mlflow_run_id, "epoch_seconds")] == list(range(1, 7))
     files = set(os.listdir(os.path.join(result.artifacts["last_ray_checkpoint"], "state")))

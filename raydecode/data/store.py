@@ -360,6 +360,18 @@ class Store:
     def total_bytes(self) -> int:
         return sum(s.bytes for s in self.manifest.shards)
 
+    def manifest_sha256(self) -> str:
+        """Checksum of the manifest as written (changes with any shard, including added embeddings)."""
+        return hashlib.sha256(self.root.join(MANIFEST).read_bytes()).hexdigest()
+
+    def test_set_digest(self, subjects: Iterable[int]) -> str:
+        """Identity of the subjects' test trials and their images: the checksums of their trial shards and of the
+        stimulus shards. Two evaluations with the same digest saw the same test set."""
+        subjects = sorted(subjects)
+        shards = self.manifest.shards_of("trials", subjects=subjects) + self.manifest.shards_of("stimuli")
+        digest = hashlib.sha256(json.dumps([subjects, sorted((s.path, s.sha256) for s in shards)]).encode())
+        return digest.hexdigest()[:16]
+
 
 def read_manifest(root: Location) -> Manifest | None:
     """The manifest at ``root``, or None if there is none. Invalid manifests are errors naming the field."""

@@ -146,7 +146,11 @@ def _first_failure(exc: BaseException) -> str:
     return f"{type(err).__name__}: {lines[-1][:300] if lines else ''}"
 
 
-def run_training(cfg: TrainConfig, stage: str = "pretrain") -> StageResult:
+def run_training(cfg: TrainConfig, stage: str = "pretrain", parent_run_id: str | None = None,
+                 callbacks: list | None = None) -> StageResult:
+    """One training run of ``cfg.method``: plan (store, targets, statistics), an MLflow run (a child of
+    ``parent_run_id`` for sweep trials), Ray Train + DeepSpeed workers, the consolidated checkpoint.
+    ``callbacks``: Ray Train callbacks (a sweep passes Tune's report callback)."""
     import mlflow
     import ray.train
     from ray.data import DataContext
@@ -183,7 +187,8 @@ def run_training(cfg: TrainConfig, stage: str = "pretrain") -> StageResult:
         print(f"[{stage}] run {cfg.run_name!r} exists with this config: resuming from its last checkpoint")
     tracking_uri = tracking.configure(cfg)
     exp_id = tracking.experiment(cfg.experiment)
-    run = mlflow.start_run(experiment_id=exp_id, run_name=cfg.run_name)
+    tags = {"mlflow.parentRunId": parent_run_id} if parent_run_id else None
+    run = mlflow.start_run(experiment_id=exp_id, run_name=cfg.run_name, tags=tags)
     run_id = run.info.run_id
     try:
         mlflow.log_params({k: str(v)[:500] for k, v in flatten(cfg.model_dump(mode="json")).items()})
@@ -234,6 +239,7 @@ def run_training(cfg: TrainConfig, stage: str = "pretrain") -> StageResult:
             run_config=RunConfig(
                 name=cfg.run_name, storage_path=storage_path, storage_filesystem=storage_fs,
                 failure_config=FailureConfig(max_failures=cfg.checkpoint.max_failures),
+                callbacks=callbacks,
                 checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.num_to_keep),
                 logging_config=LoggingConfig(log_level="WARNING"),  # Ray Train's per-report INFO lines
                 worker_runtime_env={"env_vars": cfg.s3.env()} if cfg.s3.env() else None,

@@ -1,0 +1,310 @@
+"""Sweeps on Ray Tune over any method's config: ``raydecode sweep --config jobs/sweep.yaml``.
+
+Every trial is one training run (:func:`~raydecode.train.launch.run_training`, the same Ray Train + DeepSpeed
+job as ``raydecode pretrain``, started from inside the Tune function as Ray Train V2 expects) for one new
+subject and one point of the search space, and an MLflow child run of the sweep's parent run. Ray Train's
+per-epoch reports reach Tune (``TuneReportCallback``), so ASHA can stop weak trials early.
+
+After the trials: a results table (``results.csv`` and ``results.png`` on the parent run), the best trial per
+subject by ``metric`` (``tie_break`` second), and, with ``promote``, its model registered as
+``raydecode-<method>-subjNN`` and passed through the champion gate (:func:`raydecode.tracking.promote`).
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import math
+import os
+import tempfile
+import time
+from typing import Any
+
+from raydecode.config import SweepConfig, TrainConfig
+from raydecode.errors import ConfigError
+from raydecode.report import StageResult, table
+
+SWEEP_ONLY = set(SweepConfig.model_fields) - set(TrainConfig.model_fields)
+SUBJECT = "subject"
+
+
+def _set_dotted(d: dict, key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = d
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"space key {key!r}: {part!r} is not a section of the training config")
+    if isinstance(value, dict) and isinstance(node.get(parts[-1]), dict):
+        node[parts[-1]] = {**node[parts[-1]], **value}  # a grid of settings, e.g. model: [{ssp: false, sdp: false}]
+    else:
+        node[parts[-1]] = value
+
+
+def trial_config(base: dict, params: dict, name: str) -> TrainConfig:
+    """The training config of one trial: ``base`` (the sweep config without its sweep keys) with the trial's
+    subject and sampled values set."""
+    d = copy.deepcopy(base)
+    d.setdefault("data", {})["subjects"] = [int(params[SUBJECT])]
+    for key, value in params.items():
+        if key != SUBJECT:
+            _set_dotted(d, key, value)
+    d["run_name"] = name
+    return TrainConfig.model_validate(d)
+
+
+def _first_values(cfg: SweepConfig) -> dict:
+    out: dict[str, Any] = {SUBJECT: cfg.subjects[0]}
+    for key, p in cfg.space.items():
+        out[key] = (p.grid or p.choice or [None])[0] if (p.grid or p.choice) else (p.uniform or p.loguniform)[0]
+    return out
+
+
+def check_sweep(cfg: SweepConfig) -> dict:
+    """Validate what every trial will use before anything starts: the space's keys, the method config they
+    reach, the search algorithm. Returns the base trial config (a dict)."""
+    from raydecode.methods.base import get_method
+
+    if not cfg.subjects:
+        raise ConfigError("subjects: give at least one new subject to adapt")
+    if cfg.search == "optuna":
+        try:
+            import optuna  # noqa: F401
+        except ImportError:
+            raise ConfigError("search 'optuna' needs optuna: pip install optuna (or use search: grid)") from None
+    if cfg.search != "optuna" and any(p.uniform or p.loguniform for p in cfg.space.values()) and cfg.num_samples == 1:
+        print("[sweep] note: sampled keys with num_samples 1 draw one value per grid point")
+    for key in cfg.space:
+        if key.split(".")[0] not in TrainConfig.model_fields:
+            raise ConfigError(f"space key {key!r}: {key.split('.')[0]!r} is not a key of the training config "
+                              f"(allowed: {', '.join(sorted(TrainConfig.model_fields))})")
+    from raydecode.train.launch import plan_training
+
+    base = cfg.model_dump(mode="json", exclude=SWEEP_ONLY)
+    for subject in cfg.subjects:  # store, subject, sessions, batch size, init_from: as each trial will see them
+        probe = trial_config(base, {**_first_values(cfg), SUBJECT: subject}, "probe")
+        get_method(probe.method).config(probe.preset, probe.model)  # unknown model keys fail here, by name
+        plan_training(probe)
+    return base
+
+
+def _param_space(cfg: SweepConfig) -> dict:
+    from ray import tune
+
+    space: dict[str, Any] = {}
+    for key, p in cfg.space.items():
+        if p.grid is not None:
+            space[key] = tune.grid_search(p.grid)
+        elif p.choice is not None:
+            space[key] = tune.choice(p.choice)
+        elif p.uniform is not None:
+            space[key] = tune.uniform(*p.uniform)
+        else:
+            space[key] = tune.loguniform(*p.loguniform)
+    return space
+
+
+def _trial(params: dict, base: dict, sweep: str, parent_run_id: str) -> None:
+    """The Tune function: one training run, Ray Train's epoch reports forwarded to Tune, then a final report
+    carrying the run's ids."""
+    from ray import tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from raydecode.train.launch import run_training
+
+    trial_id = tune.get_context().get_trial_id()
+    name = f"{sweep}-subj{int(params[SUBJECT]):02d}-{trial_id.split('_')[-1]}"
+    cfg = trial_config(base, params, name)
+    res = run_training(cfg, stage="trial", parent_run_id=parent_run_id, callbacks=[TuneReportCallback()])
+    final = {k: float(v) for k, v in res.metrics.items() if isinstance(v, (int, float))}
+    tune.report({**final, "trial_run_name": name, "mlflow_run_id": res.mlflow_run_id,
+                 "checkpoint_uri": res.artifacts["checkpoint"], "finished": 1})
+
+
+def _concurrency(cfg: SweepConfig) -> int:
+    """Trials that fit side by side: train workers + the Ray Data actors per trial, one CPU kept for file listing."""
+    import ray
+
+    if cfg.max_concurrent_trials:
+        return cfg.max_concurrent_trials
+    cpus = ray.cluster_resources().get("CPU", 1.0)
+    gpus = ray.cluster_resources().get("GPU", 0.0)
+    per_trial = cfg.scaling.num_workers * cfg.scaling.cpus_per_worker + cfg.data.lookup_cpus + cfg.data.read_cpus
+    fit = int((cpus - 1.0) // per_trial) if per_trial > 0 else 1
+    if cfg.scaling.use_gpu:
+        fit = min(fit, int(gpus // cfg.scaling.num_workers))
+    return max(1, fit)
+
+
+def _tuners(cfg: SweepConfig, base: dict, parent_run_id: str, storage: tuple[str, Any]) -> list:
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+
+    trainable = tune.with_resources(
+        tune.with_parameters(_trial, base=base, sweep=cfg.run_name or "sweep", parent_run_id=parent_run_id),
+        {"CPU": 0})  # the trial's Ray Train run reserves its own workers
+    scheduler = None
+    if cfg.asha:
+        scheduler = ASHAScheduler(metric=cfg.metric, mode="max", time_attr="training_iteration",
+                                  max_t=cfg.optim.epochs, grace_period=cfg.asha.grace_period,
+                                  reduction_factor=cfg.asha.reduction_factor)
+    run_config = tune.RunConfig(name=f"{cfg.run_name or 'sweep'}-{time.strftime('%Y%m%d-%H%M%S')}",
+                                storage_path=storage[0], storage_filesystem=storage[1], verbose=1)
+    concurrency = _concurrency(cfg)
+    if cfg.search == "optuna":  # a search algorithm per subject (grid_search does not mix with them)
+        from ray.tune.search.optuna import OptunaSearch
+
+        return [tune.Tuner(trainable, param_space={**_param_space(cfg), SUBJECT: s},
+                           tune_config=tune.TuneConfig(search_alg=OptunaSearch(metric=cfg.metric, mode="max"),
+                                                       scheduler=scheduler, num_samples=cfg.num_samples,
+                                                       max_concurrent_trials=concurrency),
+                           run_config=run_config)
+                for s in cfg.subjects]
+    space = {**_param_space(cfg), SUBJECT: tune.grid_search(cfg.subjects)}
+    return [tune.Tuner(trainable, param_space=space,
+                       tune_config=tune.TuneConfig(scheduler=scheduler, num_samples=cfg.num_samples,
+                                                   max_concurrent_trials=concurrency),
+                       run_config=run_config)]
+
+
+def _rows(results, cfg: SweepConfig) -> list[dict]:
+    rows = []
+    for r in results:
+        m = r.metrics or {}
+        row = {SUBJECT: int(r.config[SUBJECT]), **{k: r.config.get(k) for k in cfg.space},
+               "status": "ok" if m.get("finished") else ("error" if r.error else "stopped"),
+               cfg.metric: m.get(cfg.metric), cfg.tie_break: m.get(cfg.tie_break),
+               "epochs": m.get("epoch"), "mlflow_run_id": m.get("mlflow_run_id"),
+               "checkpoint_uri": m.get("checkpoint_uri")}
+        if r.error:
+            row["error"] = str(r.error).strip().splitlines()[-1][:200]
+        rows.append(row)
+    return sorted(rows, key=lambda r: (r[SUBJECT], -(r[cfg.metric] or -1)))
+
+
+def best_per_subject(rows: list[dict], metric: str, tie_break: str) -> dict[int, dict]:
+    best: dict[int, dict] = {}
+    for row in rows:
+        if row["status"] != "ok" or row.get(metric) is None:
+            continue
+        key = (row[metric], row.get(tie_break) or -math.inf)
+        cur = best.get(row[SUBJECT])
+        if cur is None or key > (cur[metric], cur.get(tie_break) or -math.inf):
+            best[row[SUBJECT]] = row
+    return best
+
+
+def _plot(rows: list[dict], cfg: SweepConfig, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    subjects = sorted({r[SUBJECT] for r in rows})
+    fig, axes = plt.subplots(1, len(subjects), figsize=(4 * len(subjects), 3.2), squeeze=False)
+    for ax, s in zip(axes[0], subjects):
+        mine = [r for r in rows if r[SUBJECT] == s]
+        labels = ["\n".join(f"{k.split('.')[-1]}={r[k]:.3g}" if isinstance(r[k], float) else f"{k.split('.')[-1]}={r[k]}"
+                            for k in cfg.space) or r["status"] for r in mine]
+        values = [r[cfg.metric] or 0 for r in mine]
+        ax.bar(range(len(mine)), values, color=["C0" if r["status"] == "ok" else "C7" for r in mine])
+        ax.set_xticks(range(len(mine)), labels, fontsize=7)
+        ax.set_title(f"subject {s}")
+        ax.set_ylabel(cfg.metric.split(".")[-1])
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def run_sweep(cfg: SweepConfig) -> StageResult:
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from raydecode import tracking
+    from raydecode.data.store import open_store
+    from raydecode.demo import init_ray
+    from raydecode.storage import train_storage
+    from raydecode.train.launch import _absolute, flatten
+
+    t0 = time.time()
+    cfg = cfg.model_copy(update={"store": _absolute(cfg.store), "workdir": os.path.abspath(cfg.workdir),
+                                 "init_from": _absolute(cfg.init_from) if cfg.init_from else None})
+    base = check_sweep(cfg)
+    store = open_store(cfg.store, cfg.s3)
+    tracking_uri = tracking.configure(cfg)
+    exp_id = tracking.experiment(cfg.experiment)
+    parent = mlflow.start_run(experiment_id=exp_id, run_name=cfg.run_name)
+    parent_id = parent.info.run_id
+    try:
+        mlflow.log_params({k: str(v)[:500] for k, v in flatten(cfg.model_dump(mode="json", exclude={"space"})).items()})
+        mlflow.log_params({f"space.{k}": str(v.model_dump(exclude_none=True))[:500] for k, v in cfg.space.items()})
+        mlflow.set_tags({"raydecode.stage": "sweep", "raydecode.method": cfg.method, "raydecode.store": cfg.store})
+        init_ray(cfg.ray_address)
+        _shared_statistics(cfg, base)
+        tuners = _tuners(cfg, base, parent_id, train_storage(os.path.join(cfg.storage_path(), "tune"), cfg.s3))
+        n_trials = len(cfg.subjects) * cfg.num_samples * math.prod(len(p.grid) for p in cfg.space.values() if p.grid)
+        print(f"[sweep] {cfg.method} on subjects {cfg.subjects}: {n_trials} trials, "
+              f"{_concurrency(cfg)} at a time; parent run {parent_id}")
+        results = [r for tuner in tuners for r in tuner.fit()]
+        rows = _rows(results, cfg)
+        client = MlflowClient()
+        for run in client.search_runs([exp_id], f"tags.mlflow.parentRunId = '{parent_id}'"):
+            if run.info.status == "RUNNING":  # stopped by ASHA mid-run
+                client.set_terminated(run.info.run_id, "KILLED")
+        best = best_per_subject(rows, cfg.metric, cfg.tie_break)
+        with tempfile.TemporaryDirectory() as tmp:
+            with open(os.path.join(tmp, "results.csv"), "w", newline="") as f:
+                keys = list(dict.fromkeys(k for r in rows for k in r))
+                w = csv.DictWriter(f, fieldnames=keys)
+                w.writeheader()
+                w.writerows(rows)
+            _plot(rows, cfg, os.path.join(tmp, "results.png"))
+            mlflow.log_artifacts(tmp)
+        for s, row in best.items():
+            mlflow.log_metric(f"best.subj{s:02d}.{cfg.metric}", row[cfg.metric])
+
+        decisions = []
+        if cfg.promote:
+            for s, row in sorted(best.items()):
+                decisions.append(tracking.register_run(
+                    row["mlflow_run_id"], row["checkpoint_uri"], _final_metrics(client, row["mlflow_run_id"]),
+                    cfg.metric, cfg.tie_break, store.test_set_digest([s]), store.manifest_sha256(),
+                    extra_tags={"raydecode.sweep_run_id": parent_id, "raydecode.subject": s}, s3=cfg.s3))
+    except BaseException:
+        mlflow.end_run(status="FAILED")
+        raise
+    mlflow.end_run()
+
+    short = {k: k.split(".")[-1] for k in cfg.space}
+    print("\n" + table([SUBJECT, *short.values(), "status", cfg.metric.split(".")[-1], "run"],
+                       [[r[SUBJECT], *[f"{r[k]:.4g}" if isinstance(r[k], float) else r[k] for k in short],
+                         r["status"], "-" if r[cfg.metric] is None else f"{r[cfg.metric]:.3f}",
+                         (r["mlflow_run_id"] or "")[:8]] for r in rows]))
+    if decisions:
+        print("\n" + table(["model", "version", "alias", "why"],
+                           [[d.name, d.version, d.alias, d.reason] for d in decisions]))
+    print(f"\nsweep run {parent_id} ({tracking_uri})")
+    metrics: dict[str, float] = {"trials": len(rows), "trials_ok": sum(r["status"] == "ok" for r in rows),
+                                 "seconds": round(time.time() - t0, 1)}
+    metrics.update({f"best.subj{s:02d}.{cfg.metric}": row[cfg.metric] for s, row in best.items()})
+    artifacts = {"mlflow_run": f"runs:/{parent_id}",
+                 **{d.name: f"models:/{d.name}/{d.version} ({d.alias})" for d in decisions}}
+    return StageResult(stage="sweep", status="ok", mlflow_run_id=parent_id, metrics=metrics, artifacts=artifacts)
+
+
+def _shared_statistics(cfg: SweepConfig, base: dict) -> None:
+    """Source statistics every trial reads: computed once here rather than raced for by the first trials."""
+    from raydecode.data.stats import run_class_statistics
+    from raydecode.methods.base import get_method
+
+    probe = trial_config(base, {SUBJECT: cfg.subjects[0]}, "probe")  # the base settings, before the space
+    spec = get_method(probe.method)
+    spaces = spec.statistics(spec.config(probe.preset, probe.model))
+    if spaces and probe.init_from:
+        st = run_class_statistics(cfg.store, probe.init_from, spaces, s3=cfg.s3, cpus=cfg.data.read_cpus)
+        print(f"[sweep] class statistics of {probe.init_from}: {st.status} {st.uri}")
+
+
+def _final_metrics(client, run_id: str) -> dict[str, float]:
+    run = client.get_run(run_id)
+    return {k[len("final."):]: v for k, v in run.data.metrics.items() if k.startswith("final.")}

@@ -1,0 +1,206 @@
+"""Duala adaptation on Ray Tune: 2 new subjects x {Duala, plain LoRA}, nested MLflow runs, the registry gate."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from raydecode.config import SweepConfig
+from raydecode.errors import ConfigError
+from raydecode.tune import run_sweep
+
+from conftest import run_cli
+
+NEW_SUBJECTS = [7, 8]
+SETTINGS = [{"ssp": True, "sdp": True}, {"ssp": False, "sdp": False}]  # Duala, plain LoRA
+
+
+def sweep_config(tiny_store, workdir, init_from, **over) -> SweepConfig:
+    base = {
+        "store": tiny_store, "workdir": str(workdir), "run_name": "sweep-tiny", "method": "duala", "preset": "tiny",
+        "init_from": init_from, "subjects": NEW_SUBJECTS,
+        "data": {"sessions": [1], "read_cpus": 0.25, "lookup_cpus": 0.25},
+        "optim": {"epochs": 6, "batch_size": 8, "lr": 1e-3},
+        "scaling": {"num_workers": 1, "cpus_per_worker": 0.25}, "deepspeed": {"zero_stage": 0},
+        "space": {"model": {"grid": SETTINGS}},
+    }
+    return SweepConfig.model_validate({**base, **over})
+
+
+@pytest.fixture(scope="module")
+def sweep(pretrained, tiny_store, tmp_path_factory):
+    _, pre = pretrained
+    cfg = sweep_config(tiny_store, tmp_path_factory.mktemp("sweep"), pre.artifacts["checkpoint"])
+    return cfg, run_sweep(cfg)
+
+
+def _client(cfg):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(cfg.resolved_tracking_uri())
+
+
+def _results(cfg, client, parent_id) -> list[dict]:
+    path = client.download_artifacts(parent_id, "results.csv", str(cfg.workdir))
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def test_sweep_leaves_one_parent_run_and_a_child_run_per_trial(sweep):
+    cfg, result = sweep
+    client = _client(cfg)
+    exp = client.get_experiment_by_name(cfg.experiment)
+    parents = client.search_runs([exp.experiment_id], "tags.`raydecode.stage` = 'sweep'")
+    assert [p.info.run_id for p in parents] == [result.mlflow_run_id]
+    children = client.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{result.mlflow_run_id}'")
+    assert len(children) == 4 and all(c.info.status == "FINISHED" for c in children)
+    seen = {(c.data.params["data.subjects"], c.data.params["model.ssp"], c.data.params["model.sdp"]) for c in children}
+    assert seen == {(str([s]), str(v["ssp"]), str(v["sdp"])) for s in NEW_SUBJECTS for v in SETTINGS}
+    for child in children:  # per-epoch metrics of every trial
+        history = client.get_metric_history(child.info.run_id, cfg.metric)
+        assert [m.step for m in history] == list(range(1, cfg.optim.epochs + 1))
+    arts = {a.path for a in client.list_artifacts(result.mlflow_run_id)}
+    assert {"results.csv", "results.png"} <= arts
+    rows = _results(cfg, client, result.mlflow_run_id)
+    assert len(rows) == 4 and {r["status"] for r in rows} == {"ok"}
+    assert result.metrics["trials_ok"] == 4
+
+
+def test_one_champion_per_subject_chosen_by_image_to_brain_retrieval(sweep):
+    cfg, result = sweep
+    client = _client(cfg)
+    rows = _results(cfg, client, result.mlflow_run_id)
+    for s in NEW_SUBJECTS:
+        mine = [r for r in rows if int(r["subject"]) == s]
+        best = max(mine, key=lambda r: (float(r[cfg.metric]), float(r[cfg.tie_break])))
+        champion = client.get_model_version_by_alias(f"raydecode-duala-subj{s:02d}", "champion")
+        assert champion.run_id == best["mlflow_run_id"]
+        tags = champion.tags
+        assert tags["raydecode.sweep_run_id"] == result.mlflow_run_id
+        assert float(tags[f"metric.{cfg.metric}"]) == pytest.approx(float(best[cfg.metric]), abs=1e-4)
+        assert len(tags["raydecode.store_manifest_sha256"]) == 64 and tags["raydecode.test_set"]
+        assert tags["raydecode.decision"].startswith("champion")
+
+
+def _untrained_baseline(cfg, subject: int) -> dict:
+    """The pretrained model with the new subject's ridge map at initialisation: what adaptation starts from."""
+    from raydecode.data.encoders import FrozenEncoder, TargetCache, encoder_config
+    from raydecode.data.pipeline import DataSelection, read_split
+    from raydecode.data.store import open_store
+    from raydecode.evaluate.retrieval import retrieval_top1
+    from raydecode.methods.base import DatasetInfo, get_method
+    from raydecode.train.checkpoint import load_state
+    from raydecode.train.loop import collate
+
+    spec = get_method("duala")
+    mcfg = spec.config("tiny")
+    store = open_store(cfg.store)
+    torch.manual_seed(0)
+    model = spec.build_model(mcfg, DatasetInfo([subject], {subject: store.manifest.subject(subject).voxels}))
+    spec.load_pretrained(model, load_state(cfg.init_from))
+    test = collate(read_split(cfg.store, "test", DataSelection(subjects=[subject], images=True, categories=False)))
+    cache = TargetCache({k: FrozenEncoder(encoder_config(v)) for k, v in spec.targets(mcfg).items()})
+    test.update(cache(test["image_id"], test.pop("image")))
+    with torch.no_grad():
+        pred = spec.predict(model.eval(), test)
+    return retrieval_top1(pred["brain"], pred["image"], test["subject"].numpy())
+
+
+def test_duala_and_plain_lora_both_beat_the_untrained_new_subject(sweep, capsys):
+    cfg, result = sweep
+    rows = _results(cfg, _client(cfg), result.mlflow_run_id)
+    report = []
+    for s in NEW_SUBJECTS:
+        base = _untrained_baseline(cfg, s)
+        for r in (r for r in rows if int(r["subject"]) == s):
+            kind = "duala" if r["model"].find("'ssp': True") >= 0 or r["model"].find('"ssp": true') >= 0 else "lora"
+            got = float(r[cfg.metric])
+            report.append((s, kind, got, float(r[cfg.tie_break]), base["image_to_brain_top1"]))
+            assert got >= base["image_to_brain_top1"] + 0.1, (s, kind, got, base)
+    with capsys.disabled():
+        print("\nsubject method i2b b2i untrained-i2b")
+        for line in report:
+            print(*[f"{v:.3f}" if isinstance(v, float) else v for v in line])
+
+
+def test_the_champion_gate(sweep):
+    """A worse candidate does not take champion; a better one does; `raydecode promote` applies the same gate."""
+    from raydecode import tracking
+    from raydecode.data.store import open_store
+
+    cfg, result = sweep
+    client = _client(cfg)
+    tracking.configure(cfg)
+    rows = [r for r in _results(cfg, client, result.mlflow_run_id) if int(r["subject"]) == 8]
+    worse, better = sorted(rows, key=lambda r: (float(r[cfg.metric]), float(r[cfg.tie_break])))
+    assert float(worse[cfg.metric]) < float(better[cfg.metric]), rows  # the gate needs two distinct values
+    store = open_store(cfg.store)
+    evidence = dict(metric=cfg.metric, tie_break=cfg.tie_break, test_set=store.test_set_digest([8]),
+                    manifest_sha256=store.manifest_sha256(), name="gate-subj08")
+
+    def register(row):
+        metrics = {k[len("final."):]: v for k, v in client.get_run(row["mlflow_run_id"]).data.metrics.items()
+                   if k.startswith("final.")}
+        return tracking.register_run(row["mlflow_run_id"], row["checkpoint_uri"], metrics, **evidence)
+
+    first = register(better)
+    assert first.alias == "champion" and first.reason == "no champion yet"
+    second = register(worse)
+    assert second.alias == "challenger" and "does not beat" in second.reason
+    assert client.get_model_version_by_alias("gate-subj08", "champion").version == first.version
+    third = register(better)
+    assert third.alias == "challenger"  # equal is not better
+
+    # by hand: the challenger is refused again; after the champion is demoted by a better-scored version, it moves
+    proc = run_cli("promote", "--model", "gate-subj08", "--version", second.version,
+                   "--set", f"workdir={cfg.workdir}")
+    assert proc.returncode == 0, proc.stderr
+    assert f"gate-subj08 v{second.version} -> challenger" in proc.stdout and "does not beat" in proc.stdout
+    client.set_model_version_tag("gate-subj08", third.version, f"metric.{cfg.metric}", "1.0")
+    proc = run_cli("promote", "--model", "gate-subj08", "--version", third.version, "--set", f"workdir={cfg.workdir}")
+    assert proc.returncode == 0 and f"-> champion" in proc.stdout, proc.stdout
+    assert client.get_model_version_by_alias("gate-subj08", "champion").version == third.version
+
+
+def test_the_registered_champion_loads_without_ray(sweep):
+    cfg, result = sweep
+    script = f"""
+import json, sys, mlflow, torch
+mlflow.set_tracking_uri({cfg.resolved_tracking_uri()!r})
+from raydecode.data.pipeline import DataSelection, read_split
+from raydecode.data.encoders import FrozenEncoder, TargetCache, encoder_config
+from raydecode.evaluate.retrieval import retrieval_top1
+model = mlflow.pyfunc.load_model("models:/raydecode-duala-subj08@champion")
+test = read_split({cfg.store!r}, "test", DataSelection(subjects=[8], images=True, categories=False))
+out = model.predict({{"betas": test["betas"], "subject": test["subject"]}})
+loaded = model.unwrap_python_model().loaded
+cache = TargetCache({{k: FrozenEncoder(encoder_config(t["encoder"])) for k, t in loaded.config["targets"].items()}})
+image = cache(torch.as_tensor(test["image_id"]), torch.as_tensor(test["image"]))["clip_tokens"]
+r = retrieval_top1(torch.as_tensor(out["brain"]), image.flatten(1), test["subject"])
+json.dump({{"retrieval": r, "ray": "ray" in sys.modules, "deepspeed": "deepspeed" in sys.modules}}, sys.stdout)
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert not out["ray"] and not out["deepspeed"]
+    champion = _client(cfg).get_model_version_by_alias("raydecode-duala-subj08", "champion")
+    assert out["retrieval"][cfg.metric.split(".")[-1]] == pytest.approx(float(champion.tags[f"metric.{cfg.metric}"]),
+                                                                         abs=0.01)
+
+
+def test_bad_sweep_configs_fail_before_any_trial(pretrained, tiny_store, tmp_path):
+    _, pre = pretrained
+    ck = pre.artifacts["checkpoint"]
+    with pytest.raises(ConfigError, match="unknown key 'marginn'"):
+        run_sweep(sweep_config(tiny_store, tmp_path, ck, space={"model.marginn": {"grid": [0.1]}}))
+    with pytest.raises(ConfigError, match="space key 'optimm.lr'"):
+        run_sweep(sweep_config(tiny_store, tmp_path, ck, space={"optimm.lr": {"grid": [0.1]}}))
+    with pytest.raises(ConfigError, match="subject 9"):
+        run_sweep(sweep_config(tiny_store, tmp_path, ck, subjects=[9]))
+    with pytest.raises(ConfigError, match="init_from"):
+        run_sweep(sweep_config(tiny_store, tmp_path, None))
