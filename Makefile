@@ -10,11 +10,13 @@ STAMP  := $(VENV)/.installed
 
 install: $(STAMP)
 
+# --compile-bytecode: every Ray worker is a fresh interpreter; with PYTHONDONTWRITEBYTECODE set (as on CI)
+# each one would otherwise recompile torch, ray and diffusers from source (~50 s per training run on 2 cores)
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	@echo "installing raydecode and its dependencies into $(VENV) (torch CUDA wheels: a few GB the first time)"
 	$(BIN)/python -m pip install -q --disable-pip-version-check uv
-	$(BIN)/uv pip install -q --python $(BIN)/python -e '.[test]' \
+	$(BIN)/uv pip install -q --compile-bytecode --python $(BIN)/python -e '.[test]' \
 		|| $(BIN)/python -m pip install -q -e '.[test]'
 	@touch $(STAMP)
 

@@ -104,21 +104,36 @@ def _param_space(cfg: SweepConfig) -> dict:
     return space
 
 
+def _train(cfg: dict, parent_run_id: str, callback) -> dict:
+    """One trial's training run, as a Ray task outside the trial's placement group (Tune captures the trial's
+    child tasks into its one-bundle group, where Ray Data's and Ray Train's own tasks and actors do not fit)."""
+    from raydecode.train.launch import run_training
+
+    res = run_training(TrainConfig.model_validate(cfg), stage="trial", parent_run_id=parent_run_id,
+                       callbacks=[callback])
+    return {"metrics": res.metrics, "run_id": res.mlflow_run_id, "checkpoint": res.artifacts["checkpoint"]}
+
+
 def _trial(params: dict, base: dict, sweep: str, parent_run_id: str) -> None:
-    """The Tune function: one training run, Ray Train's epoch reports forwarded to Tune, then a final report
-    carrying the run's ids."""
+    """The Tune function: one training run whose epoch reports reach Tune, then a final report carrying the
+    run's ids."""
+    import ray
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
-
-    from raydecode.train.launch import run_training
 
     trial_id = tune.get_context().get_trial_id()
     name = f"{sweep}-subj{int(params[SUBJECT]):02d}-{trial_id.split('_')[-1]}"
     cfg = trial_config(base, params, name)
-    res = run_training(cfg, stage="trial", parent_run_id=parent_run_id, callbacks=[TuneReportCallback()])
-    final = {k: float(v) for k, v in res.metrics.items() if isinstance(v, (int, float))}
-    tune.report({**final, "trial_run_name": name, "mlflow_run_id": res.mlflow_run_id,
-                 "checkpoint_uri": res.artifacts["checkpoint"], "finished": 1})
+    task = ray.remote(num_cpus=0, max_retries=0)(_train).options(scheduling_strategy="DEFAULT")
+    ref = task.remote(cfg.model_dump(mode="json"), parent_run_id, TuneReportCallback())
+    try:
+        out = ray.get(ref)
+    except BaseException:  # stopped by the scheduler or failed: take the training run down with the trial
+        ray.cancel(ref, force=True, recursive=True)
+        raise
+    final = {k: float(v) for k, v in out["metrics"].items() if isinstance(v, (int, float))}
+    tune.report({**final, "trial_run_name": name, "mlflow_run_id": out["run_id"],
+                 "checkpoint_uri": out["checkpoint"], "finished": 1})
 
 
 def _concurrency(cfg: SweepConfig) -> int:
@@ -142,7 +157,7 @@ def _tuners(cfg: SweepConfig, base: dict, parent_run_id: str, storage: tuple[str
 
     trainable = tune.with_resources(
         tune.with_parameters(_trial, base=base, sweep=cfg.run_name or "sweep", parent_run_id=parent_run_id),
-        {"CPU": 0})  # the trial's Ray Train run reserves its own workers
+        {"CPU": 0.01})  # a token share: the trial's Ray Train run reserves its own workers
     scheduler = None
     if cfg.asha:
         scheduler = ASHAScheduler(metric=cfg.metric, mode="max", time_attr="training_iteration",

@@ -51,6 +51,9 @@ class DataSelection(BaseModel):
     stimulus_cache_shards: int = Field(4, ge=1, description="stimulus shards each lookup actor keeps in memory")
     read_cpus: float = Field(1.0, gt=0, description="CPUs per Ray Data read/decode task")
     lookup_cpus: float = Field(0.5, gt=0, description="CPUs per stimulus-lookup actor (I/O bound)")
+    materialize: bool | None = Field(
+        None, description="training: read the selected train trials once into Ray's object store instead of "
+                          "re-reading the store every epoch (default: when their shards total under 2 GiB)")
 
 
 def betas_lengths(col: pa.ChunkedArray | pa.Array) -> np.ndarray:

@@ -39,6 +39,7 @@ class TrainPlan:
     steps_per_epoch: int
     final_uri: str
     init_state_uri: str | None
+    train_bytes: int = 0  # the selected trial shards, on disk
 
 
 def flatten(d: dict, prefix: str = "") -> dict[str, object]:
@@ -97,10 +98,12 @@ def plan_training(cfg: TrainConfig) -> TrainPlan:
         raise ConfigError(f"method {cfg.method!r} adapts a pretrained model: set init_from to a checkpoint "
                           f"(a final/ directory of a {' or '.join(spec.init_methods)} run)")
     final_uri = resolve(cfg.storage_path(), cfg.s3).join(cfg.run_name or "run", "final").uri
-    return TrainPlan(info, mcfg, targets, train_rows, steps, final_uri, init_state_uri)
+    return TrainPlan(info, mcfg, targets, train_rows, steps, final_uri, init_state_uri,
+                     sum(s.bytes for s in shards))
 
 
 RUN_FILE = "raydecode_run.json"
+MATERIALIZE_BELOW = 2 * 1024**3  # bytes of selected trial shards
 # what makes two launches under one run_name the same run (anything else may change on a resume)
 _RUN_IDENTITY = ("method", "preset", "model", "store", "data", "init_from", "optim", "scaling.num_workers",
                  "deepspeed.zero_stage")
@@ -221,6 +224,12 @@ def run_training(cfg: TrainConfig, stage: str = "pretrain", parent_run_id: str |
             test = trials_dataset(cfg.store, "test", selection.model_copy(update={"sessions": None}), cfg.s3)
         finally:
             data_ctx.enable_progress_bars = bars
+        materialize = cfg.data.materialize
+        if materialize is None:
+            materialize = plan.train_bytes < MATERIALIZE_BELOW
+        # small selections: one read, then every epoch splits blocks already in the object store (streaming
+        # re-reads the store each epoch: seconds per epoch of start-up on small data)
+        train_ds = train.dataset.materialize() if materialize else train.dataset
         storage_path, storage_fs = train_storage(cfg.storage_path(), cfg.s3)
         payload = {
             "cfg": cfg.model_dump(mode="json"), "method_config": plan.method_config.model_dump(mode="json"),
@@ -234,7 +243,7 @@ def run_training(cfg: TrainConfig, stage: str = "pretrain", parent_run_id: str |
             train_loop_config=payload,
             scaling_config=ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
                                          resources_per_worker=resources),
-            datasets={"train": train.dataset, "test": test.dataset.materialize()},
+            datasets={"train": train_ds, "test": test.dataset.materialize()},
             dataset_config=DataConfig(datasets_to_split=["train"]),
             run_config=RunConfig(
                 name=cfg.run_name, storage_path=storage_path, storage_filesystem=storage_fs,
