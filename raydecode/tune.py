@@ -137,15 +137,17 @@ def _trial(params: dict, base: dict, sweep: str, parent_run_id: str) -> None:
 
 
 def _concurrency(cfg: SweepConfig) -> int:
-    """Trials that fit side by side: train workers + the Ray Data actors per trial, one CPU kept for file listing."""
+    """Trials that fit side by side: each holds its train workers and a lookup actor; one CPU stays free for Ray
+    Data's file listing."""
     import ray
 
     if cfg.max_concurrent_trials:
         return cfg.max_concurrent_trials
     cpus = ray.cluster_resources().get("CPU", 1.0)
     gpus = ray.cluster_resources().get("GPU", 0.0)
-    per_trial = cfg.scaling.num_workers * cfg.scaling.cpus_per_worker + cfg.data.lookup_cpus + cfg.data.read_cpus
-    fit = int((cpus - 1.0) // per_trial) if per_trial > 0 else 1
+    # held for a whole trial: its workers and its stimulus-lookup actor; file listing (1 CPU) is brief and shared
+    per_trial = cfg.scaling.num_workers * cfg.scaling.cpus_per_worker + cfg.data.lookup_cpus
+    fit = int((cpus - 1.0 + 1e-9) // per_trial) if per_trial > 0 else 1
     if cfg.scaling.use_gpu:
         fit = min(fit, int(gpus // cfg.scaling.num_workers))
     return max(1, fit)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from raydecode.config import SweepConfig
-from raydecode.errors import ConfigError
+from raydecode.errors import ConfigError, StoreError
 from raydecode.tune import run_sweep
 
 from conftest import run_cli
@@ -152,7 +152,7 @@ def test_the_champion_gate(sweep):
     assert first.alias == "champion" and first.reason == "no champion yet"
     second = register(worse)
     assert second.alias == "challenger" and "does not beat" in second.reason
-    assert client.get_model_version_by_alias("gate-subj08", "champion").version == first.version
+    assert str(client.get_model_version_by_alias("gate-subj08", "champion").version) == first.version
     third = register(better)
     assert third.alias == "challenger"  # equal is not better
 
@@ -164,7 +164,7 @@ def test_the_champion_gate(sweep):
     client.set_model_version_tag("gate-subj08", third.version, f"metric.{cfg.metric}", "1.0")
     proc = run_cli("promote", "--model", "gate-subj08", "--version", third.version, "--set", f"workdir={cfg.workdir}")
     assert proc.returncode == 0 and f"-> champion" in proc.stdout, proc.stdout
-    assert client.get_model_version_by_alias("gate-subj08", "champion").version == third.version
+    assert str(client.get_model_version_by_alias("gate-subj08", "champion").version) == third.version
 
 
 def test_the_registered_champion_loads_without_ray(sweep):
@@ -200,7 +200,7 @@ def test_bad_sweep_configs_fail_before_any_trial(pretrained, tiny_store, tmp_pat
         run_sweep(sweep_config(tiny_store, tmp_path, ck, space={"model.marginn": {"grid": [0.1]}}))
     with pytest.raises(ConfigError, match="space key 'optimm.lr'"):
         run_sweep(sweep_config(tiny_store, tmp_path, ck, space={"optimm.lr": {"grid": [0.1]}}))
-    with pytest.raises(ConfigError, match="subject 9"):
+    with pytest.raises(StoreError, match="unknown subject 9"):
         run_sweep(sweep_config(tiny_store, tmp_path, ck, subjects=[9]))
     with pytest.raises(ConfigError, match="init_from"):
         run_sweep(sweep_config(tiny_store, tmp_path, None))
