@@ -219,6 +219,7 @@ class FaultInjection(BaseModel):
     rank: int = 1
     at_step: int = Field(ge=1)
     marker: str
+    delay_s: float = Field(3.0, ge=0, description="the worker dies this long after reaching at_step")
 
 
 class EvalConfig(BaseModel):

@@ -122,7 +122,7 @@ def _trial(params: dict, base: dict, sweep: str, parent_run_id: str) -> None:
     from ray.tune.integration.ray_train import TuneReportCallback
 
     trial_id = tune.get_context().get_trial_id()
-    name = f"{sweep}-subj{int(params[SUBJECT]):02d}-{trial_id.split('_')[-1]}"
+    name = f"{sweep}-subj{int(params[SUBJECT]):02d}-{trial_id.removeprefix('_trial_')}"  # unique per sweep
     cfg = trial_config(base, params, name)
     task = ray.remote(num_cpus=0, max_retries=0)(_train).options(scheduling_strategy="DEFAULT")
     ref = task.remote(cfg.model_dump(mode="json"), parent_run_id, TuneReportCallback())

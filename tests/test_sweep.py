@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,7 +16,7 @@ from raydecode.config import SweepConfig
 from raydecode.errors import ConfigError, StoreError
 from raydecode.tune import run_sweep
 
-from conftest import run_cli
+from conftest import SOURCE_SUBJECTS, run_cli
 
 NEW_SUBJECTS = [7, 8]
 SETTINGS = [{"ssp": True, "sdp": True}, {"ssp": False, "sdp": False}]  # Duala, plain LoRA
@@ -35,7 +37,9 @@ def sweep_config(tiny_store, workdir, init_from, **over) -> SweepConfig:
 @pytest.fixture(scope="module")
 def sweep(pretrained, tiny_store, tmp_path_factory):
     _, pre = pretrained
-    cfg = sweep_config(tiny_store, tmp_path_factory.mktemp("sweep"), pre.artifacts["checkpoint"])
+    work = tmp_path_factory.mktemp("sweep")
+    store = shutil.copytree(tiny_store, work / "store")  # the sweep adds the source statistics under stats/
+    cfg = sweep_config(str(store), work, pre.artifacts["checkpoint"])
     return cfg, run_sweep(cfg)
 
 
@@ -69,6 +73,12 @@ def test_sweep_leaves_one_parent_run_and_a_child_run_per_trial(sweep):
     rows = _results(cfg, client, result.mlflow_run_id)
     assert len(rows) == 4 and {r["status"] for r in rows} == {"ok"}
     assert result.metrics["trials_ok"] == 4
+    # the source statistics were computed once, over the pretrained model's subjects, under the store's stats/
+    (stats,) = (Path(cfg.store) / "stats").iterdir()
+    info = json.loads((stats / "stats.json").read_text())
+    assert stats.name.startswith("pretrain-tiny-") and info["subjects"] == SOURCE_SUBJECTS
+    assert 0.5 * 900 < info["trials"] <= 900 and info["spaces"] == ["latent", "hidden"]  # 900: trials with a class
+    assert {c.data.tags["raydecode.stats_uri"] for c in children if c.data.params["model.ssp"] == "True"} == {str(stats)}
 
 
 def test_one_champion_per_subject_chosen_by_image_to_brain_retrieval(sweep):

@@ -283,7 +283,10 @@ def train_loop_per_worker(payload: dict) -> None:
                 sums[k] = sums.get(k, 0.0) + v
             if fault and rank == fault.rank and step == fault.at_step and not os.path.exists(fault.marker):
                 open(fault.marker, "w").write(f"killed rank {rank} at step {step}\n")
-                log.info(f"fault injection: killing rank {rank} at step {step}")
+                log.info(f"fault injection: killing rank {rank} at step {step} in {fault.delay_s:g} s")
+                # Ray Train's controller records a reported checkpoint when it next polls the workers: a worker
+                # dying a moment after its report can beat that, and the group then restarts from the one before
+                time.sleep(fault.delay_s)
                 os._exit(1)
             if cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0 and i + 1 < steps_per_epoch:
                 save({"epoch": epoch, "step": step}, epoch)
