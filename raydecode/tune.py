@@ -67,11 +67,8 @@ def check_sweep(cfg: SweepConfig) -> dict:
 
     if not cfg.subjects:
         raise ConfigError("subjects: give at least one new subject to adapt")
-    if cfg.search == "optuna":
-        try:
-            import optuna  # noqa: F401
-        except ImportError:
-            raise ConfigError("search 'optuna' needs optuna: pip install optuna (or use search: grid)") from None
+    if cfg.search == "optuna" and any(p.grid is not None for p in cfg.space.values()):
+        raise ConfigError("search 'optuna' samples its space: use choice / uniform / loguniform, not grid")
     if cfg.search != "optuna" and any(p.uniform or p.loguniform for p in cfg.space.values()) and cfg.num_samples == 1:
         print("[sweep] note: sampled keys with num_samples 1 draw one value per grid point")
     for key in cfg.space:
@@ -163,7 +160,8 @@ def _tuners(cfg: SweepConfig, base: dict, parent_run_id: str, storage: tuple[str
     scheduler = None
     if cfg.asha:
         scheduler = ASHAScheduler(metric=cfg.metric, mode="max", time_attr="training_iteration",
-                                  max_t=cfg.optim.epochs, grace_period=cfg.asha.grace_period,
+                                  # one more than the epochs: the trial's final report must not count as a stop
+                                  max_t=cfg.optim.epochs + 1, grace_period=cfg.asha.grace_period,
                                   reduction_factor=cfg.asha.reduction_factor)
     run_config = tune.RunConfig(name=f"{cfg.run_name or 'sweep'}-{time.strftime('%Y%m%d-%H%M%S')}",
                                 storage_path=storage[0], storage_filesystem=storage[1], verbose=1)

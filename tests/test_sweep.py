@@ -214,3 +214,40 @@ def test_bad_sweep_configs_fail_before_any_trial(pretrained, tiny_store, tmp_pat
         run_sweep(sweep_config(tiny_store, tmp_path, ck, subjects=[9]))
     with pytest.raises(ConfigError, match="init_from"):
         run_sweep(sweep_config(tiny_store, tmp_path, None))
+
+
+def _children(cfg, parent_id):
+    client = _client(cfg)
+    exp = client.get_experiment_by_name(cfg.experiment)
+    return client.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{parent_id}'")
+
+
+def test_asha_stops_a_hopeless_trial_early(pretrained, tiny_store, tmp_path):
+    """Trials one at a time: the first (lr 1e-3) sets the bar at epoch 3; the second (lr 1e-8, no learning)
+    falls below it and is stopped there; its MLflow run is marked KILLED, and it is not registered."""
+    _, pre = pretrained
+    cfg = sweep_config(tiny_store, tmp_path, pre.artifacts["checkpoint"], subjects=[8], max_concurrent_trials=1,
+                       space={"optim.lr": {"grid": [1e-3, 1e-8]}, "model": {"grid": [{"ssp": False, "sdp": False}]}},
+                       asha={"grace_period": 3, "reduction_factor": 2}, promote=False, run_name="asha")
+    result = run_sweep(cfg)
+    rows = {float(r["optim.lr"]): r for r in _results(cfg, _client(cfg), result.mlflow_run_id)}
+    assert rows[1e-3]["status"] == "ok" and rows[1e-8]["status"] == "stopped", rows
+    assert float(rows[1e-8]["epochs"]) < cfg.optim.epochs
+    status = {c.data.params["optim.lr"]: c.info.status for c in _children(cfg, result.mlflow_run_id)}
+    assert status == {"0.001": "FINISHED", "1e-08": "KILLED"}
+
+
+def test_optuna_search_samples_the_space(pretrained, tiny_store, tmp_path):
+    _, pre = pretrained
+    cfg = sweep_config(tiny_store, tmp_path, pre.artifacts["checkpoint"], subjects=[8], search="optuna",
+                       num_samples=2, optim={"epochs": 2, "batch_size": 8, "lr": 1e-3}, promote=False,
+                       space={"model.lambda_rc": {"loguniform": [0.01, 1.0]}, "model.ssp": {"choice": [False]},
+                              "model.sdp": {"choice": [False]}}, run_name="optuna")
+    result = run_sweep(cfg)
+    rows = _results(cfg, _client(cfg), result.mlflow_run_id)
+    values = [float(r["model.lambda_rc"]) for r in rows]
+    assert len(rows) == 2 and {r["status"] for r in rows} == {"ok"}
+    assert all(0.01 <= v <= 1.0 for v in values) and values[0] != values[1]
+    with pytest.raises(ConfigError, match="not grid"):
+        run_sweep(sweep_config(tiny_store, tmp_path, pre.artifacts["checkpoint"], search="optuna"))
+

@@ -77,7 +77,7 @@ class _ClassSums:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         from raydecode.train.loop import collate
 
-        data = collate({k: batch[k] for k in ("betas", "subject")})
+        data = collate({k: np.array(batch[k]) for k in ("betas", "subject")})  # writable copies for torch
         labels = primary_category(batch["categories"])
         with torch.no_grad():
             pred = self.ck.spec.predict(self.ck.model, data)
