@@ -292,7 +292,7 @@ class SweepConfig(TrainConfig):
                                          description="dotted trial-config keys (model.margin, optim.lr, ...) -> values")
     search: Literal["grid", "random", "optuna"] = Field(
         "grid", description="grid/random: Tune's variant generator (num_samples draws of sampled keys); "
-                            "optuna: OptunaSearch (pip install optuna), one search per subject")
+                            "optuna: OptunaSearch over sampled keys (no grid), one search per subject")
     num_samples: int = Field(1, ge=1)
     asha: AshaConfig | None = None
     max_concurrent_trials: int | None = Field(None, ge=1, description="default: as many as the cluster's CPUs fit")
