@@ -67,20 +67,15 @@ def run_demo(cfg: DemoConfig) -> StageResult:
 
     t3 = time.time()
     print("\n== 4. pretrain MindEye2 on subjects 1-7 (Ray Train, DeepSpeed ZeRO-2, 2 CPU workers)")
-    pre_cfg = demo_train_config(cfg, "pretrain")
-    pre = run_training(pre_cfg, stage="pretrain")
+    pre = run_training(demo_train_config(cfg, "pretrain"), stage="pretrain")
     pm = pre.metrics
-    steps.append(["pretrain", pre.status, f"retrieval top-1 {pm['retrieval.brain_to_image_top1']:.2f} / "
-                  f"{pm['retrieval.image_to_brain_top1']:.2f} (chance {pm['retrieval.chance']:.3f})",
-                  f"{time.time() - t3:.1f}"])
+    steps.append(["pretrain", pre.status, f"retrieval top-1 {_top1(pm)}", f"{time.time() - t3:.1f}"])
 
     t4 = time.time()
     print("\n== 5. fine-tune on one session of subject 8 (MindEye2's 1-hour recipe)")
     ft = run_training(demo_train_config(cfg, "finetune", init_from=pre.artifacts["checkpoint"]), stage="finetune")
     fm = ft.metrics
-    steps.append(["finetune", ft.status, f"subject 8, session 1: top-1 {fm['retrieval.brain_to_image_top1']:.2f} / "
-                  f"{fm['retrieval.image_to_brain_top1']:.2f} (chance {fm['retrieval.chance']:.3f})",
-                  f"{time.time() - t4:.1f}"])
+    steps.append(["finetune", ft.status, f"subject 8, session 1: top-1 {_top1(fm)}", f"{time.time() - t4:.1f}"])
 
     t5 = time.time()
     print("\n== 6. Duala on subject 8: a Ray Tune sweep over the triplet margin, best trial registered and gated")
@@ -110,6 +105,11 @@ def run_demo(cfg: DemoConfig) -> StageResult:
         artifacts={"store": store.uri, "pretrained": pre.artifacts["checkpoint"],
                    "finetuned": ft.artifacts["checkpoint"], "sweep_run": sw.artifacts["mlflow_run"], **promoted},
     )
+
+
+def _top1(m: dict) -> str:
+    return (f"{m['retrieval.brain_to_image_top1']:.2f} / {m['retrieval.image_to_brain_top1']:.2f} "
+            f"(chance {m['retrieval.chance']:.3f})")
 
 
 def demo_train_config(cfg: DemoConfig, which: str, init_from: str | None = None):

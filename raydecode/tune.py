@@ -63,8 +63,6 @@ def _first_values(cfg: SweepConfig) -> dict:
 def check_sweep(cfg: SweepConfig) -> dict:
     """Validate what every trial will use before anything starts: the space's keys, the method config they
     reach, the search algorithm. Returns the base trial config (a dict)."""
-    from raydecode.methods.base import get_method
-
     if not cfg.subjects:
         raise ConfigError("subjects: give at least one new subject to adapt")
     if cfg.search == "optuna" and any(p.grid is not None for p in cfg.space.values()):
@@ -79,9 +77,8 @@ def check_sweep(cfg: SweepConfig) -> dict:
 
     base = cfg.model_dump(mode="json", exclude=SWEEP_ONLY)
     for subject in cfg.subjects:  # store, subject, sessions, batch size, init_from: as each trial will see them
-        probe = trial_config(base, {**_first_values(cfg), SUBJECT: subject}, "probe")
-        get_method(probe.method).config(probe.preset, probe.model)  # unknown model keys fail here, by name
-        plan_training(probe)
+        # unknown model keys fail here, by name, as do subjects, sessions, batch size and init_from
+        plan_training(trial_config(base, {**_first_values(cfg), SUBJECT: subject}, "probe"))
     return base
 
 
