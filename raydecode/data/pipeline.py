@@ -94,10 +94,10 @@ def _decode_betas(batch: pa.Table, width: int) -> dict[str, np.ndarray]:
 
 
 def _average_repeats(group: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """One row per (subject, image): betas averaged over repetitions (MindEye's test protocol)."""
+    """One row per (subject, image): betas (or BOLD windows) averaged over repetitions (MindEye's test protocol)."""
     out = {}
     for name, values in group.items():
-        if name == "betas":
+        if name in ("betas", "bold"):
             out[name] = values.mean(0, keepdims=True).astype(np.float32)
         elif name == "repetition":
             out[name] = np.array([len(values)], np.int8)

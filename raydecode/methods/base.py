@@ -26,6 +26,7 @@ class DatasetInfo:
     subjects: list[int]
     voxels: dict[int, int]  # voxels per subject (betas are zero-padded to max(voxels))
     n_classes: int = 80
+    tr_s: float | None = None  # repetition time of the store's time series (None: the store has none)
 
     @property
     def width(self) -> int:
@@ -33,11 +34,12 @@ class DatasetInfo:
 
     def to_dict(self) -> dict:
         return {"subjects": list(self.subjects), "voxels": {str(k): v for k, v in self.voxels.items()},
-                "n_classes": self.n_classes}
+                "n_classes": self.n_classes, "tr_s": self.tr_s}
 
     @classmethod
     def from_dict(cls, d: dict) -> "DatasetInfo":
-        return cls(list(d["subjects"]), {int(k): int(v) for k, v in d["voxels"].items()}, int(d.get("n_classes", 80)))
+        return cls(list(d["subjects"]), {int(k): int(v) for k, v in d["voxels"].items()}, int(d.get("n_classes", 80)),
+                   d.get("tr_s"))
 
 
 @dataclass(frozen=True)
@@ -69,7 +71,13 @@ class MethodSpec:
     - ``load_pretrained(model, state)``: start from the ``init_from`` checkpoint (of a method in
       ``init_methods``); returns the keys left at initialisation;
     - ``statistics(cfg)``: embedding spaces of the ``init_from`` model whose class statistics over its source
-      subjects (:mod:`raydecode.data.stats`) training needs; ``attach_statistics(model, tensors)`` hands them over.
+      subjects (:mod:`raydecode.data.stats`) training needs; ``attach_statistics(model, tensors)`` hands them over;
+    - ``windows(cfg)``: a :class:`~raydecode.data.windows.WindowConfig` for methods that read windows of the BOLD
+      time series (batches carry ``bold`` (B, T, width)) instead of betas; None for betas;
+    - ``test_metrics(model, batch)``: per-row test values (averaged over the test split every evaluation, logged as
+      ``test.<name>``), then ``summarize_test(means)`` may derive more;
+    - ``persisted_keys(model)``: the state-dict keys checkpoints hold (default all; e.g. not a frozen diffusion
+      UNet, which ``build_model`` rebuilds from its path).
     """
 
     name: str
@@ -85,6 +93,17 @@ class MethodSpec:
     init_methods: tuple[str, ...] = ()  # methods whose checkpoints ``init_from`` may name (default: its own)
     statistics: Callable[[Any], list[str]] = field(default=lambda cfg: [])
     attach_statistics: Callable[[torch.nn.Module, dict[str, torch.Tensor]], None] | None = None
+    windows: Callable[[Any], Any] = field(default=lambda cfg: None)
+    test_metrics: Callable[[Any, dict], dict[str, torch.Tensor]] | None = None
+    summarize_test: Callable[[dict[str, float]], dict[str, float]] = field(default=lambda means: means)
+    persisted_keys: Callable[[torch.nn.Module], set[str]] | None = None
+
+    def state_to_save(self, state: dict[str, torch.Tensor], model: torch.nn.Module) -> dict[str, torch.Tensor]:
+        """``state`` restricted to :attr:`persisted_keys`."""
+        if self.persisted_keys is None:
+            return state
+        keep = self.persisted_keys(model)
+        return {k: v for k, v in state.items() if k in keep}
 
     def config(self, preset: str, overrides: dict | None = None) -> BaseModel:
         if preset not in self.presets:
@@ -98,7 +117,8 @@ class MethodSpec:
 
 _REGISTRY: dict[str, MethodSpec] = {}
 # Built-in methods, imported on first lookup (nothing is imported at package import time).
-_BUILTIN = {"mindeye2": "raydecode.methods.mindeye2", "duala": "raydecode.methods.duala"}
+_BUILTIN = {"mindeye2": "raydecode.methods.mindeye2", "duala": "raydecode.methods.duala",
+            "dynadiff": "raydecode.methods.dynadiff"}
 
 
 def register(spec: MethodSpec) -> MethodSpec:

@@ -49,6 +49,18 @@ def write_consolidated(uri: str, state: dict[str, torch.Tensor], config: dict, m
     return root.uri
 
 
+def frozen_digest(state: dict[str, torch.Tensor], persisted: set[str]) -> str:
+    """sha256 of the weights a checkpoint leaves out (as fp32), by name: a loader rebuilding them from their path
+    or seed checks it got the same ones."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name in sorted(k for k in state if k not in persisted):
+        h.update(name.encode())
+        h.update(state[name].detach().float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
 def read_json(uri: str, name: str, s3: S3Options | None = None) -> dict:
     loc = resolve(uri, s3).join(name)
     if not loc.exists():
@@ -71,8 +83,23 @@ def load_consolidated(uri: str, s3: S3Options | None = None, device: str = "cpu"
     mcfg = spec.config_model(**config["model"])
     info = DatasetInfo.from_dict(config["info"])
     model = spec.build_model(mcfg, info)
+    check_rebuilt(model, spec, config, uri)
     missing, unexpected = model.load_state_dict(load_state(uri, s3), strict=False)
+    if spec.persisted_keys is not None:  # frozen weights are rebuilt, not stored
+        keep = spec.persisted_keys(model)
+        missing = [k for k in missing if k in keep]
     if missing or unexpected:
         raise StoreError(f"{uri}: checkpoint does not match method {spec.name!r} "
                          f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
     return Consolidated(model.to(device).eval(), spec, mcfg, info, config, metrics, uri)
+
+
+def check_rebuilt(model: torch.nn.Module, spec: MethodSpec, config: dict, uri: str) -> None:
+    """Refuse a model whose rebuilt frozen weights (e.g. a diffusion UNet from its path) are not those it was trained
+    with."""
+    want = config.get("frozen_sha256")
+    if want and spec.persisted_keys is not None:
+        state = model.state_dict()
+        if frozen_digest(state, spec.persisted_keys(model)) != want:
+            raise StoreError(f"{uri}: the frozen weights rebuilt from model config (e.g. model.unet / model.vae) "
+                             "differ from those this checkpoint was trained with")

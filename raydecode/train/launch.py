@@ -39,7 +39,8 @@ class TrainPlan:
     steps_per_epoch: int
     final_uri: str
     init_state_uri: str | None
-    train_bytes: int = 0  # the selected trial shards, on disk
+    train_bytes: int = 0  # the selected trial (or time-series) shards, on disk
+    window: object = None  # WindowConfig when the method reads time-series windows
 
 
 def flatten(d: dict, prefix: str = "") -> dict[str, object]:
@@ -62,22 +63,30 @@ def plan_training(cfg: TrainConfig) -> TrainPlan:
     store = open_store(cfg.store, cfg.s3)
     subjects = store.check_subjects(cfg.data.subjects)
     sessions = store.check_sessions(subjects, cfg.data.sessions)
-    info = DatasetInfo(subjects, {s: store.manifest.subject(s).voxels for s in subjects}, len(store.manifest.categories))
+    info = DatasetInfo(subjects, {s: store.manifest.subject(s).voxels for s in subjects}, len(store.manifest.categories),
+                       store.manifest.tr_s)
 
     targets = {}
     for key, name in spec.targets(mcfg).items():
         enc = encoder_config(name)
-        if name in store.manifest.embeddings:
-            targets[key] = {"encoder": name, "source": "store"}
+        if enc.name in store.manifest.embeddings:
+            targets[key] = {"encoder": enc.name, "source": "store"}
         else:
             if requires_weights(enc):
-                raise ConfigError(f"encoder {name!r} needs local weights and the store {store.uri} has no "
-                                  f"embeddings for it; run `raydecode embed --encoder {name}` first")
+                raise ConfigError(f"encoder {enc.name!r} needs local weights and the store {store.uri} has no "
+                                  f"embeddings for it; run `raydecode embed --encoder {enc.name}` first")
             targets[key] = {"encoder": name, "source": "compute"}
 
-    shards = store.manifest.shards_of("trials", subjects=subjects, sessions=sessions)
-    train_rows = sum(int(pc.sum(pc.equal(store.read_shard(s, ["split"])["split"], "train")).as_py() or 0)
-                     for s in shards)
+    window = spec.windows(mcfg)
+    if window is not None:  # windows of the BOLD time series (e.g. Dynadiff)
+        from raydecode.data.windows import count_windows
+
+        shards = store.manifest.shards_of("timeseries", subjects=subjects, sessions=sessions)
+        train_rows = count_windows(store, subjects, sessions, window, "train")
+    else:
+        shards = store.manifest.shards_of("trials", subjects=subjects, sessions=sessions)
+        train_rows = sum(int(pc.sum(pc.equal(store.read_shard(s, ["split"])["split"], "train")).as_py() or 0)
+                         for s in shards)
     per_worker = train_rows // cfg.scaling.num_workers
     steps = per_worker // cfg.optim.batch_size
     if steps < 1:
@@ -99,7 +108,7 @@ def plan_training(cfg: TrainConfig) -> TrainPlan:
                           f"(a final/ directory of a {' or '.join(spec.init_methods)} run)")
     final_uri = resolve(cfg.storage_path(), cfg.s3).join(cfg.run_name or "run", "final").uri
     return TrainPlan(info, mcfg, targets, train_rows, steps, final_uri, init_state_uri,
-                     sum(s.bytes for s in shards))
+                     sum(s.bytes for s in shards), window)
 
 
 RUN_FILE = "raydecode_run.json"
@@ -184,7 +193,9 @@ def run_training(cfg: TrainConfig, stage: str = "pretrain", parent_run_id: str |
           f"({counts['trainable'] / 1e6:.2f} M trainable); "
           f"subjects {plan.info.subjects}; {plan.train_rows} train trials; {cfg.scaling.num_workers} workers x "
           f"{plan.steps_per_epoch} steps/epoch x {cfg.optim.epochs} epochs; ZeRO-{cfg.deepspeed.zero_stage}; "
-          "targets " + ", ".join(f"{k}={t['encoder']} ({t['source']})" for k, t in plan.targets.items()))
+          "targets " + ", ".join(f"{k}={_encoder_name(t['encoder'])} ({t['source']})" for k, t in plan.targets.items())
+          + (f"; windows {plan.window.n_samples(plan.info.tr_s)} TRs from {plan.window.start_s:g} s after onset"
+             if plan.window is not None else ""))
 
     if _claim_run_name(cfg):
         print(f"[{stage}] run {cfg.run_name!r} exists with this config: resuming from its last checkpoint")
@@ -219,9 +230,17 @@ def run_training(cfg: TrainConfig, stage: str = "pretrain", parent_run_id: str |
         data_ctx = DataContext.get_current()
         bars, data_ctx.enable_progress_bars = data_ctx.enable_progress_bars, False
         try:
-            train = trials_dataset(cfg.store, "train", selection, cfg.s3)
+            if plan.window is not None:
+                from raydecode.data.windows import windows_dataset
+
+                def dataset(split, sel):
+                    return windows_dataset(cfg.store, split, plan.window, sel, cfg.s3)
+            else:
+                def dataset(split, sel):
+                    return trials_dataset(cfg.store, split, sel, cfg.s3)
+            train = dataset("train", selection)
             # the test split is every session's repetitions of the shared images, whatever sessions train on
-            test = trials_dataset(cfg.store, "test", selection.model_copy(update={"sessions": None}), cfg.s3)
+            test = dataset("test", selection.model_copy(update={"sessions": None}))
         finally:
             data_ctx.enable_progress_bars = bars
         materialize = cfg.data.materialize
@@ -274,18 +293,22 @@ def run_training(cfg: TrainConfig, stage: str = "pretrain", parent_run_id: str |
         artifacts = {"checkpoint": plan.final_uri, "last_ray_checkpoint": ckpt_uri,
                      "mlflow_run": f"runs:/{run_id}"}
         _log_artifacts(cfg, plan, run_id, artifacts)
-        mlflow.log_metrics({f"final.{k}": float(v) for k, v in metrics.items() if k.startswith("retrieval.")})
+        mlflow.log_metrics({f"final.{k}": float(v) for k, v in metrics.items() if k.startswith(("retrieval.", "test."))})
     except BaseException:
         mlflow.end_run(status="FAILED")
         raise
     mlflow.end_run()
 
     rows = [[k, f"{v:.4g}"] for k, v in metrics.items()
-            if k.startswith("retrieval.") or k.startswith("train.loss") or k in ("epoch", "step")]
+            if k.startswith(("retrieval.", "test.", "train.loss")) or k in ("epoch", "step")]
     print("\n" + table(["metric", "value"], rows))
     print(f"\ncheckpoint {plan.final_uri}\nmlflow run {run_id} ({tracking_uri})")
     metrics["seconds"] = round(time.time() - t0, 1)
     return StageResult(stage=stage, status="ok", mlflow_run_id=run_id, metrics=metrics, artifacts=artifacts)
+
+
+def _encoder_name(ref) -> str:
+    return ref["name"] if isinstance(ref, dict) else str(ref)
 
 
 def _check_cluster_fits(cfg: TrainConfig, selection) -> None:
@@ -319,7 +342,7 @@ def _log_artifacts(cfg: TrainConfig, plan: TrainPlan, run_id: str, artifacts: di
             json.dump(read_json(plan.final_uri, CONFIG_FILE, cfg.s3), f, indent=2)
         curves = {k: client.get_metric_history(run_id, k)
                   for k in ("train.loss", "retrieval.brain_to_image_top1", "retrieval.image_to_brain_top1",
-                            "retrieval.chance")}
+                            "retrieval.chance", "test.diffusion_loss", "test.null_loss")}
         if curves["train.loss"]:
             import matplotlib
 
@@ -336,7 +359,13 @@ def _log_artifacts(cfg: TrainConfig, plan: TrainPlan, run_id: str, artifacts: di
                 if h:
                     b.plot([m.step for m in h], [m.value for m in h], marker="o" if key != "retrieval.chance" else None,
                            linestyle="--" if key == "retrieval.chance" else "-", label=label)
-            b.set(xlabel="epoch", ylabel="top-1", title="test retrieval", ylim=(0, 1))
+            if curves["retrieval.brain_to_image_top1"]:
+                b.set(xlabel="epoch", ylabel="top-1", title="test retrieval", ylim=(0, 1))
+            for key, label in (("test.diffusion_loss", "brain condition"), ("test.null_loss", "null condition")):
+                h = curves[key]
+                if h:  # diffusion methods: test denoising error with and without the brain condition
+                    b.plot([m.step for m in h], [m.value for m in h], marker="o", label=label)
+                    b.set(xlabel="epoch", ylabel="denoising MSE", title="test diffusion loss")
             b.legend()
             fig.tight_layout()
             fig.savefig(os.path.join(tmp, "curves.png"), dpi=110)

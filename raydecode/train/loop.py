@@ -146,25 +146,34 @@ def full_state_dict(engine, zero_stage: int) -> dict[str, torch.Tensor]:
 
 @torch.no_grad()
 def evaluate(engine, spec: MethodSpec, batches: list[dict], prepare: BatchPreparer, cfg: TrainConfig) -> dict:
-    """Test retrieval (per subject among its test images), in eval mode; every rank runs it (ZeRO-3)."""
+    """Test metrics in eval mode; every rank runs it (ZeRO-3): retrieval (per subject among its test images) when
+    the method predicts ``brain`` and ``image`` embeddings, and the method's own ``test_metrics`` averaged over rows."""
     from raydecode.evaluate.retrieval import retrieval_top1
 
     engine.eval()
     brain, image, subject = [], [], []
+    sums: dict[str, float] = {}
+    rows = 0
     for raw in batches:
         batch = prepare(dict(raw))
+        if spec.test_metrics is not None:
+            for k, v in spec.test_metrics(engine, batch).items():
+                sums[k] = sums.get(k, 0.0) + float(v.float().sum())
+            rows += len(batch["subject"])
         pred = spec.predict(engine, batch)
-        if "brain" not in pred or "image" not in pred:
-            return {}
-        brain.append(pred["brain"].float().cpu())
-        image.append(pred["image"].float().cpu())
-        subject.append(batch["subject"].cpu())
+        if "brain" in pred and "image" in pred:
+            brain.append(pred["brain"].float().cpu())
+            image.append(pred["image"].float().cpu())
+            subject.append(batch["subject"].cpu())
     engine.train()
-    if not brain:
-        return {}
-    r = retrieval_top1(torch.cat(brain), torch.cat(image), torch.cat(subject).numpy(),
-                       candidates=cfg.eval.candidates, draws=cfg.eval.draws, seed=cfg.optim.seed)
-    return {f"retrieval.{k}": v for k, v in r.items()}
+    out = {}
+    if rows:
+        out.update({f"test.{k}": v for k, v in spec.summarize_test({k: v / rows for k, v in sums.items()}).items()})
+    if brain:
+        r = retrieval_top1(torch.cat(brain), torch.cat(image), torch.cat(subject).numpy(),
+                           candidates=cfg.eval.candidates, draws=cfg.eval.draws, seed=cfg.optim.seed)
+        out.update({f"retrieval.{k}": v for k, v in r.items()})
+    return out
 
 
 # -- MLflow (rank 0) -----------------------------------------------------------------------
@@ -229,7 +238,10 @@ def train_loop_per_worker(payload: dict) -> None:
         from raydecode.data.stats import load_stats
 
         spec.attach_statistics(model, load_stats(payload["stats_uri"], cfg.s3)[0])
+    torch.manual_seed(cfg.optim.seed + 7919 * rank)  # same weights, but each rank its own dropout masks and noise
     optimizer = torch.optim.AdamW(spec.param_groups(model, mcfg, cfg.optim.weight_decay), lr=cfg.optim.lr)
+    # methods with frozen parts (e.g. a diffusion UNet) checkpoint only what they train
+    partial = spec.persisted_keys is not None
     # the engine steps the schedule and keeps its state in its checkpoints
     engine, optimizer, _, scheduler = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=make_scheduler(optimizer, cfg, total_steps),
@@ -242,14 +254,15 @@ def train_loop_per_worker(payload: dict) -> None:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as d:
-            _, client = engine.load_checkpoint(d, tag=CHECKPOINT_TAG)
+            _, client = engine.load_checkpoint(d, tag=CHECKPOINT_TAG, load_module_strict=not partial)
         epoch, step = int(client["epoch"]), int(client["step"])
         if rank == 0:
             log.info(f"resumed from checkpoint at epoch {epoch}, step {step}")
 
     def save(metrics: dict, epoch_next: int) -> None:
         with tempfile.TemporaryDirectory(prefix="raydecode-ckpt-") as tmp:
-            engine.save_checkpoint(tmp, tag=CHECKPOINT_TAG, client_state={"epoch": epoch_next, "step": step})
+            engine.save_checkpoint(tmp, tag=CHECKPOINT_TAG, client_state={"epoch": epoch_next, "step": step},
+                                   exclude_frozen_parameters=partial)
             if rank == 0:
                 with open(os.path.join(tmp, "progress.json"), "w") as f:
                     json.dump({"epoch": epoch_next, "step": step, "metrics": metrics}, f)
@@ -302,7 +315,7 @@ def train_loop_per_worker(payload: dict) -> None:
         history.append(metrics)
         if rank == 0:
             shown = " ".join(f"{k.split('.')[-1]} {v:.4g}" for k, v in metrics.items()
-                             if k.startswith("train.loss") or k.endswith("top1"))
+                             if k.startswith(("train.loss", "test.")) or k.endswith("top1"))
             log.info(f"epoch {epoch}/{cfg.optim.epochs} step {step} {shown} ({metrics['epoch_seconds']:.1f} s)")
         if epoch % cfg.checkpoint.every_epochs == 0 or epoch == cfg.optim.epochs:
             save(metrics, epoch)
@@ -313,10 +326,13 @@ def train_loop_per_worker(payload: dict) -> None:
         metrics = {"epoch": epoch, "step": step, **evaluate(engine, spec, test_batches, prepare, cfg)}
     state = full_state_dict(engine, cfg.deepspeed.zero_stage)
     if rank == 0:
-        from raydecode.train.checkpoint import write_consolidated
+        from raydecode.train.checkpoint import frozen_digest, write_consolidated
 
         config = {"method": spec.name, "preset": cfg.preset, "model": mcfg.model_dump(mode="json"),
                   "info": info.to_dict(), "targets": payload["targets"], "train": payload["cfg"]}
+        if partial:  # what the weights left out were at the end (a loader checks it rebuilt the same ones)
+            config["frozen_sha256"] = frozen_digest(state, spec.persisted_keys(engine.module))
+        state = spec.state_to_save(state, engine.module)
         write_consolidated(payload["final_uri"], state, config, {**metrics, "steps_per_epoch": steps_per_epoch,
                                                                   "world_size": world}, cfg.s3)
         log.info(f"consolidated checkpoint: {payload['final_uri']}")

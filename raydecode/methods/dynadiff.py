@@ -1,0 +1,466 @@
+"""Dynadiff (Careil, Benchetrit et al. 2025, "Single-stage Decoding of Images from Continuously Evolving fMRI").
+
+A brain module maps a window of the BOLD time series (T volumes of C voxels) to the
+conditioning tokens of a frozen latent-diffusion UNet; the brain module and LoRA
+adapters of the UNet's cross-attention are trained together with the plain
+diffusion loss (Sec. 2.2):
+
+- brain module: subject layer (voxels -> 1552 channels, per volume), timestep layer
+  (distinct weights per volume), LayerNorm, GELU, dropout 0.5, linear temporal
+  aggregation, linear output to N tokens x the UNet's cross-attention width
+  (Versatile Diffusion's image UNet: 257 x 768);
+- the UNet (diffusers ``UNet2DConditionModel``) and the VAE (``AutoencoderKL``) are frozen;
+  LoRA (peft, rank 4, alpha 4) on ``attn2`` to_q / to_k / to_v / to_out.0;
+- noise prediction with offset noise (0.1) and cubic timestep sampling (more draws
+  of the noisiest timesteps, T2I-Adapter's schedule); 10% of the conditions are
+  replaced by a learned null embedding, for classifier-free guidance;
+- inference: DDIM, 20 steps, guidance 3, then the VAE decoder.
+
+Multi-subject models keep a subject layer and a timestep layer per subject and share
+the rest; a new subject starts from a multi-subject checkpoint with fresh layers of
+its own (:func:`load_pretrained`). Checkpoints hold the trainable weights only
+(brain module, LoRA, null embedding): the frozen UNet and VAE are rebuilt from their
+path (or seed) when a model is loaded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+
+from raydecode.data.windows import WindowConfig
+from raydecode.errors import ConfigError
+from raydecode.methods.base import DatasetInfo, MethodSpec, Progress, register
+
+LORA_TARGETS = ("attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0")
+LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # diffusers' file name for LoRA weights
+
+# Versatile Diffusion's image UNet (a Stable-Diffusion-1 UNet with 768-wide cross-attention to 257 CLIP tokens):
+# the architecture paper presets build on the meta device when no weights are named (parameter counts).
+VD_IMAGE_UNET = dict(
+    sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, cross_attention_dim=768, attention_head_dim=8,
+    block_out_channels=(320, 640, 1280, 1280),
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+)
+SD_SCHEDULER = dict(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                    prediction_type="epsilon")
+
+
+class DynadiffConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    window: WindowConfig = Field(default_factory=WindowConfig, description="fMRI window after each onset")
+    channels: int = Field(1552, description="subject-layer width")
+    dropout: float = 0.5
+    cond_tokens: int = Field(257, description="conditioning tokens (Versatile Diffusion: 257 CLIP image tokens); "
+                                              "their width is the UNet's cross_attention_dim")
+    unet: str | None = Field(None, description="diffusers directory of the frozen UNet (a pipeline dir with "
+                                               "image_unet/ or unet/, or a UNet dir); None: random weights from "
+                                               "unet_config and seed (tiny / demo)")
+    unet_config: dict[str, Any] = Field(default_factory=lambda: dict(VD_IMAGE_UNET),
+                                        description="UNet2DConditionModel config for random weights")
+    vae: str | dict[str, Any] = Field("sd-vae", description="the frozen VAE: an encoder name or mapping "
+                                                            "(raydecode.data.encoders); its latents are the targets")
+    scheduler: dict[str, Any] = Field(default_factory=lambda: dict(SD_SCHEDULER),
+                                      description="DDPMScheduler config (a UNet pipeline's scheduler/ wins)")
+    seed: int = Field(0, description="seed of random-weight UNets")
+    lora_rank: int = Field(4, ge=1)
+    lora_alpha: float = 4.0
+    lora_targets: tuple[str, ...] = LORA_TARGETS
+    offset_noise: float = Field(0.1, ge=0)
+    timestep_sampling: str = Field("cubic", pattern="^(cubic|uniform)$")
+    null_prob: float = Field(0.1, ge=0, le=1, description="share of training conditions replaced by the null")
+    ddim_steps: int = Field(20, ge=1)
+    guidance: float = Field(3.0, ge=0)
+    eval_timesteps: int = Field(10, ge=1, description="test loss: timesteps evenly spread over the schedule")
+
+
+PRESETS: dict[str, dict] = {
+    "paper": {},
+    "demo": dict(
+        channels=256, cond_tokens=16, vae="vae-demo",
+        unet_config=dict(block_out_channels=(32, 64, 64), layers_per_block=1, cross_attention_dim=64,
+                         attention_head_dim=8, norm_num_groups=8,
+                         down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+                         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D")),
+        scheduler=dict(SD_SCHEDULER, beta_schedule="squaredcos_cap_v2"),
+    ),
+    "tiny": dict(
+        channels=64, cond_tokens=8, vae="vae-tiny",
+        unet_config=dict(block_out_channels=(32, 64), layers_per_block=1, cross_attention_dim=32,
+                         attention_head_dim=8, norm_num_groups=8,
+                         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D")),
+        scheduler=dict(SD_SCHEDULER, beta_schedule="squaredcos_cap_v2"),
+    ),
+}
+
+
+# -- frozen parts --------------------------------------------------------------------------
+
+
+def _on_meta() -> bool:
+    return torch.empty(0).device.type == "meta"
+
+
+def _unet_dir(path: str) -> tuple[Path, str | None]:
+    p = Path(path)
+    for sub in ("image_unet", "unet"):
+        if (p / sub / "config.json").is_file():
+            return p, sub
+    if (p / "config.json").is_file():
+        return p, None
+    raise ConfigError(f"model.unet {path!r}: not a diffusers UNet directory (no config.json in it, nor in "
+                      "image_unet/ or unet/)")
+
+
+def build_unet(cfg: DynadiffConfig, latent_size: int):
+    from diffusers import UNet2DConditionModel
+
+    if cfg.unet is not None:
+        root, sub = _unet_dir(cfg.unet)
+        if _on_meta():
+            return UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(root, subfolder=sub))
+        return UNet2DConditionModel.from_pretrained(root, subfolder=sub)
+    if not _on_meta() and cfg.unet_config.get("cross_attention_dim") == VD_IMAGE_UNET["cross_attention_dim"] \
+            and tuple(cfg.unet_config.get("block_out_channels", ())) == VD_IMAGE_UNET["block_out_channels"]:
+        raise ConfigError("model.unet: the paper preset fine-tunes a pretrained UNet; set it to a Versatile-Diffusion-"
+                          "compatible diffusers directory (nothing is downloaded at run time)")
+    config = {"in_channels": 4, "out_channels": 4, **cfg.unet_config, "sample_size": latent_size}
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        return UNet2DConditionModel(**config)
+
+
+def build_vae(cfg: DynadiffConfig):
+    """The VAE exactly as the target encoder of the same name builds it (same weights, same latents)."""
+    from diffusers import AutoencoderKL
+
+    from raydecode.data.encoders import FrozenEncoder, encoder_config, requires_weights
+
+    enc = encoder_config(cfg.vae)
+    if enc.kind != "vae":
+        raise ConfigError(f"model.vae {enc.name!r}: a {enc.kind} encoder, not a VAE")
+    if _on_meta():
+        if enc.weights is not None:
+            sub = "vae" if (Path(enc.weights) / "vae" / "config.json").exists() else None
+            return enc, AutoencoderKL.from_config(AutoencoderKL.load_config(enc.weights, subfolder=sub))
+        if enc.arch == "pretrained":  # Stable Diffusion's VAE architecture (counts only)
+            return enc, AutoencoderKL(
+                down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
+                sample_size=enc.image_size)
+    if requires_weights(enc):
+        raise ConfigError(f"model.vae {enc.name!r} needs `weights` (a local diffusers directory); nothing is "
+                          "downloaded at run time")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(enc.seed)
+        return enc, FrozenEncoder._build_vae(enc)
+
+
+def build_scheduler(cfg: DynadiffConfig):
+    from diffusers import DDPMScheduler
+
+    if cfg.unet is not None:
+        root, _ = _unet_dir(cfg.unet)
+        if (root / "scheduler" / "scheduler_config.json").is_file():
+            return DDPMScheduler.from_config(DDPMScheduler.load_config(root, subfolder="scheduler"))
+    return DDPMScheduler(**cfg.scheduler)
+
+
+# -- brain module --------------------------------------------------------------------------
+
+
+class TimestepLinear(nn.Module):
+    """A distinct ``channels x channels`` linear map for every time sample (Sec. 2.2, "timestep-specific")."""
+
+    def __init__(self, n_samples: int, channels: int):
+        super().__init__()
+        bound = channels ** -0.5
+        self.weight = nn.Parameter(torch.empty(n_samples, channels, channels).uniform_(-bound, bound))
+        self.bias = nn.Parameter(torch.empty(n_samples, channels).uniform_(-bound, bound))
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:  # (B, T, C)
+        return torch.einsum("btc,tcd->btd", z, self.weight) + self.bias
+
+
+class BrainModule(nn.Module):
+    """(B, T, voxels) -> (B, N, D) conditioning tokens; subject and timestep layers per subject, the rest shared."""
+
+    def __init__(self, voxels: dict[int, int], n_samples: int, channels: int, tokens: int, width: int, dropout: float):
+        super().__init__()
+        self.subject_layers = nn.ModuleDict({str(s): nn.Linear(v, channels) for s, v in sorted(voxels.items())})
+        self.timestep_layers = nn.ModuleDict({str(s): TimestepLinear(n_samples, channels) for s in sorted(voxels)})
+        self.voxels = dict(voxels)
+        self.norm = nn.LayerNorm(channels)
+        self.dropout = nn.Dropout(dropout)
+        self.temporal = nn.Linear(n_samples, 1)  # linear aggregation over the window's volumes
+        self.out = nn.Linear(channels, tokens * width)
+        self.tokens, self.width, self.channels = tokens, width, channels
+
+    def forward(self, bold: torch.Tensor, subject: torch.Tensor) -> torch.Tensor:
+        z = bold.new_zeros(bold.shape[0], bold.shape[1], self.channels)
+        # every subject's layers run on every rank, in order (ZeRO-3 gathers parameters collectively)
+        for key, layer in self.subject_layers.items():
+            idx = torch.nonzero(subject == int(key)).flatten()
+            h = self.timestep_layers[key](layer(bold[idx, :, : self.voxels[int(key)]]))
+            z = z.index_copy(0, idx, h)
+        z = self.dropout(F.gelu(self.norm(z)))
+        z = self.temporal(z.transpose(1, 2)).squeeze(-1)  # (B, C)
+        return self.out(z).view(-1, self.tokens, self.width)
+
+
+class NullCondition(nn.Module):
+    """The learned embedding that replaces the brain condition (training) and guides sampling (CFG)."""
+
+    def __init__(self, tokens: int, width: int):
+        super().__init__()
+        self.embedding = nn.Parameter(torch.zeros(tokens, width))
+
+    def forward(self, n: int) -> torch.Tensor:
+        return self.embedding.unsqueeze(0).expand(n, -1, -1)
+
+
+# -- the model -----------------------------------------------------------------------------
+
+
+class Dynadiff(nn.Module):
+    def __init__(self, cfg: DynadiffConfig, info: DatasetInfo):
+        super().__init__()
+        from peft import LoraConfig
+
+        if info.tr_s is None:
+            raise ConfigError("dynadiff reads BOLD time series: the store has no TR (ingest with timeseries: true)")
+        self.cfg = cfg
+        self.n_samples = cfg.window.n_samples(info.tr_s)
+        self.vae_encoder, self.vae = build_vae(cfg)
+        down = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        self.latent_shape = (int(self.vae.config.latent_channels), self.vae_encoder.image_size // down,
+                             self.vae_encoder.image_size // down)
+        self.unet = build_unet(cfg, self.latent_shape[1])
+        width = int(self.unet.config.cross_attention_dim)
+        self.vae.requires_grad_(False).eval()
+        self.unet.requires_grad_(False)
+        self.unet.add_adapter(LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha,
+                                         target_modules=list(cfg.lora_targets), init_lora_weights=True))
+        self.brain = BrainModule(info.voxels, self.n_samples, cfg.channels, cfg.cond_tokens, width, cfg.dropout)
+        self.null = NullCondition(cfg.cond_tokens, width)
+        self.noise_scheduler = build_scheduler(cfg)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.vae.eval()
+        return self
+
+    # the frozen weights (rebuilt from path / seed on load; never in checkpoints)
+    def frozen_digest(self) -> str:
+        h = hashlib.sha256()
+        for name, p in sorted(self.named_parameters()):
+            if not p.requires_grad:
+                h.update(name.encode())
+                h.update(p.detach().float().cpu().contiguous().numpy().tobytes())
+        return h.hexdigest()
+
+    def condition(self, batch: dict) -> torch.Tensor:
+        return self.brain(batch["bold"], batch["subject"])
+
+    def forward(self, batch: dict, progress: Progress | None = None, mode: str = "loss"):
+        if mode == "loss":
+            return self._loss(batch)
+        if mode == "test":
+            return self._test_losses(batch)
+        return {"condition": self.condition(batch).flatten(1)}
+
+    def _latents(self, batch: dict) -> torch.Tensor:
+        return batch["latent_tokens"].view(-1, *self.latent_shape)
+
+    def _noised(self, latents: torch.Tensor, t: torch.Tensor, generator: torch.Generator | None = None):
+        noise = torch.randn(latents.shape, generator=generator, device="cpu").to(latents)
+        if self.cfg.offset_noise:  # offset noise: a per-channel constant shift of the noise
+            noise = noise + self.cfg.offset_noise * torch.randn(
+                (*latents.shape[:2], 1, 1), generator=generator, device="cpu").to(latents)
+        sched = self.noise_scheduler
+        noisy = sched.add_noise(latents, noise, t)
+        target = noise if sched.config.prediction_type == "epsilon" else sched.get_velocity(latents, noise, t)
+        return noisy, target
+
+    def sample_timesteps(self, n: int, device) -> torch.Tensor:
+        total = self.noise_scheduler.config.num_train_timesteps
+        u = torch.rand(n)
+        if self.cfg.timestep_sampling == "cubic":  # more of the noisiest (first sampled) timesteps
+            u = 1 - u ** 3
+        return (u * total).long().clamp(0, total - 1).to(device)
+
+    def _loss(self, batch: dict):
+        latents = self._latents(batch)
+        n = latents.shape[0]
+        cond = self.condition(batch)
+        drop = (torch.rand(n) < self.cfg.null_prob).to(cond.device)
+        cond = torch.where(drop[:, None, None], self.null(n).to(cond.dtype), cond)
+        t = self.sample_timesteps(n, latents.device)
+        noisy, target = self._noised(latents, t)
+        pred = self.unet(noisy, t, encoder_hidden_states=cond).sample
+        loss = F.mse_loss(pred.float(), target.float())
+        return loss, {"loss": float(loss.detach()), "null_rate": float(drop.float().mean())}
+
+    @torch.no_grad()
+    def _test_losses(self, batch: dict) -> dict[str, torch.Tensor]:
+        """Denoising error per row with the brain condition and with the null one, at fixed timesteps and noise
+        (comparable across epochs, shifts and runs)."""
+        latents = self._latents(batch)
+        n = latents.shape[0]
+        total = self.noise_scheduler.config.num_train_timesteps
+        steps = torch.linspace(0, total - 1, self.cfg.eval_timesteps).long()
+        gen = torch.Generator().manual_seed(0)
+        cond, null = self.condition(batch), self.null(n).to(latents.dtype)
+        out = {"cond": latents.new_zeros(n), "null": latents.new_zeros(n)}
+        for s in steps.tolist():
+            t = torch.full((n,), s, dtype=torch.long, device=latents.device)
+            noisy, target = self._noised(latents, t, gen)
+            for key, c in (("cond", cond), ("null", null)):
+                pred = self.unet(noisy, t, encoder_hidden_states=c).sample
+                out[key] += (pred.float() - target.float()).pow(2).flatten(1).mean(1) / len(steps)
+        return out
+
+    @torch.no_grad()
+    def sample(self, batch: dict, steps: int | None = None, guidance: float | None = None,
+               conditional_only: bool = False, noise: torch.Tensor | None = None) -> torch.Tensor:
+        """DDIM reconstructions as uint8 images (B, H, W, 3). ``guidance``: the classifier-free guidance scale
+        (default: the config's); ``conditional_only``: the brain condition alone, no null pass. ``noise``: the
+        initial latents (default: standard normal from the global generator; see :func:`initial_noise`)."""
+        from diffusers import DDIMScheduler
+
+        guidance = self.cfg.guidance if guidance is None else guidance
+        cond = self.condition(batch)
+        n = cond.shape[0]
+        sched = DDIMScheduler.from_config(self.noise_scheduler.config)
+        sched.set_timesteps(steps or self.cfg.ddim_steps)
+        x = (noise if noise is not None else torch.randn(n, *self.latent_shape)).to(cond) * sched.init_noise_sigma
+        null = self.null(n).to(cond.dtype)
+        for t in sched.timesteps:
+            inp = sched.scale_model_input(x, t)
+            if conditional_only:
+                eps = self.unet(inp, t, encoder_hidden_states=cond).sample
+            else:  # one batched call for the conditional and the null prediction
+                both = self.unet(torch.cat([inp, inp]), t, encoder_hidden_states=torch.cat([cond, null])).sample
+                eps_cond, eps_null = both.chunk(2)
+                eps = eps_null + guidance * (eps_cond - eps_null)
+            x = sched.step(eps, t, x, eta=0.0).prev_sample
+        return self.decode(x)
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        images = self.vae.decode(latents.to(next(self.vae.parameters()).dtype) / self.vae.config.scaling_factor).sample
+        return ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1)
+
+
+def initial_noise(seeds: np.ndarray | list[int], shape: tuple[int, ...]) -> torch.Tensor:
+    """One seeded standard-normal latent per row (reconstructions do not depend on how rows are batched)."""
+    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds])
+
+
+# -- LoRA in the diffusers / peft format ---------------------------------------------------
+
+
+def save_lora(model: Dynadiff, out_dir: str) -> str:
+    """The UNet's LoRA as ``pytorch_lora_weights.safetensors`` (peft keys, the LoRA config in its metadata)."""
+    model.unet.save_lora_adapter(out_dir, weight_name=LORA_WEIGHTS)
+    return os.path.join(out_dir, LORA_WEIGHTS)
+
+
+def load_lora(unet, lora_dir: str):
+    """Load a saved LoRA into a UNet (e.g. a fresh copy of the frozen base)."""
+    unet.load_lora_adapter(lora_dir, prefix=None, weight_name=LORA_WEIGHTS, adapter_name="default")
+    return unet
+
+
+# -- spec ----------------------------------------------------------------------------------
+
+
+def build_model(cfg: DynadiffConfig, info: DatasetInfo) -> Dynadiff:
+    return Dynadiff(cfg, info)
+
+
+def param_groups(model: Dynadiff, cfg: DynadiffConfig, weight_decay: float) -> list[dict]:
+    """Brain module and LoRA weights decay; biases, norms and the null embedding do not. Frozen weights are not
+    handed to the optimizer."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim < 2 or "norm" in name or name.startswith("null.") or name.endswith(".bias")
+         else decay).append(p)
+    return [g for g in ({"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0})
+            if g["params"]]
+
+
+def loss(model, batch: dict, progress: Progress):
+    return model(batch, progress=progress)
+
+
+def predict(model, batch: dict) -> dict[str, torch.Tensor]:
+    return model(batch, mode="predict")
+
+
+def test_metrics(model, batch: dict) -> dict[str, torch.Tensor]:
+    """Per-row test losses: ``diffusion_loss`` (brain condition) and ``null_loss`` (learned null)."""
+    out = model(batch, mode="test")
+    return {"diffusion_loss": out["cond"], "null_loss": out["null"]}
+
+
+def summarize_test(sums: dict[str, float]) -> dict[str, float]:
+    """``condition_gain``: the share of the null condition's denoising error the brain condition removes."""
+    return {**sums, "condition_gain": (sums["null_loss"] - sums["diffusion_loss"]) / max(sums["null_loss"], 1e-12)}
+
+
+def targets(cfg: DynadiffConfig) -> dict[str, str | dict]:
+    from raydecode.data.encoders import encoder_config
+
+    enc = encoder_config(cfg.vae)
+    return {"latent": enc.name if isinstance(cfg.vae, str) else enc.model_dump()}
+
+
+def windows(cfg: DynadiffConfig) -> WindowConfig:
+    return cfg.window
+
+
+def load_pretrained(model: Dynadiff, state: dict[str, torch.Tensor]) -> list[str]:
+    """New-subject fine-tuning: every weight of the (multi-subject) checkpoint whose name and shape fit; the new
+    subject's subject and timestep layers stay freshly initialised. Returns the trainable keys left at init."""
+    own = {k: v for k, v in model.state_dict().items() if k in persisted_keys(model)}
+    usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    model.load_state_dict(usable, strict=False)
+    return sorted(k for k in own if k not in usable)
+
+
+def persisted_keys(model: nn.Module) -> set[str]:
+    """State-dict keys a checkpoint holds: trainable parameters and buffers (frozen weights are rebuilt)."""
+    keys = {n for n, p in model.named_parameters() if p.requires_grad}
+    return keys | {n for n, _ in model.named_buffers()}
+
+
+SPEC = register(MethodSpec(
+    name="dynadiff",
+    config_model=DynadiffConfig,
+    presets=PRESETS,
+    build_model=build_model,
+    param_groups=param_groups,
+    loss=loss,
+    predict=predict,
+    columns=("bold", "subject", "image_id"),
+    targets=targets,
+    load_pretrained=load_pretrained,
+    windows=windows,
+    test_metrics=test_metrics,
+    summarize_test=summarize_test,
+    persisted_keys=persisted_keys,
+))
