@@ -126,6 +126,15 @@ def stage_sweep(args) -> StageResult:
     return run_sweep(cfg)
 
 
+def stage_dynadiff(args) -> StageResult:
+    from raydecode.config import DiffusionDecodeConfig
+    from raydecode.reconstruct import run_dynadiff, run_reconstruct_only
+
+    cfg = load_config(DiffusionDecodeConfig, args.config, args.overrides,
+                      **_cli_defaults(checkpoint_uri=args.checkpoint))
+    return run_reconstruct_only(cfg) if args.action == "reconstruct" else run_dynadiff(cfg)
+
+
 def stage_promote(args) -> StageResult:
     from raydecode import tracking
     from raydecode.config import StageConfig
@@ -212,6 +221,15 @@ def build_parser() -> argparse.ArgumentParser:
                            "per trial; the best per subject registered and gated")
     _common(sweep)
     sweep.set_defaults(func=stage_sweep)
+
+    dyn = sub.add_parser("dynadiff", help="train a diffusion decoder on fMRI time-series windows (Ray Train + "
+                         "DeepSpeed), reconstruct the test set, time-resolved curves, register; `dynadiff "
+                         "reconstruct` evaluates an existing checkpoint")
+    dyn.add_argument("action", nargs="?", choices=["train", "reconstruct"], default="train")
+    dyn.add_argument("--checkpoint", metavar="URI", help="reconstruct: a final/ checkpoint (default: "
+                     "<storage>/<run_name>/final)")
+    _common(dyn)
+    dyn.set_defaults(func=stage_dynadiff)
 
     promote = sub.add_parser("promote", help="apply the champion gate to a registered model version by hand")
     promote.add_argument("--model", required=True, help="registered model name, e.g. raydecode-duala-subj08")

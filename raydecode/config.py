@@ -299,3 +299,47 @@ class SweepConfig(TrainConfig):
     metric: str = Field("retrieval.image_to_brain_top1", description="selects the best trial per subject")
     tie_break: str = "retrieval.brain_to_image_top1"
     promote: bool = Field(True, description="register the best trial per subject and apply the champion gate")
+
+
+class ReconstructOptions(BaseModel):
+    """Test-set reconstructions (DDIM with classifier-free guidance) and their metrics."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    steps: int | None = Field(None, ge=1, description="DDIM steps (default: the model's, Dynadiff 20)")
+    guidance: float | None = Field(None, ge=0, description="classifier-free guidance (default: the model's, 3)")
+    seed: int = Field(0, description="initial noise: one seed per (subject, image) derived from this")
+    batch_size: int = Field(32, ge=1)
+    size: int | None = Field(None, ge=8, description="images resized to this for PixCorr/SSIM (paper: 224; "
+                                                     "default: the stimulus size)")
+    grid_images: int = Field(16, ge=1, description="stimulus/reconstruction pairs in the grid PNG")
+    max_images: int | None = Field(None, ge=1, description="reconstruct at most this many test images (the first by "
+                                                          "subject and image id; metrics on them); None: all")
+    single_trial: bool = Field(True, description="also reconstruct one random single-trial window per test image")
+
+
+class TimeResolvedOptions(BaseModel):
+    """Time-resolved decoding (Dynadiff Sec. 3.1): the trained ("general") model on shifted windows
+    W(t + k*TR, d), and optionally "specialized" models trained at shifted windows."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    shifts: list[int] = Field(default_factory=lambda: list(range(-3, 4)), description="k, in TRs")
+    reconstruct: bool = Field(False, description="also reconstruct at every shift (PixCorr/SSIM per shift); "
+                                                 "the test diffusion loss is always measured")
+    specialized: list[int] = Field(default_factory=list, description="train one model per shift k (TRs)")
+
+
+class DiffusionDecodeConfig(TrainConfig):
+    """``raydecode dynadiff``: train a diffusion decoder (the ``pretrain`` stage's keys), reconstruct the test set
+    (grid PNG, PixCorr/SSIM, averaged and single-trial), time-resolved curves, then register and gate the model."""
+
+    run_name: str | None = "dynadiff"
+    method: str = "dynadiff"
+    reconstruct: ReconstructOptions = Field(default_factory=ReconstructOptions)
+    time_resolved: TimeResolvedOptions = Field(default_factory=TimeResolvedOptions)
+    checkpoint_uri: str | None = Field(None, description="`dynadiff reconstruct`: the final/ checkpoint to evaluate "
+                                                         "(default: <storage>/<run_name>/final)")
+    promote: bool = Field(True, description="register the model (raydecode-<method>-subjNN) and apply the gate")
+    metric: str = Field("recon.pixcorr", description="what the champion gate compares (higher is better)")
+    tie_break: str = "test.image_gain"

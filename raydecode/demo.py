@@ -3,7 +3,8 @@
 Stages so far: ingest a synthetic NSD, summarise and verify it, stream it through
 the Ray Data pipeline the trainers use, pretrain MindEye2 on 7 subjects (Ray Train
 + DeepSpeed ZeRO-2, 2 CPU workers) and fine-tune it on one session of the 8th.
-Later stages (sweep, dynadiff, evaluate, promote) append themselves here.
+then a Duala sweep on subject 8 and Dynadiff on subject 1's time series.
+Later stages (evaluate) append themselves here.
 """
 
 from __future__ import annotations
@@ -89,6 +90,19 @@ def run_demo(cfg: DemoConfig) -> StageResult:
                                                                  for k, v in promoted.items()),
                   f"{time.time() - t5:.1f}"])
 
+    t6 = time.time()
+    print("\n== 7. Dynadiff on subject 1: LoRA diffusion fine-tuning on BOLD time-series windows, test-set "
+          "reconstructions, time-resolved decoding, registered and gated")
+    from raydecode.reconstruct import run_dynadiff
+
+    dd = run_dynadiff(demo_dynadiff_config(cfg))
+    dm = dd.metrics
+    steps.append(["dynadiff", dd.status, f"subject 1: test diffusion loss {dm['final.test.diffusion_loss']:.3f} "
+                  f"(null {dm['final.test.null_loss']:.3f}), PixCorr {dm['final.recon.pixcorr']:.3f}; grid "
+                  f"{os.path.relpath(dd.artifacts['reconstructions.reconstructions.png'])}", f"{time.time() - t6:.1f}"])
+    if "model" in dd.artifacts:
+        promoted[dd.artifacts["model"].split("/")[1]] = f"{dd.artifacts['model']} ({dd.artifacts['alias']})"
+
     print("\n" + table(["step", "status", "what", "seconds"], steps))
     if promoted:
         print("\npromoted models: " + "; ".join(f"{v}" for v in promoted.values()))
@@ -101,9 +115,11 @@ def run_demo(cfg: DemoConfig) -> StageResult:
                  **{f"pretrain.{k}": v for k, v in pm.items() if k.startswith("retrieval.")},
                  **{f"finetune.{k}": v for k, v in fm.items() if k.startswith("retrieval.")},
                  **{f"sweep.{k}": v for k, v in sw.metrics.items() if k != "seconds"},
+                 **{f"dynadiff.{k}": v for k, v in dm.items() if k.startswith("final.")},
                  "seconds": round(time.time() - t0, 2)},
         artifacts={"store": store.uri, "pretrained": pre.artifacts["checkpoint"],
-                   "finetuned": ft.artifacts["checkpoint"], "sweep_run": sw.artifacts["mlflow_run"], **promoted},
+                   "finetuned": ft.artifacts["checkpoint"], "sweep_run": sw.artifacts["mlflow_run"],
+                   "dynadiff": dd.artifacts["checkpoint"], **promoted},
     )
 
 
@@ -145,3 +161,20 @@ def demo_sweep_config(cfg: DemoConfig, init_from: str):
         "optim": {"epochs": 5, "batch_size": 10, "lr": 1e-3},
         "scaling": {"num_workers": 1, "cpus_per_worker": 0.25}, "deepspeed": {"zero_stage": 0},
         "checkpoint": {"every_epochs": 5}})
+
+
+def demo_dynadiff_config(cfg: DemoConfig):
+    """The embedded twin of jobs/dynadiff.yaml."""
+    from raydecode.config import DiffusionDecodeConfig
+
+    return DiffusionDecodeConfig.model_validate({
+        "store": cfg.store, "workdir": cfg.workdir, "tracking_uri": cfg.tracking_uri, "s3": cfg.s3.model_dump(),
+        "run_name": "dynadiff-demo-subj01", "method": "dynadiff", "preset": cfg.preset,
+        "model": {"eval_timesteps": 4},
+        "data": {"subjects": [1], "categories": False, "read_cpus": 0.25, "lookup_cpus": 0.25},
+        "optim": {"epochs": 3, "batch_size": 16, "lr": 1e-3, "weight_decay": 0.01},
+        "scaling": {"num_workers": 2, "cpus_per_worker": 0.25}, "deepspeed": {"zero_stage": 2},
+        "checkpoint": {"every_epochs": 3},
+        "reconstruct": {"steps": 20, "guidance": 3.0, "single_trial": False, "grid_images": 16,
+                        "max_images": 32},
+        "time_resolved": {"shifts": [-3, -2, -1, 0, 1, 2, 3], "specialized": []}})

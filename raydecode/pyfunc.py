@@ -23,12 +23,23 @@ with warnings.catch_warnings():  # mlflow asks for type hints to infer a signatu
             self.decoder = self.loaded.model
 
         def predict(self, context, model_input, params=None):
+            """Inputs: the method's columns (``betas`` or ``bold``, and ``subject``). Methods that reconstruct
+            images return ``image`` (uint8, one ``seed`` per row, default 0, 1, ...; ``params``: steps, guidance);
+            the others their predictions (``brain`` retrieval embeddings, ...)."""
             import numpy as np
             import torch
 
-            batch = {k: torch.as_tensor(np.asarray(model_input[k])) for k in ("betas", "subject")}
-            batch["betas"] = batch["betas"].float()
-            batch["subject"] = batch["subject"].long()
+            spec = self.loaded.spec
+            params = params or {}
+            batch = {}
+            for k in (c for c in spec.columns if c != "image_id"):
+                v = torch.as_tensor(np.asarray(model_input[k]))
+                batch[k] = v.float() if v.is_floating_point() else v.long()
             with torch.no_grad():
-                out = self.loaded.spec.predict(self.decoder, batch)
+                if spec.reconstruct is not None and params.get("reconstruct", True):
+                    n = len(batch["subject"])
+                    seeds = np.asarray(model_input["seed"]) if "seed" in model_input else np.arange(n)
+                    images = spec.reconstruct(self.decoder, batch, seeds, params.get("steps"), params.get("guidance"))
+                    return {"image": images.numpy()}
+                out = spec.predict(self.decoder, batch)
             return {k: v.numpy() for k, v in out.items()}

@@ -67,6 +67,13 @@ def adapter_package(checkpoint_uri: str, out_dir: str, s3=None) -> dict:
                     del state[cand]
     os.makedirs(out_dir, exist_ok=True)
     save_file({k: v.contiguous() for k, v in state.items()}, os.path.join(out_dir, ADAPTER_FILE))
+    from raydecode.methods.base import get_method
+
+    spec = get_method(config["method"])
+    if spec.export is not None:  # e.g. Dynadiff: LoRA in the diffusers format + the brain module
+        from raydecode.train.checkpoint import load_consolidated
+
+        spec.export(load_consolidated(checkpoint_uri, s3).model, out_dir)
     with open(os.path.join(out_dir, CONFIG_FILE), "w") as f:
         json.dump(config, f, indent=2)
     with open(os.path.join(out_dir, METRICS_FILE), "w") as f:
@@ -81,7 +88,7 @@ def load_adapted(package_dir: str, s3=None, device: str = "cpu"):
 
     from raydecode.methods.base import DatasetInfo, get_method
     from raydecode.storage import S3Options
-    from raydecode.train.checkpoint import CONFIG_FILE, METRICS_FILE, Consolidated, load_state
+    from raydecode.train.checkpoint import CONFIG_FILE, METRICS_FILE, Consolidated, check_rebuilt, load_state
 
     with open(os.path.join(package_dir, CONFIG_FILE)) as f:
         config = json.load(f)
@@ -97,6 +104,7 @@ def load_adapted(package_dir: str, s3=None, device: str = "cpu"):
         base = load_state(base_uri, s3)
         (spec.load_pretrained or (lambda m, st: m.load_state_dict(st, strict=False)))(model, base)
     model.load_state_dict(load_file(os.path.join(package_dir, ADAPTER_FILE)), strict=False)
+    check_rebuilt(model, spec, config, package_dir)
     return Consolidated(model.to(device).eval(), spec, mcfg, info, config, metrics, package_dir)
 
 
@@ -190,7 +198,8 @@ def register_run(run_id: str, checkpoint_uri: str, metrics: dict, metric: str, t
     tags = {"raydecode.metric": metric, "raydecode.tie_break": tie_break, "raydecode.test_set": test_set,
             "raydecode.store_manifest_sha256": manifest_sha256, "raydecode.checkpoint_uri": checkpoint_uri,
             "raydecode.method": config["method"], **(extra_tags or {})}
-    tags.update({f"metric.{k}": f"{float(v):.6g}" for k, v in metrics.items() if k.startswith("retrieval.")})
+    tags.update({f"metric.{k}": f"{float(v):.6g}" for k, v in metrics.items()
+                 if k.startswith(("retrieval.", "test.", "recon.")) and isinstance(v, (int, float))})
     for key, value in tags.items():
         client.set_model_version_tag(name, mv.version, key, str(value))
     return promote(name, mv.version, client)

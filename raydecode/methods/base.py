@@ -77,7 +77,9 @@ class MethodSpec:
     - ``test_metrics(model, batch)``: per-row test values (averaged over the test split every evaluation, logged as
       ``test.<name>``), then ``summarize_test(means)`` may derive more;
     - ``persisted_keys(model)``: the state-dict keys checkpoints hold (default all; e.g. not a frozen diffusion
-      UNet, which ``build_model`` rebuilds from its path).
+      UNet, which ``build_model`` rebuilds from its path);
+    - ``reconstruct(model, batch, seeds, steps, guidance)``: images (B, H, W, 3) uint8 decoded from the batch,
+      one seed per row; ``export(model, out_dir)``: the method's weights in their ecosystem's formats (files).
     """
 
     name: str
@@ -97,6 +99,8 @@ class MethodSpec:
     test_metrics: Callable[[Any, dict], dict[str, torch.Tensor]] | None = None
     summarize_test: Callable[[dict[str, float]], dict[str, float]] = field(default=lambda means: means)
     persisted_keys: Callable[[torch.nn.Module], set[str]] | None = None
+    reconstruct: Callable[..., torch.Tensor] | None = None
+    export: Callable[[torch.nn.Module, str], list[str]] | None = None
 
     def state_to_save(self, state: dict[str, torch.Tensor], model: torch.nn.Module) -> dict[str, torch.Tensor]:
         """``state`` restricted to :attr:`persisted_keys`."""

@@ -314,19 +314,21 @@ class Dynadiff(nn.Module):
 
     @torch.no_grad()
     def _test_losses(self, batch: dict) -> dict[str, torch.Tensor]:
-        """Denoising error per row with the brain condition and with the null one, at fixed timesteps and noise
-        (comparable across epochs, shifts and runs)."""
+        """Denoising error per row at fixed timesteps and noise (comparable across epochs, shifts and runs) with
+        the row's brain condition (``cond``), the learned null (``null``) and the condition of another test image
+        of the same subject (``shuffled``: what the condition carries about *this* image)."""
         latents = self._latents(batch)
         n = latents.shape[0]
         total = self.noise_scheduler.config.num_train_timesteps
         steps = torch.linspace(0, total - 1, self.cfg.eval_timesteps).long()
         gen = torch.Generator().manual_seed(0)
         cond, null = self.condition(batch), self.null(n).to(latents.dtype)
-        out = {"cond": latents.new_zeros(n), "null": latents.new_zeros(n)}
+        other = cond[_roll_within(batch["subject"])]
+        out = {k: latents.new_zeros(n) for k in ("cond", "null", "shuffled")}
         for s in steps.tolist():
             t = torch.full((n,), s, dtype=torch.long, device=latents.device)
             noisy, target = self._noised(latents, t, gen)
-            for key, c in (("cond", cond), ("null", null)):
+            for key, c in (("cond", cond), ("null", null), ("shuffled", other)):
                 pred = self.unet(noisy, t, encoder_hidden_states=c).sample
                 out[key] += (pred.float() - target.float()).pow(2).flatten(1).mean(1) / len(steps)
         return out
@@ -363,6 +365,15 @@ class Dynadiff(nn.Module):
         return ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1)
 
 
+def _roll_within(subject: torch.Tensor) -> torch.Tensor:
+    """A permutation that moves every row to the next row of the same subject (cyclically)."""
+    perm = torch.arange(len(subject), device=subject.device)
+    for s in subject.unique():
+        idx = torch.nonzero(subject == s).flatten()
+        perm[idx] = idx.roll(1)
+    return perm
+
+
 def initial_noise(seeds: np.ndarray | list[int], shape: tuple[int, ...]) -> torch.Tensor:
     """One seeded standard-normal latent per row (reconstructions do not depend on how rows are batched)."""
     return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds])
@@ -375,6 +386,24 @@ def save_lora(model: Dynadiff, out_dir: str) -> str:
     """The UNet's LoRA as ``pytorch_lora_weights.safetensors`` (peft keys, the LoRA config in its metadata)."""
     model.unet.save_lora_adapter(out_dir, weight_name=LORA_WEIGHTS)
     return os.path.join(out_dir, LORA_WEIGHTS)
+
+
+def export(model: Dynadiff, out_dir: str) -> list[str]:
+    """``lora/pytorch_lora_weights.safetensors`` (diffusers/peft) and ``brain_module.safetensors`` (the brain module
+    and the null embedding, ``brain.*`` / ``null.*`` keys)."""
+    from safetensors.torch import save_file
+
+    lora = save_lora(model, os.path.join(out_dir, "lora"))
+    brain = os.path.join(out_dir, "brain_module.safetensors")
+    state = {k: v.detach().float().cpu().contiguous() for k, v in model.state_dict().items()
+             if k.startswith(("brain.", "null."))}
+    save_file(state, brain, metadata={"format": "pt"})
+    return [lora, brain]
+
+
+def reconstruct(model: Dynadiff, batch: dict, seeds, steps: int | None = None,
+                guidance: float | None = None) -> torch.Tensor:
+    return model.sample(batch, steps=steps, guidance=guidance, noise=initial_noise(seeds, model.latent_shape))
 
 
 def load_lora(unet, lora_dir: str):
@@ -412,14 +441,19 @@ def predict(model, batch: dict) -> dict[str, torch.Tensor]:
 
 
 def test_metrics(model, batch: dict) -> dict[str, torch.Tensor]:
-    """Per-row test losses: ``diffusion_loss`` (brain condition) and ``null_loss`` (learned null)."""
+    """Per-row test losses: ``diffusion_loss`` (the row's brain condition), ``null_loss`` (the learned null) and
+    ``shuffled_loss`` (another test image's brain condition)."""
     out = model(batch, mode="test")
-    return {"diffusion_loss": out["cond"], "null_loss": out["null"]}
+    return {"diffusion_loss": out["cond"], "null_loss": out["null"], "shuffled_loss": out["shuffled"]}
 
 
-def summarize_test(sums: dict[str, float]) -> dict[str, float]:
-    """``condition_gain``: the share of the null condition's denoising error the brain condition removes."""
-    return {**sums, "condition_gain": (sums["null_loss"] - sums["diffusion_loss"]) / max(sums["null_loss"], 1e-12)}
+def summarize_test(means: dict[str, float]) -> dict[str, float]:
+    """``condition_gain``: the share of the null condition's denoising error the brain condition removes (anything
+    the condition learned, image-specific or not); ``image_gain``: the share of a mismatched image's condition error
+    the right window's condition removes (what it decodes about the image seen; 0 = nothing)."""
+    return {**means,
+            "condition_gain": (means["null_loss"] - means["diffusion_loss"]) / max(means["null_loss"], 1e-12),
+            "image_gain": (means["shuffled_loss"] - means["diffusion_loss"]) / max(means["shuffled_loss"], 1e-12)}
 
 
 def targets(cfg: DynadiffConfig) -> dict[str, str | dict]:
@@ -463,4 +497,6 @@ SPEC = register(MethodSpec(
     test_metrics=test_metrics,
     summarize_test=summarize_test,
     persisted_keys=persisted_keys,
+    reconstruct=reconstruct,
+    export=export,
 ))
