@@ -168,6 +168,23 @@ def promote(name: str, version: str | int, client=None) -> Decision:
     return Decision(name, cand["version"], alias, reason, cand, champ)
 
 
+def _signature(config: dict):
+    """Inference parameters of models that reconstruct images (``predict(..., params={"steps": 4})``); MLflow drops
+    params a signature does not declare. Defaults: the model's own."""
+    from raydecode.methods.base import get_method
+
+    if get_method(config["method"]).reconstruct is None:
+        return None
+    from mlflow.models import ModelSignature
+    from mlflow.types.schema import ParamSchema, ParamSpec
+
+    model = config["model"]
+    return ModelSignature(inputs=None, outputs=None, params=ParamSchema([
+        ParamSpec("steps", "long", int(model.get("ddim_steps", 20))),
+        ParamSpec("guidance", "double", float(model.get("guidance", 3.0))),
+        ParamSpec("reconstruct", "boolean", True)]))
+
+
 def mlflow_uri() -> str:
     import mlflow
 
@@ -193,7 +210,7 @@ def register_run(run_id: str, checkpoint_uri: str, metrics: dict, metric: str, t
         with mlflow.start_run(run_id=run_id, nested=mlflow.active_run() is not None):  # e.g. inside a sweep's run
             info = mlflow.pyfunc.log_model(
                 name="model", python_model=DecoderModel(), artifacts={"package": os.path.join(tmp, "package")},
-                pip_requirements=["raydecode"])
+                pip_requirements=["raydecode"], signature=_signature(config))
     mv = mlflow.register_model(info.model_uri, name)
     tags = {"raydecode.metric": metric, "raydecode.tie_break": tie_break, "raydecode.test_set": test_set,
             "raydecode.store_manifest_sha256": manifest_sha256, "raydecode.checkpoint_uri": checkpoint_uri,

@@ -1,0 +1,186 @@
+"""The `dynadiff` stage end to end on the tiny store: Ray Train + DeepSpeed on time-series windows, reconstructions,
+time-resolved decoding, a specialized model, MLflow artifacts, the registry and the pyfunc model."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from mlflow.tracking import MlflowClient
+
+from raydecode.config import DiffusionDecodeConfig
+from raydecode.data.windows import WindowConfig
+
+from conftest import run_cli
+
+SHIFTS = [-1, 0, 1]
+
+
+def _config(store: str, workdir, **over) -> DiffusionDecodeConfig:
+    base = {
+        "store": store, "workdir": str(workdir), "run_name": "dd-tiny", "method": "dynadiff", "preset": "tiny",
+        "model": {"eval_timesteps": 4},
+        "data": {"subjects": [1], "categories": False, "read_cpus": 0.25, "lookup_cpus": 0.25},
+        "optim": {"epochs": 3, "batch_size": 8, "lr": 3e-3},
+        "scaling": {"num_workers": 2, "cpus_per_worker": 0.25}, "deepspeed": {"zero_stage": 2},
+        "reconstruct": {"steps": 4, "max_images": 8, "grid_images": 6},
+        "time_resolved": {"shifts": SHIFTS, "specialized": [1]},
+    }
+    base.update(over)
+    return DiffusionDecodeConfig.model_validate(base)
+
+
+@pytest.fixture(scope="module")
+def stage(tiny_store, ray_local, tmp_path_factory):
+    from raydecode.reconstruct import run_dynadiff
+
+    cfg = _config(tiny_store, tmp_path_factory.mktemp("dynadiff"))
+    return cfg, run_dynadiff(cfg)
+
+
+def _client(cfg) -> MlflowClient:
+    return MlflowClient(cfg.resolved_tracking_uri())
+
+
+def test_training_logs_losses_and_the_brain_condition_helps(stage):
+    cfg, result = stage
+    client = _client(cfg)
+    loss = [m.value for m in client.get_metric_history(result.mlflow_run_id, "train.loss")]
+    assert len(loss) == cfg.optim.epochs and loss[-1] < loss[0]
+    m = result.metrics
+    # the brain condition lowers the test denoising error below the learned null's
+    assert m["final.test.diffusion_loss"] < m["final.test.null_loss"]
+    assert 0 < m["final.test.condition_gain"] < 1
+    run = client.get_run(result.mlflow_run_id)
+    assert run.data.params["method"] == "dynadiff" and run.info.status == "FINISHED"
+
+
+def test_mlflow_holds_the_grid_the_lora_weights_and_the_time_curve(stage, tmp_path):
+    cfg, result = stage
+    client = _client(cfg)
+    names = {a.path for a in client.list_artifacts(result.mlflow_run_id, "reconstructions")}
+    assert {"reconstructions/reconstructions.png", "reconstructions/time_resolved.png",
+            "reconstructions/time_resolved.json", "reconstructions/test_averaged.npz",
+            "reconstructions/weights"} <= names
+    local = client.download_artifacts(result.mlflow_run_id, "reconstructions", str(tmp_path))
+    from safetensors.torch import load_file
+
+    lora = load_file(f"{local}/weights/lora/pytorch_lora_weights.safetensors")
+    assert lora and all("lora_A" in k or "lora_B" in k for k in lora) and all("attn2" in k for k in lora)
+    brain = load_file(f"{local}/weights/brain_module.safetensors")
+    assert "brain.subject_layers.1.weight" in brain and "null.embedding" in brain
+    recon = np.load(f"{local}/test_averaged.npz")
+    assert recon["reconstruction"].shape == (8, 32, 32, 3) and recon["reconstruction"].dtype == np.uint8
+    from PIL import Image
+
+    assert Image.open(f"{local}/reconstructions.png").size[0] > 200
+
+
+def test_time_resolved_curve_has_one_value_per_shift(stage, tmp_path):
+    cfg, result = stage
+    client = _client(cfg)
+    curve = json.loads(open(client.download_artifacts(result.mlflow_run_id, "reconstructions/time_resolved.json",
+                                                      str(tmp_path))).read())
+    assert [p["shift"] for p in curve] == SHIFTS
+    w = WindowConfig()
+    for p in curve:
+        assert p["window_end_s"] == pytest.approx(w.start_s + p["shift"] * 1.3 + 6 * 1.3, abs=1e-4)
+        assert np.isfinite(p["test.diffusion_loss"]) and np.isfinite(p["test.image_gain"])
+    # shifted windows are other data: the test loss differs from the trained window's
+    losses = {p["shift"]: p["test.diffusion_loss"] for p in curve}
+    assert losses[-1] != losses[0] and losses[1] != losses[0]
+    history = client.get_metric_history(result.mlflow_run_id, "time_resolved.test.image_gain")
+    assert len(history) == len(SHIFTS)
+
+
+def test_the_specialized_model_is_a_child_run_trained_on_its_shifted_window(stage):
+    cfg, result = stage
+    client = _client(cfg)
+    children = client.search_runs([client.get_run(result.mlflow_run_id).info.experiment_id],
+                                  f"tags.mlflow.parentRunId = '{result.mlflow_run_id}'")
+    assert [c.info.run_name for c in children] == ["dd-tiny-shift+1"]
+    from raydecode.train.checkpoint import CONFIG_FILE, read_json
+
+    child_ckpt = client.get_run(children[0].info.run_id).data.tags["raydecode.checkpoint_uri"]
+    assert read_json(child_ckpt, CONFIG_FILE)["model"]["window"]["start_s"] == pytest.approx(3.0 + 1.3)
+
+
+def test_checkpoints_leave_out_the_frozen_unet_and_the_base_weights_are_unchanged(stage):
+    cfg, result = stage
+    from raydecode.errors import StoreError
+    from raydecode.train.checkpoint import CONFIG_FILE, MODEL_FILE, load_consolidated, load_state, read_json
+    from raydecode.storage import resolve
+
+    ckpt = result.artifacts["checkpoint"]
+    state = load_state(ckpt)
+    assert not [k for k in state if k.startswith("vae.") or (k.startswith("unet.") and "lora_" not in k)]
+    # the frozen weights at the end of training == those a fresh build makes (a loader checks the digest)
+    assert load_consolidated(ckpt).model.latent_shape == (4, 8, 8)
+    loc = resolve(ckpt).join(CONFIG_FILE)
+    original = loc.read_bytes()
+    config = read_json(ckpt, CONFIG_FILE)
+    config["frozen_sha256"] = "0" * 64  # as if the UNet at model.unet had changed since training
+    loc.write_bytes_atomic(json.dumps(config).encode())
+    try:
+        with pytest.raises(StoreError, match="frozen weights"):
+            load_consolidated(ckpt)
+    finally:
+        loc.write_bytes_atomic(original)
+    assert resolve(ckpt).join(MODEL_FILE).exists()
+
+
+def test_registered_model_reconstructs_the_same_images_without_ray(stage):
+    cfg, result = stage
+    assert result.artifacts["alias"] == "champion" and result.artifacts["model"].startswith(
+        "models:/raydecode-dynadiff-subj01/")
+    grid = result.artifacts["reconstructions.test_averaged.npz"]
+    script = f"""
+import json, sys, mlflow, numpy as np
+mlflow.set_tracking_uri({cfg.resolved_tracking_uri()!r})
+from raydecode.data.pipeline import DataSelection
+from raydecode.data.windows import WindowConfig, read_windows
+from raydecode.reconstruct import row_seeds
+saved = np.load({grid!r})
+model = mlflow.pyfunc.load_model("models:/raydecode-dynadiff-subj01@champion")
+rows = read_windows({cfg.store!r}, "test", WindowConfig(), DataSelection(subjects=[1], categories=False))
+order = np.lexsort((rows["image_id"], rows["subject"]))[:8]
+seeds = row_seeds(0, rows["subject"][order], rows["image_id"][order])
+out = model.predict({{"bold": rows["bold"][order], "subject": rows["subject"][order], "seed": seeds}},
+                    params={{"steps": 4}})
+diff = np.abs(out["image"].astype(int) - saved["reconstruction"].astype(int))
+json.dump({{"max_diff": int(diff.max()), "ids_match": bool((saved["image_id"] == rows["image_id"][order]).all()),
+           "ray": "ray" in sys.modules, "deepspeed": "deepspeed" in sys.modules}}, sys.stdout)
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["ids_match"] and not out["ray"] and not out["deepspeed"]
+    assert out["max_diff"] <= 1  # seeded DDIM: the same images in another process, batched differently
+
+
+def test_reconstruct_action_evaluates_a_checkpoint_from_the_cli(stage, tmp_path):
+    cfg, result = stage
+    proc = run_cli("dynadiff", "reconstruct", "--checkpoint", result.artifacts["checkpoint"],
+                   "--set", f"store={cfg.store}", "--set", f"workdir={cfg.workdir}", "--set", "preset=tiny",
+                   "--set", "reconstruct.steps=4", "--set", "reconstruct.max_images=4",
+                   "--set", "reconstruct.single_trial=false", "--set", "time_resolved.shifts=[0]",
+                   "--set", "scaling.cpus_per_worker=0.25", "--summary", str(tmp_path / "s.json"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((tmp_path / "s.json").read_text())
+    assert summary["stage"] == "reconstruct" and "recon.pixcorr" in summary["metrics"]
+    assert "time-resolved decoding" in proc.stdout
+
+
+def test_bad_dynadiff_configs_fail_with_one_line(tiny_store, tmp_path):
+    proc = run_cli("dynadiff", "--set", f"store={tiny_store}", "--set", f"workdir={tmp_path}",
+                   "--set", "preset=tiny", "--set", f"model.unet={tmp_path}/no-such-unet")
+    assert proc.returncode != 0
+    err = proc.stderr.strip().splitlines()
+    assert len(err) == 1 and "model.unet" in err[0] and "no-such-unet" in err[0]
+    proc = run_cli("dynadiff", "--set", f"store={tiny_store}", "--set", f"workdir={tmp_path}",
+                   "--set", "preset=tiny", "--set", "model.window.duration_s=-1")
+    err = proc.stderr.strip().splitlines()
+    assert proc.returncode != 0 and len(err) == 1 and "window.duration_s" in err[0]
