@@ -19,10 +19,12 @@ from raydecode.data.store import open_store
 from raydecode.data.windows import WindowConfig, clean_run, cosine_drift, count_windows, read_windows
 from raydecode.errors import ConfigError
 from raydecode.methods.base import DatasetInfo, Progress, count_parameters, get_method
+from raydecode.methods.dynadiff import build_unet, initial_noise, load_lora, save_lora
 
 TR = 1.3
 N_SAMPLES = round(8 / TR)  # Dynadiff's 8 s window: 6 volumes
-VOXELS = {1: 240, 2: 200}  # tiny synthetic subjects 1 and 2
+VOXELS = {1: 240, 2: 200}  # the store's subjects (tiny synthetic 1 and 2)
+NEW_SUBJECT_VOXELS = {3: 230}  # a subject the store does not hold (model-only tests)
 SINGLE = DataSelection(average_test_repeats=False, categories=False)
 
 
@@ -47,7 +49,8 @@ def _model(subjects=(1,), seed=0, **over):
     spec = _spec()
     cfg = spec.config("tiny", over)
     torch.manual_seed(seed)
-    model = spec.build_model(cfg, DatasetInfo(list(subjects), {s: VOXELS.get(s, 230) for s in subjects}, tr_s=TR))
+    voxels = {**VOXELS, **NEW_SUBJECT_VOXELS}
+    model = spec.build_model(cfg, DatasetInfo(list(subjects), {s: voxels[s] for s in subjects}, tr_s=TR))
     return spec, cfg, model
 
 
@@ -113,7 +116,8 @@ def test_windows_shape_padding_ids_and_end_time(store):
     assert not set(rows["image_id"].tolist()) & test_ids and set(rows["split"]) == {"train"}
     assert len(_key_rows(rows)) == n  # one row per trial
     for shift in (0, 1, -2):
-        end = read_windows(store, "train", WindowConfig(), DataSelection(subjects=[1], categories=False), shift=shift)["window_end_s"]
+        one = read_windows(store, "train", WindowConfig(), DataSelection(subjects=[1], categories=False), shift=shift)
+        end = one["window_end_s"]
         np.testing.assert_allclose(end, 3.0 + shift * TR + N_SAMPLES * TR, rtol=1e-6)
 
 
@@ -196,7 +200,7 @@ def test_windows_carry_the_stimulus(store):
 # -- the model -----------------------------------------------------------------------------
 
 
-def test_model_needs_a_tr_and_sizes_its_brain_module_from_the_window():
+def test_model_needs_a_tr_and_sizes_its_brain_module_from_the_window(vae_encoder):
     """No TR: a clear error; otherwise 6 timestep-specific maps per subject and the VAE of the target encoder."""
     spec = _spec()
     cfg = spec.config("tiny")
@@ -206,7 +210,7 @@ def test_model_needs_a_tr_and_sizes_its_brain_module_from_the_window():
     assert model.n_samples == N_SAMPLES
     assert model.brain.timestep_layers["1"].weight.shape == (N_SAMPLES, cfg.channels, cfg.channels)
     assert model.latent_shape == (4, 8, 8)
-    ref = FrozenEncoder(encoder_config("vae-tiny")).net.state_dict()
+    ref = vae_encoder.net.state_dict()
     own = model.vae.state_dict()
     assert set(own) == set(ref) and all(torch.equal(own[k], ref[k]) for k in ref)  # decoder matches the targets
 
@@ -330,8 +334,6 @@ def test_guidance_one_is_the_conditional_prediction(monkeypatch):
     with torch.no_grad():
         model.null.embedding.normal_()
     batch = _random_batch(3)
-    from raydecode.methods.dynadiff import initial_noise
-
     noise = initial_noise([1, 2, 3], model.latent_shape)
     img_g1 = model.sample(batch, steps=5, guidance=1.0, noise=noise)
     img_c = model.sample(batch, steps=5, conditional_only=True, noise=noise)
@@ -353,8 +355,6 @@ def test_guidance_one_is_the_conditional_prediction(monkeypatch):
 
 def test_ddim_sampling_is_deterministic_per_seed_and_batch_independent(monkeypatch):
     """Seeded initial noise: the same images on every call and however rows are batched; other seeds, other images."""
-    from raydecode.methods.dynadiff import initial_noise
-
     _, _, model = _model()
     model.eval()
     _lora_nonzero(model)
@@ -384,10 +384,8 @@ def test_ddim_sampling_is_deterministic_per_seed_and_batch_independent(monkeypat
 
 
 def test_lora_round_trip_through_the_diffusers_file(tmp_path):
-    """save_lora writes diffusers' LoRA file; a fresh base UNet with it loaded predicts exactly like the model's UNet."""
+    """save_lora writes diffusers' LoRA file; a fresh base UNet with it loaded predicts like the model's UNet."""
     from safetensors import safe_open
-
-    from raydecode.methods.dynadiff import build_unet, load_lora, save_lora
 
     _, cfg, model = _model()
     model.eval()
@@ -415,7 +413,7 @@ def test_lora_round_trip_through_the_diffusers_file(tmp_path):
     assert (base - want).abs().max() > 1e-3
 
 
-def _tiny_unet(cross_attention_dim=24):
+def _tiny_unet(cross_attention_dim):
     from diffusers import UNet2DConditionModel
 
     torch.manual_seed(5)
@@ -430,7 +428,7 @@ def test_pretrained_unet_from_a_diffusers_pipeline_directory(tmp_path):
     and the pipeline's scheduler; a directory without config.json is refused by name."""
     from diffusers import DDPMScheduler
 
-    unet = _tiny_unet()
+    unet = _tiny_unet(24)
     unet.save_pretrained(tmp_path / "vd" / "image_unet")
     DDPMScheduler(num_train_timesteps=500, beta_schedule="linear").save_pretrained(tmp_path / "vd" / "scheduler")
     spec = _spec()
@@ -457,8 +455,6 @@ def test_pretrained_unet_from_a_diffusers_pipeline_directory(tmp_path):
 
 def test_paper_preset_needs_a_unet_off_meta_and_has_the_paper_brain_module_size():
     """Without weights the paper UNet is refused (nothing downloaded); on meta it builds with a ~345M brain module."""
-    from raydecode.methods.dynadiff import build_unet
-
     spec = _spec()
     cfg = spec.config("paper")
     info = DatasetInfo([1], {1: 15724}, tr_s=TR)
@@ -510,3 +506,12 @@ def test_new_subject_starts_from_a_multi_subject_checkpoint():
         assert torch.equal(now[k], state[k]), k
         if (k.startswith("brain.") and ".norm." not in k) or "lora_B" in k:
             assert not torch.equal(init[k], state[k]), k  # the copy is observable (different seeds, LoRA perturbed)
+
+
+def test_rows_of_a_subject_without_layers_are_refused():
+    """A subject the model has no subject layer for is an error naming it, not a silent all-zero condition."""
+    _, _, model = _model(subjects=(1,))
+    batch = _random_batch(4, subject=1)
+    batch["subject"][2] = 5
+    with pytest.raises(ConfigError, match=r"subject\(s\) \[5\]"):
+        model.condition(batch)

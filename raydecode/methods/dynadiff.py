@@ -52,7 +52,7 @@ VD_IMAGE_UNET = dict(
     up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
 )
 SD_SCHEDULER = dict(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
-                    prediction_type="epsilon")
+                    prediction_type="epsilon", clip_sample=False, steps_offset=1)
 
 
 class DynadiffConfig(BaseModel):
@@ -121,6 +121,23 @@ def _unet_dir(path: str) -> tuple[Path, str | None]:
         return p, None
     raise ConfigError(f"model.unet {path!r}: not a diffusers UNet directory (no config.json in it, nor in "
                       "image_unet/ or unet/)")
+
+
+def _check_weights(cfg: DynadiffConfig) -> None:
+    """Name every missing pretrained path at once (paper scale needs a UNet and a VAE directory)."""
+    from raydecode.data.encoders import encoder_config, requires_weights
+
+    if _on_meta():
+        return
+    missing = []
+    if cfg.unet is None and cfg.unet_config.get("cross_attention_dim") == VD_IMAGE_UNET["cross_attention_dim"] \
+            and tuple(cfg.unet_config.get("block_out_channels", ())) == VD_IMAGE_UNET["block_out_channels"]:
+        missing.append("model.unet (a Versatile-Diffusion-compatible diffusers directory)")
+    if requires_weights(encoder_config(cfg.vae)):
+        missing.append(f"the weights of model.vae {encoder_config(cfg.vae).name!r} (a diffusers directory with vae/)")
+    if missing:
+        raise ConfigError("the paper preset fine-tunes a pretrained latent-diffusion model: set " + " and ".join(missing)
+                          + "; nothing is downloaded at run time")
 
 
 def build_unet(cfg: DynadiffConfig, latent_size: int):
@@ -208,6 +225,10 @@ class BrainModule(nn.Module):
         self.tokens, self.width, self.channels = tokens, width, channels
 
     def forward(self, bold: torch.Tensor, subject: torch.Tensor) -> torch.Tensor:
+        known = torch.tensor(sorted(self.voxels), device=subject.device)
+        if not torch.isin(subject, known).all():
+            unknown = sorted(set(subject.tolist()) - set(self.voxels))
+            raise ConfigError(f"subject(s) {unknown}: this model has subject layers for {sorted(self.voxels)} only")
         z = bold.new_zeros(bold.shape[0], bold.shape[1], self.channels)
         # every subject's layers run on every rank, in order (ZeRO-3 gathers parameters collectively)
         for key, layer in self.subject_layers.items():
@@ -242,6 +263,7 @@ class Dynadiff(nn.Module):
             raise ConfigError("dynadiff reads BOLD time series: the store has no TR (ingest with timeseries: true)")
         self.cfg = cfg
         self.n_samples = cfg.window.n_samples(info.tr_s)
+        _check_weights(cfg)
         self.vae_encoder, self.vae = build_vae(cfg)
         down = 2 ** (len(self.vae.config.block_out_channels) - 1)
         self.latent_shape = (int(self.vae.config.latent_channels), self.vae_encoder.image_size // down,
@@ -344,7 +366,8 @@ class Dynadiff(nn.Module):
         guidance = self.cfg.guidance if guidance is None else guidance
         cond = self.condition(batch)
         n = cond.shape[0]
-        sched = DDIMScheduler.from_config(self.noise_scheduler.config)
+        sched = DDIMScheduler.from_config(self.noise_scheduler.config, clip_sample=False,  # latents exceed [-1, 1]
+                                           set_alpha_to_one=False)
         sched.set_timesteps(steps or self.cfg.ddim_steps)
         x = (noise if noise is not None else torch.randn(n, *self.latent_shape)).to(cond) * sched.init_noise_sigma
         null = self.null(n).to(cond.dtype)
