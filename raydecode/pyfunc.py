@@ -32,7 +32,7 @@ with warnings.catch_warnings():  # mlflow asks for type hints to infer a signatu
             spec = self.loaded.spec
             params = params or {}
             batch = {}
-            for k in (c for c in spec.columns if c != "image_id"):
+            for k in (c for c in spec.columns if c in model_input and c != "image_id"):
                 v = torch.as_tensor(np.asarray(model_input[k]))
                 batch[k] = v.float() if v.is_floating_point() else v.long()
             with torch.no_grad():

@@ -161,26 +161,41 @@ json.dump({{"max_diff": int(diff.max()), "ids_match": bool((saved["image_id"] ==
     assert out["max_diff"] <= 1  # seeded DDIM: the same images in another process, batched differently
 
 
-def test_reconstruct_action_evaluates_a_checkpoint_from_the_cli(stage, tmp_path):
+def test_reconstruct_action_evaluates_an_existing_checkpoint(stage, capsys):
+    """`raydecode dynadiff reconstruct`: the evaluation alone, in a new MLflow run tagged with the checkpoint."""
+    from raydecode.reconstruct import run_reconstruct_only
+
     cfg, result = stage
-    proc = run_cli("dynadiff", "reconstruct", "--checkpoint", result.artifacts["checkpoint"],
-                   "--set", f"store={cfg.store}", "--set", f"workdir={cfg.workdir}", "--set", "preset=tiny",
-                   "--set", "reconstruct.steps=4", "--set", "reconstruct.max_images=4",
-                   "--set", "reconstruct.single_trial=false", "--set", "time_resolved.shifts=[0]",
-                   "--set", "scaling.cpus_per_worker=0.25", "--summary", str(tmp_path / "s.json"))
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    summary = json.loads((tmp_path / "s.json").read_text())
-    assert summary["stage"] == "reconstruct" and "recon.pixcorr" in summary["metrics"]
-    assert "time-resolved decoding" in proc.stdout
+    again = cfg.model_copy(update={"checkpoint_uri": result.artifacts["checkpoint"],
+                                   "reconstruct": cfg.reconstruct.model_copy(update={"max_images": 4,
+                                                                                     "single_trial": False}),
+                                   "time_resolved": cfg.time_resolved.model_copy(update={"shifts": [0]})})
+    out = run_reconstruct_only(again)
+    assert out.stage == "reconstruct" and 0 <= out.metrics["recon.ssim"] <= 1
+    # the same checkpoint, windows and seeds: the same test loss as the stage measured
+    assert out.metrics["test.diffusion_loss"] == pytest.approx(result.metrics["final.test.diffusion_loss"], rel=1e-5)
+    run = _client(cfg).get_run(out.mlflow_run_id)
+    assert run.data.tags["raydecode.checkpoint_uri"] == result.artifacts["checkpoint"]
+    assert "time-resolved decoding" in capsys.readouterr().out
 
 
 def test_bad_dynadiff_configs_fail_with_one_line(tiny_store, tmp_path):
+    """Named, one-line errors before anything starts: a missing UNet directory (through the CLI), a missing
+    checkpoint, an invalid window."""
+    from raydecode.config import load_config
+    from raydecode.errors import ConfigError, StoreError
+    from raydecode.reconstruct import run_reconstruct_only
+
     proc = run_cli("dynadiff", "--set", f"store={tiny_store}", "--set", f"workdir={tmp_path}",
                    "--set", "preset=tiny", "--set", f"model.unet={tmp_path}/no-such-unet")
-    assert proc.returncode != 0
     err = proc.stderr.strip().splitlines()
-    assert len(err) == 1 and "model.unet" in err[0] and "no-such-unet" in err[0]
-    proc = run_cli("dynadiff", "--set", f"store={tiny_store}", "--set", f"workdir={tmp_path}",
-                   "--set", "preset=tiny", "--set", "model.window.duration_s=-1")
-    err = proc.stderr.strip().splitlines()
-    assert proc.returncode != 0 and len(err) == 1 and "window.duration_s" in err[0]
+    assert proc.returncode != 0 and len(err) == 1 and "model.unet" in err[0] and "no-such-unet" in err[0]
+    with pytest.raises(StoreError, match="no-such-run"):
+        run_reconstruct_only(_config(tiny_store, tmp_path, checkpoint_uri=str(tmp_path / "no-such-run")))
+    cfg = load_config(DiffusionDecodeConfig, None, [f"store={tiny_store}", "preset=tiny",
+                                                    "model.window.duration_s=-1"])
+    from raydecode.methods.base import get_method
+
+    with pytest.raises(ConfigError, match="window.duration_s") as err:
+        get_method("dynadiff").config(cfg.preset, cfg.model)
+    assert len(str(err.value).splitlines()) == 1

@@ -14,8 +14,10 @@ def model_info(method: str, preset: str, voxels: list[int] | None = None, overri
 
     spec = get_method(method)
     cfg = spec.config(preset, overrides)
-    voxels = list(voxels or PRESETS["paper" if preset == "paper" else preset].voxels)
-    info = DatasetInfo(list(range(1, len(voxels) + 1)), {i + 1: v for i, v in enumerate(voxels)})
+    sizes = PRESETS["paper" if preset == "paper" else preset]
+    voxels = list(voxels or sizes.voxels)
+    info = DatasetInfo(list(range(1, len(voxels) + 1)), {i + 1: v for i, v in enumerate(voxels)},
+                       tr_s=sizes.tr_s)  # NSD's TR: time-series methods size their input from it
     with torch.device("meta"):
         model = spec.build_model(cfg, info)
         trainable = [p for g in spec.param_groups(model, cfg, 0.0) for p in g["params"]]

@@ -238,7 +238,8 @@ def train_loop_per_worker(payload: dict) -> None:
         from raydecode.data.stats import load_stats
 
         spec.attach_statistics(model, load_stats(payload["stats_uri"], cfg.s3)[0])
-    torch.manual_seed(cfg.optim.seed + 7919 * rank)  # same weights, but each rank its own dropout masks and noise
+    if rank:  # same weights on every rank, but each rank its own dropout masks and noise draws
+        torch.manual_seed(cfg.optim.seed + 7919 * rank)
     optimizer = torch.optim.AdamW(spec.param_groups(model, mcfg, cfg.optim.weight_decay), lr=cfg.optim.lr)
     # methods with frozen parts (e.g. a diffusion UNet) checkpoint only what they train
     partial = spec.persisted_keys is not None
