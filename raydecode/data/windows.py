@@ -151,14 +151,25 @@ def count_windows(store: Store, subjects: list[int], sessions: list[int] | None,
 def windows_dataset(store: Store | str, split: str, window: WindowConfig, selection=None,
                     s3: S3Options | None = None, shift: int = 0):
     """Windows of one split as a Ray dataset (the time-series counterpart of ``trials_dataset``)."""
-    import ray.data
-    from ray.data import ActorPoolStrategy
-
-    from raydecode.data.pipeline import DataSelection, StimulusLookup, TrialsDataset, _average_repeats
+    from raydecode.data.pipeline import DataSelection
 
     sel = selection or DataSelection()
     if split not in ("train", "test"):
         raise ConfigError(f"split {split!r}: allowed values: train, test")
+    if split == "test" and sel.average_test_repeats:
+        from raydecode.data.pipeline import small_shuffles
+
+        with small_shuffles():
+            return _windows_dataset(store, split, window, sel, s3, shift)
+    return _windows_dataset(store, split, window, sel, s3, shift)
+
+
+def _windows_dataset(store, split: str, window: WindowConfig, sel, s3, shift: int):
+    import ray.data
+    from ray.data import ActorPoolStrategy
+
+    from raydecode.data.pipeline import StimulusLookup, TrialsDataset, _average_repeats
+
     if isinstance(store, str):
         store = open_store(store, s3)
     subjects = store.check_subjects(sel.subjects)
