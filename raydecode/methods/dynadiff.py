@@ -25,7 +25,6 @@ path (or seed) when a model is loaded.
 
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 from typing import Any
@@ -282,15 +281,6 @@ class Dynadiff(nn.Module):
         super().train(mode)
         self.vae.eval()
         return self
-
-    # the frozen weights (rebuilt from path / seed on load; never in checkpoints)
-    def frozen_digest(self) -> str:
-        h = hashlib.sha256()
-        for name, p in sorted(self.named_parameters()):
-            if not p.requires_grad:
-                h.update(name.encode())
-                h.update(p.detach().float().cpu().contiguous().numpy().tobytes())
-        return h.hexdigest()
 
     def condition(self, batch: dict) -> torch.Tensor:
         return self.brain(batch["bold"], batch["subject"])
