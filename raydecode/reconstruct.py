@@ -240,6 +240,18 @@ def train_part(cfg: DiffusionDecodeConfig):
     return TrainConfig.model_validate(cfg.model_dump(include=set(TrainConfig.model_fields)))
 
 
+def specialized_config(cfg: DiffusionDecodeConfig, shift: int, tr_s: float) -> DiffusionDecodeConfig:
+    """Dynadiff's "specialized" model for ``shift`` TRs: the same run on W(t + shift * TR, d), named
+    ``<run_name>-shift+K``."""
+    from raydecode.methods.base import get_method
+
+    base_start = get_method(cfg.method).config(cfg.preset, cfg.model).window.start_s
+    window = {**cfg.model.get("window", {}), "start_s": base_start + shift * tr_s}
+    return cfg.model_copy(update={"model": {**cfg.model, "window": window},
+                                  "run_name": f"{cfg.run_name}-shift{shift:+d}",
+                                  "time_resolved": cfg.time_resolved.model_copy(update={"specialized": []})})
+
+
 def run_dynadiff(cfg: DiffusionDecodeConfig) -> StageResult:
     import mlflow
 
@@ -262,12 +274,9 @@ def run_dynadiff(cfg: DiffusionDecodeConfig) -> StageResult:
     res = _remote_evaluate(cfg, ckpt, run_dir.join("reconstructions").uri, run_id, tracking_uri)
 
     specialized = []
-    base_start = spec.config(cfg.preset, cfg.model).window.start_s
     for k in cfg.time_resolved.specialized:  # one model per shifted window, child runs of the general one
-        tr = res["tr_s"]
-        window = {**cfg.model.get("window", {}), "start_s": base_start + k * tr}
-        sub = cfg.model_copy(update={"model": {**cfg.model, "window": window},
-                                     "run_name": f"{cfg.run_name}-shift{k:+d}"})
+        sub = specialized_config(cfg, k, res["tr_s"])
+        window = sub.model["window"]
         print(f"\n[dynadiff] specialized model for shift {k:+d} TR (window from {window['start_s']:.2f} s)")
         r = run_training(train_part(sub), stage="dynadiff-specialized", parent_run_id=run_id)
         sub_dir = resolve(sub.storage_path(), sub.s3).join(sub.run_name)

@@ -14,7 +14,6 @@ from mlflow.tracking import MlflowClient
 from raydecode.config import DiffusionDecodeConfig
 from raydecode.data.windows import WindowConfig
 
-from conftest import run_cli
 
 SHIFTS = [-1, 0, 1]
 
@@ -108,6 +107,17 @@ def test_the_specialized_model_is_a_child_run_trained_on_its_shifted_window(stag
     assert read_json(child_ckpt, CONFIG_FILE)["model"]["window"]["start_s"] == pytest.approx(3.0 + 1.3)
 
 
+def test_specialized_configs_move_the_window_and_name_the_run(tiny_store, tmp_path):
+    from raydecode.reconstruct import specialized_config
+
+    cfg = _config(tiny_store, tmp_path, model={"window": {"duration_s": 6.5}},
+                  time_resolved={"shifts": SHIFTS, "specialized": [-2, 3]})
+    sub = specialized_config(cfg, -2, 1.3)
+    assert sub.run_name == "dd-tiny-shift-2" and sub.time_resolved.specialized == []
+    assert sub.model["window"] == {"duration_s": 6.5, "start_s": pytest.approx(3.0 - 2.6)}
+    assert sub.optim == cfg.optim and sub.data == cfg.data
+
+
 def test_checkpoints_leave_out_the_frozen_unet_and_the_base_weights_are_unchanged(stage):
     cfg, result = stage
     from raydecode.errors import StoreError
@@ -179,17 +189,19 @@ def test_reconstruct_action_evaluates_an_existing_checkpoint(stage, capsys):
     assert "time-resolved decoding" in capsys.readouterr().out
 
 
-def test_bad_dynadiff_configs_fail_with_one_line(tiny_store, tmp_path):
+def test_bad_dynadiff_configs_fail_with_one_line(tiny_store, tmp_path, capsys):
     """Named, one-line errors before anything starts: a missing UNet directory (through the CLI), a missing
     checkpoint, an invalid window."""
     from raydecode.config import load_config
     from raydecode.errors import ConfigError, StoreError
     from raydecode.reconstruct import run_reconstruct_only
 
-    proc = run_cli("dynadiff", "--set", f"store={tiny_store}", "--set", f"workdir={tmp_path}",
-                   "--set", "preset=tiny", "--set", f"model.unet={tmp_path}/no-such-unet")
-    err = proc.stderr.strip().splitlines()
-    assert proc.returncode != 0 and len(err) == 1 and "model.unet" in err[0] and "no-such-unet" in err[0]
+    from raydecode.cli import main
+
+    code = main(["dynadiff", "--set", f"store={tiny_store}", "--set", f"workdir={tmp_path}", "--set", "preset=tiny",
+                 "--set", f"model.unet={tmp_path}/no-such-unet"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code != 0 and len(err) == 1 and "model.unet" in err[0] and "no-such-unet" in err[0]
     with pytest.raises(StoreError, match="no-such-run"):
         run_reconstruct_only(_config(tiny_store, tmp_path, checkpoint_uri=str(tmp_path / "no-such-run")))
     cfg = load_config(DiffusionDecodeConfig, None, [f"store={tiny_store}", "preset=tiny",

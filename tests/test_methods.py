@@ -14,7 +14,6 @@ from raydecode.methods.base import DatasetInfo, Progress, get_method
 from raydecode.methods.info import model_info
 from raydecode.methods.mindeye2 import cosine_anneal, mixco, mixco_nce, soft_clip_loss
 
-from conftest import run_cli
 
 
 def test_model_info_paper_preset_builds_on_meta_without_memory():
@@ -30,13 +29,19 @@ def test_model_info_paper_preset_builds_on_meta_without_memory():
     assert grown_mb < 500, f"building on meta grew RSS by {grown_mb:.0f} MB"
 
 
-def test_model_info_cli_json():
-    proc = run_cli("model-info", "--method", "mindeye2", "--preset", "tiny", "--voxels", "100", "120", "--json")
-    assert proc.returncode == 0, proc.stderr
-    info = json.loads(proc.stdout[: proc.stdout.rindex("}") + 1])
+def test_model_info_cli_json(capsys):
+    from raydecode.cli import main
+
+    assert main(["model-info", "--method", "mindeye2", "--preset", "tiny", "--voxels", "100", "120", "--json"]) == 0
+    out = capsys.readouterr().out
+    info = json.loads(out[: out.rindex("}") + 1])
     assert info["voxels"] == [100, 120] and info["modules"]["ridge"]["total"] == (100 + 1) * 128 + (120 + 1) * 128
-    bad = run_cli("model-info", "--method", "nope")
-    assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith("error: method 'nope'")
+    assert main(["model-info", "--method", "nope"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith("error: method 'nope'")
+    # time-series methods are sized from NSD's TR: Dynadiff's paper brain module for 15,724 voxels
+    assert main(["model-info", "--method", "dynadiff", "--voxels", "15724", "--json"]) == 0
+    out = capsys.readouterr().out
+    assert json.loads(out[: out.rindex("}") + 1])["modules"]["brain"]["total"] == 345_394_775
 
 
 def test_unknown_preset_and_override_are_refused():
