@@ -306,6 +306,12 @@ def read_split(store: Store | str, split: str, selection: DataSelection | None =
     tables = [t.filter(pc.equal(t["split"], split)) for t in tables]
     parts = [_decode_betas(t, width) for t in tables if t.num_rows]
     batch = {n: np.concatenate([p[n] for p in parts]) for n in parts[0]} if parts else {}
+    return finish_in_memory(store, batch, split, sel)
+
+
+def finish_in_memory(store: Store, batch: dict[str, np.ndarray], split: str, sel: DataSelection) -> dict:
+    """In-memory rows (trials or windows) -> what the Ray pipeline would give: test repetitions averaged per
+    (subject, image) when selected, then the stimulus / embedding columns joined."""
     if batch and split == "test" and sel.average_test_repeats:
         keys = batch["subject"].astype(np.int64) * 10**7 + batch["image_id"]
         groups = [_average_repeats({n: v[keys == k] for n, v in batch.items()}) for k in np.unique(keys)]

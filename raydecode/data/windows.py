@@ -199,7 +199,7 @@ def _windows_dataset(store, split: str, window: WindowConfig, sel, s3, shift: in
 def read_windows(store: Store | str, split: str, window: WindowConfig, selection=None, s3: S3Options | None = None,
                  shift: int = 0) -> dict[str, np.ndarray]:
     """The rows of :func:`windows_dataset` read with pyarrow into memory (no Ray): evaluation of test windows."""
-    from raydecode.data.pipeline import DataSelection, StimulusLookup, _average_repeats
+    from raydecode.data.pipeline import DataSelection, finish_in_memory
 
     sel = selection or DataSelection()
     if isinstance(store, str):
@@ -214,12 +214,4 @@ def read_windows(store: Store | str, split: str, window: WindowConfig, selection
     if not parts:
         return {}
     batch = {n: np.concatenate([p[n] for p in parts]) for n in parts[0]}
-    if split == "test" and sel.average_test_repeats:
-        keys = batch["subject"].astype(np.int64) * 10**7 + batch["image_id"]
-        groups = [_average_repeats({n: v[keys == k] for n, v in batch.items()}) for k in np.unique(keys)]
-        batch = {n: np.concatenate([g[n] for g in groups]) for n in groups[0]}
-    if sel.categories or sel.images or sel.embeddings:
-        lookup = StimulusLookup(store.uri, store.s3.model_dump() if store.s3 else None, sel.images, sel.embeddings,
-                                sel.stimulus_cache_shards)
-        batch = lookup(batch)
-    return batch
+    return finish_in_memory(store, batch, split, sel)
