@@ -147,8 +147,11 @@ def test_the_champion_gate(sweep):
     client = _client(cfg)
     tracking.configure(cfg)
     rows = [r for r in _results(cfg, client, result.mlflow_run_id) if int(r["subject"]) == 8]
-    worse, better = sorted(rows, key=lambda r: (float(r[cfg.metric]), float(r[cfg.tie_break])))
-    assert float(worse[cfg.metric]) < float(better[cfg.metric]), rows  # the gate needs two distinct values
+    def score(r):  # what the gate compares: the metric, then the tie-break
+        return float(r[cfg.metric]), float(r[cfg.tie_break])
+
+    worse, better = sorted(rows, key=score)
+    assert score(worse) < score(better), rows  # the gate needs two distinct (metric, tie-break) pairs
     store = open_store(cfg.store)
     evidence = dict(metric=cfg.metric, tie_break=cfg.tie_break, test_set=store.test_set_digest([8]),
                     manifest_sha256=store.manifest_sha256(), name="gate-subj08")
