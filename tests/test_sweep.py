@@ -147,26 +147,25 @@ def test_the_champion_gate(sweep):
     client = _client(cfg)
     tracking.configure(cfg)
     rows = [r for r in _results(cfg, client, result.mlflow_run_id) if int(r["subject"]) == 8]
-    def score(r):  # what the gate compares: the metric, then the tie-break
-        return float(r[cfg.metric]), float(r[cfg.tie_break])
-
-    worse, better = sorted(rows, key=score)
-    assert score(worse) < score(better), rows  # the gate needs two distinct (metric, tie-break) pairs
+    best = max(rows, key=lambda r: (float(r[cfg.metric]), float(r[cfg.tie_break])))
     store = open_store(cfg.store)
     evidence = dict(metric=cfg.metric, tie_break=cfg.tie_break, test_set=store.test_set_digest([8]),
                     manifest_sha256=store.manifest_sha256(), name="gate-subj08")
+    real = {k[len("final."):]: v for k, v in client.get_run(best["mlflow_run_id"]).data.metrics.items()
+            if k.startswith("final.")}
+    assert real[cfg.metric] == pytest.approx(float(best[cfg.metric]))
 
-    def register(row):
-        metrics = {k[len("final."):]: v for k, v in client.get_run(row["mlflow_run_id"]).data.metrics.items()
-                   if k.startswith("final.")}
-        return tracking.register_run(row["mlflow_run_id"], row["checkpoint_uri"], metrics, **evidence)
+    def register(metrics):  # the real trial's package and evidence; the scores as given
+        return tracking.register_run(best["mlflow_run_id"], best["checkpoint_uri"], metrics, **evidence)
 
-    first = register(better)
+    # two real trials can score the same (30 test images: top-1 moves in steps of 1/30), so the worse candidate is
+    # the best trial with its metric set lower: the gate reads the tags, not the weights
+    first = register(real)
     assert first.alias == "champion" and first.reason == "no champion yet"
-    second = register(worse)
+    second = register({**real, cfg.metric: real[cfg.metric] - 0.1})
     assert second.alias == "challenger" and "does not beat" in second.reason
     assert str(client.get_model_version_by_alias("gate-subj08", "champion").version) == first.version
-    third = register(better)
+    third = register(real)
     assert third.alias == "challenger"  # equal is not better
 
     # by hand: the challenger is refused again; after the champion is demoted by a better-scored version, it moves
