@@ -135,6 +135,22 @@ def stage_dynadiff(args) -> StageResult:
     return run_reconstruct_only(cfg) if args.action == "reconstruct" else run_dynadiff(cfg)
 
 
+def stage_evaluate(args) -> StageResult:
+    from raydecode.config import EvaluateConfig
+    from raydecode.evaluate.suite import run_evaluate
+
+    cfg = load_config(EvaluateConfig, args.config, args.overrides, **_cli_defaults(model=args.model, store=args.store))
+    return run_evaluate(cfg)
+
+
+def stage_compare(args) -> StageResult:
+    from raydecode.config import CompareConfig
+    from raydecode.evaluate.suite import run_compare
+
+    cfg = load_config(CompareConfig, args.config, args.overrides, **_cli_defaults(models=args.models or None))
+    return run_compare(cfg)
+
+
 def stage_promote(args) -> StageResult:
     from raydecode import tracking
     from raydecode.config import StageConfig
@@ -230,6 +246,20 @@ def build_parser() -> argparse.ArgumentParser:
                      "<storage>/<run_name>/final)")
     _common(dyn)
     dyn.set_defaults(func=stage_dynadiff)
+
+    ev = sub.add_parser("evaluate", help="a model on the store's test split (averaged and single-trial): retrieval, "
+                        "reconstruction and semantic metrics, plots; an MLflow evaluation run (Ray Data inference)")
+    ev.add_argument("--model", metavar="REF", help="models:/name@alias, models:/name/version, runs:/<id>/model or a "
+                    "final/ checkpoint URI")
+    ev.add_argument("--store", metavar="URI", help="store URI (default: the config's `store`)")
+    _common(ev)
+    ev.set_defaults(func=stage_evaluate)
+
+    cmp_ = sub.add_parser("compare", help="side-by-side metrics of evaluated models (the papers' Table 1), from their "
+                          "MLflow evaluation runs")
+    cmp_.add_argument("models", nargs="*", metavar="REF", help="model references as given to `evaluate`")
+    _common(cmp_)
+    cmp_.set_defaults(func=stage_compare)
 
     promote = sub.add_parser("promote", help="apply the champion gate to a registered model version by hand")
     promote.add_argument("--model", required=True, help="registered model name, e.g. raydecode-duala-subj08")

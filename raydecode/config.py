@@ -136,7 +136,7 @@ def format_validation_error(model: type[BaseModel], exc: ValidationError, source
     return "\n".join(lines)
 
 
-def load_config(model: type[C], path: str | None = None, overrides: list[str] | None = None, **flags) -> C:
+def load_config(schema: type[C], path: str | None = None, overrides: list[str] | None = None, **flags) -> C:
     """Validate a stage config: the YAML file, then explicit CLI flags (e.g. ``--out``), then ``--set``
     overrides, each winning over the one before."""
     data: dict = {}
@@ -156,9 +156,9 @@ def load_config(model: type[C], path: str | None = None, overrides: list[str] | 
     data.update(flags)
     data = apply_overrides(data, overrides or [])
     try:
-        return model.model_validate(data)
+        return schema.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(format_validation_error(model, exc, source)) from exc
+        raise ConfigError(format_validation_error(schema, exc, source)) from exc
 
 
 # -- training (pretrain / fine-tune; Duala and Dynadiff reuse these blocks) -----------------
@@ -343,3 +343,59 @@ class DiffusionDecodeConfig(TrainConfig):
     promote: bool = Field(True, description="register the model (raydecode-<method>-subjNN) and apply the gate")
     metric: str = Field("recon.pixcorr", description="what the champion gate compares (higher is better)")
     tie_break: str = "test.image_gain"
+
+
+class RetrievalOptions(BaseModel):
+    """MindEye's retrieval protocol: top-1 among ``candidates`` random test samples, averaged over ``draws``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    candidates: int = Field(300, ge=2, description="candidate set size (MindEye: 300 of the 1000 shared images)")
+    draws: int = Field(30, ge=1)
+    seed: int = 0
+
+
+class EvalReconstructOptions(ReconstructOptions):
+    """Reconstructions in ``raydecode evaluate`` (``single_trial`` is decided by ``protocols`` there)."""
+
+    enabled: bool = Field(True, description="reconstruct images (methods that generate them, or CLIP-space methods "
+                                            "when `decoder` is set)")
+    size: int | None = Field(425, ge=8, description="PixCorr / SSIM resolution (MindEye2: 425)")
+
+
+class EvaluateConfig(StageConfig):
+    """``raydecode evaluate``: a trained model on the store's test split (shared images), averaged repetitions and
+    single trials, as Ray Data batch inference (an actor pool; GPUs when the cluster has them): retrieval, the
+    reconstruction metrics, semantic metrics, plots; one MLflow evaluation run linked to the model's run."""
+
+    model: str | None = Field(None, description="models:/name@alias, models:/name/version, runs:/<id>/model or a "
+                                                "final/ checkpoint URI")
+    experiment: str = Field("raydecode-evaluate", description="MLflow experiment of evaluation runs")
+    run_name: str | None = Field(None, description="default: evaluate <model>")
+    ray_address: str | None = Field(None, description="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
+    subjects: list[int] | None = Field(None, description="default: the model's subjects")
+    protocols: list[Literal["averaged", "single"]] = Field(
+        default_factory=lambda: ["averaged", "single"],
+        description="averaged: repetitions averaged per image (MindEye2); single: one drawn presentation per image "
+                    "(Dynadiff); metrics of `single` are named <kind>.single.<name>")
+    retrieval: RetrievalOptions = Field(default_factory=RetrievalOptions)
+    reconstruct: EvalReconstructOptions = Field(default_factory=EvalReconstructOptions)
+    decoder: str | dict[str, Any] | None = Field(
+        None, description="CLIP-space methods: the image generator (raydecode.evaluate.unclip: a preset name, tiny or "
+                          "demo, or a config with `path` to a diffusers directory); None: no reconstructions")
+    metric_nets: list[dict[str, Any]] | None = Field(
+        None, description="metric networks (raydecode.evaluate.feature_metrics.MetricNet); default: the papers' six, "
+                          "random weights unless `weights` are given")
+    tsne: bool = Field(True, description="t-SNE of the backbone embeddings, by subject and by class")
+    batch_size: int = Field(32, ge=1, description="rows per inference batch")
+    actors: int = Field(1, ge=1, description="inference actors (one model each)")
+    cpus_per_actor: float = Field(1.0, gt=0)
+    use_gpu: bool | None = Field(None, description="one GPU per actor; default: when the cluster has GPUs")
+    data: DataSelection = Field(default_factory=DataSelection, description="read_cpus / lookup_cpus of the test read")
+
+
+class CompareConfig(StageConfig):
+    """``raydecode compare``: the papers' Table 1 for several evaluated models, read from their evaluation runs."""
+
+    models: list[str] = Field(default_factory=list)
+    experiment: str = Field("raydecode-evaluate", description="MLflow experiment of evaluation runs")

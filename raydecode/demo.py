@@ -103,6 +103,19 @@ def run_demo(cfg: DemoConfig) -> StageResult:
     if "model" in dd.artifacts:
         promoted[dd.artifacts["model"].split("/")[1]] = f"{dd.artifacts['model']} ({dd.artifacts['alias']})"
 
+    t7 = time.time()
+    print("\n== 8. evaluate the subject-8 models (Duala's champion vs the MindEye2 fine-tune) and compare them")
+    from raydecode.config import CompareConfig
+    from raydecode.evaluate.suite import run_compare, run_evaluate
+
+    refs = [r for r in ("models:/raydecode-duala-subj08@champion", ft.artifacts["checkpoint"])
+            if not r.startswith("models:/") or "raydecode-duala-subj08" in promoted]
+    evals = [run_evaluate(demo_evaluate_config(cfg, r)) for r in refs]
+    cmp_ = run_compare(CompareConfig(store=cfg.store, workdir=cfg.workdir, tracking_uri=cfg.tracking_uri,
+                                     s3=cfg.s3, models=refs))
+    steps.append(["evaluate", "ok", f"{len(evals)} models, averaged + single trial; table "
+                  f"{os.path.relpath(cmp_.artifacts['table'])}", f"{time.time() - t7:.1f}"])
+
     print("\n" + table(["step", "status", "what", "seconds"], steps))
     if promoted:
         print("\npromoted models: " + "; ".join(f"{v}" for v in promoted.values()))
@@ -116,10 +129,12 @@ def run_demo(cfg: DemoConfig) -> StageResult:
                  **{f"finetune.{k}": v for k, v in fm.items() if k.startswith("retrieval.")},
                  **{f"sweep.{k}": v for k, v in sw.metrics.items() if k != "seconds"},
                  **{f"dynadiff.{k}": v for k, v in dm.items() if k.startswith("final.")},
+                 **{f"evaluate.{r}.{k}": v for r, e in zip(refs, evals) for k, v in e.metrics.items()
+                    if k.startswith(("retrieval.", "recon."))},
                  "seconds": round(time.time() - t0, 2)},
         artifacts={"store": store.uri, "pretrained": pre.artifacts["checkpoint"],
                    "finetuned": ft.artifacts["checkpoint"], "sweep_run": sw.artifacts["mlflow_run"],
-                   "dynadiff": dd.artifacts["checkpoint"], **promoted},
+                   "dynadiff": dd.artifacts["checkpoint"], "comparison": cmp_.artifacts["table"], **promoted},
     )
 
 
@@ -178,3 +193,21 @@ def demo_dynadiff_config(cfg: DemoConfig):
         "reconstruct": {"steps": 20, "guidance": 3.0, "single_trial": False, "grid_images": 16,
                         "max_images": 32},
         "time_resolved": {"shifts": [-3, -2, -1, 0, 1, 2, 3], "specialized": []}})
+
+
+def demo_evaluate_config(cfg: DemoConfig, model: str):
+    """The embedded twin of jobs/evaluate.yaml."""
+    from raydecode.config import EvaluateConfig
+
+    nets = [dict(metric="alexnet2", arch="alexnet", layer="features.4", size=64),
+            dict(metric="alexnet5", arch="alexnet", layer="features.11", size=64),
+            dict(metric="inception", arch="inception_v3", layer="avgpool", size=80),
+            dict(metric="clip", arch="raydecode-tiny-vit", kind="clip", size=32),
+            dict(metric="effnet", arch="efficientnet_b1", layer="avgpool", size=64, score="distance"),
+            dict(metric="swav", arch="resnet50", layer="avgpool", size=64, score="distance")]
+    return EvaluateConfig.model_validate({
+        "store": cfg.store, "workdir": cfg.workdir, "tracking_uri": cfg.tracking_uri, "s3": cfg.s3.model_dump(),
+        "model": model, "protocols": ["averaged", "single"], "retrieval": {"candidates": 300, "draws": 30},
+        "decoder": {"preset": cfg.preset, "blend": 0.5, "steps": 10},
+        "reconstruct": {"max_images": 16, "grid_images": 8, "size": 425}, "metric_nets": nets,
+        "actors": 1, "cpus_per_actor": 0.5, "data": {"read_cpus": 0.25, "lookup_cpus": 0.25}})

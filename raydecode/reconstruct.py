@@ -25,22 +25,9 @@ import numpy as np
 
 from raydecode.config import DiffusionDecodeConfig, ReconstructOptions
 from raydecode.errors import ConfigError, user_error_in
+from raydecode.evaluate.suite import row_seeds
 from raydecode.report import StageResult, table
 from raydecode.storage import resolve
-
-
-def row_seeds(seed: int, subjects: np.ndarray, image_ids: np.ndarray) -> np.ndarray:
-    """One noise seed per (subject, image): the same reconstruction whatever the batching or the worker."""
-    return np.asarray([np.random.SeedSequence([seed, int(s), int(i)]).generate_state(1)[0]
-                       for s, i in zip(subjects, image_ids)], np.int64)
-
-
-def one_trial_per_image(rows: dict[str, np.ndarray], seed: int) -> dict[str, np.ndarray]:
-    """Dynadiff's single-trial protocol: one randomly drawn presentation of every (subject, test image)."""
-    rng = np.random.default_rng(seed)
-    keys = rows["subject"].astype(np.int64) * 10**7 + rows["image_id"]
-    pick = np.sort([rng.choice(np.flatnonzero(keys == k)) for k in np.unique(keys)])
-    return {n: v[pick] for n, v in rows.items()}
 
 
 class _Evaluator:
@@ -68,10 +55,12 @@ class _Evaluator:
                                        embeddings=sorted(t["encoder"] for t in targets.values()
                                                          if t["source"] == "store"))
 
-    def rows(self, shift: int = 0, averaged: bool = True) -> dict[str, np.ndarray]:
+    def rows(self, shift: int = 0, single_trial_seed: int | None = None) -> dict[str, np.ndarray]:
+        """Test windows: repetitions averaged, or one drawn presentation per image (``single_trial_seed``)."""
         from raydecode.data.windows import read_windows
 
-        sel = self.selection.model_copy(update={"average_test_repeats": averaged})
+        sel = self.selection.model_copy(update={"average_test_repeats": single_trial_seed is None,
+                                                "single_test_trial_seed": single_trial_seed})
         return read_windows(self.store, "test", self.window, sel, self.s3, shift=shift)
 
     def _batches(self, rows: dict[str, np.ndarray]):
@@ -139,7 +128,7 @@ def evaluate_checkpoint(ckpt_uri: str, store: str, s3, opts: ReconstructOptions,
         grid_png(shown["image"][pick], recon[pick], os.path.join(tmp, "reconstructions.png"),
                  [f"s{shown['subject'][i]:02d} #{shown['image_id'][i]}" for i in pick])
         if opts.single_trial:
-            single = ev.subset(one_trial_per_image(ev.rows(averaged=False), opts.seed))
+            single = ev.subset(ev.rows(single_trial_seed=opts.seed))
             rec1 = ev.reconstruct(single, "reconstruct (single trials)")
             metrics.update({f"recon.single.{k}": v
                             for k, v in reconstruction_metrics(single["image"], rec1, opts.size).items()})

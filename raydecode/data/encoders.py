@@ -149,6 +149,15 @@ class FrozenEncoder(torch.nn.Module):
         pooled = F.adaptive_avg_pool2d(self._mid, 2).flatten(1)
         return latents.float(), pooled.float()
 
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """VAE encoders: latents as :meth:`encode` gives them -> uint8 images (B, H, W, 3)."""
+        if self.cfg.kind != "vae":
+            raise ConfigError(f"encoder {self.cfg.name!r}: a {self.cfg.kind} encoder cannot decode images")
+        param = next(self.net.parameters())
+        x = self.net.decode(latents.to(param) / self.net.config.scaling_factor).sample
+        return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu()
+
 
 class TargetCache:
     """Frozen targets by image id, computed once per process (images repeat across epochs and subjects)."""

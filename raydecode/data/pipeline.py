@@ -45,6 +45,9 @@ class DataSelection(BaseModel):
     subjects: list[int] | None = Field(None, description="subject ids (default: all in the store)")
     sessions: list[int] | None = Field(None, description="sessions to read, e.g. [1] for the 1-hour setting")
     average_test_repeats: bool = Field(True, description="test split: average the repetitions of each image")
+    single_test_trial_seed: int | None = Field(
+        None, description="test split without averaging: one presentation per (subject, image), drawn with this "
+                          "seed (Dynadiff's single-trial protocol); None: every presentation")
     shuffle: bool = Field(True, description="train split: new file order every epoch (plus the loop's local shuffle)")
     categories: bool = Field(True, description="join each image's 80-way multi-hot categories")
     images: bool = Field(False, description="join stimulus images (uint8 HxWx3)")
@@ -105,6 +108,37 @@ def _average_repeats(group: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         else:
             out[name] = values[:1]
     return out
+
+
+def pick_one_trial(group: dict[str, np.ndarray], seed: int) -> dict[str, np.ndarray]:
+    """One presentation of a (subject, image) group, drawn from (seed, subject, image): the same row whatever
+    the order rows arrive in or how they are batched."""
+    order = np.lexsort(tuple(group[k] for k in ("window_end_s", "trial", "run", "session") if k in group))
+    rng = np.random.default_rng([seed, int(group["subject"][0]), int(group["image_id"][0])])
+    i = order[rng.integers(len(order))]
+    return {name: values[i: i + 1] for name, values in group.items()}
+
+
+def test_grouping(sel: "DataSelection", split: str):
+    """The per-(subject, image) reduction of the test split (``(fn, kwargs)``), or None: averaged repetitions
+    (MindEye's protocol) or one drawn presentation (Dynadiff's single-trial protocol)."""
+    if split != "test":
+        return None
+    if sel.average_test_repeats:
+        return _average_repeats, {}
+    if sel.single_test_trial_seed is not None:
+        return pick_one_trial, {"seed": sel.single_test_trial_seed}
+    return None
+
+
+def group_test(ds, sel: "DataSelection", split: str, n_subjects: int):
+    """:func:`test_grouping` on a Ray dataset (call inside :func:`small_shuffles`)."""
+    grouping = test_grouping(sel, split)
+    if grouping is None:
+        return ds
+    fn, kwargs = grouping
+    return ds.groupby(["subject", "image_id"], num_partitions=max(1, n_subjects)).map_groups(
+        fn, fn_kwargs=kwargs, batch_format="numpy", num_cpus=sel.read_cpus)
 
 
 def embedding_column(encoder: str, part: str) -> str:
@@ -248,7 +282,7 @@ def trials_dataset(
     sel = selection or DataSelection()
     if split not in ("train", "test"):
         raise ConfigError(f"split {split!r}: allowed values: train, test")
-    if split == "test" and sel.average_test_repeats:
+    if test_grouping(sel, split) is not None:
         with small_shuffles():
             return _trials_dataset(store, split, sel, s3)
     return _trials_dataset(store, split, sel, s3)
@@ -272,8 +306,7 @@ def _trials_dataset(store: Store | str, split: str, sel: DataSelection, s3: S3Op
     )
     ds = ds.filter(expr=f"split == '{split}'", num_cpus=sel.read_cpus)
     ds = ds.map_batches(_decode_betas, fn_kwargs={"width": width}, batch_format="pyarrow", num_cpus=sel.read_cpus)
-    if split == "test" and sel.average_test_repeats:
-        ds = ds.groupby(["subject", "image_id"], num_partitions=max(1, len(subjects))).map_groups(_average_repeats, batch_format="numpy", num_cpus=sel.read_cpus)
+    ds = group_test(ds, sel, split, len(subjects))
     if sel.categories or sel.images or sel.embeddings:
         s3_dump = store.s3.model_dump() if store.s3 else None
         ds = ds.map_batches(
@@ -310,11 +343,13 @@ def read_split(store: Store | str, split: str, selection: DataSelection | None =
 
 
 def finish_in_memory(store: Store, batch: dict[str, np.ndarray], split: str, sel: DataSelection) -> dict:
-    """In-memory rows (trials or windows) -> what the Ray pipeline would give: test repetitions averaged per
-    (subject, image) when selected, then the stimulus / embedding columns joined."""
-    if batch and split == "test" and sel.average_test_repeats:
+    """In-memory rows (trials or windows) -> what the Ray pipeline would give: test repetitions averaged (or one
+    drawn) per (subject, image) when selected, then the stimulus / embedding columns joined."""
+    grouping = test_grouping(sel, split)
+    if batch and grouping is not None:
+        fn, kwargs = grouping
         keys = batch["subject"].astype(np.int64) * 10**7 + batch["image_id"]
-        groups = [_average_repeats({n: v[keys == k] for n, v in batch.items()}) for k in np.unique(keys)]
+        groups = [fn({n: v[keys == k] for n, v in batch.items()}, **kwargs) for k in np.unique(keys)]
         batch = {n: np.concatenate([g[n] for g in groups]) for n in groups[0]}
     if batch and (sel.categories or sel.images or sel.embeddings):
         lookup = StimulusLookup(store.uri, store.s3.model_dump() if store.s3 else None, sel.images,

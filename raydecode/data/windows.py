@@ -156,9 +156,9 @@ def windows_dataset(store: Store | str, split: str, window: WindowConfig, select
     sel = selection or DataSelection()
     if split not in ("train", "test"):
         raise ConfigError(f"split {split!r}: allowed values: train, test")
-    if split == "test" and sel.average_test_repeats:
-        from raydecode.data.pipeline import small_shuffles
+    from raydecode.data.pipeline import small_shuffles, test_grouping
 
+    if test_grouping(sel, split) is not None:
         with small_shuffles():
             return _windows_dataset(store, split, window, sel, s3, shift)
     return _windows_dataset(store, split, window, sel, s3, shift)
@@ -168,7 +168,7 @@ def _windows_dataset(store, split: str, window: WindowConfig, sel, s3, shift: in
     import ray.data
     from ray.data import ActorPoolStrategy
 
-    from raydecode.data.pipeline import StimulusLookup, TrialsDataset, _average_repeats
+    from raydecode.data.pipeline import StimulusLookup, TrialsDataset, group_test
 
     if isinstance(store, str):
         store = open_store(store, s3)
@@ -184,9 +184,7 @@ def _windows_dataset(store, split: str, window: WindowConfig, sel, s3, shift: in
     ds = ds.map_batches(windows_of_runs, batch_format="pyarrow", batch_size=1, num_cpus=sel.read_cpus,
                         fn_kwargs={"window": window.model_dump(), "split": split, "test_ids": test_ids,
                                    "width": width, "shift": shift})
-    if split == "test" and sel.average_test_repeats:
-        ds = ds.groupby(["subject", "image_id"], num_partitions=max(1, len(subjects))).map_groups(
-            _average_repeats, batch_format="numpy", num_cpus=sel.read_cpus)
+    ds = group_test(ds, sel, split, len(subjects))
     if sel.categories or sel.images or sel.embeddings:
         ds = ds.map_batches(
             StimulusLookup,

@@ -128,7 +128,7 @@ class FeatureExtractor(torch.nn.Module):
     @torch.no_grad()
     def forward(self, images: np.ndarray | torch.Tensor) -> torch.Tensor:
         device = next(self.model.parameters()).device
-        x = torch.as_tensor(np.asarray(images)).to(device).permute(0, 3, 1, 2).float() / 255.0
+        x = torch.as_tensor(np.array(images)).to(device).permute(0, 3, 1, 2).float() / 255.0  # a copy: Ray gives read-only arrays
         x = F.interpolate(x, size=(self.net.size,) * 2, mode="bilinear", align_corners=False)
         x = (x - x.new_tensor(self.mean).view(1, 3, 1, 1)) / x.new_tensor(self.std).view(1, 3, 1, 1)
         out = self.model(x)

@@ -29,9 +29,10 @@ def _float_images(images: np.ndarray | torch.Tensor, size: int | None) -> torch.
 
 def pixcorr(stimuli, recons, size: int | None = None) -> np.ndarray:
     """Per-pair Pearson correlation of the pixel values (B,)."""
-    a, b = _float_images(stimuli, size).flatten(1), _float_images(recons, size or stimuli.shape[1]).flatten(1)
+    a = _float_images(stimuli, size).flatten(1).double()
+    b = _float_images(recons, size or stimuli.shape[1]).flatten(1).double()
     a, b = a - a.mean(1, keepdim=True), b - b.mean(1, keepdim=True)
-    return (F.cosine_similarity(a, b, dim=1, eps=1e-12)).numpy()
+    return F.cosine_similarity(a, b, dim=1, eps=1e-12).float().numpy()
 
 
 def _gray(x: torch.Tensor) -> torch.Tensor:

@@ -80,6 +80,9 @@ class MethodSpec:
       UNet, which ``build_model`` rebuilds from its path);
     - ``reconstruct(model, batch, seeds, steps, guidance)``: images (B, H, W, 3) uint8 decoded from the batch,
       one seed per row; ``export(model, out_dir)``: the method's weights in their ecosystem's formats (files).
+    - ``image_embeddings(model, batch, seeds, steps, guidance)``: CLIP-space methods: the predicted image tokens
+      (``clip_tokens`` (B, N, D)) and optionally ``lowlevel_latents`` (a blurry image's VAE latents) that an
+      image generator (:mod:`raydecode.evaluate.unclip`) turns into reconstructions.
     """
 
     name: str
@@ -101,6 +104,7 @@ class MethodSpec:
     persisted_keys: Callable[[torch.nn.Module], set[str]] | None = None
     reconstruct: Callable[..., torch.Tensor] | None = None
     export: Callable[[torch.nn.Module, str], list[str]] | None = None
+    image_embeddings: Callable[..., dict[str, torch.Tensor]] | None = None
 
     def state_to_save(self, state: dict[str, torch.Tensor], model: torch.nn.Module) -> dict[str, torch.Tensor]:
         """``state`` restricted to :attr:`persisted_keys`."""

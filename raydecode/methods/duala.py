@@ -220,6 +220,7 @@ SPEC = register(MethodSpec(
     param_groups=me2.param_groups,
     loss=me2.loss,
     predict=me2.predict,
+    image_embeddings=me2.image_embeddings,
     columns=("betas", "subject", "image_id", "categories"),
     targets=me2.targets,
     load_pretrained=load_pretrained,

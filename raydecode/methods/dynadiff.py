@@ -351,31 +351,51 @@ class Dynadiff(nn.Module):
         """DDIM reconstructions as uint8 images (B, H, W, 3). ``guidance``: the classifier-free guidance scale
         (default: the config's); ``conditional_only``: the brain condition alone, no null pass. ``noise``: the
         initial latents (default: standard normal from the global generator; see :func:`initial_noise`)."""
-        from diffusers import DDIMScheduler
-
         guidance = self.cfg.guidance if guidance is None else guidance
         cond = self.condition(batch)
         n = cond.shape[0]
-        sched = DDIMScheduler.from_config(self.noise_scheduler.config, clip_sample=False,  # latents exceed [-1, 1]
-                                           set_alpha_to_one=False)
-        sched.set_timesteps(steps or self.cfg.ddim_steps)
+        sched = ddim_scheduler(self.noise_scheduler.config, steps or self.cfg.ddim_steps)
         x = (noise if noise is not None else torch.randn(n, *self.latent_shape)).to(cond) * sched.init_noise_sigma
-        null = self.null(n).to(cond.dtype)
-        for t in sched.timesteps:
-            inp = sched.scale_model_input(x, t)
-            if conditional_only:
-                eps = self.unet(inp, t, encoder_hidden_states=cond).sample
-            else:  # one batched call for the conditional and the null prediction
-                both = self.unet(torch.cat([inp, inp]), t, encoder_hidden_states=torch.cat([cond, null])).sample
-                eps_cond, eps_null = both.chunk(2)
-                eps = eps_null + guidance * (eps_cond - eps_null)
-            x = sched.step(eps, t, x, eta=0.0).prev_sample
-        return self.decode(x)
+        null = None if conditional_only else self.null(n).to(cond.dtype)
+        return self.decode(ddim_denoise(self.unet, sched, x, cond, null, guidance))
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        images = self.vae.decode(latents.to(next(self.vae.parameters()).dtype) / self.vae.config.scaling_factor).sample
-        return ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1)
+        return decode_latents(self.vae, latents)
+
+
+def ddim_scheduler(noise_scheduler_config, steps: int):
+    """A DDIM scheduler set to ``steps`` steps, from the training scheduler's config; latents are never clipped
+    (they exceed [-1, 1])."""
+    from diffusers import DDIMScheduler
+
+    sched = DDIMScheduler.from_config(noise_scheduler_config, clip_sample=False, set_alpha_to_one=False)
+    sched.set_timesteps(steps)
+    return sched
+
+
+def ddim_denoise(unet, sched, x: torch.Tensor, cond: torch.Tensor, null: torch.Tensor | None = None,
+                 guidance: float = 1.0, timesteps: torch.Tensor | None = None) -> torch.Tensor:
+    """DDIM (eta 0) from the latents ``x`` over ``timesteps`` (default: all of ``sched``'s), the UNet conditioned on
+    ``cond`` through cross-attention. With a ``null`` condition: classifier-free guidance,
+    ``eps_null + guidance * (eps_cond - eps_null)``, both predictions from one batched UNet call; without: the
+    conditional prediction alone."""
+    for t in sched.timesteps if timesteps is None else timesteps:
+        inp = sched.scale_model_input(x, t)
+        if null is None:
+            eps = unet(inp, t, encoder_hidden_states=cond).sample
+        else:
+            both = unet(torch.cat([inp, inp]), t, encoder_hidden_states=torch.cat([cond, null])).sample
+            eps_cond, eps_null = both.chunk(2)
+            eps = eps_null + guidance * (eps_cond - eps_null)
+        x = sched.step(eps, t, x, eta=0.0).prev_sample
+    return x
+
+
+def decode_latents(vae, latents: torch.Tensor) -> torch.Tensor:
+    """Scaled VAE latents (B, C, h, w) -> uint8 images (B, H, W, 3)."""
+    images = vae.decode(latents.to(next(vae.parameters()).dtype) / vae.config.scaling_factor).sample
+    return ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1)
 
 
 def _roll_within(subject: torch.Tensor) -> torch.Tensor:

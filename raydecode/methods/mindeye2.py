@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
+from raydecode.errors import ConfigError
 from raydecode.methods.base import DatasetInfo, MethodSpec, Progress, register
 
 
@@ -182,13 +183,15 @@ class DiffusionPrior(nn.Module):
 
     @torch.no_grad()
     def sample(self, cond: torch.Tensor, steps: int = 20, guidance: float = 3.5,
-               generator: torch.Generator | None = None) -> torch.Tensor:
-        """DDIM sampling with classifier-free guidance against the learned null condition."""
+               generator: torch.Generator | None = None, noise: torch.Tensor | None = None) -> torch.Tensor:
+        """DDIM sampling with classifier-free guidance against the learned null condition; ``noise``: the initial
+        tokens (default: standard normal from ``generator``)."""
         from diffusers import DDIMScheduler
 
         sched = DDIMScheduler.from_config(self.scheduler.config)
         sched.set_timesteps(steps)
-        x = torch.randn(cond.shape, generator=generator, dtype=torch.float32).to(cond)
+        x = noise if noise is not None else torch.randn(cond.shape, generator=generator, dtype=torch.float32)
+        x = x.to(cond)
         null = torch.ones(cond.shape[0], dtype=torch.bool, device=cond.device)
         for t in sched.timesteps:
             tt = t.expand(cond.shape[0]).to(cond.device)
@@ -375,6 +378,24 @@ def predict(model, batch: dict) -> dict[str, torch.Tensor]:
     return model(batch, predict=True)
 
 
+@torch.no_grad()
+def image_embeddings(model: MindEye2, batch: dict, seeds, steps: int | None = None,
+                     guidance: float | None = None) -> dict[str, torch.Tensor]:
+    """What an unCLIP-style generator turns into images (MindEye2 Sec. 2.5): the diffusion prior's CLIP image
+    tokens (DDIM from one seeded noise per row, so rows do not depend on batching) and the low-level branch's VAE
+    latents (the blurry image)."""
+    from raydecode.methods.dynadiff import initial_noise
+
+    if model.prior is None:
+        raise ConfigError("image reconstructions need the diffusion prior: this model was trained with prior: false")
+    _, h, tokens = model.encode(batch["betas"], batch["subject"])
+    noise = initial_noise(seeds, tuple(tokens.shape[1:]))
+    out = {"clip_tokens": model.prior.sample(tokens, steps or 20, 3.5 if guidance is None else guidance, noise=noise)}
+    if model.lowlevel is not None:
+        out["lowlevel_latents"] = model.lowlevel(h)[0]
+    return out
+
+
 def targets(cfg: MindEye2Config) -> dict[str, str]:
     out = {"clip": cfg.clip_encoder}
     if cfg.lowlevel:
@@ -402,4 +423,5 @@ SPEC = register(MethodSpec(
     columns=("betas", "subject", "image_id"),
     targets=targets,
     load_pretrained=load_pretrained,
+    image_embeddings=image_embeddings,
 ))

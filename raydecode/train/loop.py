@@ -59,7 +59,8 @@ def collate(batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
     for name, values in batch.items():
         if values.dtype == object or values.dtype.kind in "US":
             continue
-        t = torch.from_numpy(np.ascontiguousarray(values))
+        values = np.ascontiguousarray(values)
+        t = torch.from_numpy(values if values.flags.writeable else values.copy())  # Ray hands out read-only arrays
         if t.dtype in (torch.int8, torch.int16, torch.int32) and name != "image":
             t = t.long()
         out[name] = t

@@ -1,0 +1,526 @@
+"""``raydecode evaluate`` and ``raydecode compare``: one evaluation suite for every method.
+
+1. resolve the model reference (``models:/name@alias``, ``models:/name/version``, ``runs:/<id>/model`` or a
+   ``final/`` checkpoint URI) to a fixed identity (``models:/name/<version>``, ...) and the run that trained it;
+2. per protocol (``averaged``: repetitions averaged per test image, MindEye2; ``single``: one drawn presentation
+   per image, Dynadiff), stream the store's test split through an actor pool of :class:`Predictor` (Ray Data
+   batch inference; a GPU per actor when the cluster has them). Each actor loads the model once and returns, per
+   row, what the method can predict: retrieval embeddings, backbone embeddings, class scores, test losses, and
+   reconstructions (the method's own generator, or the predicted CLIP image tokens through an unCLIP-style
+   decoder) with their per-image PixCorr / SSIM and the metric networks' features of reconstruction and stimulus
+   (so nothing larger than features and images reaches the driver);
+3. the driver computes the suite's metrics (:func:`protocol_metrics`): retrieval (MindEye protocol, 95%
+   intervals), ``recon.*`` (PixCorr, SSIM, two-way identification on AlexNet 2/5, InceptionV3, CLIP, distances on
+   EfficientNet-B1 and SwAV), ``semantic.*`` (mAP, AUC, Hamming), ``test.*``; writes metrics.json / metrics.md,
+   the retrieval, grid and t-SNE plots and the reconstructions; logs all of it to one MLflow evaluation run,
+   tagged with the model's identity and linked from the model's run (and registry version).
+
+``raydecode compare`` reads the latest evaluation run of each reference and prints the papers' Table 1.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from raydecode.config import CompareConfig, EvaluateConfig
+from raydecode.errors import ConfigError, StoreError, user_error_in
+from raydecode.report import StageResult, table
+
+# the papers' Table 1 order
+TABLE_COLUMNS = ("retrieval.brain_to_image_top1", "retrieval.image_to_brain_top1", "recon.pixcorr", "recon.ssim",
+                 "recon.alexnet2", "recon.alexnet5", "recon.inception", "recon.clip", "recon.effnet", "recon.swav",
+                 "semantic.map", "semantic.auc", "semantic.hamming")
+EVALUATES_TAG = "raydecode.evaluates"
+
+
+# -- model references ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """A model reference resolved to a fixed identity (an alias may move; ``canonical`` does not)."""
+
+    ref: str
+    kind: str  # registry | run | checkpoint
+    canonical: str  # models:/name/<version> | runs:/<id>/<path> | the checkpoint URI
+    run_id: str | None  # the run the model was logged in / trained by
+    name: str | None = None
+    version: str | None = None
+
+
+def resolve_ref(ref: str, s3=None) -> ModelRef:
+    """Resolve ``ref`` against the current MLflow tracking URI; a one-line ConfigError names what is missing."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    try:
+        if ref.startswith("models:/"):
+            body = ref[len("models:/"):]
+            if "@" in body:
+                name, alias = body.split("@", 1)
+                mv = client.get_model_version_by_alias(name, alias)
+            else:
+                name, _, version = body.partition("/")
+                if not version.isdigit():
+                    raise ConfigError(f"--model {ref!r}: expected models:/<name>@<alias> or models:/<name>/<version>")
+                mv = client.get_model_version(name, version)
+            return ModelRef(ref, "registry", f"models:/{name}/{mv.version}", mv.run_id, name, str(mv.version))
+        if ref.startswith("runs:/"):
+            run_id = ref[len("runs:/"):].split("/")[0]
+            client.get_run(run_id)
+            return ModelRef(ref, "run", ref, run_id)
+    except MlflowException as exc:
+        raise ConfigError(f"--model {ref!r}: {exc.message.splitlines()[0]}") from None
+    from raydecode.train.checkpoint import CONFIG_FILE, read_json
+
+    read_json(ref, CONFIG_FILE, s3)  # a StoreError naming the missing file
+    runs = client.search_runs(
+        [e.experiment_id for e in client.search_experiments()],
+        filter_string=f"tags.`raydecode.checkpoint_uri` = '{ref}'", order_by=["attributes.start_time DESC"],
+        max_results=1)
+    return ModelRef(ref, "checkpoint", ref, runs[0].info.run_id if runs else None)
+
+
+def fetch(ref: ModelRef, out_dir: str) -> str:
+    """Registry / run references: the model's package directory, downloaded under ``out_dir``."""
+    import mlflow
+
+    local = mlflow.artifacts.download_artifacts(artifact_uri=ref.canonical, dst_path=out_dir)
+    package = os.path.join(local, "artifacts", "package")
+    if not os.path.isdir(package):
+        raise ConfigError(f"--model {ref.ref!r}: not a raydecode model (no artifacts/package in it)")
+    return package
+
+
+def model_config(ref: ModelRef, s3=None) -> dict:
+    """The model's config.json (method, model config, dataset info, targets, training config)."""
+    from raydecode.train.checkpoint import CONFIG_FILE, read_json
+
+    if ref.kind == "checkpoint":
+        return read_json(ref.canonical, CONFIG_FILE, s3)
+    with tempfile.TemporaryDirectory(prefix="raydecode-eval-") as tmp:
+        with open(os.path.join(fetch(ref, tmp), CONFIG_FILE)) as f:
+            return json.load(f)
+
+
+def load_model(ref: ModelRef, s3=None, device: str = "cpu"):
+    """The model (:class:`~raydecode.train.checkpoint.Consolidated`) in any process: no Ray, no DeepSpeed."""
+    if ref.kind == "checkpoint":
+        from raydecode.train.checkpoint import load_consolidated
+
+        return load_consolidated(ref.canonical, s3, device)
+    from raydecode.tracking import load_adapted
+
+    tmp = tempfile.mkdtemp(prefix="raydecode-eval-")
+    return load_adapted(fetch(ref, tmp), s3, device)
+
+
+# -- batch inference -----------------------------------------------------------------------------
+
+
+def row_seeds(seed: int, subjects: np.ndarray, image_ids: np.ndarray) -> np.ndarray:
+    """One noise seed per (subject, image): the same reconstruction whatever the batching or the worker."""
+    return np.asarray([np.random.SeedSequence([seed, int(s), int(i)]).generate_state(1)[0]
+                       for s, i in zip(subjects, image_ids)], np.int64)
+
+
+def reconstruct_keys(subjects: list[int], image_ids: list[int], max_images: int | None) -> np.ndarray | None:
+    """The (subject, image) keys to reconstruct: the first ``max_images`` by subject and image id; None: all."""
+    if max_images is None:
+        return None
+    keys = np.sort(np.asarray([s * 10**7 + i for s in subjects for i in image_ids], np.int64))
+    return keys[:max_images]
+
+
+def _resize(images: np.ndarray, size: int) -> np.ndarray:
+    import torch
+    import torch.nn.functional as F
+
+    x = torch.as_tensor(images).permute(0, 3, 1, 2).float()
+    x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    return x.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+
+
+class Predictor:
+    """A Ray Data actor: loads the model once, then test batches -> per-row predictions and metrics inputs."""
+
+    def __init__(self, ref: dict, tracking_uri: str, cfg: dict, keys: np.ndarray | None, use_gpu: bool):
+        import mlflow
+        import torch
+
+        from raydecode.config import EvaluateConfig
+        from raydecode.evaluate.feature_metrics import DEFAULT_NETS, FeatureExtractor, MetricNet
+        from raydecode.train.loop import BatchPreparer
+
+        self.torch = torch
+        mlflow.set_tracking_uri(tracking_uri)
+        self.cfg = EvaluateConfig(**cfg)
+        self.device = "cuda" if use_gpu else "cpu"
+        self.c = load_model(ModelRef(**ref), self.cfg.s3, self.device)
+        self.spec, self.keys = self.c.spec, keys
+        targets = self.c.config["targets"]
+        self.prepare = BatchPreparer(targets, torch.device(self.device), torch.float32, self.cfg.store,
+                                     self.cfg.s3.model_dump())
+        opts = self.cfg.reconstruct
+        self.decoder = self.blur_vae = None
+        can = self.spec.reconstruct is not None or (self.spec.image_embeddings is not None and self.cfg.decoder)
+        self.reconstructs = bool(opts.enabled and can)
+        if self.reconstructs and self.spec.reconstruct is None:
+            from raydecode.evaluate.unclip import EmbeddingDecoder, unclip_config
+
+            self.decoder = EmbeddingDecoder.from_config(unclip_config(self.cfg.decoder)).to(self.device)
+            if self.decoder.cfg.blend > 0 and "vae" in targets:  # MindEye2's blurry image, decoded by its VAE
+                from raydecode.data.encoders import FrozenEncoder, encoder_config
+
+                self.blur_vae = FrozenEncoder(encoder_config(targets["vae"]["encoder"])).to(self.device)
+        nets = [MetricNet(**n) for n in self.cfg.metric_nets] if self.cfg.metric_nets is not None else DEFAULT_NETS
+        self.nets, extractors = [], {}
+        for net in nets if self.reconstructs else []:
+            key = (net.arch, net.kind, net.layer, net.weights, net.seed, net.size)
+            self.nets.append((net, extractors.setdefault(key, FeatureExtractor(net).to(self.device))))
+
+    def _reconstruct(self, batch: dict, seeds: np.ndarray) -> np.ndarray:
+        opts = self.cfg.reconstruct
+        if self.spec.reconstruct is not None:
+            return self.spec.reconstruct(self.c.model, batch, seeds, opts.steps, opts.guidance).cpu().numpy()
+        emb = self.spec.image_embeddings(self.c.model, batch, seeds)
+        blurry = None
+        if self.blur_vae is not None and "lowlevel_latents" in emb:
+            blurry = self.blur_vae.decode(emb["lowlevel_latents"]).numpy()
+        return self.decoder.generate(emb["clip_tokens"], seeds, blurry=blurry, steps=opts.steps,
+                                     guidance=opts.guidance).cpu().numpy()
+
+    def __call__(self, rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from raydecode.evaluate.reconstruction import pixcorr, ssim
+        from raydecode.train.loop import collate
+
+        torch = self.torch
+        n = len(rows["subject"])
+        out = {k: rows[k] for k in ("subject", "image_id", "categories", "protocol") if k in rows}
+        stimuli = rows.get("image")
+        batch = self.prepare(collate(rows))  # targets computed from the images; the images leave the batch
+        with torch.no_grad():
+            pred = self.spec.predict(self.c.model, batch)
+            if "brain" in pred and "image" in pred:
+                out["brain"] = pred["brain"].float().cpu().numpy().astype(np.float16)
+                out["image"] = pred["image"].float().cpu().numpy().astype(np.float16)
+            emb = next((pred[k] for k in ("hidden", "backbone", "brain") if k in pred), None)
+            if emb is not None:
+                out["embedding"] = emb.float().flatten(1).cpu().numpy()
+            if "logits" in pred:
+                out["logits"] = pred["logits"].float().cpu().numpy()
+            if self.spec.test_metrics is not None:
+                for k, v in self.spec.test_metrics(self.c.model, batch).items():
+                    out[f"test.{k}"] = v.float().cpu().numpy()
+            if self.reconstructs and stimuli is not None:
+                keys = rows["subject"].astype(np.int64) * 10**7 + rows["image_id"]
+                mask = np.ones(n, bool) if self.keys is None else np.isin(keys, self.keys)
+                h, w = stimuli.shape[1:3]
+                recon = np.zeros_like(stimuli)
+                size = self.cfg.reconstruct.size
+                out["pixcorr"], out["ssim"] = np.zeros(n, np.float32), np.zeros(n, np.float32)
+                if mask.any():
+                    idx = np.flatnonzero(mask)
+                    sub = {k: v[idx] for k, v in batch.items()}
+                    images = self._reconstruct(sub, row_seeds(self.cfg.reconstruct.seed, rows["subject"][idx],
+                                                              rows["image_id"][idx]))
+                    recon[idx] = images if images.shape[1:3] == (h, w) else _resize(images, h)
+                    out["pixcorr"][idx] = pixcorr(stimuli[idx], recon[idx], size)
+                    out["ssim"][idx] = ssim(stimuli[idx], recon[idx], size)
+                for net, ext in self.nets:
+                    fr, fs = ext(recon), ext(stimuli)
+                    out[f"feat.{net.metric}.recon"] = fr.numpy().astype(np.float16)
+                    out[f"feat.{net.metric}.stim"] = fs.numpy().astype(np.float16)
+                out["recon"], out["stimulus"], out["reconstructed"] = recon, stimuli, mask
+        return out
+
+
+def _tag_protocol(batch: dict[str, np.ndarray], protocol: int) -> dict[str, np.ndarray]:
+    return {**batch, "protocol": np.full(len(batch["subject"]), protocol, np.int8)}
+
+
+def test_rows(cfg: EvaluateConfig, config: dict, protocol: str):
+    """One protocol's test split as a Ray dataset (trials, or time-series windows for methods that read them)."""
+    from raydecode.data.pipeline import trials_dataset
+    from raydecode.methods.base import get_method
+
+    spec = get_method(config["method"])
+    window = spec.windows(spec.config_model(**config["model"]))
+    sel = cfg.data.model_copy(update={
+        "subjects": cfg.subjects or config["info"]["subjects"], "sessions": None, "images": True, "categories": True,
+        "embeddings": sorted(t["encoder"] for t in config["targets"].values() if t["source"] == "store"),
+        "average_test_repeats": protocol == "averaged",
+        "single_test_trial_seed": cfg.reconstruct.seed if protocol == "single" else None})
+    if window is not None:
+        from raydecode.data.windows import windows_dataset
+
+        return windows_dataset(cfg.store, "test", window, sel, cfg.s3).dataset
+    return trials_dataset(cfg.store, "test", sel, cfg.s3).dataset
+
+
+def infer(cfg: EvaluateConfig, ref: ModelRef, config: dict, keys: np.ndarray | None,
+          use_gpu: bool) -> dict[str, dict[str, np.ndarray]]:
+    """Every protocol's test split through one actor pool (one model load per actor) -> per protocol, every
+    row's outputs (sorted by subject, image id)."""
+    from ray.data import ActorPoolStrategy
+
+    from raydecode.tracking import mlflow_uri
+
+    parts = [test_rows(cfg, config, p).map_batches(_tag_protocol, fn_kwargs={"protocol": i}, batch_format="numpy",
+                                                   num_cpus=cfg.data.read_cpus)
+             for i, p in enumerate(cfg.protocols)]
+    ds = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
+    ds = ds.map_batches(
+        Predictor, fn_constructor_args=(asdict(ref), mlflow_uri(), cfg.model_dump(mode="json"), keys, use_gpu),
+        compute=ActorPoolStrategy(size=cfg.actors), num_cpus=cfg.cpus_per_actor, num_gpus=1 if use_gpu else 0,
+        batch_size=cfg.batch_size, batch_format="numpy")
+    try:
+        batches = list(ds.iter_batches(batch_size=None, batch_format="numpy"))
+    except Exception as exc:  # a user error inside an actor (bad weights, bad store) reaches the user as itself
+        cause = user_error_in(exc)
+        if cause is not None:
+            raise type(cause)(str(cause)) from None
+        raise
+    if not batches:
+        raise StoreError(f"{cfg.store}: no test rows for subjects {cfg.subjects}")
+    rows = {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
+    out = {}
+    for i, p in enumerate(cfg.protocols):
+        pick = np.flatnonzero(rows["protocol"] == i)
+        pick = pick[np.lexsort((rows["image_id"][pick], rows["subject"][pick]))]
+        out[p] = {k: v[pick] for k, v in rows.items() if k != "protocol"}
+    return out
+
+
+# -- metrics -------------------------------------------------------------------------------------
+
+
+def protocol_metrics(rows: dict[str, np.ndarray], cfg: EvaluateConfig, nets) -> dict[str, float]:
+    """The suite's metrics of one protocol's rows (names without the protocol infix)."""
+    import torch
+
+    from raydecode.evaluate.feature_metrics import correlation_distance, two_way_identification
+    from raydecode.evaluate.retrieval import retrieval_top1
+
+    m: dict[str, float] = {"rows": float(len(rows["subject"]))}
+    if "brain" in rows:
+        r = retrieval_top1(torch.from_numpy(rows["brain"].astype(np.float32)),
+                           torch.from_numpy(rows["image"].astype(np.float32)), rows["subject"],
+                           cfg.retrieval.candidates, cfg.retrieval.draws, cfg.retrieval.seed)
+        m.update({f"retrieval.{k}": v for k, v in r.items()})
+    if "recon" in rows and rows["reconstructed"].any():
+        done = rows["reconstructed"]
+        m["recon.images"] = float(done.sum())
+        m["recon.pixcorr"] = float(rows["pixcorr"][done].mean())
+        m["recon.ssim"] = float(rows["ssim"][done].mean())
+        subjects = rows["subject"][done]
+        for net in nets:  # per subject (every subject sees the same images), then averaged
+            recon, stim = rows[f"feat.{net.metric}.recon"][done], rows[f"feat.{net.metric}.stim"][done]
+            score = two_way_identification if net.score == "two_way" else correlation_distance
+            values = [score(recon[subjects == s], stim[subjects == s]) for s in np.unique(subjects)
+                      if (subjects == s).sum() >= 2]
+            if values:
+                m[f"recon.{net.metric}"] = float(np.mean(values))
+    if "logits" in rows and "categories" in rows:
+        from raydecode.evaluate.semantic import semantic_metrics
+
+        m.update({f"semantic.{k}": v for k, v in semantic_metrics(rows["logits"], rows["categories"]).items()})
+    for k in rows:
+        if k.startswith("test."):
+            m[k] = float(rows[k].mean())
+    return m
+
+
+def _named(metrics: dict[str, float], protocol: str) -> dict[str, float]:
+    """``averaged`` keeps the names; ``single`` becomes ``<kind>.single.<name>`` (the Dynadiff stage's names)."""
+    if protocol == "averaged":
+        return dict(metrics)
+    return {(f"{k.split('.', 1)[0]}.single.{k.split('.', 1)[1]}" if "." in k else f"single.{k}"): v
+            for k, v in metrics.items()}
+
+
+# -- the stage -----------------------------------------------------------------------------------
+
+
+def _use_gpu(cfg: EvaluateConfig) -> bool:
+    import ray
+
+    if cfg.use_gpu is not None:
+        return cfg.use_gpu
+    return ray.cluster_resources().get("GPU", 0) > 0
+
+
+def _write_outputs(tmp: str, cfg: EvaluateConfig, ref: ModelRef, results: dict[str, dict],
+                   metrics: dict[str, float]) -> list[str]:
+    from raydecode.evaluate.plots import metrics_table_md, retrieval_png, tsne_png
+    from raydecode.evaluate.reconstruction import grid_png
+
+    files = []
+    with open(os.path.join(tmp, "metrics.json"), "w") as f:
+        json.dump({"model": ref.ref, "evaluates": ref.canonical, "metrics": metrics}, f, indent=1)
+    names = sorted({k.replace(".single.", ".") for k in metrics})
+    rows = {p: {k: metrics.get(k if p == "averaged" else k.replace(".", ".single.", 1)) for k in names}
+            for p in results}
+    with open(os.path.join(tmp, "metrics.md"), "w") as f:
+        f.write(f"# {ref.ref} ({ref.canonical})\n\n" + metrics_table_md(rows, names) + "\n")
+    files += ["metrics.json", "metrics.md"]
+    retrieval = {p: {k[len("retrieval."):]: v for k, v in res["metrics"].items() if k.startswith("retrieval.")}
+                 for p, res in results.items() if "retrieval.brain_to_image_top1" in res["metrics"]}
+    if retrieval:
+        retrieval_png({("averaged repetitions" if p == "averaged" else "single trial"): r
+                       for p, r in retrieval.items()}, os.path.join(tmp, "retrieval.png"))
+        files.append("retrieval.png")
+    for p, res in results.items():
+        rows = res["rows"]
+        if "recon" in rows and rows["reconstructed"].any():
+            idx = np.flatnonzero(rows["reconstructed"])
+            np.savez_compressed(os.path.join(tmp, f"reconstructions_{p}.npz"), subject=rows["subject"][idx],
+                                image_id=rows["image_id"][idx], reconstruction=rows["recon"][idx])
+            subjects = np.unique(rows["subject"][idx])
+            per = max(1, cfg.reconstruct.grid_images // len(subjects))
+            pick = np.concatenate([idx[rows["subject"][idx] == s][:per] for s in subjects])[: cfg.reconstruct.grid_images]
+            grid_png(rows["stimulus"][pick], rows["recon"][pick], os.path.join(tmp, f"reconstructions_{p}.png"),
+                     [f"s{rows['subject'][i]:02d} #{rows['image_id'][i]}" for i in pick])
+            files += [f"reconstructions_{p}.npz", f"reconstructions_{p}.png"]
+    first = next(iter(results.values()))["rows"]
+    if cfg.tsne and "embedding" in first and len(first["subject"]) >= 5:
+        tsne_png(first["embedding"], first["subject"], first.get("categories"), os.path.join(tmp, "tsne.png"),
+                 title=f"backbone embeddings of {ref.ref}")
+        files.append("tsne.png")
+    return files
+
+
+def run_evaluate(cfg: EvaluateConfig) -> StageResult:
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from raydecode import tracking
+    from raydecode.data.store import open_store
+    from raydecode.demo import init_ray
+    from raydecode.evaluate.feature_metrics import DEFAULT_NETS, MetricNet
+    from raydecode.methods.base import get_method
+    from raydecode.train.launch import flatten
+
+    t0 = time.time()
+    if not cfg.model:
+        raise ConfigError("evaluate needs --model (models:/name@alias, runs:/<id>/model or a checkpoint URI)")
+    tracking_uri = tracking.configure(cfg)
+    ref = resolve_ref(cfg.model, cfg.s3)
+    config = model_config(ref, cfg.s3)
+    store = open_store(cfg.store, cfg.s3)
+    subjects = store.check_subjects(cfg.subjects or config["info"]["subjects"])
+    missing = sorted(set(subjects) - set(config["info"]["subjects"]))
+    if missing:
+        raise ConfigError(f"subjects {missing}: model {ref.ref} was trained for subjects {config['info']['subjects']}")
+    nets = [MetricNet(**n) for n in cfg.metric_nets] if cfg.metric_nets is not None else list(DEFAULT_NETS)
+    spec = get_method(config["method"])
+    print(f"[evaluate] {ref.ref} -> {ref.canonical} ({config['method']}, subjects {subjects}), store {cfg.store}")
+    if cfg.decoder is None and spec.reconstruct is None and spec.image_embeddings is not None:
+        print("[evaluate] no `decoder` configured: retrieval only (set decoder to reconstruct images)")
+    keys = reconstruct_keys(subjects, list(store.manifest.shared_test_image_ids), cfg.reconstruct.max_images)
+    init_ray(cfg.ray_address)
+    use_gpu = _use_gpu(cfg)
+    cfg = cfg.model_copy(update={"subjects": subjects})
+
+    exp_id = tracking.experiment(cfg.experiment)
+    client = MlflowClient()
+    run = mlflow.start_run(experiment_id=exp_id, run_name=cfg.run_name or f"evaluate {ref.ref}", tags={
+        "raydecode.stage": "evaluate", "raydecode.model_ref": ref.ref, EVALUATES_TAG: ref.canonical,
+        "raydecode.model_run_id": ref.run_id or "", "raydecode.method": config["method"],
+        "raydecode.store": cfg.store, "raydecode.test_set": store.test_set_digest(subjects)})
+    run_id = run.info.run_id
+    try:
+        mlflow.log_params({k: str(v)[:500] for k, v in flatten(cfg.model_dump(mode="json")).items()})
+        results, metrics = {}, {}
+        t1 = time.time()
+        for protocol, rows in infer(cfg, ref, config, keys, use_gpu).items():
+            m = protocol_metrics(rows, cfg, nets)
+            results[protocol] = {"rows": rows, "metrics": m}
+            metrics.update(_named(m, protocol))
+        metrics["inference_seconds"] = round(time.time() - t1, 1)
+        counts = ", ".join(f"{p}: {int(r['metrics']['rows'])} rows" for p, r in results.items())
+        print(f"[evaluate] {counts} in {metrics['inference_seconds']} s")
+        mlflow.log_metrics({k: float(v) for k, v in metrics.items() if np.isfinite(v)})
+        out_dir = os.path.join(cfg.workdir, "evaluations", run_id)
+        os.makedirs(out_dir, exist_ok=True)
+        files = _write_outputs(out_dir, cfg, ref, results, metrics)
+        mlflow.log_artifacts(out_dir, "evaluation")
+        if ref.run_id:  # the model's run (and registry version) point to their evaluations
+            client.set_tag(ref.run_id, "raydecode.last_evaluation_run_id", run_id)
+        if ref.kind == "registry":
+            client.set_model_version_tag(ref.name, ref.version, "raydecode.last_evaluation_run_id", run_id)
+    except BaseException:
+        mlflow.end_run(status="FAILED")
+        raise
+    mlflow.end_run()
+
+    shown = [k for k in TABLE_COLUMNS if k in metrics] + sorted(k for k in metrics if k.startswith("test.")
+                                                                 and ".single." not in k)
+    print("\n" + table(["metric"] + list(cfg.protocols),
+                       [[k] + [metrics.get(k if p == "averaged" else k.replace(".", ".single.", 1), float("nan"))
+                               for p in cfg.protocols] for k in shown]))
+    print(f"\nevaluation run {run_id} ({tracking_uri}); files in {out_dir}: {', '.join(files)}")
+    metrics["seconds"] = round(time.time() - t0, 1)
+    return StageResult(stage="evaluate", status="ok", mlflow_run_id=run_id, metrics=metrics,
+                       artifacts={"evaluates": ref.canonical, "outputs": out_dir,
+                                  **{f: os.path.join(out_dir, f) for f in files}})
+
+
+def evaluation_run(ref: ModelRef, experiment: str):
+    """The latest finished evaluation run of ``ref`` (None if there is none)."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    exp = mlflow.get_experiment_by_name(experiment)
+    if exp is None:
+        return None
+    runs = MlflowClient().search_runs(
+        [exp.experiment_id], filter_string=f"tags.`{EVALUATES_TAG}` = '{ref.canonical}' and status = 'FINISHED'",
+        order_by=["attributes.start_time DESC"], max_results=1)
+    return runs[0] if runs else None
+
+
+def run_compare(cfg: CompareConfig) -> StageResult:
+    import mlflow
+
+    from raydecode import tracking
+    from raydecode.evaluate.plots import metrics_table_md
+
+    if not cfg.models:
+        raise ConfigError("compare needs at least one model reference")
+    tracking.configure(cfg)
+    rows: dict[str, dict[str, float]] = {}
+    runs = {}
+    for r in cfg.models:
+        ref = resolve_ref(r, cfg.s3)
+        run = evaluation_run(ref, cfg.experiment)
+        if run is None:
+            raise ConfigError(f"{r}: no evaluation run of {ref.canonical} in experiment {cfg.experiment!r}; "
+                              f"run `raydecode evaluate --model {r}` first")
+        runs[r] = run.info.run_id
+        m = run.data.metrics
+        rows[r] = {k: m[k] for k in TABLE_COLUMNS if k in m}
+        single = {k: m[k.replace(".", ".single.", 1)] for k in TABLE_COLUMNS if k.replace(".", ".single.", 1) in m}
+        if single:
+            rows[f"{r} (single trial)"] = single
+    columns = [k for k in TABLE_COLUMNS if any(k in row for row in rows.values())]
+    md = metrics_table_md(rows, columns)
+    print(md)
+    os.makedirs(cfg.workdir, exist_ok=True)
+    path = os.path.join(cfg.workdir, "compare.md")
+    with open(path, "w") as f:
+        f.write(md + "\n\nevaluation runs: " + ", ".join(f"{k} -> {v}" for k, v in runs.items()) + "\n")
+    exp_id = tracking.experiment(cfg.experiment)
+    with mlflow.start_run(experiment_id=exp_id, run_name=cfg.run_name or "compare",
+                          tags={"raydecode.stage": "compare", "raydecode.compared": json.dumps(cfg.models)}) as run:
+        mlflow.log_artifact(path)
+    return StageResult(stage="compare", status="ok", mlflow_run_id=run.info.run_id,
+                       metrics={f"{r}/{k}": v for r, row in rows.items() for k, v in row.items()},
+                       artifacts={"table": path, **{f"evaluation/{r}": v for r, v in runs.items()}})
