@@ -11,7 +11,7 @@ import raydecode.evaluate.unclip as unclip
 from raydecode.data.encoders import FrozenEncoder, encoder_config
 from raydecode.errors import ConfigError
 from raydecode.evaluate.unclip import EmbeddingDecoder, img2img_timesteps, unclip_config
-from raydecode.methods.dynadiff import initial_noise
+from raydecode.methods.diffusion import initial_noise
 from raydecode.methods.mindeye2 import PRESETS as MINDEYE2_PRESETS
 from raydecode.methods.mindeye2 import MindEye2Config
 

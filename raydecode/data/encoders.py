@@ -154,9 +154,9 @@ class FrozenEncoder(torch.nn.Module):
         """VAE encoders: latents as :meth:`encode` gives them -> uint8 images (B, H, W, 3)."""
         if self.cfg.kind != "vae":
             raise ConfigError(f"encoder {self.cfg.name!r}: a {self.cfg.kind} encoder cannot decode images")
-        param = next(self.net.parameters())
-        x = self.net.decode(latents.to(param) / self.net.config.scaling_factor).sample
-        return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu()
+        from raydecode.methods.diffusion import decode_latents
+
+        return decode_latents(self.net, latents.to(next(self.net.parameters()).device)).cpu()
 
 
 class TargetCache:

@@ -41,8 +41,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from torch import nn
 
 from raydecode.errors import ConfigError
-from raydecode.methods.dynadiff import (SD_SCHEDULER, VD_IMAGE_UNET, build_vae, ddim_denoise, ddim_scheduler,
-                                        decode_latents, initial_noise)
+from raydecode.methods.diffusion import ddim_denoise, ddim_scheduler, decode_latents, initial_noise
+from raydecode.methods.dynadiff import SD_SCHEDULER, VD_IMAGE_UNET, build_vae
 
 # A Stable-Diffusion-1-sized UNet attending to OpenCLIP ViT-bigG/14's 1664-wide image tokens: the architecture of
 # the paper preset (which needs `path`: its weights are never random).

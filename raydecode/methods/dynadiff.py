@@ -36,6 +36,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from raydecode.data.windows import WindowConfig
+from raydecode.methods.diffusion import ddim_denoise, ddim_scheduler, decode_latents, initial_noise  # noqa: F401 (re-exported)
 from raydecode.errors import ConfigError
 from raydecode.methods.base import DatasetInfo, MethodSpec, Progress, register
 
@@ -364,40 +365,6 @@ class Dynadiff(nn.Module):
         return decode_latents(self.vae, latents)
 
 
-def ddim_scheduler(noise_scheduler_config, steps: int):
-    """A DDIM scheduler set to ``steps`` steps, from the training scheduler's config; latents are never clipped
-    (they exceed [-1, 1])."""
-    from diffusers import DDIMScheduler
-
-    sched = DDIMScheduler.from_config(noise_scheduler_config, clip_sample=False, set_alpha_to_one=False)
-    sched.set_timesteps(steps)
-    return sched
-
-
-def ddim_denoise(unet, sched, x: torch.Tensor, cond: torch.Tensor, null: torch.Tensor | None = None,
-                 guidance: float = 1.0, timesteps: torch.Tensor | None = None) -> torch.Tensor:
-    """DDIM (eta 0) from the latents ``x`` over ``timesteps`` (default: all of ``sched``'s), the UNet conditioned on
-    ``cond`` through cross-attention. With a ``null`` condition: classifier-free guidance,
-    ``eps_null + guidance * (eps_cond - eps_null)``, both predictions from one batched UNet call; without: the
-    conditional prediction alone."""
-    for t in sched.timesteps if timesteps is None else timesteps:
-        inp = sched.scale_model_input(x, t)
-        if null is None:
-            eps = unet(inp, t, encoder_hidden_states=cond).sample
-        else:
-            both = unet(torch.cat([inp, inp]), t, encoder_hidden_states=torch.cat([cond, null])).sample
-            eps_cond, eps_null = both.chunk(2)
-            eps = eps_null + guidance * (eps_cond - eps_null)
-        x = sched.step(eps, t, x, eta=0.0).prev_sample
-    return x
-
-
-def decode_latents(vae, latents: torch.Tensor) -> torch.Tensor:
-    """Scaled VAE latents (B, C, h, w) -> uint8 images (B, H, W, 3)."""
-    images = vae.decode(latents.to(next(vae.parameters()).dtype) / vae.config.scaling_factor).sample
-    return ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1)
-
-
 def _roll_within(subject: torch.Tensor) -> torch.Tensor:
     """A permutation that moves every row to the next row of the same subject (cyclically)."""
     perm = torch.arange(len(subject), device=subject.device)
@@ -406,10 +373,6 @@ def _roll_within(subject: torch.Tensor) -> torch.Tensor:
         perm[idx] = idx.roll(1)
     return perm
 
-
-def initial_noise(seeds: np.ndarray | list[int], shape: tuple[int, ...]) -> torch.Tensor:
-    """One seeded standard-normal latent per row (reconstructions do not depend on how rows are batched)."""
-    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds])
 
 
 # -- LoRA in the diffusers / peft format ---------------------------------------------------
