@@ -24,7 +24,7 @@ demo: $(STAMP)
 	$(BIN)/raydecode demo --summary work/demo/summary.json
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q --durations=15 tests
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_data.py

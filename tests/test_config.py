@@ -2,7 +2,7 @@ import pytest
 
 from raydecode.config import IngestSyntheticConfig, InfoConfig, load_config
 from raydecode.errors import ConfigError
-from tests.conftest import run_cli
+from conftest import run_cli
 
 
 def test_yaml_and_overrides(tmp_path):

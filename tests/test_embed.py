@@ -19,7 +19,7 @@ from raydecode.data.embed import run_embed
 from raydecode.data.pipeline import DataSelection, read_split, trials_dataset
 from raydecode.data.store import open_store
 from raydecode.errors import StoreError
-from tests.conftest import run_cli
+from conftest import run_main
 
 ENCODERS = ("openclip-tiny", "vae-tiny")
 
@@ -134,7 +134,7 @@ def test_readers_deliver_the_stored_embeddings(embedded, ray_local):
 def test_unknown_encoder_is_one_line_error(store_copy):
     manifest = os.path.join(store_copy, "manifest.json")
     before = open(manifest, "rb").read()
-    r = run_cli("embed", "--store", store_copy, "--encoder", "openclip-tiny", "--encoder", "no-such-encoder")
+    r = run_main("embed", "--store", store_copy, "--encoder", "openclip-tiny", "--encoder", "no-such-encoder")
     assert r.returncode != 0
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: encoder 'no-such-encoder'") and "openclip-tiny" in lines[0]
@@ -160,7 +160,7 @@ def test_damaged_embeddings_are_reported(embedded, tmp_path):
     problems = [str(p) for p in open_store(store_dir).verify()]
     assert any(clip in p and "truncated" in p for p in problems)
     assert any(vae in p and "'pooled' has 127 values per image, expected 128" in p for p in problems)
-    r = run_cli("info", store_dir, "--verify")
+    r = run_main("info", store_dir, "--verify")
     assert r.returncode != 0 and clip in r.stdout and vae in r.stdout
     # readers refuse them before any training
     with pytest.raises(StoreError, match=clip):

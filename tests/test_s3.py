@@ -7,7 +7,7 @@ import numpy as np
 
 from raydecode.data.pipeline import DataSelection, trials_dataset
 from raydecode.data.store import open_store
-from tests.conftest import run_cli
+from conftest import run_cli
 
 
 def _aws_env(opts):

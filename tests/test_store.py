@@ -14,7 +14,7 @@ from raydecode.data.schema import SCHEMA_VERSION
 from raydecode.data.store import StoreWriter, open_store
 from raydecode.errors import StoreError
 from raydecode.storage import resolve
-from tests.conftest import run_cli
+from conftest import run_main
 
 
 def _checksums(uri):
@@ -88,7 +88,7 @@ def test_interrupted_ingest_is_detected_and_completed(tiny_store, tmp_path, monk
     assert not os.path.exists(os.path.join(out, "manifest.json"))
     with pytest.raises(StoreError, match="incomplete store"):
         open_store(out)
-    r = run_cli("info", out)
+    r = run_main("info", out)
     assert r.returncode != 0 and "incomplete store" in r.stderr
     res = run_ingest(synthetic_plan("tiny", 0), out, progress=False)
     assert res.status == "completed" and res.skipped == 10 and res.written == len(synthetic_plan("tiny", 0).shards) - 10
@@ -109,7 +109,7 @@ def _with_betas(table, betas):
 
 
 def _verify_cli(uri):
-    r = run_cli("info", uri, "--verify")
+    r = run_main("info", uri, "--verify")
     assert r.returncode != 0
     return r.stdout + r.stderr
 
@@ -176,7 +176,7 @@ def test_unknown_subject(tiny_store):
 
 
 def test_empty_prefix(tmp_path):
-    r = run_cli("info", str(tmp_path))
+    r = run_main("info", str(tmp_path))
     assert r.returncode != 0 and "is empty: no manifest.json" in r.stderr and str(tmp_path) in r.stderr
 
 

@@ -16,7 +16,7 @@ from raydecode.config import SweepConfig
 from raydecode.errors import ConfigError, StoreError
 from raydecode.tune import run_sweep
 
-from conftest import SOURCE_SUBJECTS, run_cli
+from conftest import SOURCE_SUBJECTS, run_main
 
 NEW_SUBJECTS = [7, 8]
 SETTINGS = [{"ssp": True, "sdp": True}, {"ssp": False, "sdp": False}]  # Duala, plain LoRA
@@ -169,12 +169,12 @@ def test_the_champion_gate(sweep):
     assert third.alias == "challenger"  # equal is not better
 
     # by hand: the challenger is refused again; after the champion is demoted by a better-scored version, it moves
-    proc = run_cli("promote", "--model", "gate-subj08", "--version", second.version,
+    proc = run_main("promote", "--model", "gate-subj08", "--version", second.version,
                    "--set", f"workdir={cfg.workdir}")
     assert proc.returncode == 0, proc.stderr
     assert f"gate-subj08 v{second.version} -> challenger" in proc.stdout and "does not beat" in proc.stdout
     client.set_model_version_tag("gate-subj08", third.version, f"metric.{cfg.metric}", "1.0")
-    proc = run_cli("promote", "--model", "gate-subj08", "--version", third.version, "--set", f"workdir={cfg.workdir}")
+    proc = run_main("promote", "--model", "gate-subj08", "--version", third.version, "--set", f"workdir={cfg.workdir}")
     assert proc.returncode == 0 and f"-> champion" in proc.stdout, proc.stdout
     assert str(client.get_model_version_by_alias("gate-subj08", "champion").version) == third.version
 
