@@ -157,7 +157,7 @@ def demo_train_config(cfg: DemoConfig, which: str, init_from: str | None = None)
     if which == "pretrain":
         return TrainConfig.model_validate({
             **common, "run_name": "pretrain-demo", "data": {**data, "subjects": [1, 2, 3, 4, 5, 6, 7]},
-            "optim": {"epochs": 6, "batch_size": 64, "lr": 1e-3}})
+            "optim": {"epochs": 5, "batch_size": 64, "lr": 1e-3}})
     return TrainConfig.model_validate({
         **common, "run_name": "finetune-demo-subj08", "init_from": init_from,
         "data": {**data, "subjects": [8], "sessions": [1]},
@@ -173,9 +173,9 @@ def demo_sweep_config(cfg: DemoConfig, init_from: str):
         "run_name": "sweep-demo", "method": "duala", "preset": cfg.preset, "init_from": init_from, "subjects": [8],
         "space": {"model.margin": {"grid": [0.1, 0.3]}, "model.lambda_rc": {"grid": [0.1]}},
         "data": {"sessions": [1], "read_cpus": 0.25, "lookup_cpus": 0.25},
-        "optim": {"epochs": 5, "batch_size": 10, "lr": 1e-3},
+        "optim": {"epochs": 4, "batch_size": 10, "lr": 1e-3},
         "scaling": {"num_workers": 1, "cpus_per_worker": 0.25}, "deepspeed": {"zero_stage": 0},
-        "checkpoint": {"every_epochs": 5}})
+        "checkpoint": {"every_epochs": 4}})
 
 
 def demo_dynadiff_config(cfg: DemoConfig):
@@ -191,8 +191,8 @@ def demo_dynadiff_config(cfg: DemoConfig):
         "scaling": {"num_workers": 2, "cpus_per_worker": 0.25}, "deepspeed": {"zero_stage": 2},
         "checkpoint": {"every_epochs": 3},
         "reconstruct": {"steps": 20, "guidance": 3.0, "single_trial": False, "grid_images": 16,
-                        "max_images": 32},
-        "time_resolved": {"shifts": [-3, -2, -1, 0, 1, 2, 3], "specialized": []}})
+                        "max_images": 16},
+        "time_resolved": {"shifts": [-3, -1, 0, 1, 3], "specialized": []}})
 
 
 def demo_evaluate_config(cfg: DemoConfig, model: str):
@@ -208,6 +208,6 @@ def demo_evaluate_config(cfg: DemoConfig, model: str):
     return EvaluateConfig.model_validate({
         "store": cfg.store, "workdir": cfg.workdir, "tracking_uri": cfg.tracking_uri, "s3": cfg.s3.model_dump(),
         "model": model, "protocols": ["averaged", "single"], "retrieval": {"candidates": 300, "draws": 30},
-        "decoder": {"preset": cfg.preset, "blend": 0.5, "steps": 10},
-        "reconstruct": {"max_images": 16, "grid_images": 8, "size": 425}, "metric_nets": nets,
+        "decoder": {"preset": cfg.preset, "blend": 0.5, "steps": 6},
+        "reconstruct": {"max_images": 8, "grid_images": 8, "size": 425}, "metric_nets": nets,
         "actors": 1, "cpus_per_actor": 0.5, "data": {"read_cpus": 0.25, "lookup_cpus": 0.25}})

@@ -45,3 +45,23 @@ def test_cli_invalid_config_value_exits_nonzero_with_one_line(tmp_path):
 def test_missing_config_file():
     with pytest.raises(ConfigError, match="nope.yaml does not exist"):
         load_config(InfoConfig, "nope.yaml")
+
+
+@pytest.mark.parametrize("stage", ["pretrain", "finetune", "sweep", "dynadiff", "evaluate"])
+def test_the_demo_runs_the_jobs_configs(stage):
+    """`make demo` embeds its configs (no files needed); they are the jobs/ files a user runs stage by stage."""
+    from pathlib import Path
+
+    from raydecode import demo
+    from raydecode.config import (DemoConfig, DiffusionDecodeConfig, EvaluateConfig, SweepConfig, TrainConfig,
+                                  load_config)
+
+    d, init = DemoConfig(), "work/demo/runs/pretrain-demo/final"
+    embedded, schema = {
+        "pretrain": (lambda: demo.demo_train_config(d, "pretrain"), TrainConfig),
+        "finetune": (lambda: demo.demo_train_config(d, "finetune", init_from=init), TrainConfig),
+        "sweep": (lambda: demo.demo_sweep_config(d, init), SweepConfig),
+        "dynadiff": (lambda: demo.demo_dynadiff_config(d), DiffusionDecodeConfig),
+        "evaluate": (lambda: demo.demo_evaluate_config(d, None), EvaluateConfig)}[stage]
+    jobs = Path(__file__).resolve().parents[1] / "jobs" / f"{stage}.yaml"
+    assert embedded().model_dump(mode="json") == load_config(schema, str(jobs)).model_dump(mode="json")

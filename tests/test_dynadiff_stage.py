@@ -211,3 +211,30 @@ def test_bad_dynadiff_configs_fail_with_one_line(tiny_store, tmp_path, capsys):
     with pytest.raises(ConfigError, match="window.duration_s") as err:
         get_method("dynadiff").config(cfg.preset, cfg.model)
     assert len(str(err.value).splitlines()) == 1
+
+
+def test_the_evaluation_suite_scores_the_model_as_the_stage_does(stage, tmp_path):
+    """`raydecode evaluate` on the Dynadiff checkpoint (windows through the Ray Data actor pool, the method's own
+    generator): the same seeded reconstructions as the stage's, so the same PixCorr, averaged and single-trial."""
+    import yaml
+
+    from raydecode.cli import main
+
+    cfg, result = stage
+    path = tmp_path / "evaluate.yaml"
+    path.write_text(yaml.safe_dump({
+        "store": cfg.store, "workdir": cfg.workdir, "tsne": False, "cpus_per_actor": 0.5,
+        "reconstruct": {"steps": 4, "max_images": 8, "size": None, "grid_images": 4},
+        "metric_nets": [dict(metric="alexnet2", arch="alexnet", layer="features.4", size=64)],
+        "data": {"read_cpus": 0.25, "lookup_cpus": 0.25}}))
+    summary = tmp_path / "summary.json"
+    assert main(["evaluate", "--model", result.artifacts["checkpoint"], "--config", str(path),
+                 "--summary", str(summary)]) == 0
+    m = json.loads(summary.read_text())["metrics"]
+    final = result.metrics
+    assert m["recon.images"] == m["recon.single.images"] == 8
+    for k in ("recon.pixcorr", "recon.ssim", "recon.single.pixcorr", "recon.single.ssim"):
+        assert m[k] == pytest.approx(final[f"final.{k}"], abs=2e-3), k
+    assert 0 <= m["recon.alexnet2"] <= 100 and "retrieval.brain_to_image_top1" not in m
+    # test losses: every row's own condition vs the null (batching moves the fixed noise, not the comparison)
+    assert m["test.diffusion_loss"] < m["test.null_loss"] and 0 < m["test.condition_gain"] < 1

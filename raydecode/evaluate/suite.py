@@ -302,7 +302,7 @@ def infer(cfg: EvaluateConfig, ref: ModelRef, config: dict, keys: np.ndarray | N
 # -- metrics -------------------------------------------------------------------------------------
 
 
-def protocol_metrics(rows: dict[str, np.ndarray], cfg: EvaluateConfig, nets) -> dict[str, float]:
+def protocol_metrics(rows: dict[str, np.ndarray], cfg: EvaluateConfig, nets, summarize=None) -> dict[str, float]:
     """The suite's metrics of one protocol's rows (names without the protocol infix)."""
     import torch
 
@@ -332,9 +332,9 @@ def protocol_metrics(rows: dict[str, np.ndarray], cfg: EvaluateConfig, nets) -> 
         from raydecode.evaluate.semantic import semantic_metrics
 
         m.update({f"semantic.{k}": v for k, v in semantic_metrics(rows["logits"], rows["categories"]).items()})
-    for k in rows:
-        if k.startswith("test."):
-            m[k] = float(rows[k].mean())
+    means = {k[len("test."):]: float(rows[k].mean()) for k in rows if k.startswith("test.")}
+    if means:  # the method's own summary of its test losses (e.g. Dynadiff's condition and image gains)
+        m.update({f"test.{k}": v for k, v in (summarize or (lambda x: x))(means).items()})
     return m
 
 
@@ -441,7 +441,7 @@ def run_evaluate(cfg: EvaluateConfig) -> StageResult:
         results, metrics = {}, {}
         t1 = time.time()
         for protocol, rows in infer(cfg, ref, config, keys, use_gpu).items():
-            m = protocol_metrics(rows, cfg, nets)
+            m = protocol_metrics(rows, cfg, nets, spec.summarize_test)
             results[protocol] = {"rows": rows, "metrics": m}
             metrics.update(_named(m, protocol))
         metrics["inference_seconds"] = round(time.time() - t1, 1)

@@ -1,0 +1,562 @@
+"""The deployment files agree with each other and with the code: cluster/ (Ray cluster launcher, KubeRay),
+infra/ (Terraform, MLflow server) and jobs/*-nsd.yaml.
+
+No cloud, no cluster: the launcher YAML goes through Ray's own schema and config preparation, Terraform is
+parsed with python-hcl2, the KubeRay manifests with PyYAML, and the names that must match across files
+(buckets, instance profiles, roles, service accounts, the MLflow URI, environment variables) are compared.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import importlib.util
+import json
+import re
+import shlex
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+CLUSTER = ROOT / "cluster"
+KUBERAY = CLUSTER / "kuberay"
+LAUNCHER = CLUSTER / "aws-gpu.yaml"
+TERRAFORM = ROOT / "infra" / "terraform"
+MLFLOW = ROOT / "infra" / "mlflow"
+JOBS = ROOT / "jobs"
+
+S3_URI = re.compile(r"s3://([a-z0-9][a-z0-9.-]*[a-z0-9])(/[^\s'\"]*)?")
+S3_OBJECT_ACTIONS = {"s3:GetObject", "s3:PutObject", "s3:DeleteObject"}
+
+
+def _stage_configs() -> dict:
+    from raydecode.config import DiffusionDecodeConfig, EmbedConfig, EvaluateConfig, SweepConfig, TrainConfig
+
+    return {"pretrain": TrainConfig, "sweep": SweepConfig, "dynadiff": DiffusionDecodeConfig,
+            "embed": EmbedConfig, "evaluate": EvaluateConfig}
+
+
+# -- loaders -------------------------------------------------------------------------------------------------------
+
+
+def _yaml_docs(path: Path) -> list:
+    return [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
+
+
+@functools.lru_cache(maxsize=None)
+def _launcher() -> dict:
+    return yaml.safe_load(LAUNCHER.read_text())
+
+
+@functools.lru_cache(maxsize=None)
+def _kuberay() -> dict[str, list]:
+    files = sorted(KUBERAY.rglob("*.yaml"))
+    assert files, "no KubeRay manifests under cluster/kuberay/"
+    return {str(p.relative_to(ROOT)): _yaml_docs(p) for p in files}
+
+
+def _kind(kind: str) -> list[tuple[str, dict]]:
+    return [(f, d) for f, docs in _kuberay().items() for d in docs if d.get("kind") == kind]
+
+
+@functools.lru_cache(maxsize=None)
+def _mlflow_k8s() -> list:
+    return _yaml_docs(MLFLOW / "k8s.yaml")
+
+
+def _strip_blocks(node):
+    if isinstance(node, dict):
+        return {k.strip('"'): _strip_blocks(v) for k, v in node.items() if k != "__is_block__"}
+    if isinstance(node, list):
+        return [_strip_blocks(v) for v in node]
+    if isinstance(node, str) and len(node) >= 2 and node[0] == node[-1] == '"':
+        return node[1:-1]
+    return node
+
+
+@functools.lru_cache(maxsize=None)
+def _tf() -> dict[str, list]:
+    """All blocks of infra/terraform/*.tf, merged by block kind (resource, data, variable, ...)."""
+    import hcl2
+
+    opts = hcl2.SerializationOptions(strip_string_quotes=True, explicit_blocks=False, with_comments=False)
+    merged: dict[str, list] = {}
+    for path in sorted(TERRAFORM.glob("*.tf")):
+        with path.open() as fh:
+            parsed = _strip_blocks(hcl2.load(fh, serialization_options=opts))
+        for kind, blocks in parsed.items():
+            merged.setdefault(kind, []).extend(blocks if isinstance(blocks, list) else [blocks])
+    return merged
+
+
+def _tf_blocks(kind: str) -> list[tuple[str, str, dict]]:
+    """(type, name, body) of every `kind "type" "name" {...}` block (resource, data)."""
+    out = []
+    for block in _tf().get(kind, []):
+        for typ, named in block.items():
+            for name, body in named.items():
+                out.append((typ, name, body))
+    return out
+
+
+def _tf_block(kind: str, typ: str, name: str) -> dict:
+    found = [b for t, n, b in _tf_blocks(kind) if (t, n) == (typ, name)]
+    assert len(found) == 1, f"expected one {kind} {typ}.{name} in infra/terraform, found {len(found)}"
+    return found[0]
+
+
+@functools.lru_cache(maxsize=None)
+def _tf_vars() -> dict[str, object]:
+    out = {}
+    for block in _tf().get("variable", []):
+        for name, body in block.items():
+            out[name] = body.get("default")
+    return out
+
+
+def _tf_locals() -> dict:
+    out: dict = {}
+    for block in _tf().get("locals", []):
+        out.update(block)
+    return out
+
+
+def _resolve(expr: str) -> str:
+    """A Terraform string with its ${var.NAME} references replaced by the variables' defaults."""
+    return re.sub(r"\$\{var\.(\w+)\}", lambda m: str(_tf_vars()[m.group(1)]), expr)
+
+
+def _as_list(x) -> list:
+    return x if isinstance(x, list) else [x]
+
+
+def _one(x):
+    """The single nested block (python-hcl2 gives nested blocks as lists)."""
+    (only,) = _as_list(x)
+    return only
+
+
+@functools.lru_cache(maxsize=None)
+def _tf_buckets() -> dict[str, str]:
+    """Bucket key (data, checkpoints, mlflow) -> default bucket name."""
+    body = _tf_block("resource", "aws_s3_bucket", "this")
+    assert body["for_each"] == "${local.buckets}" and body["bucket"] == "${each.value}"
+    return {k: _resolve(v) for k, v in _tf_locals()["buckets"].items()}
+
+
+def _jobs_nsd() -> list[Path]:
+    files = sorted(JOBS.glob("*-nsd.yaml"))
+    assert files, "no jobs/*-nsd.yaml"
+    return files
+
+
+def _jobs_tracking_uris() -> set[str]:
+    return {yaml.safe_load(p.read_text()).get("tracking_uri") for p in _jobs_nsd()} - {None}
+
+
+def _pyproject_mlflow_spec() -> str:
+    (spec,) = re.findall(r'^\s*"(mlflow[<>=!~][^"]*)"', (ROOT / "pyproject.toml").read_text(), re.M)
+    return spec.replace(" ", "")
+
+
+# -- jobs ----------------------------------------------------------------------------------------------------------
+
+
+def test_nsd_jobs_load_and_use_one_data_bucket_and_one_checkpoint_bucket():
+    configs = _stage_configs()
+    from raydecode.config import load_config
+
+    buckets = _tf_buckets()
+    for path in _jobs_nsd():
+        stage = path.name.removesuffix("-nsd.yaml")
+        assert stage in configs, f"{path.name}: add its stage's config class to this test"
+        cfg = load_config(configs[stage], str(path))
+        assert S3_URI.fullmatch(cfg.store).group(1) == buckets["data"], f"{path.name}: store {cfg.store}"
+        for where, uri in (("checkpoint.storage_path", getattr(getattr(cfg, "checkpoint", None), "storage_path", None)),
+                           ("init_from", getattr(cfg, "init_from", None))):
+            if uri and uri.startswith("s3://"):
+                assert S3_URI.fullmatch(uri).group(1) == buckets["checkpoints"], f"{path.name}: {where} {uri}"
+
+
+def test_terraform_buckets_are_the_buckets_the_jobs_and_mlflow_name():
+    buckets = _tf_buckets()
+    assert set(buckets) == {"data", "checkpoints", "mlflow"}
+    in_jobs = {m.group(1) for p in _jobs_nsd() for m in S3_URI.finditer(p.read_text())}  # comments included
+    assert in_jobs == {buckets["data"], buckets["checkpoints"]}, in_jobs
+    mlflow_dest = {m.group(1) for m in S3_URI.finditer((MLFLOW / "k8s.yaml").read_text() + (MLFLOW / "mlflow.service").read_text())}
+    assert mlflow_dest == {buckets["mlflow"]}, mlflow_dest
+    # every s3:// URI in a deployment file names one of the three buckets
+    for path in [*CLUSTER.rglob("*"), *(ROOT / "infra").rglob("*")]:
+        if path.is_file() and "local" not in path.relative_to(ROOT).parts[:2]:
+            for m in S3_URI.finditer(path.read_text(errors="replace")):
+                assert m.group(1) in buckets.values(), f"{path.relative_to(ROOT)}: {m.group(0)}"
+
+
+def test_terraform_buckets_are_private_versioned_and_encrypted():
+    for typ in ("aws_s3_bucket_versioning", "aws_s3_bucket_public_access_block",
+                "aws_s3_bucket_server_side_encryption_configuration", "aws_s3_bucket_policy"):
+        assert _tf_block("resource", typ, "this" if typ != "aws_s3_bucket_policy" else "tls_only")["for_each"] \
+            == "${aws_s3_bucket.this}", typ
+    versioning = _tf_block("resource", "aws_s3_bucket_versioning", "this")
+    assert _one(versioning["versioning_configuration"])["status"] == "Enabled"
+    pab = _tf_block("resource", "aws_s3_bucket_public_access_block", "this")
+    assert all(pab[k] is True for k in ("block_public_acls", "block_public_policy", "ignore_public_acls",
+                                        "restrict_public_buckets")), pab
+    sse = _one(_one(_tf_block("resource", "aws_s3_bucket_server_side_encryption_configuration", "this")["rule"])
+               ["apply_server_side_encryption_by_default"])
+    assert sse["sse_algorithm"] in ("AES256", "aws:kms")
+
+
+# -- Terraform IAM ---------------------------------------------------------------------------------------------------
+
+
+def _statement_buckets(doc_for_each, statement) -> set[tuple[str, bool]]:
+    """(bucket key, is-object-ARN) for every resource of an S3 statement; fails on anything else."""
+    out = set()
+    for res in _as_list(statement["resources"]):
+        m = re.fullmatch(r'\$\{aws_s3_bucket\.this\["(\w+)"\]\.arn\}(/\*)?', res)
+        if m:
+            out.add((m.group(1), bool(m.group(2))))
+            continue
+        m = re.fullmatch(r"\$\{each\.value\.arn\}(/\*)?", res)
+        assert m and doc_for_each == "${aws_s3_bucket.this}", f"S3 statement resource {res!r} is not one of the buckets"
+        out |= {(k, bool(m.group(1))) for k in _tf_buckets()}
+    return out
+
+
+def test_iam_s3_policies_name_only_the_three_buckets_and_four_actions():
+    allowed: dict[str, set] = {}
+    for typ, name, body in _tf_blocks("data"):
+        if typ != "aws_iam_policy_document":
+            continue
+        for st in _as_list(body.get("statement", [])):
+            actions = set(_as_list(st["actions"]))
+            s3 = {a for a in actions if a.startswith("s3:")}
+            if not s3:
+                continue
+            if st.get("effect", "Allow") == "Deny":
+                continue  # the buckets' TLS-only policies
+            assert s3 == actions, f"{name}: S3 and other actions in one statement"
+            assert s3 <= {"s3:ListBucket"} | S3_OBJECT_ACTIONS, f"{name}: {sorted(s3)}"
+            for key, is_object in _statement_buckets(body.get("for_each"), st):
+                assert is_object == (s3 != {"s3:ListBucket"}), f"{name}: {sorted(s3)} on {key} (object ARN: {is_object})"
+                allowed.setdefault(name, set()).add(key)
+            if s3 != {"s3:ListBucket"}:
+                assert s3 == S3_OBJECT_ACTIONS, f"{name}: {sorted(s3)}"
+    assert allowed == {"ray_s3": {"data", "checkpoints"}, "mlflow_s3": {"mlflow"}}, allowed
+    # the policies are attached as they are: no AWS managed policy (e.g. AmazonS3FullAccess) anywhere
+    for typ, name, body in _tf_blocks("resource"):
+        if typ == "aws_iam_role_policy_attachment":
+            assert re.fullmatch(r"\$\{aws_iam_policy\.(ray_s3|mlflow_s3)\.arn\}", body["policy_arn"]), (name, body)
+        if typ in ("aws_iam_policy", "aws_iam_role_policy"):
+            assert body["policy"].startswith("${data.aws_iam_policy_document."), (name, body["policy"])
+
+
+def test_autoscaler_policy_is_limited_to_its_own_cluster():
+    from ray.autoscaler.tags import TAG_RAY_CLUSTER_NAME
+
+    doc = _tf_block("data", "aws_iam_policy_document", "ray_autoscaler")
+    for st in _as_list(doc["statement"]):
+        actions = set(_as_list(st["actions"]))
+        assert not any(a.startswith(("s3:", "iam:Create", "iam:Put", "iam:Attach")) or a.endswith(":*") for a in actions)
+        if actions & {"ec2:TerminateInstances", "ec2:StopInstances"}:
+            (cond,) = _as_list(st["condition"])
+            assert cond["variable"] == f"aws:ResourceTag/{TAG_RAY_CLUSTER_NAME}"
+            assert cond["values"] == ["${var.ray_cluster_name}"]
+        if "iam:PassRole" in actions:
+            assert st["resources"] == ["${aws_iam_role.ray_worker.arn}"]
+    assert _tf_vars()["ray_cluster_name"] == _launcher()["cluster_name"]
+
+
+def test_security_groups_open_only_ssh_from_the_admin_cidr():
+    ingress = [b for t, _, b in _tf_blocks("resource") if t == "aws_vpc_security_group_ingress_rule"]
+    assert ingress
+    for rule in ingress:
+        assert "cidr_ipv6" not in rule and "prefix_list_id" not in rule, rule
+        if "cidr_ipv4" in rule:
+            assert rule["cidr_ipv4"] == "${var.admin_cidr}", rule
+            assert (rule["ip_protocol"], rule["from_port"], rule["to_port"]) == ("tcp", 22, 22), rule
+        else:
+            assert rule["referenced_security_group_id"].startswith("${aws_security_group."), rule
+    for typ, name, body in _tf_blocks("resource"):
+        assert not (typ == "aws_security_group" and "ingress" in body), f"{name}: inline ingress rules"
+    assert _tf_vars()["admin_cidr"] == ""  # no default: a user must name their network
+
+
+def test_terraform_outputs_and_formatting():
+    outputs = {name for block in _tf()["output"] for name in block}
+    assert {"ray_head_instance_profile_arn", "ray_worker_instance_profile_arn", "ray_head_role_arn",
+            "ray_worker_role_arn", "ray_irsa_role_arn", "mlflow_role_arn", "data_bucket", "checkpoint_bucket",
+            "mlflow_bucket", "ray_security_group_id"} <= outputs
+    if shutil.which("terraform") is None:
+        pytest.skip("terraform is not installed: parsed with python-hcl2 only")
+    proc = subprocess.run(["terraform", "fmt", "-check", "-diff", "."], cwd=TERRAFORM, capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+# -- the Ray cluster launcher ----------------------------------------------------------------------------------------
+
+
+def test_launcher_yaml_validates_against_rays_schema():
+    import jsonschema
+    import ray
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    schema = json.loads((Path(ray.__file__).parent / "autoscaler" / "ray-schema.json").read_text())
+    cfg = _launcher()
+    jsonschema.validate(cfg, schema)
+    validate_config(prepare_config(copy.deepcopy(cfg)))  # what `ray up` does before it touches AWS
+    nodes = cfg["available_node_types"]
+    head = nodes[cfg["head_node_type"]]
+    assert head["resources"].get("GPU", 0) == 0
+    gpu = {n["node_config"]["InstanceType"]: n for k, n in nodes.items() if k != cfg["head_node_type"]}
+    assert {"p4d.24xlarge", "p5.48xlarge"} <= set(gpu)
+    for n in gpu.values():
+        assert n["resources"]["GPU"] == 8 and 0 <= n["min_workers"] <= n["max_workers"] <= cfg["max_workers"]
+
+
+def test_launcher_keeps_token_auth_and_a_closed_network():
+    cfg = _launcher()
+    assert cfg["provider"]["type"] == "aws" and cfg["provider"]["region"] == _tf_vars()["region"]
+    # token authentication: the mode on every node, the client's token file mounted on every node
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+        starts = [c for c in cfg[key] if "ray start" in c]
+        assert starts and all(re.search(r"\bRAY_AUTH_MODE=token ray start\b", c) for c in starts), key
+    assert cfg["file_mounts"].get("~/.ray/auth_token") == "~/.ray/auth_token"
+    # no launcher-made security group (its default opens SSH to 0.0.0.0/0) and no extra open ports
+    assert "security_group" not in cfg["provider"]
+    profiles = {name: _resolve(_tf_block("resource", "aws_iam_instance_profile", name)["name"])
+                for name in ("ray_head", "ray_worker")}
+    for key, node in cfg["available_node_types"].items():
+        nc = node["node_config"]
+        assert nc.get("SecurityGroupIds"), f"{key}: SecurityGroupIds"
+        want = profiles["ray_head" if key == cfg["head_node_type"] else "ray_worker"]
+        assert re.fullmatch(rf"arn:aws:iam::\w+:instance-profile/{re.escape(want)}", nc["IamInstanceProfile"]["Arn"])
+    assert _tf_block("resource", "aws_iam_instance_profile", "ray_worker")["role"] == "${aws_iam_role.ray_worker.name}"
+    # the project is installed on every node from the synced working copy
+    (remote,) = [r for r, local in cfg["file_mounts"].items() if local == "."]
+    assert any(re.search(rf"\bpip install\b.*\s{re.escape(remote)}(\s|$)", c) for c in cfg["setup_commands"])
+
+
+# -- KubeRay -----------------------------------------------------------------------------------------------------------
+
+
+def _cluster_specs() -> list[tuple[str, dict]]:
+    specs = [(f, d["spec"]) for f, d in _kind("RayCluster")]
+    specs += [(f, d["spec"]["rayClusterSpec"]) for f, d in _kind("RayJob")]
+    return specs
+
+
+def _pod_specs(spec: dict) -> list[dict]:
+    return [spec["headGroupSpec"]["template"]["spec"]] + [g["template"]["spec"] for g in spec["workerGroupSpecs"]]
+
+
+def test_kuberay_manifests_parse_and_have_the_expected_kinds():
+    kinds = [d.get("kind") for docs in _kuberay().values() for d in docs]
+    assert {"Namespace", "ServiceAccount", "ConfigMap", "RayCluster", "RayJob"} <= set(kinds), kinds
+    assert "Secret" not in kinds  # the auth token Secret is created by hand, never committed
+    assert sorted(Path(f).name for f, _ in _kind("RayJob")) == ["rayjob-pretrain.yaml", "rayjob-sweep.yaml"]
+    (ns,) = [d["metadata"]["name"] for _, d in _kind("Namespace")]
+    for docs in _kuberay().values():
+        for d in docs:
+            assert d["apiVersion"] and d["metadata"]["name"]
+            if d["kind"] != "Namespace":
+                assert d["metadata"]["namespace"] == ns, d["metadata"]
+            assert d["kind"] not in ("Ingress", "Service"), "the dashboard is reached by port-forwarding only"
+
+
+def test_rayjobs_run_a_stage_config_and_clean_up():
+    from raydecode.cli import build_parser
+    from raydecode.config import load_config
+
+    configs = _stage_configs()
+    for f, job in _kind("RayJob"):
+        spec = job["spec"]
+        assert spec["shutdownAfterJobFinishes"] is True, f
+        assert isinstance(spec["ttlSecondsAfterFinished"], int) and spec["ttlSecondsAfterFinished"] > 0, f
+        argv = shlex.split(spec["entrypoint"])
+        stage = Path(f).stem.removeprefix("rayjob-")
+        assert argv == ["raydecode", stage, "--config", f"jobs/{stage}-nsd.yaml"], spec["entrypoint"]
+        assert (ROOT / argv[3]).is_file(), argv[3]
+        args = build_parser().parse_args(argv[1:])
+        assert args.stage == stage
+        load_config(configs[stage], str(ROOT / args.config))
+        env = yaml.safe_load(spec["runtimeEnvYAML"])
+        assert S3_URI.fullmatch(env["working_dir"]).group(1) == _tf_buckets()["data"], env
+        assert env["working_dir"].endswith(".zip"), env
+
+
+def test_ray_clusters_autoscale_gpu_workers_with_token_auth():
+    (sa,) = [d["metadata"]["name"] for _, d in _kind("ServiceAccount")]
+    (cm,) = [d["metadata"]["name"] for _, d in _kind("ConfigMap")]
+    images = set()
+    for f, spec in _cluster_specs():
+        assert spec["authOptions"]["mode"] == "token", f
+        assert spec["enableInTreeAutoscaling"] is True, f
+        assert spec["headGroupSpec"].get("serviceType", "ClusterIP") == "ClusterIP", f
+        assert not spec["headGroupSpec"].get("enableIngress", False), f
+        assert spec["workerGroupSpecs"], f
+        for group in spec["workerGroupSpecs"]:
+            assert 0 <= group["minReplicas"] <= group.get("replicas", 0) <= group["maxReplicas"] and group["maxReplicas"] > 0
+            (ray,) = [c for c in group["template"]["spec"]["containers"] if c["name"] == "ray-worker"]
+            gpus = {ray["resources"][k].get("nvidia.com/gpu") for k in ("requests", "limits")}
+            assert len(gpus) == 1 and int(gpus.pop()) > 0, f"{f}: {group['groupName']} requests no nvidia.com/gpu"
+        for pod in _pod_specs(spec):
+            assert pod["serviceAccountName"] == sa, f
+            ray = pod["containers"][0]
+            assert {"configMapRef": {"name": cm}} in ray.get("envFrom", []), f
+            images.add(ray["image"])
+            assert "RAY_AUTH_MODE" not in {e["name"] for e in ray.get("env", [])}, "authOptions sets it"
+    assert len(images) == 1, images
+
+
+def test_service_accounts_assume_the_terraform_irsa_roles():
+    v = _tf_vars()
+    for docs, ns_var, sa_var, role in ((_kuberay(), "k8s_namespace", "k8s_service_account", "ray_irsa"),
+                                       ({"mlflow": _mlflow_k8s()}, "mlflow_k8s_namespace", "mlflow_k8s_service_account",
+                                        "mlflow_irsa")):
+        (sa,) = [d for ds in docs.values() for d in ds if d["kind"] == "ServiceAccount"]
+        assert (sa["metadata"]["namespace"], sa["metadata"]["name"]) == (v[ns_var], v[sa_var])
+        role_name = _resolve(_tf_block("resource", "aws_iam_role", role)["name"])
+        arn = sa["metadata"]["annotations"]["eks.amazonaws.com/role-arn"]
+        assert re.fullmatch(rf"arn:aws:iam::\w+:role/{re.escape(role_name)}", arn), arn
+
+
+# -- MLflow ------------------------------------------------------------------------------------------------------------
+
+
+def _mlflow_flags(argv: list[str]) -> dict[str, str | bool]:
+    flags: dict[str, str | bool] = {}
+    i = argv.index("server") + 1
+    while i < len(argv):
+        if i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+            flags[argv[i]] = argv[i + 1]
+            i += 2
+        else:
+            flags[argv[i]] = True
+            i += 1
+    return flags
+
+
+def test_mlflow_server_is_where_the_jobs_log():
+    (uri,) = _jobs_tracking_uris()
+    host_port = uri.removeprefix("http://")
+    host, port = host_port.split(":")
+    (cm,) = [d for _, d in _kind("ConfigMap")]
+    assert cm["data"]["MLFLOW_TRACKING_URI"] == uri
+    assert f"export MLFLOW_TRACKING_URI={uri}" in " ".join(_launcher()["setup_commands"])
+    assert cm["data"]["AWS_REGION"] == _tf_vars()["region"]
+
+    (svc,) = [d for d in _mlflow_k8s() if d["kind"] == "Service"]
+    assert f"{svc['metadata']['name']}.{svc['metadata']['namespace']}" == host  # <service>.<namespace> in-cluster
+    assert svc["spec"].get("type", "ClusterIP") == "ClusterIP" and svc["spec"]["ports"][0]["port"] == int(port)
+    (deploy,) = [d for d in _mlflow_k8s() if d["kind"] == "Deployment"]
+    (container,) = deploy["spec"]["template"]["spec"]["containers"]
+    unit = (MLFLOW / "mlflow.service").read_text()
+    exec_start = re.search(r"^ExecStart=(.*?)(?<!\\)$", unit, re.M | re.S).group(1).replace("\\\n", " ")
+    bucket = _tf_buckets()["mlflow"]
+    for where, argv in (("k8s.yaml", container["command"]), ("mlflow.service", shlex.split(exec_start))):
+        flags = _mlflow_flags(argv)
+        assert flags["--serve-artifacts"] is True and flags["--host"] == "0.0.0.0" and flags["--port"] == port, where
+        assert S3_URI.fullmatch(flags["--artifacts-destination"]).group(1) == bucket, where
+        assert host_port in flags["--allowed-hosts"].split(","), where
+        assert flags["--backend-store-uri"] in ("$(MLFLOW_BACKEND_STORE_URI)", "${MLFLOW_BACKEND_STORE_URI}"), where
+    (db,) = [e for e in container["env"] if e["name"] == "MLFLOW_BACKEND_STORE_URI"]
+    assert "secretKeyRef" in db["valueFrom"], "the database URI (with its password) comes from a Secret"
+    assert "postgresql://" in (MLFLOW / "mlflow.env.example").read_text()
+    # the server's mlflow is the clients' (pyproject.toml)
+    spec = _pyproject_mlflow_spec()
+    for path in (MLFLOW / "Dockerfile", MLFLOW / "README.md"):
+        assert f'"{spec}"' in path.read_text().replace(" ", ""), f"{path.name} does not pin {spec}"
+
+
+# -- environment variables and secrets ---------------------------------------------------------------------------------
+
+# Names the manifests may set or use although raydecode/ does not read them: read by the named module of an
+# installed package (checked below), so a misspelt name fails.
+ENV_READ_ELSEWHERE = {
+    "RAY_AUTH_MODE": "ray/_private/authentication/authentication_token_setup.py",
+    "RAY_HEAD_IP": "ray/autoscaler/_private/util.py",            # set by the launcher for worker start commands
+    "MLFLOW_TRACKING_URI": "mlflow/environment_variables.py",
+    "MLFLOW_BACKEND_STORE_URI": "mlflow/cli/__init__.py",         # mlflow server --backend-store-uri
+}
+
+
+def _env_names_in(node, out: set[str]) -> None:
+    if isinstance(node, dict):
+        for item in _as_list(node.get("env", [])):
+            if isinstance(item, dict) and "name" in item:
+                out.add(item["name"])
+        for v in node.values():
+            _env_names_in(v, out)
+    elif isinstance(node, list):
+        for v in node:
+            _env_names_in(v, out)
+    elif isinstance(node, str):
+        out.update(re.findall(r"\$\(([A-Z][A-Z0-9_]*)\)", node))                    # Kubernetes $(VAR)
+        out.update(re.findall(r"\$\{?([A-Z][A-Z0-9_]*)", node))                     # shell $VAR / ${VAR}
+        out.update(re.findall(r"(?:^|[\s'\"])([A-Z][A-Z0-9_]*)=", node))           # VAR=value, export VAR=value
+
+
+def _manifest_env_names() -> dict[str, set[str]]:
+    found: dict[str, set[str]] = {}
+    for path, docs in [(LAUNCHER, [_launcher()]), *((ROOT / f, d) for f, d in _kuberay().items()),
+                       (MLFLOW / "k8s.yaml", _mlflow_k8s())]:
+        names: set[str] = set()
+        for d in docs:
+            _env_names_in(d, names)
+            if d.get("kind") == "ConfigMap":
+                names.update(d["data"])
+            if d.get("kind") == "RayJob":  # runtime_env env_vars: names and values
+                env_vars = yaml.safe_load(d["spec"]["runtimeEnvYAML"]).get("env_vars", {})
+                names.update(env_vars)
+                _env_names_in(list(env_vars.values()), names)
+        found[str(path.relative_to(ROOT))] = names
+    for path in (MLFLOW / "mlflow.service", MLFLOW / "mlflow.env.example"):
+        text = "\n".join(ln for ln in path.read_text().splitlines() if not ln.lstrip().startswith("#"))
+        names = set(re.findall(r"\$\{?([A-Z][A-Z0-9_]*)", text)) | set(re.findall(r"^([A-Z][A-Z0-9_]*)=", text, re.M))
+        found[str(path.relative_to(ROOT))] = names
+    return found
+
+
+def test_environment_variables_in_manifests_are_ones_something_reads():
+    code = "\n".join(p.read_text() for p in (ROOT / "raydecode").rglob("*.py"))
+    found = _manifest_env_names()
+    assert {"MLFLOW_TRACKING_URI", "AWS_REGION", "RAY_AUTH_MODE"} <= set().union(*found.values()), found
+    for name, module in ENV_READ_ELSEWHERE.items():
+        top = Path(importlib.util.find_spec(module.split("/")[0]).origin).parent
+        assert name in (top.parent / module).read_text(), f"{module} no longer mentions {name}"
+    for path, names in found.items():
+        for name in sorted(names):
+            assert re.search(rf"\b{name}\b", code) or name in ENV_READ_ELSEWHERE, \
+                f"{path}: {name} is read neither by raydecode/ nor by the allow-listed packages"
+
+
+SECRET_PATTERNS = {
+    "AWS access key id": re.compile(r"\b(AKIA|ASIA)[0-9A-Z]{16}\b"),
+    "AWS secret access key": re.compile(r"aws_secret_access_key\s*[=:]\s*[\"']?[A-Za-z0-9/+=]{40}", re.I),
+    "private key": re.compile(r"-----BEGIN [A-Z ]*PRIVATE KEY-----"),
+    "Ray auth disabled": re.compile(r"RAY_AUTH_MODE[\"']?\s*[=:]\s*[\"']?disabled", re.I),
+}
+
+
+def test_no_credentials_and_no_disabled_ray_auth_in_deployment_files():
+    fake_key = "AKIA" + "ABCDEFGHIJKLMNOP"
+    fake_secret = "aws_secret_access_key = " + "a" * 40
+    assert SECRET_PATTERNS["AWS access key id"].search(fake_key)
+    assert SECRET_PATTERNS["AWS secret access key"].search(fake_secret)
+    assert SECRET_PATTERNS["Ray auth disabled"].search("env: {RAY_AUTH_MODE: disabled}")
+    files = [p for base in (CLUSTER, ROOT / "infra") for p in base.rglob("*") if p.is_file()]
+    assert len(files) >= 10
+    for path in files:
+        text = path.read_text(errors="replace")
+        for what, pattern in SECRET_PATTERNS.items():
+            assert not pattern.search(text), f"{path.relative_to(ROOT)}: {what}"
+        if path.suffix in (".yaml", ".yml"):
+            kinds = [d.get("kind") for d in yaml.safe_load_all(text) if isinstance(d, dict)]
+            assert "Secret" not in kinds, f"{path.relative_to(ROOT)}: a Secret manifest"
