@@ -27,13 +27,16 @@ class StageConfig(BaseModel):
 
     store: str = Field("work/store", description="store URI: a path, file:// or s3://bucket/prefix")
     workdir: str = Field("work", description="local outputs (logs, summaries, the default MLflow database)")
-    tracking_uri: str | None = Field(None, description="MLflow tracking URI; default sqlite:///<workdir>/mlflow.db")
+    tracking_uri: str | None = Field(None, description="MLflow tracking URI; default MLFLOW_TRACKING_URI, else "
+                                                       "sqlite:///<workdir>/mlflow.db")
     run_name: str | None = Field(None, description="MLflow run name; the same name resumes a stage")
     s3: S3Options = Field(default_factory=S3Options)
 
     def resolved_tracking_uri(self) -> str:
         if self.tracking_uri:
             return self.tracking_uri
+        if os.environ.get("MLFLOW_TRACKING_URI"):  # e.g. a cluster's MLflow server, from its ConfigMap / env
+            return os.environ["MLFLOW_TRACKING_URI"]
         return f"sqlite:///{os.path.abspath(os.path.join(self.workdir, 'mlflow.db'))}"
 
 

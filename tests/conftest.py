@@ -16,6 +16,7 @@ from raydecode.config import TrainConfig
 from raydecode.data.ingest import run_ingest, synthetic_plan
 from raydecode.storage import S3Options
 
+os.environ.pop("MLFLOW_TRACKING_URI", None)  # tests keep their runs in their own sqlite files
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("TQDM_DISABLE", "1")
 

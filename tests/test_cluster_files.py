@@ -187,7 +187,8 @@ def test_terraform_buckets_are_the_buckets_the_jobs_and_mlflow_name():
     assert set(buckets) == {"data", "checkpoints", "mlflow"}
     in_jobs = {m.group(1) for p in _jobs_nsd() for m in S3_URI.finditer(p.read_text())}  # comments included
     assert in_jobs == {buckets["data"], buckets["checkpoints"]}, in_jobs
-    mlflow_dest = {m.group(1) for m in S3_URI.finditer((MLFLOW / "k8s.yaml").read_text() + (MLFLOW / "mlflow.service").read_text())}
+    server_files = (MLFLOW / "k8s.yaml").read_text() + (MLFLOW / "mlflow.service").read_text()
+    mlflow_dest = {m.group(1) for m in S3_URI.finditer(server_files)}
     assert mlflow_dest == {buckets["mlflow"]}, mlflow_dest
     # every s3:// URI in a deployment file names one of the three buckets
     for path in [*CLUSTER.rglob("*"), *(ROOT / "infra").rglob("*")]:
@@ -243,7 +244,7 @@ def test_iam_s3_policies_name_only_the_three_buckets_and_four_actions():
             assert s3 == actions, f"{name}: S3 and other actions in one statement"
             assert s3 <= {"s3:ListBucket"} | S3_OBJECT_ACTIONS, f"{name}: {sorted(s3)}"
             for key, is_object in _statement_buckets(body.get("for_each"), st):
-                assert is_object == (s3 != {"s3:ListBucket"}), f"{name}: {sorted(s3)} on {key} (object ARN: {is_object})"
+                assert is_object == (s3 != {"s3:ListBucket"}), f"{name}: {sorted(s3)} on {key} (objects: {is_object})"
                 allowed.setdefault(name, set()).add(key)
             if s3 != {"s3:ListBucket"}:
                 assert s3 == S3_OBJECT_ACTIONS, f"{name}: {sorted(s3)}"
@@ -262,7 +263,8 @@ def test_autoscaler_policy_is_limited_to_its_own_cluster():
     doc = _tf_block("data", "aws_iam_policy_document", "ray_autoscaler")
     for st in _as_list(doc["statement"]):
         actions = set(_as_list(st["actions"]))
-        assert not any(a.startswith(("s3:", "iam:Create", "iam:Put", "iam:Attach")) or a.endswith(":*") for a in actions)
+        assert not any(a.startswith(("s3:", "iam:Create", "iam:Put", "iam:Attach")) or a.endswith(":*")
+                       for a in actions), actions
         if actions & {"ec2:TerminateInstances", "ec2:StopInstances"}:
             (cond,) = _as_list(st["condition"])
             assert cond["variable"] == f"aws:ResourceTag/{TAG_RAY_CLUSTER_NAME}"
@@ -402,7 +404,8 @@ def test_ray_clusters_autoscale_gpu_workers_with_token_auth():
         assert not spec["headGroupSpec"].get("enableIngress", False), f
         assert spec["workerGroupSpecs"], f
         for group in spec["workerGroupSpecs"]:
-            assert 0 <= group["minReplicas"] <= group.get("replicas", 0) <= group["maxReplicas"] and group["maxReplicas"] > 0
+            assert 0 <= group["minReplicas"] <= group.get("replicas", 0) <= group["maxReplicas"], group["groupName"]
+            assert group["maxReplicas"] > 0, group["groupName"]
             (ray,) = [c for c in group["template"]["spec"]["containers"] if c["name"] == "ray-worker"]
             gpus = {ray["resources"][k].get("nvidia.com/gpu") for k in ("requests", "limits")}
             assert len(gpus) == 1 and int(gpus.pop()) > 0, f"{f}: {group['groupName']} requests no nvidia.com/gpu"

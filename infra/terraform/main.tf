@@ -4,7 +4,7 @@
 #   buckets          lab-nsd (store), lab-nsd-checkpoints (Ray Train/Tune storage), lab-nsd-mlflow (MLflow artifacts):
 #                    versioned, public access blocked, SSE-S3, TLS only
 #   Ray nodes        EC2 roles + instance profiles for cluster/aws-gpu.yaml (head: also the autoscaler's EC2 calls)
-#                    and an IRSA role for the KubeRay pods' service account (cluster/kuberay/serviceaccount.yaml)
+#                    and an IRSA role for the KubeRay pods' service account (cluster/kuberay/01-serviceaccount.yaml)
 #   MLflow server    an EC2 role + instance profile (systemd host) and an IRSA role (infra/mlflow/k8s.yaml)
 #   security groups  Ray nodes: all traffic between members, SSH from admin_cidr only (the dashboard and job API are
 #                    reached through `ray dashboard`'s SSH tunnel); MLflow: port 5000 from the Ray nodes only
@@ -296,7 +296,7 @@ resource "aws_iam_instance_profile" "ray_worker" {
 # -- IRSA: the same S3 access for pods on EKS (KubeRay), by service account ----------------------------------------
 
 data "aws_iam_policy_document" "irsa_trust" {
-  for_each = local.irsa ? local.irsa_subjects : {}
+  for_each = { for who, subject in local.irsa_subjects : who => subject if local.irsa }
 
   statement {
     effect  = "Allow"

@@ -1,4 +1,4 @@
-# What cluster/aws-gpu.yaml, cluster/kuberay/serviceaccount.yaml and infra/mlflow/ need (see cluster/README.md).
+# What cluster/aws-gpu.yaml, cluster/kuberay/01-serviceaccount.yaml and infra/mlflow/ need (see cluster/README.md).
 
 output "data_bucket" {
   description = "The store bucket: store: s3://<this>/nsd-store"
@@ -34,7 +34,7 @@ output "ray_worker_role_arn" {
 }
 
 output "ray_irsa_role_arn" {
-  description = "cluster/kuberay/serviceaccount.yaml: eks.amazonaws.com/role-arn (null without eks_oidc_provider_arn)"
+  description = "cluster/kuberay/01-serviceaccount.yaml: eks.amazonaws.com/role-arn (null without eks_oidc_provider_arn)"
   value       = try(aws_iam_role.ray_irsa[0].arn, null)
 }
 

@@ -2,7 +2,7 @@
 # (tests/test_cluster_files.py checks that they agree).
 
 variable "region" {
-  description = "AWS region of the buckets and the Ray nodes (cluster/aws-gpu.yaml provider.region, AWS_REGION in cluster/kuberay/configmap.yaml)."
+  description = "AWS region of the buckets and the Ray nodes (cluster/aws-gpu.yaml provider.region, AWS_REGION in cluster/kuberay/02-configmap.yaml)."
   type        = string
   default     = "us-east-1"
 }
@@ -62,7 +62,7 @@ variable "k8s_namespace" {
 }
 
 variable "k8s_service_account" {
-  description = "Service account of the Ray pods (cluster/kuberay/serviceaccount.yaml); the IRSA role trusts exactly this one."
+  description = "Service account of the Ray pods (cluster/kuberay/01-serviceaccount.yaml); the IRSA role trusts exactly this one."
   type        = string
   default     = "raydecode-ray"
 }
