@@ -6,7 +6,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test install bench clean
+.PHONY: demo test test-cluster install bench clean
 
 install: $(STAMP)
 
@@ -24,7 +24,11 @@ demo: $(STAMP)
 	$(BIN)/raydecode demo --summary work/demo/summary.json
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q --durations=15 tests
+	$(BIN)/python -m pytest -q --durations=15 -m "not cluster" tests
+
+# the cluster-deployment end-to-end tests: local stack + a 2-node Ray cluster + `ray job submit` (about 2 minutes)
+test-cluster: $(STAMP)
+	$(BIN)/python -m pytest -q --durations=5 -m cluster tests
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_data.py

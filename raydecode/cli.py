@@ -9,6 +9,7 @@ becomes one ``error:`` line and a non-zero exit.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
@@ -151,6 +152,14 @@ def stage_compare(args) -> StageResult:
     return run_compare(cfg)
 
 
+def stage_submit(args) -> StageResult:
+    from raydecode.submit import submit
+
+    out = submit(args.what, args.config, args.address, args.overrides, args.wait, args.submission_id,
+                 entrypoint_num_cpus=args.entrypoint_cpus)
+    return StageResult(stage="submit", status="ok", metrics={}, artifacts=out)
+
+
 def stage_promote(args) -> StageResult:
     from raydecode import tracking
     from raydecode.config import StageConfig
@@ -260,6 +269,17 @@ def build_parser() -> argparse.ArgumentParser:
     cmp_.add_argument("models", nargs="*", metavar="REF", help="model references as given to `evaluate`")
     _common(cmp_)
     cmp_.set_defaults(func=stage_compare)
+
+    sm = sub.add_parser("submit", help="run a stage as a Ray job on a cluster (the Ray Job SDK: this checkout as the "
+                        "working dir, the config checked first; token authentication)")
+    sm.add_argument("what", nargs="+", metavar="STAGE", help="e.g. pretrain, sweep, dynadiff, evaluate, ingest synthetic")
+    sm.add_argument("--address", default=os.environ.get("RAY_ADDRESS"), required="RAY_ADDRESS" not in os.environ,
+                    help="the job server, e.g. http://127.0.0.1:8265 (default RAY_ADDRESS)")
+    sm.add_argument("--wait", action="store_true", help="stream the job's logs; exit with its status")
+    sm.add_argument("--submission-id", help="the job id (default: Ray's)")
+    sm.add_argument("--entrypoint-cpus", type=float, default=None, help="CPUs reserved for the job's driver")
+    _common(sm)
+    sm.set_defaults(func=stage_submit)
 
     promote = sub.add_parser("promote", help="apply the champion gate to a registered model version by hand")
     promote.add_argument("--model", required=True, help="registered model name, e.g. raydecode-duala-subj08")

@@ -20,6 +20,11 @@ from raydecode.errors import ConfigError
 from raydecode.storage import S3Options
 
 
+# MLFLOW_TRACKING_URI as this process started: mlflow.set_tracking_uri() writes the variable itself, so a later read
+# would return the previous stage's URI, not the user's
+ENV_TRACKING_URI = os.environ.get("MLFLOW_TRACKING_URI") or None
+
+
 class StageConfig(BaseModel):
     """Keys every stage has."""
 
@@ -35,8 +40,8 @@ class StageConfig(BaseModel):
     def resolved_tracking_uri(self) -> str:
         if self.tracking_uri:
             return self.tracking_uri
-        if os.environ.get("MLFLOW_TRACKING_URI"):  # e.g. a cluster's MLflow server, from its ConfigMap / env
-            return os.environ["MLFLOW_TRACKING_URI"]
+        if ENV_TRACKING_URI:  # e.g. a cluster's MLflow server, from its ConfigMap / the job's environment
+            return ENV_TRACKING_URI
         return f"sqlite:///{os.path.abspath(os.path.join(self.workdir, 'mlflow.db'))}"
 
 
@@ -190,6 +195,8 @@ class ScalingConfig(BaseModel):
     num_workers: int = Field(2, ge=1)
     use_gpu: bool = False
     cpus_per_worker: float = Field(1.0, gt=0)
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
+        "PACK", description="Ray placement of the workers' bundles (STRICT_SPREAD: one worker per node)")
 
 
 class DeepSpeedConfig(BaseModel):

@@ -12,11 +12,12 @@ from pathlib import Path
 
 import pytest
 
-from raydecode.config import TrainConfig
+os.environ.pop("MLFLOW_TRACKING_URI", None)  # before raydecode reads it: tests keep their runs in their own sqlite files
+
+from raydecode.config import TrainConfig  # noqa: E402
 from raydecode.data.ingest import run_ingest, synthetic_plan
 from raydecode.storage import S3Options
 
-os.environ.pop("MLFLOW_TRACKING_URI", None)  # tests keep their runs in their own sqlite files
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("TQDM_DISABLE", "1")
 

@@ -225,12 +225,13 @@ def _children(cfg, parent_id):
 
 
 def test_asha_stops_a_hopeless_trial_early(pretrained, tiny_store, tmp_path):
-    """Trials one at a time: the first (lr 1e-3) sets the bar at epoch 3; the second (lr 1e-8, no learning)
+    """Trials one at a time: the first (lr 1e-3) sets the bar at epoch 2; the second (lr 1e-8, no learning)
     falls below it and is stopped there; its MLflow run is marked KILLED, and it is not registered."""
     _, pre = pretrained
     cfg = sweep_config(tiny_store, tmp_path, pre.artifacts["checkpoint"], subjects=[8], max_concurrent_trials=1,
                        space={"optim.lr": {"grid": [1e-3, 1e-8]}, "model": {"grid": [{"ssp": False, "sdp": False}]}},
-                       asha={"grace_period": 3, "reduction_factor": 2}, promote=False, run_name="asha")
+                       optim={"epochs": 4, "batch_size": 8, "lr": 1e-3},
+                       asha={"grace_period": 2, "reduction_factor": 2}, promote=False, run_name="asha")
     result = run_sweep(cfg)
     rows = {float(r["optim.lr"]): r for r in _results(cfg, _client(cfg), result.mlflow_run_id)}
     assert rows[1e-3]["status"] == "ok" and rows[1e-8]["status"] == "stopped", rows
@@ -242,7 +243,7 @@ def test_asha_stops_a_hopeless_trial_early(pretrained, tiny_store, tmp_path):
 def test_optuna_search_samples_the_space(pretrained, tiny_store, tmp_path):
     _, pre = pretrained
     cfg = sweep_config(tiny_store, tmp_path, pre.artifacts["checkpoint"], subjects=[8], search="optuna",
-                       num_samples=2, optim={"epochs": 2, "batch_size": 8, "lr": 1e-3}, promote=False,
+                       num_samples=2, optim={"epochs": 1, "batch_size": 8, "lr": 1e-3}, promote=False,
                        space={"model.lambda_rc": {"loguniform": [0.01, 1.0]}, "model.ssp": {"choice": [False]},
                               "model.sdp": {"choice": [False]}}, run_name="optuna")
     result = run_sweep(cfg)

@@ -261,6 +261,7 @@ def run_training(cfg: TrainConfig, stage: str = "pretrain", parent_run_id: str |
             train_loop_per_worker,
             train_loop_config=payload,
             scaling_config=ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
+                                         placement_strategy=cfg.scaling.placement_strategy,
                                          resources_per_worker=resources),
             datasets={"train": train_ds, "test": test.dataset.materialize()},
             dataset_config=DataConfig(datasets_to_split=["train"]),

@@ -1,0 +1,164 @@
+"""Cluster deployment end to end on this machine: the local stack (moto's S3 server + an MLflow server on 127.0.0.1,
+`infra/local/stack`), a 2-node Ray cluster started with `ray start` (two raylets, token authentication on), a tiny
+store ingested into the stack's S3, and the pretrain stage submitted with the real `ray job submit` CLI from
+jobs/pretrain.yaml: it reads S3, trains with DeepSpeed ZeRO-2 one worker per node, checkpoints to S3 and logs to
+the MLflow server. `raydecode submit` then runs a stage through the Job SDK with the same token, and is refused
+without it."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import _free_port
+
+# not in `make test` yet (about 2 minutes; the suite is at its 15-minute budget): `make test-cluster` runs it
+pytestmark = pytest.mark.cluster
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    from raydecode import devstack
+
+    state = str(tmp_path_factory.mktemp("stack"))
+    proc = subprocess.run([str(ROOT / "infra" / "local" / "stack"), "up", "--dir", state], capture_output=True,
+                          text=True, timeout=180, env={**os.environ, "RAYDECODE_PYTHON": sys.executable})
+    assert proc.returncode == 0, proc.stderr
+    env = dict(line[len("export "):].split("=", 1) for line in proc.stdout.splitlines() if line.startswith("export "))
+    yield devstack.read_state(state), env
+    down = subprocess.run([str(ROOT / "infra" / "local" / "stack"), "down", "--dir", state], capture_output=True,
+                          text=True, timeout=60, env={**os.environ, "RAYDECODE_PYTHON": sys.executable})
+    assert down.returncode == 0 and "stopped" in down.stdout
+
+
+@pytest.fixture(scope="module")
+def cluster(stack):
+    """Two raylets (head + one worker node), 2 logical CPUs each, token auth on; the nodes see the stack's S3
+    credentials in their environment (a cluster's instance profile here)."""
+    _, env = stack
+    token = secrets.token_hex(16)
+    temp = tempfile.mkdtemp(prefix="rdc")  # short: Ray's unix sockets live under it
+    gcs, dash = _free_port(), _free_port()
+    # the nodes' environment: the project installed (its console script on PATH), the stack's credentials
+    node_env = {**os.environ, **env, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token, "RAY_DEDUP_LOGS": "0",
+                "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+    node_env.pop("RAY_ADDRESS", None)
+    ray = str(BIN / "ray")
+    procs = [subprocess.Popen([ray, "start", "--head", "--block", f"--port={gcs}", "--dashboard-host=127.0.0.1",
+                               f"--dashboard-port={dash}", "--num-cpus=2", f"--temp-dir={temp}",
+                               "--include-dashboard=true", "--disable-usage-stats"],
+                              env=node_env, start_new_session=True, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)]
+    address = f"http://127.0.0.1:{dash}"
+    client_env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token}
+    client_env.pop("RAY_ADDRESS", None)
+    try:
+        _wait(lambda: subprocess.run([ray, "job", "list", "--address", address], env=client_env,
+                                     capture_output=True, timeout=60).returncode == 0, 120, "the head node")
+        procs.append(subprocess.Popen([ray, "start", "--block", f"--address=127.0.0.1:{gcs}", "--num-cpus=2",
+                                       "--disable-usage-stats"], env=node_env, start_new_session=True,
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        _wait(lambda: _alive_nodes(address, client_env) == 2, 120, "the second node")
+        yield address, client_env
+    finally:
+        for p in reversed(procs):
+            os.killpg(p.pid, signal.SIGTERM)
+        for p in reversed(procs):
+            try:
+                p.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def _wait(ok, timeout_s: float, what: str) -> None:
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        if ok():
+            return
+        time.sleep(1)
+    raise AssertionError(f"{what} did not come up in {timeout_s} s")
+
+
+def _alive_nodes(address: str, env: dict) -> int:
+    proc = subprocess.run([str(BIN / "ray"), "list", "nodes", "--address", address, "--format", "json"], env=env,
+                          capture_output=True, text=True, timeout=60)
+    if proc.returncode != 0:
+        return 0
+    return sum(n.get("state") == "ALIVE" for n in json.loads(proc.stdout or "[]"))
+
+
+def test_pretrain_through_ray_job_submit_reads_and_writes_s3_and_logs_to_mlflow(stack, cluster, tmp_path):
+    import boto3
+    from mlflow.tracking import MlflowClient
+
+    st, env = stack
+    address, client_env = cluster
+    bucket = env["RAYDECODE_BUCKET"]
+    ingest = subprocess.run([str(BIN / "raydecode"), "ingest", "synthetic", "--preset", "tiny", "--out",
+                             f"{bucket}/store", "--set", "subjects=[1,2]", "--set", "timeseries=false"],
+                            env={**os.environ, **env}, capture_output=True, text=True, timeout=300)
+    assert ingest.returncode == 0, ingest.stderr
+    # what jobs/README.md tells a user to run: the stage's jobs/ config, the store and checkpoints on S3, the MLflow
+    # server's URI and the S3 endpoint in the runtime environment (credentials come from the nodes)
+    runtime_env = {"env_vars": {k: env[k] for k in ("AWS_ENDPOINT_URL_S3", "AWS_REGION", "MLFLOW_TRACKING_URI")}}
+    sets = {"store": f"{bucket}/store", "checkpoint.storage_path": f"{bucket}/runs", "run_name": "pretrain-job",
+            "workdir": str(tmp_path / "job"), "preset": "tiny", "data.subjects": "[1,2]", "optim.epochs": "1",
+            "optim.batch_size": "32", "scaling.placement_strategy": "STRICT_SPREAD", "checkpoint.every_epochs": "1"}
+    cmd = [str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", str(ROOT),
+           "--runtime-env-json", json.dumps(runtime_env), "--", "raydecode", "pretrain", "--config",
+           "jobs/pretrain.yaml"] + [a for k, v in sets.items() for a in ("--set", f"{k}={v}")]
+    job = subprocess.run(cmd, env=client_env, capture_output=True, text=True, timeout=600)
+    assert job.returncode == 0, job.stdout[-4000:] + job.stderr[-2000:]
+    assert "succeeded" in job.stdout.lower()
+    assert "ZeRO-2" in job.stdout and "2 workers" in job.stdout
+
+    s3 = boto3.client("s3", endpoint_url=st.s3_endpoint, region_name="us-east-1", aws_access_key_id="testing",
+                      aws_secret_access_key="testing")
+    keys = {o["Key"] for o in s3.list_objects_v2(Bucket=st.bucket, Prefix="runs/pretrain-job/")["Contents"]}
+    assert {"runs/pretrain-job/final/model.safetensors", "runs/pretrain-job/final/metrics.json"} <= keys
+    # both ranks wrote their ZeRO-2 partition: one worker per node
+    assert any(k.endswith("zero_pp_rank_1_mp_rank_00_optim_states.pt") for k in keys)
+    client = MlflowClient(st.tracking_uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("raydecode").experiment_id],
+                                "attributes.run_name = 'pretrain-job'")
+    assert run.info.status == "FINISHED" and run.data.params["store"] == f"{bucket}/store"
+    assert run.data.metrics["retrieval.brain_to_image_top1"] > 0
+    assert run.data.tags["raydecode.checkpoint_uri"] == f"{bucket}/runs/pretrain-job/final"
+    assert "curves.png" in {a.path for a in client.list_artifacts(run.info.run_id)}
+
+
+def test_raydecode_submit_waits_for_a_stage_and_needs_the_token(stack, cluster, tmp_path):
+    st, env = stack
+    address, client_env = cluster
+    cfg = ROOT / "jobs" / "info.yaml"
+    ok = subprocess.run([str(BIN / "raydecode"), "submit", "info", "--config", str(cfg), "--address", address,
+                         "--wait", "--set", f"store={env['RAYDECODE_BUCKET']}/store", "--set", "verify=true"],
+                        env={**client_env, **env}, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert ok.returncode == 0, ok.stdout[-3000:] + ok.stderr[-2000:]
+    assert "shards match the manifest" in ok.stdout and "submitted raysubmit_" in ok.stdout
+    # a failing stage: the job's status becomes the exit status, its error line reaches the user
+    bad = subprocess.run([str(BIN / "raydecode"), "submit", "info", "--address", address, "--wait",
+                          "--set", f"store={env['RAYDECODE_BUCKET']}/nothing"],
+                         env={**client_env, **env}, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 1 and "failed" in bad.stderr and "is empty" in bad.stdout
+    # no token: refused with one line that says what to set
+    no_token = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}
+    refused = subprocess.run([str(BIN / "raydecode"), "submit", "info", "--config", str(cfg), "--address", address],
+                             env={**no_token, "HOME": str(tmp_path)}, cwd=ROOT, capture_output=True, text=True,
+                             timeout=120)
+    lines = refused.stderr.strip().splitlines()
+    assert refused.returncode == 2 and len(lines) == 1 and "RAY_AUTH_TOKEN" in lines[0], refused.stderr
