@@ -34,10 +34,12 @@ S3_OBJECT_ACTIONS = {"s3:GetObject", "s3:PutObject", "s3:DeleteObject"}
 
 
 def _stage_configs() -> dict:
-    from raydecode.config import DiffusionDecodeConfig, EmbedConfig, EvaluateConfig, SweepConfig, TrainConfig
+    from raydecode.config import (DiffusionDecodeConfig, EmbedConfig, EvaluateConfig, IngestSyntheticConfig,
+                                  StageConfig, SweepConfig, TrainConfig)
 
     return {"pretrain": TrainConfig, "sweep": SweepConfig, "dynadiff": DiffusionDecodeConfig,
-            "embed": EmbedConfig, "evaluate": EvaluateConfig}
+            "embed": EmbedConfig, "evaluate": EvaluateConfig, "ingest": IngestSyntheticConfig,
+            "promote": StageConfig}
 
 
 # -- loaders -------------------------------------------------------------------------------------------------------
