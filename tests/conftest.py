@@ -83,17 +83,23 @@ def run_cli(*args: str, env: dict | None = None, cwd: str | None = None) -> subp
     return subprocess.run([str(exe), *args], capture_output=True, text=True, env=full_env, cwd=cwd, timeout=600)
 
 
-def run_main(*args: str) -> subprocess.CompletedProcess:
+def run_main(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     """The console script's ``main`` in this process (no interpreter start-up: seconds per call on 2 cores), its
-    output captured as :func:`run_cli` gives it. For commands that need no environment of their own."""
+    output captured as :func:`run_cli` gives it; ``env`` is set for the call and the environment restored after."""
     import contextlib
     import io
 
     from raydecode.cli import main
 
+    saved = dict(os.environ)
+    os.environ.update(env or {})
     out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = main(list(args))
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = main(list(args))
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
     return subprocess.CompletedProcess(["raydecode", *args], code, out.getvalue(), err.getvalue())
 
 

@@ -29,7 +29,7 @@ def _config(tmp_path, **over) -> str:
     import yaml
 
     base = {"decoder": {"preset": "tiny", "blend": 0.5}, "metric_nets": SMALL_NETS, "cpus_per_actor": 0.5,
-            "reconstruct": {"steps": 3, "max_images": 10, "grid_images": 6},
+            "reconstruct": {"steps": 2, "max_images": 6, "grid_images": 6},
             "data": {"read_cpus": 0.25, "lookup_cpus": 0.25}, **over}
     path = tmp_path / f"evaluate-{len(os.listdir(tmp_path))}.yaml"
     path.write_text(yaml.safe_dump(base))
@@ -79,7 +79,7 @@ def test_evaluate_reconstructs_and_scores_with_the_papers_metrics(evaluated):
     cfg, result, out, _ = evaluated
     m = out["metrics"]
     for p in ("", "single."):
-        assert m[f"recon.{p}images"] == 10
+        assert m[f"recon.{p}images"] == 6
         assert -1 <= m[f"recon.{p}pixcorr"] <= 1 and 0 <= m[f"recon.{p}ssim"] <= 1
         for k in ("alexnet2", "alexnet5", "inception", "clip"):
             assert 0 <= m[f"recon.{p}{k}"] <= 100
@@ -87,7 +87,7 @@ def test_evaluate_reconstructs_and_scores_with_the_papers_metrics(evaluated):
             assert 0 < m[f"recon.{p}{k}"] <= 2
     files = out["artifacts"]
     recon = np.load(files["reconstructions_averaged.npz"])
-    assert recon["reconstruction"].shape[0] == 10 and recon["reconstruction"].dtype == np.uint8
+    assert recon["reconstruction"].shape[0] == 6 and recon["reconstruction"].dtype == np.uint8
     assert (recon["subject"] == 1).all() and list(recon["image_id"]) == sorted(recon["image_id"])
     single = np.load(files["reconstructions_single.npz"])["reconstruction"]
     assert not np.array_equal(single, recon["reconstruction"])  # another brain input, other images

@@ -7,7 +7,7 @@ import numpy as np
 
 from raydecode.data.pipeline import DataSelection, trials_dataset
 from raydecode.data.store import open_store
-from conftest import run_cli
+from conftest import run_main
 
 
 def _aws_env(opts):
@@ -23,7 +23,7 @@ def test_ingest_info_verify_and_ray_data_over_s3(s3_server, tiny_store, ray_loca
     uri = "s3://nsd/stores/tiny"
     env = _aws_env(s3_server)
     summary = tmp_path / "ingest.json"
-    r = run_cli("ingest", "synthetic", "--preset", "tiny", "--out", uri, "--summary", str(summary), env=env)
+    r = run_main("ingest", "synthetic", "--preset", "tiny", "--out", uri, "--summary", str(summary), env=env)
     assert r.returncode == 0, r.stderr
     s = json.loads(summary.read_text())
     assert s["stage"] == "ingest" and s["status"] == "written" and s["artifacts"]["store"] == uri
@@ -34,12 +34,12 @@ def test_ingest_info_verify_and_ray_data_over_s3(s3_server, tiny_store, ray_loca
     remote = open_store(uri, s3_server)
     assert {x.path: x.sha256 for x in remote.manifest.shards} == local
 
-    r = run_cli("info", uri, "--verify", env=env)
+    r = run_main("info", uri, "--verify", env=env)
     assert r.returncode == 0, r.stderr
     assert "all 41 shards match the manifest" in r.stdout and "subject" in r.stdout
 
     # a re-run is a no-op
-    r = run_cli("ingest", "synthetic", "--preset", "tiny", "--out", uri, env=env)
+    r = run_main("ingest", "synthetic", "--preset", "tiny", "--out", uri, env=env)
     assert r.returncode == 0 and "store already complete" in r.stdout
 
     # Ray Data streams the S3 store, stimuli joined by image id
@@ -56,20 +56,20 @@ def test_s3_corruption_is_found(s3_server):
 
     uri = "s3://nsd/stores/corrupt"
     env = _aws_env(s3_server)
-    assert run_cli("ingest", "synthetic", "--out", uri, "--set", "subjects=[1]", "--set", "timeseries=false",
+    assert run_main("ingest", "synthetic", "--out", uri, "--set", "subjects=[1]", "--set", "timeseries=false",
                    env=env).returncode == 0
     client = boto3.client("s3", endpoint_url=s3_server.endpoint_url, region_name="us-east-1",
                           aws_access_key_id="testing", aws_secret_access_key="testing")
     key = "stores/corrupt/trials/subject=01/part-00002.parquet"
     body = client.get_object(Bucket="nsd", Key=key)["Body"].read()
     client.put_object(Bucket="nsd", Key=key, Body=body[:-100])
-    r = run_cli("info", uri, "--verify", env=env)
+    r = run_main("info", uri, "--verify", env=env)
     assert r.returncode != 0 and f"s3://nsd/{key}" in r.stdout
 
 
 def test_unreachable_endpoint_cli(tmp_path):
     env = {"AWS_ENDPOINT_URL_S3": "http://127.0.0.1:9", "AWS_ACCESS_KEY_ID": "a", "AWS_SECRET_ACCESS_KEY": "b"}
-    r = run_cli("ingest", "synthetic", "--out", "s3://nsd/x", "--set", "s3.max_attempts=1",
+    r = run_main("ingest", "synthetic", "--out", "s3://nsd/x", "--set", "s3.max_attempts=1",
                 "--set", "s3.connect_timeout_s=1", env=env)
     assert r.returncode != 0
     lines = r.stderr.strip().splitlines()
@@ -77,5 +77,5 @@ def test_unreachable_endpoint_cli(tmp_path):
 
 
 def test_empty_s3_prefix(s3_server):
-    r = run_cli("info", "s3://nsd/nothing/here", env=_aws_env(s3_server))
+    r = run_main("info", "s3://nsd/nothing/here", env=_aws_env(s3_server))
     assert r.returncode != 0 and "s3://nsd/nothing/here is empty" in r.stderr

@@ -27,7 +27,7 @@ def sweep_config(tiny_store, workdir, init_from, **over) -> SweepConfig:
         "store": tiny_store, "workdir": str(workdir), "run_name": "sweep-tiny", "method": "duala", "preset": "tiny",
         "init_from": init_from, "subjects": NEW_SUBJECTS,
         "data": {"sessions": [1], "read_cpus": 0.25, "lookup_cpus": 0.25},
-        "optim": {"epochs": 6, "batch_size": 8, "lr": 1e-3},
+        "optim": {"epochs": 5, "batch_size": 8, "lr": 1e-3},
         "scaling": {"num_workers": 1, "cpus_per_worker": 0.25}, "deepspeed": {"zero_stage": 0},
         "space": {"model": {"grid": SETTINGS}},
     }
@@ -230,7 +230,7 @@ def test_asha_stops_a_hopeless_trial_early(pretrained, tiny_store, tmp_path):
     _, pre = pretrained
     cfg = sweep_config(tiny_store, tmp_path, pre.artifacts["checkpoint"], subjects=[8], max_concurrent_trials=1,
                        space={"optim.lr": {"grid": [1e-3, 1e-8]}, "model": {"grid": [{"ssp": False, "sdp": False}]}},
-                       optim={"epochs": 4, "batch_size": 8, "lr": 1e-3},
+                       optim={"epochs": 3, "batch_size": 8, "lr": 1e-3},
                        asha={"grace_period": 2, "reduction_factor": 2}, promote=False, run_name="asha")
     result = run_sweep(cfg)
     rows = {float(r["optim.lr"]): r for r in _results(cfg, _client(cfg), result.mlflow_run_id)}

@@ -82,7 +82,7 @@ def test_fine_tune_from_pretrained_beats_scratch_on_one_session(pretrained, tiny
     cfg, result = pretrained
     store = resolve("s3://nsd/train/store", s3_server)
     pafs.copy_files(tiny_store, store.path, destination_filesystem=store.fs)
-    common = dict(data={"subjects": [8], "sessions": [1]}, optim={"epochs": 15, "batch_size": 8, "lr": 1e-3})
+    common = dict(data={"subjects": [8], "sessions": [1]}, optim={"epochs": 12, "batch_size": 8, "lr": 1e-3})
     fine = run_training(tiny_config(store.uri, tmp_path / "ft", "finetune", init_from=result.artifacts["checkpoint"],
                                     s3=s3_server.model_dump(), checkpoint={"storage_path": "s3://nsd/train/runs"},
                                     deepspeed={"zero_stage": 1}, **common))
