@@ -365,11 +365,10 @@ def _write_outputs(tmp: str, cfg: EvaluateConfig, ref: ModelRef, results: dict[s
     files = []
     with open(os.path.join(tmp, "metrics.json"), "w") as f:
         json.dump({"model": ref.ref, "evaluates": ref.canonical, "metrics": metrics}, f, indent=1)
-    names = sorted({k.replace(".single.", ".") for k in metrics})
-    rows = {p: {k: metrics.get(k if p == "averaged" else k.replace(".", ".single.", 1)) for k in names}
-            for p in results}
+    names = sorted({k for res in results.values() for k in res["metrics"]})  # a row per protocol, its own names
     with open(os.path.join(tmp, "metrics.md"), "w") as f:
-        f.write(f"# {ref.ref} ({ref.canonical})\n\n" + metrics_table_md(rows, names) + "\n")
+        f.write(f"# {ref.ref} ({ref.canonical})\n\n"
+                + metrics_table_md({p: res["metrics"] for p, res in results.items()}, names) + "\n")
     files += ["metrics.json", "metrics.md"]
     retrieval = {p: {k[len("retrieval."):]: v for k, v in res["metrics"].items() if k.startswith("retrieval.")}
                  for p, res in results.items() if "retrieval.brain_to_image_top1" in res["metrics"]}
