@@ -199,12 +199,9 @@ def demo_evaluate_config(cfg: DemoConfig, model: str):
     """The embedded twin of jobs/evaluate.yaml."""
     from raydecode.config import EvaluateConfig
 
-    nets = [dict(metric="alexnet2", arch="alexnet", layer="features.4", size=64),
-            dict(metric="alexnet5", arch="alexnet", layer="features.11", size=64),
-            dict(metric="inception", arch="inception_v3", layer="avgpool", size=80),
-            dict(metric="clip", arch="raydecode-tiny-vit", kind="clip", size=32),
-            dict(metric="effnet", arch="efficientnet_b1", layer="avgpool", size=64, score="distance"),
-            dict(metric="swav", arch="resnet50", layer="avgpool", size=64, score="distance")]
+    from raydecode.evaluate.feature_metrics import SMALL_NETS
+
+    nets = [n.model_dump(exclude_defaults=True) for n in SMALL_NETS]
     return EvaluateConfig.model_validate({
         "store": cfg.store, "workdir": cfg.workdir, "tracking_uri": cfg.tracking_uri, "s3": cfg.s3.model_dump(),
         "model": model, "protocols": ["averaged", "single"], "retrieval": {"candidates": 300, "draws": 30},

@@ -10,15 +10,10 @@ import numpy as np
 import pytest
 
 from raydecode.cli import main
+from raydecode.evaluate import feature_metrics
 
-SMALL_NETS = [  # the six metrics of Table 1 on small inputs (random weights: the numbers only test the protocol)
-    dict(metric="alexnet2", arch="alexnet", layer="features.4", size=64),
-    dict(metric="alexnet5", arch="alexnet", layer="features.11", size=64),
-    dict(metric="inception", arch="inception_v3", layer="avgpool", size=80),
-    dict(metric="clip", arch="raydecode-tiny-vit", kind="clip", size=32),
-    dict(metric="effnet", arch="efficientnet_b1", layer="avgpool", size=64, score="distance"),
-    dict(metric="swav", arch="resnet50", layer="avgpool", size=64, score="distance"),
-]
+# the six metrics of Table 1 on small inputs (random weights: the numbers only test the protocol)
+SMALL_NETS = [n.model_dump(exclude_defaults=True) for n in feature_metrics.SMALL_NETS]
 
 
 def _args(cfg, store, path):

@@ -54,6 +54,18 @@ DEFAULT_NETS: tuple[MetricNet, ...] = (
 )
 
 
+# The same networks and layers at small input sizes: the CPU demo and the tests (random weights: their numbers only
+# show that the protocol runs).
+SMALL_NETS: tuple[MetricNet, ...] = (
+    MetricNet(metric="alexnet2", arch="alexnet", layer="features.4", size=64),
+    MetricNet(metric="alexnet5", arch="alexnet", layer="features.11", size=64),
+    MetricNet(metric="inception", arch="inception_v3", layer="avgpool", size=80),
+    MetricNet(metric="clip", arch="raydecode-tiny-vit", kind="clip", size=32),
+    MetricNet(metric="effnet", arch="efficientnet_b1", layer="avgpool", size=64, score="distance"),
+    MetricNet(metric="swav", arch="resnet50", layer="avgpool", size=64, score="distance"),
+)
+
+
 def two_way_identification(recon: torch.Tensor | np.ndarray, stim: torch.Tensor | np.ndarray) -> float:
     """Percent of pairwise comparisons where a stimulus's features correlate more with its own reconstruction than
     with another image's reconstruction (MindEye's protocol: Pearson over flattened features; chance 50)."""
