@@ -118,8 +118,8 @@ def load_model(ref: ModelRef, s3=None, device: str = "cpu"):
         return load_consolidated(ref.canonical, s3, device)
     from raydecode.tracking import load_adapted
 
-    tmp = tempfile.mkdtemp(prefix="raydecode-eval-")
-    return load_adapted(fetch(ref, tmp), s3, device)
+    with tempfile.TemporaryDirectory(prefix="raydecode-eval-") as tmp:  # the weights are read while loading
+        return load_adapted(fetch(ref, tmp), s3, device)
 
 
 # -- batch inference -----------------------------------------------------------------------------
