@@ -24,9 +24,10 @@ demo: $(STAMP)
 	$(BIN)/raydecode demo --summary work/demo/summary.json
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q --durations=15 -m "not cluster" tests
+	$(BIN)/python -m pytest -q --durations=15 tests
 
-# the cluster-deployment end-to-end tests: local stack + a 2-node Ray cluster + `ray job submit` (about 2 minutes)
+# only the cluster-deployment end-to-end tests (also part of `make test`): the local stack + a 2-node Ray cluster +
+# `ray job submit` (about 2.5 minutes)
 test-cluster: $(STAMP)
 	$(BIN)/python -m pytest -q --durations=5 -m cluster tests
 

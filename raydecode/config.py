@@ -304,6 +304,9 @@ class SweepConfig(TrainConfig):
         "grid", description="grid/random: Tune's variant generator (num_samples draws of sampled keys); "
                             "optuna: OptunaSearch over sampled keys (no grid), one search per subject")
     num_samples: int = Field(1, ge=1)
+    points_to_evaluate: list[dict[str, Any]] = Field(
+        default_factory=list, description="optuna: each subject's search starts with these points (every space key "
+                                          "-> a value, e.g. the paper's defaults); the rest of num_samples are sampled")
     asha: AshaConfig | None = None
     max_concurrent_trials: int | None = Field(None, ge=1, description="default: as many as the cluster's CPUs fit")
     metric: str = Field("retrieval.image_to_brain_top1", description="selects the best trial per subject")

@@ -69,6 +69,7 @@ def check_sweep(cfg: SweepConfig) -> dict:
         raise ConfigError("search 'optuna' samples its space: use choice / uniform / loguniform, not grid")
     if cfg.search != "optuna" and any(p.uniform or p.loguniform for p in cfg.space.values()) and cfg.num_samples == 1:
         print("[sweep] note: sampled keys with num_samples 1 draw one value per grid point")
+    _check_points(cfg)
     for key in cfg.space:
         if key.split(".")[0] not in TrainConfig.model_fields:
             raise ConfigError(f"space key {key!r}: {key.split('.')[0]!r} is not a key of the training config "
@@ -80,6 +81,31 @@ def check_sweep(cfg: SweepConfig) -> dict:
         # unknown model keys fail here, by name, as do subjects, sessions, batch size and init_from
         plan_training(trial_config(base, {**_first_values(cfg), SUBJECT: subject}, "probe"))
     return base
+
+
+def _check_points(cfg: SweepConfig) -> None:
+    """points_to_evaluate: optuna only, no more than num_samples, every space key given and inside its range."""
+    if not cfg.points_to_evaluate:
+        return
+    if cfg.search != "optuna":
+        raise ConfigError(f"points_to_evaluate: only with search 'optuna' (search {cfg.search!r} lists its values "
+                          "in space)")
+    if len(cfg.points_to_evaluate) > cfg.num_samples:
+        raise ConfigError(f"points_to_evaluate: {len(cfg.points_to_evaluate)} points but num_samples "
+                          f"{cfg.num_samples} trials per subject")
+    for i, point in enumerate(cfg.points_to_evaluate):
+        missing, unknown = sorted(set(cfg.space) - set(point)), sorted(set(point) - set(cfg.space))
+        if missing or unknown:
+            what = f"no value for {', '.join(missing)}" if missing else f"{', '.join(unknown)} is not a space key"
+            raise ConfigError(f"points_to_evaluate[{i}]: {what} (a point gives every key of space)")
+        for key, value in point.items():
+            p = cfg.space[key]
+            bounds = p.uniform or p.loguniform
+            inside = value in p.choice if p.choice is not None else (
+                isinstance(value, (int, float)) and bounds[0] <= value <= bounds[1])
+            if not inside:
+                allowed = p.choice if p.choice is not None else f"[{bounds[0]:g}, {bounds[1]:g}]"
+                raise ConfigError(f"points_to_evaluate[{i}].{key}: {value!r} is outside its space {allowed}")
 
 
 def _param_space(cfg: SweepConfig) -> dict:
@@ -108,6 +134,11 @@ def _train(cfg: dict, parent_run_id: str, callback) -> dict:
     return {"metrics": res.metrics, "run_id": res.mlflow_run_id, "checkpoint": res.artifacts["checkpoint"]}
 
 
+def trial_run_name(sweep: str, subject, trial_id: str) -> str:
+    """A trial's training run name (its MLflow run and Ray Train run): unique per sweep."""
+    return f"{sweep}-subj{int(subject):02d}-{trial_id.removeprefix('_trial_')}"
+
+
 def _trial(params: dict, base: dict, sweep: str, parent_run_id: str) -> None:
     """The Tune function: one training run whose epoch reports reach Tune, then a final report carrying the
     run's ids."""
@@ -115,8 +146,7 @@ def _trial(params: dict, base: dict, sweep: str, parent_run_id: str) -> None:
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    trial_id = tune.get_context().get_trial_id()
-    name = f"{sweep}-subj{int(params[SUBJECT]):02d}-{trial_id.removeprefix('_trial_')}"  # unique per sweep
+    name = trial_run_name(sweep, params[SUBJECT], tune.get_context().get_trial_id())
     cfg = trial_config(base, params, name)
     task = ray.remote(num_cpus=0, max_retries=0)(_train).options(scheduling_strategy="DEFAULT")
     ref = task.remote(cfg.model_dump(mode="json"), parent_run_id, TuneReportCallback())
@@ -166,10 +196,13 @@ def _tuners(cfg: SweepConfig, base: dict, parent_run_id: str, storage: tuple[str
     if cfg.search == "optuna":  # a search algorithm per subject (grid_search does not mix with them)
         from ray.tune.search.optuna import OptunaSearch
 
+        def search():
+            return OptunaSearch(metric=cfg.metric, mode="max",
+                                points_to_evaluate=[dict(p) for p in cfg.points_to_evaluate] or None)
+
         return [tune.Tuner(trainable, param_space={**_param_space(cfg), SUBJECT: s},
-                           tune_config=tune.TuneConfig(search_alg=OptunaSearch(metric=cfg.metric, mode="max"),
-                                                       scheduler=scheduler, num_samples=cfg.num_samples,
-                                                       max_concurrent_trials=concurrency),
+                           tune_config=tune.TuneConfig(search_alg=search(), scheduler=scheduler,
+                                                       num_samples=cfg.num_samples, max_concurrent_trials=concurrency),
                            run_config=run_config)
                 for s in cfg.subjects]
     space = {**_param_space(cfg), SUBJECT: tune.grid_search(cfg.subjects)}
@@ -187,7 +220,7 @@ def _rows(results, cfg: SweepConfig) -> list[dict]:
                "status": "ok" if m.get("finished") else ("error" if r.error else "stopped"),
                cfg.metric: m.get(cfg.metric), cfg.tie_break: m.get(cfg.tie_break),
                "epochs": m.get("epoch"), "mlflow_run_id": m.get("mlflow_run_id"),
-               "checkpoint_uri": m.get("checkpoint_uri")}
+               "checkpoint_uri": m.get("checkpoint_uri"), "trial_id": m.get("trial_id")}
         if r.error:
             row["error"] = str(r.error).strip().splitlines()[-1][:200]
         rows.append(row)
@@ -260,8 +293,12 @@ def run_sweep(cfg: SweepConfig) -> StageResult:
         results = [r for tuner in tuners for r in tuner.fit()]
         rows = _rows(results, cfg)
         client = MlflowClient()
+        # a trial the scheduler stopped: its training run was cancelled mid-epoch (left RUNNING, or FAILED when the
+        # cancellation reached run_training's handler first)
+        stopped = {trial_run_name(cfg.run_name or "sweep", r[SUBJECT], r["trial_id"]) for r in rows
+                   if r["status"] == "stopped" and r["trial_id"]}
         for run in client.search_runs([exp_id], f"tags.mlflow.parentRunId = '{parent_id}'"):
-            if run.info.status == "RUNNING":  # stopped by ASHA mid-run
+            if run.info.status == "RUNNING" or (run.info.run_name in stopped and run.info.status == "FAILED"):
                 client.set_terminated(run.info.run_id, "KILLED")
         best = best_per_subject(rows, cfg.metric, cfg.tie_break)
         with tempfile.TemporaryDirectory() as tmp:

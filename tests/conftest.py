@@ -20,6 +20,8 @@ from raydecode.storage import S3Options
 
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("TQDM_DISABLE", "1")
+# Ray Train's controller polls its workers every 2 s (reports, checkpoints, the end of a run): tiny runs poll faster
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 
 
 @pytest.fixture(scope="session")

@@ -22,39 +22,35 @@ import pytest
 
 from conftest import _free_port
 
-# not in `make test` yet (about 2 minutes; the suite is at its 15-minute budget): `make test-cluster` runs it
+# `make test` runs these with the rest; `make test-cluster` runs them alone (about 2.5 minutes)
 pytestmark = pytest.mark.cluster
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
 
+def _stack(action: str, state: str, **kw) -> subprocess.Popen:
+    return subprocess.Popen([str(ROOT / "infra" / "local" / "stack"), action, "--dir", state], text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env={**os.environ, "RAYDECODE_PYTHON": sys.executable}, **kw)
+
+
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory):
+def deployment(tmp_path_factory):
+    """The local stack (`infra/local/stack up`) and two raylets (head + one worker node, 2 logical CPUs each, token
+    auth on), started side by side. The nodes hold the stack's S3 credentials in their environment (a cluster's
+    instance profile here); the endpoints reach a job through its runtime_env, as jobs/README.md says.
+    Yields (stack state, the environment `stack up` printed, the dashboard address, a client env with the token)."""
     from raydecode import devstack
 
     state = str(tmp_path_factory.mktemp("stack"))
-    proc = subprocess.run([str(ROOT / "infra" / "local" / "stack"), "up", "--dir", state], capture_output=True,
-                          text=True, timeout=180, env={**os.environ, "RAYDECODE_PYTHON": sys.executable})
-    assert proc.returncode == 0, proc.stderr
-    env = dict(line[len("export "):].split("=", 1) for line in proc.stdout.splitlines() if line.startswith("export "))
-    yield devstack.read_state(state), env
-    down = subprocess.run([str(ROOT / "infra" / "local" / "stack"), "down", "--dir", state], capture_output=True,
-                          text=True, timeout=60, env={**os.environ, "RAYDECODE_PYTHON": sys.executable})
-    assert down.returncode == 0 and "stopped" in down.stdout
-
-
-@pytest.fixture(scope="module")
-def cluster(stack):
-    """Two raylets (head + one worker node), 2 logical CPUs each, token auth on; the nodes see the stack's S3
-    credentials in their environment (a cluster's instance profile here)."""
-    _, env = stack
+    up = _stack("up", state)
     token = secrets.token_hex(16)
     temp = tempfile.mkdtemp(prefix="rdc")  # short: Ray's unix sockets live under it
     gcs, dash = _free_port(), _free_port()
-    # the nodes' environment: the project installed (its console script on PATH), the stack's credentials
-    node_env = {**os.environ, **env, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token, "RAY_DEDUP_LOGS": "0",
-                "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+    # the nodes' environment: the project installed (its console script on PATH), S3 credentials
+    node_env = {**os.environ, **devstack.CREDENTIALS, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token,
+                "RAY_DEDUP_LOGS": "0", "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
     node_env.pop("RAY_ADDRESS", None)
     ray = str(BIN / "ray")
     procs = [subprocess.Popen([ray, "start", "--head", "--block", f"--port={gcs}", "--dashboard-host=127.0.0.1",
@@ -66,22 +62,36 @@ def cluster(stack):
     client_env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token}
     client_env.pop("RAY_ADDRESS", None)
     try:
+        out, err = up.communicate(timeout=180)
+        assert up.returncode == 0, err
+        env = dict(line[len("export "):].split("=", 1) for line in out.splitlines() if line.startswith("export "))
         _wait(lambda: subprocess.run([ray, "job", "list", "--address", address], env=client_env,
                                      capture_output=True, timeout=60).returncode == 0, 120, "the head node")
         procs.append(subprocess.Popen([ray, "start", "--block", f"--address=127.0.0.1:{gcs}", "--num-cpus=2",
                                        "--disable-usage-stats"], env=node_env, start_new_session=True,
                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         _wait(lambda: _alive_nodes(address, client_env) == 2, 120, "the second node")
-        yield address, client_env
+        yield devstack.read_state(state), env, address, client_env
     finally:
-        for p in reversed(procs):
+        down = _stack("down", state)
+        # the cluster's state is thrown away: a short grace, then the process groups are killed (a graceful
+        # `ray start --block` shutdown takes 15-20 s per node here)
+        for p in procs:
             os.killpg(p.pid, signal.SIGTERM)
-        for p in reversed(procs):
+        deadline = time.time() + 3
+        for p in procs:
             try:
-                p.wait(timeout=15)
+                p.wait(timeout=max(0.1, deadline - time.time()))
             except subprocess.TimeoutExpired:
+                pass
+            try:
                 os.killpg(p.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            p.wait(timeout=30)
         shutil.rmtree(temp, ignore_errors=True)
+        out, _ = down.communicate(timeout=60)
+        assert down.returncode == 0 and "stopped" in out
 
 
 def _wait(ok, timeout_s: float, what: str) -> None:
@@ -101,12 +111,11 @@ def _alive_nodes(address: str, env: dict) -> int:
     return sum(n.get("state") == "ALIVE" for n in json.loads(proc.stdout or "[]"))
 
 
-def test_pretrain_through_ray_job_submit_reads_and_writes_s3_and_logs_to_mlflow(stack, cluster, tmp_path):
+def test_pretrain_through_ray_job_submit_reads_and_writes_s3_and_logs_to_mlflow(deployment, tmp_path):
     import boto3
     from mlflow.tracking import MlflowClient
 
-    st, env = stack
-    address, client_env = cluster
+    st, env, address, client_env = deployment
     bucket = env["RAYDECODE_BUCKET"]
     ingest = subprocess.run([str(BIN / "raydecode"), "ingest", "synthetic", "--preset", "tiny", "--out",
                              f"{bucket}/store", "--set", "subjects=[1,2]", "--set", "timeseries=false"],
@@ -117,7 +126,7 @@ def test_pretrain_through_ray_job_submit_reads_and_writes_s3_and_logs_to_mlflow(
     runtime_env = {"env_vars": {k: env[k] for k in ("AWS_ENDPOINT_URL_S3", "AWS_REGION", "MLFLOW_TRACKING_URI")}}
     sets = {"store": f"{bucket}/store", "checkpoint.storage_path": f"{bucket}/runs", "run_name": "pretrain-job",
             "workdir": str(tmp_path / "job"), "preset": "tiny", "data.subjects": "[1,2]", "optim.epochs": "1",
-            "optim.batch_size": "32", "scaling.placement_strategy": "STRICT_SPREAD", "checkpoint.every_epochs": "1"}
+            "optim.batch_size": "32", "scaling.placement_strategy": "STRICT_SPREAD", "checkpoint.every_epochs": "1", "data.read_cpus": "1"}
     cmd = [str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", str(ROOT),
            "--runtime-env-json", json.dumps(runtime_env), "--", "raydecode", "pretrain", "--config",
            "jobs/pretrain.yaml"] + [a for k, v in sets.items() for a in ("--set", f"{k}={v}")]
@@ -141,9 +150,8 @@ def test_pretrain_through_ray_job_submit_reads_and_writes_s3_and_logs_to_mlflow(
     assert "curves.png" in {a.path for a in client.list_artifacts(run.info.run_id)}
 
 
-def test_raydecode_submit_waits_for_a_stage_and_needs_the_token(stack, cluster, tmp_path):
-    st, env = stack
-    address, client_env = cluster
+def test_raydecode_submit_waits_for_a_stage_and_needs_the_token(deployment, tmp_path):
+    st, env, address, client_env = deployment
     cfg = ROOT / "jobs" / "info.yaml"
     ok = subprocess.run([str(BIN / "raydecode"), "submit", "info", "--config", str(cfg), "--address", address,
                          "--wait", "--set", f"store={env['RAYDECODE_BUCKET']}/store", "--set", "verify=true"],

@@ -224,33 +224,45 @@ def _children(cfg, parent_id):
     return client.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{parent_id}'")
 
 
-def test_asha_stops_a_hopeless_trial_early(pretrained, tiny_store, tmp_path):
-    """Trials one at a time: the first (lr 1e-3) sets the bar at epoch 2; the second (lr 1e-8, no learning)
-    falls below it and is stopped there; its MLflow run is marked KILLED, and it is not registered."""
+def test_optuna_with_asha_starts_at_given_points_samples_the_rest_and_stops_a_hopeless_trial(pretrained, tiny_store,
+                                                                                             tmp_path):
+    """Optuna's search starts at the two given points, one trial at a time: lr 1e-3 sets ASHA's bar at epoch 2; lr
+    1e-8 (no learning) falls below it and is stopped there, its MLflow run KILLED. The third trial is Optuna's own
+    draw from the space."""
     _, pre = pretrained
-    cfg = sweep_config(tiny_store, tmp_path, pre.artifacts["checkpoint"], subjects=[8], max_concurrent_trials=1,
-                       space={"optim.lr": {"grid": [1e-3, 1e-8]}, "model": {"grid": [{"ssp": False, "sdp": False}]}},
-                       optim={"epochs": 3, "batch_size": 8, "lr": 1e-3},
-                       asha={"grace_period": 2, "reduction_factor": 2}, promote=False, run_name="asha")
-    result = run_sweep(cfg)
-    rows = {float(r["optim.lr"]): r for r in _results(cfg, _client(cfg), result.mlflow_run_id)}
-    assert rows[1e-3]["status"] == "ok" and rows[1e-8]["status"] == "stopped", rows
-    assert float(rows[1e-8]["epochs"]) < cfg.optim.epochs
-    status = {c.data.params["optim.lr"]: c.info.status for c in _children(cfg, result.mlflow_run_id)}
-    assert status == {"0.001": "FINISHED", "1e-08": "KILLED"}
-
-
-def test_optuna_search_samples_the_space(pretrained, tiny_store, tmp_path):
-    _, pre = pretrained
+    lr = "optim.lr"
     cfg = sweep_config(tiny_store, tmp_path, pre.artifacts["checkpoint"], subjects=[8], search="optuna",
-                       num_samples=2, optim={"epochs": 1, "batch_size": 8, "lr": 1e-3}, promote=False,
-                       space={"model.lambda_rc": {"loguniform": [0.01, 1.0]}, "model.ssp": {"choice": [False]},
-                              "model.sdp": {"choice": [False]}}, run_name="optuna")
+                       num_samples=3, max_concurrent_trials=1, promote=False, run_name="optuna-asha",
+                       space={lr: {"loguniform": [1e-8, 1e-2]}, "model.ssp": {"choice": [False]},
+                              "model.sdp": {"choice": [False]}},
+                       points_to_evaluate=[{lr: 1e-3, "model.ssp": False, "model.sdp": False},
+                                           {lr: 1e-8, "model.ssp": False, "model.sdp": False}],
+                       optim={"epochs": 3, "batch_size": 8, "lr": 1e-3},
+                       asha={"grace_period": 2, "reduction_factor": 2})
     result = run_sweep(cfg)
     rows = _results(cfg, _client(cfg), result.mlflow_run_id)
-    values = [float(r["model.lambda_rc"]) for r in rows]
-    assert len(rows) == 2 and {r["status"] for r in rows} == {"ok"}
-    assert all(0.01 <= v <= 1.0 for v in values) and values[0] != values[1]
+    assert len(rows) == 3, rows
+    given = {float(r[lr]): r for r in rows if float(r[lr]) in (1e-3, 1e-8)}
+    assert given[1e-3]["status"] == "ok" and given[1e-8]["status"] == "stopped", rows
+    assert float(given[1e-8]["epochs"]) < cfg.optim.epochs
+    (sampled,) = [float(r[lr]) for r in rows if float(r[lr]) not in (1e-3, 1e-8)]
+    assert 1e-8 <= sampled <= 1e-2
+    status = {float(c.data.params[lr]): c.info.status for c in _children(cfg, result.mlflow_run_id)}
+    assert status[1e-3] == "FINISHED" and status[1e-8] == "KILLED"
+
+
+def test_bad_optuna_configs_fail_before_any_trial(pretrained, tiny_store, tmp_path):
+    _, pre = pretrained
+    ck = pre.artifacts["checkpoint"]
     with pytest.raises(ConfigError, match="not grid"):
-        run_sweep(sweep_config(tiny_store, tmp_path, pre.artifacts["checkpoint"], search="optuna"))
+        run_sweep(sweep_config(tiny_store, tmp_path, ck, search="optuna"))
+    space = {"optim.lr": {"loguniform": [1e-5, 1e-2]}, "model.margin": {"choice": [0.1, 0.2]}}
+    with pytest.raises(ConfigError, match=r"points_to_evaluate\[0\]: no value for model.margin"):
+        run_sweep(sweep_config(tiny_store, tmp_path, ck, search="optuna", space=space, num_samples=2,
+                               points_to_evaluate=[{"optim.lr": 1e-3}]))
+    with pytest.raises(ConfigError, match=r"points_to_evaluate\[0\].optim.lr: 0.1 is outside its space \[1e-05, 0.01\]"):
+        run_sweep(sweep_config(tiny_store, tmp_path, ck, search="optuna", space=space, num_samples=2,
+                               points_to_evaluate=[{"optim.lr": 0.1, "model.margin": 0.1}]))
+    with pytest.raises(ConfigError, match="only with search 'optuna'"):
+        run_sweep(sweep_config(tiny_store, tmp_path, ck, points_to_evaluate=[{"model": {}}]))
 
