@@ -45,7 +45,10 @@ def ray_local():
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="warning")
+        from raydecode.demo import local_system_config
+
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="warning",
+                 _system_config=local_system_config())
     yield ray
     ray.shutdown()
 

@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from conftest import _free_port
+from raydecode.demo import LOCAL_SYSTEM_CONFIG
 
 # `make test` runs these with the rest; `make test-cluster` runs them alone (about 2.5 minutes)
 pytestmark = pytest.mark.cluster
@@ -50,7 +51,9 @@ def deployment(tmp_path_factory):
     gcs, dash = _free_port(), _free_port()
     # the nodes' environment: the project installed (its console script on PATH), S3 credentials
     node_env = {**os.environ, **devstack.CREDENTIALS, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token,
-                "RAY_DEDUP_LOGS": "0", "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+                "RAY_DEDUP_LOGS": "0", "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+                # as a local Ray started by raydecode (raydecode.demo.LOCAL_SYSTEM_CONFIG): workers are reused
+                **{f"RAY_{k}": str(v) for k, v in LOCAL_SYSTEM_CONFIG.items()}}
     node_env.pop("RAY_ADDRESS", None)
     ray = str(BIN / "ray")
     procs = [subprocess.Popen([ray, "start", "--head", "--block", f"--port={gcs}", "--dashboard-host=127.0.0.1",

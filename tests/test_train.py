@@ -93,7 +93,8 @@ def test_fine_tune_from_pretrained_beats_scratch_on_one_session(pretrained, tiny
             for k in ("brain_to_image_top1", "image_to_brain_top1")}
     # 30 test images: top-1 moves in steps of 1/30, so the margin is 3 of the 60 decisions, neither direction worse
     # (a fresh-clone run measured a mean gain of 0.067 with the old margin 0.08 failing it)
-    assert sum(gain.values()) / 2 >= 0.05, (fine.metrics, scratch.metrics)
+    # (float32 metrics: exactly 3 of 60 is 0.0499999970)
+    assert sum(gain.values()) / 2 >= 0.05 - 1e-6, (fine.metrics, scratch.metrics)
     assert min(gain.values()) >= 0, (fine.metrics, scratch.metrics)
 
     # ZeRO-1 and ZeRO-3 wrote one partition per rank into the last Ray Train checkpoint (on S3 for the fine-tune)
