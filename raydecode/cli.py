@@ -145,10 +145,12 @@ def stage_evaluate(args) -> StageResult:
 
 
 def stage_compare(args) -> StageResult:
-    from raydecode.config import CompareConfig
+    from raydecode.config import CompareConfig, EvaluateConfig
     from raydecode.evaluate.suite import run_compare
 
-    cfg = load_config(CompareConfig, args.config, args.overrides, **_cli_defaults(models=args.models or None))
+    # the evaluation config names the store and the tracking server: `compare --config jobs/evaluate.yaml`
+    cfg = load_config(CompareConfig, args.config, args.overrides, shared_with=EvaluateConfig,
+                      **_cli_defaults(models=args.models or None))
     return run_compare(cfg)
 
 
@@ -156,7 +158,7 @@ def stage_submit(args) -> StageResult:
     from raydecode.submit import submit
 
     out = submit(args.what, args.config, args.address, args.overrides, args.wait, args.submission_id,
-                 entrypoint_num_cpus=args.entrypoint_cpus)
+                 entrypoint_num_cpus=args.entrypoint_cpus, install=args.install)
     return StageResult(stage="submit", status="ok", metrics={}, artifacts=out)
 
 
@@ -278,6 +280,9 @@ def build_parser() -> argparse.ArgumentParser:
     sm.add_argument("--wait", action="store_true", help="stream the job's logs; exit with its status")
     sm.add_argument("--submission-id", help="the job id (default: Ray's)")
     sm.add_argument("--entrypoint-cpus", type=float, default=None, help="CPUs reserved for the job's driver")
+    sm.add_argument("--no-install", dest="install", action="store_false",
+                    help="do not pip-install the checkout in the job's runtime_env (the nodes' image already has "
+                    "this version of the project: cluster/Dockerfile, the launcher's setup commands)")
     _common(sm)
     sm.set_defaults(func=stage_submit)
 

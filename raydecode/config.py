@@ -144,9 +144,11 @@ def format_validation_error(model: type[BaseModel], exc: ValidationError, source
     return "\n".join(lines)
 
 
-def load_config(schema: type[C], path: str | None = None, overrides: list[str] | None = None, **flags) -> C:
+def load_config(schema: type[C], path: str | None = None, overrides: list[str] | None = None,
+                shared_with: type[BaseModel] | None = None, **flags) -> C:
     """Validate a stage config: the YAML file, then explicit CLI flags (e.g. ``--out``), then ``--set``
-    overrides, each winning over the one before."""
+    overrides, each winning over the one before. ``shared_with``: the file may be that stage's config too (e.g.
+    ``compare`` reads ``jobs/evaluate.yaml``): its keys that only that schema knows are skipped."""
     data: dict = {}
     source = "config"
     if path:
@@ -160,6 +162,9 @@ def load_config(schema: type[C], path: str | None = None, overrides: list[str] |
             raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from exc
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: expected a mapping of keys to values at the top level")
+        if shared_with is not None:
+            theirs = set(shared_with.model_fields) - set(schema.model_fields)
+            loaded = {k: v for k, v in loaded.items() if k not in theirs}
         data.update(loaded)
     data.update(flags)
     data = apply_overrides(data, overrides or [])

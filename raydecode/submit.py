@@ -2,8 +2,9 @@
 
 The same as ``ray job submit --address URL --working-dir . -- raydecode <stage> --config FILE``: the config is
 validated here first (a bad key fails before anything is uploaded), this checkout is the job's working
-directory (so the cluster runs this code; its nodes provide the dependencies: ``cluster/``), and the
-non-secret environment a stage reads (S3 endpoint and region, MLflow tracking URI) travels in the runtime
+directory (so the cluster runs this code), the runtime environment pip-installs it on the nodes (the console
+script, and whatever dependency the nodes' image lacks: ``--no-install`` when the image already has the project,
+as ``cluster/`` builds it), and the non-secret environment a stage reads (S3 endpoint and region, MLflow tracking URI) travels in the runtime
 environment; credentials come from the nodes (instance profile, service-account role), never from here.
 Ray token authentication stays on: the client sends the token from ``RAY_AUTH_TOKEN``, ``RAY_AUTH_TOKEN_PATH``
 or ``~/.ray/auth_token`` (with ``RAY_AUTH_MODE=token``).
@@ -60,15 +61,40 @@ def entrypoint(stage: list[str], config: str | None, overrides: list[str], root:
             raise ConfigError(f"config file {config} is outside the working directory {root}: the job could not "
                               "read it") from None
         parts += ["--config", rel.as_posix()]
-    load_config(schema, config, overrides)  # fail here, before anything is uploaded
+    from raydecode.config import CompareConfig, EvaluateConfig
+
+    # fail here, before anything is uploaded (compare reads the evaluation's config, as the CLI does)
+    load_config(schema, config, overrides, shared_with=EvaluateConfig if schema is CompareConfig else None)
     for o in overrides:
         parts += ["--set", o]
     return " ".join(shlex.quote(p) for p in parts)
 
 
-def runtime_env(root: Path, extra_env: dict[str, str] | None = None) -> dict:
+def install_spec(root: Path) -> dict:
+    """The runtime_env ``pip`` field that installs the uploaded checkout on every node the job touches (its
+    ``raydecode`` console script, and any dependency the nodes lack), into a virtualenv on top of the nodes'
+    packages. Ray expands ``${RAY_RUNTIME_ENV_CREATE_WORKING_DIR}`` to the unpacked working_dir on each node.
+    Ray caches the environment by this spec, so the digest of pyproject.toml rides along (as a build setting the
+    backend ignores): a changed dependency list builds a new environment, the same one reuses it. The code itself
+    always comes from the working_dir, which is first on the job's path."""
+    import hashlib
+
+    pyproject = root / "pyproject.toml"
+    if not pyproject.is_file():
+        raise ConfigError(f"{pyproject} does not exist: --install needs the project's checkout as the working directory")
+    digest = hashlib.sha256(pyproject.read_bytes()).hexdigest()[:16]
+    return {"packages": ["${RAY_RUNTIME_ENV_CREATE_WORKING_DIR}"],
+            "pip_install_options": ["--no-build-isolation", "--config-settings", f"raydecode-pyproject={digest}"]}
+
+
+def runtime_env(root: Path, extra_env: dict[str, str] | None = None, install: bool = True) -> dict:
+    """``working_dir`` (this checkout), ``pip`` (installs it: :func:`install_spec`; ``install=False`` when the
+    nodes' image already has the project, as cluster/ builds them) and the forwarded non-secret environment."""
     env = {k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)}
-    return {"working_dir": str(root), "excludes": EXCLUDES, "env_vars": {**env, **(extra_env or {})}}
+    out = {"working_dir": str(root), "excludes": EXCLUDES, "env_vars": {**env, **(extra_env or {})}}
+    if install:
+        out["pip"] = install_spec(root)
+    return out
 
 
 def _client(address: str):
@@ -87,7 +113,7 @@ def _client(address: str):
 
 def submit(stage: list[str], config: str | None, address: str, overrides: list[str] | None = None,
            wait: bool = False, submission_id: str | None = None, root: str | None = None,
-           entrypoint_num_cpus: float | None = None) -> dict:
+           entrypoint_num_cpus: float | None = None, install: bool = True) -> dict:
     """Submit; with ``wait``, stream the job's logs until it ends. Returns ``{"job_id", "status"}``; a job that did
     not succeed raises :class:`JobFailed` (exit status 1)."""
     import asyncio
@@ -97,8 +123,8 @@ def submit(stage: list[str], config: str | None, address: str, overrides: list[s
     root_path = Path(root or os.getcwd()).resolve()
     command = entrypoint(stage, config, overrides or [], root_path)
     client = _client(address)
-    job_id = client.submit_job(entrypoint=command, runtime_env=runtime_env(root_path), submission_id=submission_id,
-                               entrypoint_num_cpus=entrypoint_num_cpus,
+    job_id = client.submit_job(entrypoint=command, runtime_env=runtime_env(root_path, install=install),
+                               submission_id=submission_id, entrypoint_num_cpus=entrypoint_num_cpus,
                                metadata={"raydecode.stage": " ".join(stage), "raydecode.config": config or ""})
     print(f"submitted {job_id} to {address}: {command}")
     if not wait:

@@ -41,13 +41,16 @@ def deployment(tmp_path_factory):
     """The local stack (`infra/local/stack up`) and two raylets (head + one worker node, 2 logical CPUs each, token
     auth on), started side by side. The nodes hold the stack's S3 credentials in their environment (a cluster's
     instance profile here); the endpoints reach a job through its runtime_env, as jobs/README.md says.
-    Yields (stack state, the environment `stack up` printed, the dashboard address, a client env with the token)."""
+    Yields (stack state, the environment `stack up` printed, the dashboard address, a client env with the token, the
+    head node's temp dir)."""
     from raydecode import devstack
 
     state = str(tmp_path_factory.mktemp("stack"))
     up = _stack("up", state)
     token = secrets.token_hex(16)
-    temp = tempfile.mkdtemp(prefix="rdc")  # short: Ray's unix sockets live under it
+    # one temp dir per node, as on two machines (short: Ray's unix sockets live under them): nodes sharing one
+    # would unpack a job's working_dir into the same directory, one under the other's running driver
+    temp, temp2 = tempfile.mkdtemp(prefix="rdc"), tempfile.mkdtemp(prefix="rdc")
     gcs, dash = _free_port(), _free_port()
     # the nodes' environment: the project installed (its console script on PATH), S3 credentials
     node_env = {**os.environ, **devstack.CREDENTIALS, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token,
@@ -71,10 +74,10 @@ def deployment(tmp_path_factory):
         _wait(lambda: subprocess.run([ray, "job", "list", "--address", address], env=client_env,
                                      capture_output=True, timeout=60).returncode == 0, 120, "the head node")
         procs.append(subprocess.Popen([ray, "start", "--block", f"--address=127.0.0.1:{gcs}", "--num-cpus=2",
-                                       "--disable-usage-stats"], env=node_env, start_new_session=True,
+                                       f"--temp-dir={temp2}", "--disable-usage-stats"], env=node_env, start_new_session=True,
                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         _wait(lambda: _alive_nodes(address, client_env) == 2, 120, "the second node")
-        yield devstack.read_state(state), env, address, client_env
+        yield devstack.read_state(state), env, address, client_env, temp
     finally:
         down = _stack("down", state)
         # the cluster's state is thrown away: a short grace, then the process groups are killed (a graceful
@@ -93,6 +96,7 @@ def deployment(tmp_path_factory):
                 pass
             p.wait(timeout=30)
         shutil.rmtree(temp, ignore_errors=True)
+        shutil.rmtree(temp2, ignore_errors=True)
         out, _ = down.communicate(timeout=60)
         assert down.returncode == 0 and "stopped" in out
 
@@ -118,7 +122,7 @@ def test_pretrain_through_ray_job_submit_reads_and_writes_s3_and_logs_to_mlflow(
     import boto3
     from mlflow.tracking import MlflowClient
 
-    st, env, address, client_env = deployment
+    st, env, address, client_env, _ = deployment
     bucket = env["RAYDECODE_BUCKET"]
     ingest = subprocess.run([str(BIN / "raydecode"), "ingest", "synthetic", "--preset", "tiny", "--out",
                              f"{bucket}/store", "--set", "subjects=[1,2]", "--set", "timeseries=false"],
@@ -154,13 +158,17 @@ def test_pretrain_through_ray_job_submit_reads_and_writes_s3_and_logs_to_mlflow(
 
 
 def test_raydecode_submit_waits_for_a_stage_and_needs_the_token(deployment, tmp_path):
-    st, env, address, client_env = deployment
+    st, env, address, client_env, head_temp = deployment
     cfg = ROOT / "jobs" / "info.yaml"
     ok = subprocess.run([str(BIN / "raydecode"), "submit", "info", "--config", str(cfg), "--address", address,
                          "--wait", "--set", f"store={env['RAYDECODE_BUCKET']}/store", "--set", "verify=true"],
                         env={**client_env, **env}, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert ok.returncode == 0, ok.stdout[-3000:] + ok.stderr[-2000:]
     assert "shards match the manifest" in ok.stdout and "submitted raysubmit_" in ok.stdout
+    # its runtime_env pip-installed the uploaded checkout on the node that ran it (a virtualenv over the node's
+    # packages: console script and metadata from this checkout)
+    setup = "".join(p.read_text() for p in Path(head_temp).glob("session_*/logs/runtime_env_setup-*.log"))
+    assert "Successfully installed raydecode" in setup and "/runtime_resources/working_dir_files/" in setup
     # a failing stage: the job's status becomes the exit status, its error line reaches the user
     bad = subprocess.run([str(BIN / "raydecode"), "submit", "info", "--address", address, "--wait",
                           "--set", f"store={env['RAYDECODE_BUCKET']}/nothing"],

@@ -565,3 +565,51 @@ def test_no_credentials_and_no_disabled_ray_auth_in_deployment_files():
         if path.suffix in (".yaml", ".yml"):
             kinds = [d.get("kind") for d in yaml.safe_load_all(text) if isinstance(d, dict)]
             assert "Secret" not in kinds, f"{path.relative_to(ROOT)}: a Secret manifest"
+
+
+# -- raydecode submit: what it sends (the jobs themselves run in tests/test_cluster.py) ---------------------------
+
+
+def test_submit_runtime_env_installs_the_uploaded_checkout_and_forwards_no_secret(monkeypatch, tmp_path):
+    from raydecode.submit import EXCLUDES, runtime_env
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", "http://127.0.0.1:9000")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.internal:5000")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "a" * 40)
+    env = runtime_env(ROOT)
+    assert env["working_dir"] == str(ROOT) and ".venv/" in env["excludes"] and env["excludes"] == EXCLUDES
+    assert env["env_vars"] == {"AWS_ENDPOINT_URL_S3": "http://127.0.0.1:9000",
+                               "MLFLOW_TRACKING_URI": "http://mlflow.internal:5000"}
+    # Ray expands the placeholder to the unpacked working_dir on each node and pip-installs it there
+    assert env["pip"]["packages"] == ["${RAY_RUNTIME_ENV_CREATE_WORKING_DIR}"]
+    assert "--no-build-isolation" in env["pip"]["pip_install_options"]
+    assert "pip" not in runtime_env(ROOT, install=False)
+    # Ray caches a pip environment by its spec: the spec follows pyproject.toml, not the code (which is the
+    # working_dir's, first on the path)
+    other = tmp_path / "checkout"
+    other.mkdir()
+    (other / "pyproject.toml").write_text((ROOT / "pyproject.toml").read_text())
+    (other / "extra.py").write_text("x = 1\n")
+    assert runtime_env(other)["pip"] == env["pip"]
+    (other / "pyproject.toml").write_text((ROOT / "pyproject.toml").read_text() + "\n# a new pin\n")
+    assert runtime_env(other)["pip"] != env["pip"]
+
+
+def test_submit_checks_the_stage_and_config_before_uploading(tmp_path):
+    from raydecode.errors import ConfigError
+    from raydecode.submit import entrypoint
+
+    assert entrypoint(["compare"], str(JOBS / "evaluate.yaml"), [], ROOT).endswith("--config jobs/evaluate.yaml")
+    cmd = entrypoint(["pretrain"], str(JOBS / "pretrain-nsd.yaml"), ["optim.epochs=3"], ROOT)
+    assert shlex.split(cmd) == ["raydecode", "pretrain", "--config", "jobs/pretrain-nsd.yaml", "--set",
+                                "optim.epochs=3"]
+    outside = tmp_path / "p.yaml"
+    outside.write_text((JOBS / "pretrain.yaml").read_text())
+    for stage, config, sets, words in [
+        (["pretrian"], None, [], "stage 'pretrian': allowed values"),
+        (["pretrain"], str(outside), [], "outside the working directory"),
+        (["pretrain"], str(JOBS / "missing.yaml"), [], "missing.yaml does not exist"),
+        (["pretrain"], str(JOBS / "pretrain-nsd.yaml"), ["optim.epochz=3"], "epochz"),
+    ]:
+        with pytest.raises(ConfigError, match=re.escape(words)):
+            entrypoint(stage, config, sets, ROOT)

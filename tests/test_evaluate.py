@@ -125,7 +125,8 @@ def test_compare_reads_two_evaluated_models_one_from_the_registry(evaluated, tin
         tmp, protocols=["averaged"], reconstruct={"enabled": False}, tsne=False))]) == 0
     tag = MlflowClient().get_model_version("eval-mindeye2", decision.version).tags["raydecode.last_evaluation_run_id"]
     capsys.readouterr()
-    assert main(["compare", result.artifacts["checkpoint"], ref, "--set", f"workdir={cfg.workdir}"]) == 0
+    # under the evaluation's own config (jobs/README.md: `compare --config jobs/evaluate.yaml REF ...`)
+    assert main(["compare", result.artifacts["checkpoint"], ref, *_args(cfg, tiny_store, _config(tmp))]) == 0
     lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("|")]
     header = lines[0]
     assert "retrieval.brain_to_image_top1" in header and "recon.pixcorr" in header
@@ -147,3 +148,7 @@ def test_evaluate_and_compare_errors_are_one_line(evaluated, tiny_store, capsys)
     assert "missing" in capsys.readouterr().err
     assert main(["compare", "runs:/" + result.mlflow_run_id + "/model", "--set", f"workdir={cfg.workdir}"]) == 2
     assert "no evaluation run" in capsys.readouterr().err
+    # an evaluation config is fine for compare; a key neither knows is not
+    assert main(["compare", "runs:/x/model", *_args(cfg, tiny_store, _config(tmp, protocolz=["averaged"]))]) == 2
+    err = capsys.readouterr().err
+    assert "unknown key 'protocolz'" in err and "protocols" not in err.replace("protocolz", "")
