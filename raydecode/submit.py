@@ -4,10 +4,10 @@ The same as ``ray job submit --address URL --working-dir . -- raydecode <stage> 
 validated here first (a bad key fails before anything is uploaded), this checkout is the job's working
 directory (so the cluster runs this code), the runtime environment pip-installs it on the nodes (the console
 script, and whatever dependency the nodes' image lacks: ``--no-install`` when the image already has the project,
-as ``cluster/`` builds it), and the non-secret environment a stage reads (S3 endpoint and region, MLflow tracking URI) travels in the runtime
-environment; credentials come from the nodes (instance profile, service-account role), never from here.
-Ray token authentication stays on: the client sends the token from ``RAY_AUTH_TOKEN``, ``RAY_AUTH_TOKEN_PATH``
-or ``~/.ray/auth_token`` (with ``RAY_AUTH_MODE=token``).
+as ``cluster/`` builds it), and the non-secret environment a stage reads (S3 endpoint and region, MLflow
+tracking URI) travels in the runtime environment; credentials come from the nodes (instance profile,
+service-account role), never from here. Ray token authentication stays on: the client sends the token from
+``RAY_AUTH_TOKEN``, ``RAY_AUTH_TOKEN_PATH`` or ``~/.ray/auth_token`` (with ``RAY_AUTH_MODE=token``).
 """
 
 from __future__ import annotations
@@ -81,7 +81,8 @@ def install_spec(root: Path) -> dict:
 
     pyproject = root / "pyproject.toml"
     if not pyproject.is_file():
-        raise ConfigError(f"{pyproject} does not exist: --install needs the project's checkout as the working directory")
+        raise ConfigError(f"{pyproject} does not exist: installing the project needs its checkout as the working "
+                          "directory (or --no-install)")
     digest = hashlib.sha256(pyproject.read_bytes()).hexdigest()[:16]
     return {"packages": ["${RAY_RUNTIME_ENV_CREATE_WORKING_DIR}"],
             "pip_install_options": ["--no-build-isolation", "--config-settings", f"raydecode-pyproject={digest}"]}

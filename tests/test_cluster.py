@@ -74,8 +74,8 @@ def deployment(tmp_path_factory):
         _wait(lambda: subprocess.run([ray, "job", "list", "--address", address], env=client_env,
                                      capture_output=True, timeout=60).returncode == 0, 120, "the head node")
         procs.append(subprocess.Popen([ray, "start", "--block", f"--address=127.0.0.1:{gcs}", "--num-cpus=2",
-                                       f"--temp-dir={temp2}", "--disable-usage-stats"], env=node_env, start_new_session=True,
-                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+                                       f"--temp-dir={temp2}", "--disable-usage-stats"], env=node_env,
+                                      start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         _wait(lambda: _alive_nodes(address, client_env) == 2, 120, "the second node")
         yield devstack.read_state(state), env, address, client_env, temp
     finally:
@@ -122,53 +122,64 @@ def test_pretrain_through_ray_job_submit_reads_and_writes_s3_and_logs_to_mlflow(
     import boto3
     from mlflow.tracking import MlflowClient
 
-    st, env, address, client_env, _ = deployment
+    st, env, address, client_env, head_temp = deployment
     bucket = env["RAYDECODE_BUCKET"]
     ingest = subprocess.run([str(BIN / "raydecode"), "ingest", "synthetic", "--preset", "tiny", "--out",
                              f"{bucket}/store", "--set", "subjects=[1,2]", "--set", "timeseries=false"],
                             env={**os.environ, **env}, capture_output=True, text=True, timeout=300)
     assert ingest.returncode == 0, ingest.stderr
-    # what jobs/README.md tells a user to run: the stage's jobs/ config, the store and checkpoints on S3, the MLflow
-    # server's URI and the S3 endpoint in the runtime environment (credentials come from the nodes)
-    runtime_env = {"env_vars": {k: env[k] for k in ("AWS_ENDPOINT_URL_S3", "AWS_REGION", "MLFLOW_TRACKING_URI")}}
-    sets = {"store": f"{bucket}/store", "checkpoint.storage_path": f"{bucket}/runs", "run_name": "pretrain-job",
-            "workdir": str(tmp_path / "job"), "preset": "tiny", "data.subjects": "[1,2]", "optim.epochs": "1",
-            "optim.batch_size": "32", "scaling.placement_strategy": "STRICT_SPREAD", "checkpoint.every_epochs": "1", "data.read_cpus": "1"}
-    cmd = [str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", str(ROOT),
-           "--runtime-env-json", json.dumps(runtime_env), "--", "raydecode", "pretrain", "--config",
-           "jobs/pretrain.yaml"] + [a for k, v in sets.items() for a in ("--set", f"{k}={v}")]
-    job = subprocess.run(cmd, env=client_env, capture_output=True, text=True, timeout=600)
-    assert job.returncode == 0, job.stdout[-4000:] + job.stderr[-2000:]
-    assert "succeeded" in job.stdout.lower()
-    assert "ZeRO-2" in job.stdout and "2 workers" in job.stdout
+    # meanwhile `raydecode submit` runs the info stage with its runtime_env's pip install of this checkout (mostly
+    # file copying: the node's virtualenv is cloned first), checked at the end
+    info = subprocess.Popen([str(BIN / "raydecode"), "submit", "info", "--config", str(ROOT / "jobs" / "info.yaml"),
+                             "--address", address, "--wait", "--set", f"store={bucket}/store", "--set", "verify=true"],
+                            env={**client_env, **env}, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        # what jobs/README.md tells a user to run: the stage's jobs/ config, the store and checkpoints on S3, the
+        # MLflow server's URI and the S3 endpoint in the runtime environment (credentials come from the nodes)
+        runtime_env = {"env_vars": {k: env[k] for k in ("AWS_ENDPOINT_URL_S3", "AWS_REGION",
+                                                         "MLFLOW_TRACKING_URI")}}
+        sets = {"store": f"{bucket}/store", "checkpoint.storage_path": f"{bucket}/runs", "run_name": "pretrain-job",
+                "workdir": str(tmp_path / "job"), "preset": "tiny", "data.subjects": "[1,2]", "optim.epochs": "1",
+                "optim.batch_size": "32", "scaling.placement_strategy": "STRICT_SPREAD",
+                "checkpoint.every_epochs": "1", "data.read_cpus": "1"}
+        cmd = [str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", str(ROOT),
+               "--runtime-env-json", json.dumps(runtime_env), "--", "raydecode", "pretrain", "--config",
+               "jobs/pretrain.yaml"] + [a for k, v in sets.items() for a in ("--set", f"{k}={v}")]
+        job = subprocess.run(cmd, env=client_env, capture_output=True, text=True, timeout=600)
+        assert job.returncode == 0, job.stdout[-4000:] + job.stderr[-2000:]
+        assert "succeeded" in job.stdout.lower()
+        assert "ZeRO-2" in job.stdout and "2 workers" in job.stdout
 
-    s3 = boto3.client("s3", endpoint_url=st.s3_endpoint, region_name="us-east-1", aws_access_key_id="testing",
-                      aws_secret_access_key="testing")
-    keys = {o["Key"] for o in s3.list_objects_v2(Bucket=st.bucket, Prefix="runs/pretrain-job/")["Contents"]}
-    assert {"runs/pretrain-job/final/model.safetensors", "runs/pretrain-job/final/metrics.json"} <= keys
-    # both ranks wrote their ZeRO-2 partition: one worker per node
-    assert any(k.endswith("zero_pp_rank_1_mp_rank_00_optim_states.pt") for k in keys)
-    client = MlflowClient(st.tracking_uri)
-    (run,) = client.search_runs([client.get_experiment_by_name("raydecode").experiment_id],
-                                "attributes.run_name = 'pretrain-job'")
-    assert run.info.status == "FINISHED" and run.data.params["store"] == f"{bucket}/store"
-    assert run.data.metrics["retrieval.brain_to_image_top1"] > 0
-    assert run.data.tags["raydecode.checkpoint_uri"] == f"{bucket}/runs/pretrain-job/final"
-    assert "curves.png" in {a.path for a in client.list_artifacts(run.info.run_id)}
+        s3 = boto3.client("s3", endpoint_url=st.s3_endpoint, region_name="us-east-1", aws_access_key_id="testing",
+                          aws_secret_access_key="testing")
+        keys = {o["Key"] for o in s3.list_objects_v2(Bucket=st.bucket, Prefix="runs/pretrain-job/")["Contents"]}
+        assert {"runs/pretrain-job/final/model.safetensors", "runs/pretrain-job/final/metrics.json"} <= keys
+        # both ranks wrote their ZeRO-2 partition: one worker per node
+        assert any(k.endswith("zero_pp_rank_1_mp_rank_00_optim_states.pt") for k in keys)
+        client = MlflowClient(st.tracking_uri)
+        (run,) = client.search_runs([client.get_experiment_by_name("raydecode").experiment_id],
+                                    "attributes.run_name = 'pretrain-job'")
+        assert run.info.status == "FINISHED" and run.data.params["store"] == f"{bucket}/store"
+        assert run.data.metrics["retrieval.brain_to_image_top1"] > 0
+        assert run.data.tags["raydecode.checkpoint_uri"] == f"{bucket}/runs/pretrain-job/final"
+        assert "curves.png" in {a.path for a in client.list_artifacts(run.info.run_id)}
 
-
-def test_raydecode_submit_waits_for_a_stage_and_needs_the_token(deployment, tmp_path):
-    st, env, address, client_env, head_temp = deployment
-    cfg = ROOT / "jobs" / "info.yaml"
-    ok = subprocess.run([str(BIN / "raydecode"), "submit", "info", "--config", str(cfg), "--address", address,
-                         "--wait", "--set", f"store={env['RAYDECODE_BUCKET']}/store", "--set", "verify=true"],
-                        env={**client_env, **env}, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert ok.returncode == 0, ok.stdout[-3000:] + ok.stderr[-2000:]
-    assert "shards match the manifest" in ok.stdout and "submitted raysubmit_" in ok.stdout
+    except BaseException:
+        info.kill()
+        raise
+    out, err = info.communicate(timeout=300)
+    assert info.returncode == 0, out[-3000:] + err[-2000:]
+    assert "shards match the manifest" in out and "submitted raysubmit_" in out
     # its runtime_env pip-installed the uploaded checkout on the node that ran it (a virtualenv over the node's
     # packages: console script and metadata from this checkout)
     setup = "".join(p.read_text() for p in Path(head_temp).glob("session_*/logs/runtime_env_setup-*.log"))
     assert "Successfully installed raydecode" in setup and "/runtime_resources/working_dir_files/" in setup
+
+
+def test_raydecode_submit_returns_the_job_status_and_needs_the_token(deployment, tmp_path):
+    st, env, address, client_env, _ = deployment
+    cfg = ROOT / "jobs" / "info.yaml"
     # a failing stage: the job's status becomes the exit status, its error line reaches the user
     bad = subprocess.run([str(BIN / "raydecode"), "submit", "info", "--address", address, "--wait",
                           "--set", f"store={env['RAYDECODE_BUCKET']}/nothing"],
