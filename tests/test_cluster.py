@@ -23,7 +23,7 @@ import pytest
 from conftest import _free_port
 from raydecode.demo import LOCAL_SYSTEM_CONFIG
 
-# in `make test`; `make test-cluster` runs only these (about 3 minutes)
+# `make test-cluster` runs these (about 3 minutes); `make test` leaves them out while the suite is at its budget
 pytestmark = pytest.mark.cluster
 
 ROOT = Path(__file__).resolve().parents[1]
