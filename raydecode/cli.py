@@ -145,12 +145,10 @@ def stage_evaluate(args) -> StageResult:
 
 
 def stage_compare(args) -> StageResult:
-    from raydecode.config import CompareConfig, EvaluateConfig
+    from raydecode.config import CompareConfig
     from raydecode.evaluate.suite import run_compare
 
-    # the evaluation config names the store and the tracking server: `compare --config jobs/evaluate.yaml`
-    cfg = load_config(CompareConfig, args.config, args.overrides, shared_with=EvaluateConfig,
-                      **_cli_defaults(models=args.models or None))
+    cfg = load_config(CompareConfig, args.config, args.overrides, **_cli_defaults(models=args.models or None))
     return run_compare(cfg)
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, ClassVar, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -144,11 +144,10 @@ def format_validation_error(model: type[BaseModel], exc: ValidationError, source
     return "\n".join(lines)
 
 
-def load_config(schema: type[C], path: str | None = None, overrides: list[str] | None = None,
-                shared_with: type[BaseModel] | None = None, **flags) -> C:
+def load_config(schema: type[C], path: str | None = None, overrides: list[str] | None = None, **flags) -> C:
     """Validate a stage config: the YAML file, then explicit CLI flags (e.g. ``--out``), then ``--set``
-    overrides, each winning over the one before. ``shared_with``: the file may be that stage's config too (e.g.
-    ``compare`` reads ``jobs/evaluate.yaml``): its keys that only that schema knows are skipped."""
+    overrides, each winning over the one before. A schema with ``reads_file_of`` (``compare``) also takes that
+    stage's config file (``jobs/evaluate.yaml``): the keys only that stage knows are skipped."""
     data: dict = {}
     source = "config"
     if path:
@@ -162,6 +161,7 @@ def load_config(schema: type[C], path: str | None = None, overrides: list[str] |
             raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from exc
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: expected a mapping of keys to values at the top level")
+        shared_with = getattr(schema, "reads_file_of", None)
         if shared_with is not None:
             theirs = set(shared_with.model_fields) - set(schema.model_fields)
             loaded = {k: v for k, v in loaded.items() if k not in theirs}
@@ -415,5 +415,7 @@ class EvaluateConfig(StageConfig):
 class CompareConfig(StageConfig):
     """``raydecode compare``: the papers' Table 1 for several evaluated models, read from their evaluation runs."""
 
+    # `compare --config jobs/evaluate.yaml`: the evaluation's config names the store and the tracking server
+    reads_file_of: ClassVar[type[BaseModel]] = EvaluateConfig
     models: list[str] = Field(default_factory=list)
     experiment: str = Field("raydecode-evaluate", description="MLflow experiment of evaluation runs")

@@ -61,10 +61,7 @@ def entrypoint(stage: list[str], config: str | None, overrides: list[str], root:
             raise ConfigError(f"config file {config} is outside the working directory {root}: the job could not "
                               "read it") from None
         parts += ["--config", rel.as_posix()]
-    from raydecode.config import CompareConfig, EvaluateConfig
-
-    # fail here, before anything is uploaded (compare reads the evaluation's config, as the CLI does)
-    load_config(schema, config, overrides, shared_with=EvaluateConfig if schema is CompareConfig else None)
+    load_config(schema, config, overrides)  # fail here, before anything is uploaded
     for o in overrides:
         parts += ["--set", o]
     return " ".join(shlex.quote(p) for p in parts)

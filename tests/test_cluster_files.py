@@ -571,8 +571,10 @@ def test_no_credentials_and_no_disabled_ray_auth_in_deployment_files():
 
 
 def test_submit_runtime_env_installs_the_uploaded_checkout_and_forwards_no_secret(monkeypatch, tmp_path):
-    from raydecode.submit import EXCLUDES, runtime_env
+    from raydecode.submit import EXCLUDES, FORWARDED_ENV, runtime_env
 
+    for name in FORWARDED_ENV:  # whatever the shell running the tests has set
+        monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("AWS_ENDPOINT_URL_S3", "http://127.0.0.1:9000")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.internal:5000")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "a" * 40)
