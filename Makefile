@@ -26,10 +26,10 @@ demo: $(STAMP)
 	$(BIN)/raydecode demo --summary work/demo/summary.json
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q --durations=15 -m "not cluster" tests
+	$(BIN)/python -m pytest -q --durations=15 tests
 
-# the cluster-deployment end-to-end tests: the local stack + a 2-node Ray cluster + `ray job submit` (about 3
-# minutes; not in `make test` until the suite has that much room under its 15 minutes)
+# only the cluster-deployment end-to-end tests (also in `make test`): the local stack + a 2-node Ray cluster +
+# `ray job submit`, about 3 minutes
 test-cluster: $(STAMP)
 	$(BIN)/python -m pytest -q --durations=5 -m cluster tests
 

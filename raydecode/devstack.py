@@ -129,32 +129,39 @@ def up(state_dir: str = DEFAULT_DIR, s3_port: int = 0, mlflow_port: int = 0, buc
             log, {**CREDENTIALS, "MLFLOW_S3_ENDPOINT_URL": stack.s3_endpoint})
         _wait_http(f"{stack.tracking_uri}/health", procs["mlflow"], log, timeout_s)
     except BaseException:
-        for p in procs.values():
-            _stop(p.pid)
+        _stop_all([p.pid for p in procs.values()])
         raise
     stack.pids = {k: p.pid for k, p in procs.items()}
     (root / STATE_FILE).write_text(json.dumps(asdict(stack), indent=1))
     return stack
 
 
-def _stop(pid: int, grace_s: float = 10.0) -> None:
+def _gone(pid: int) -> bool:
     try:
-        os.killpg(pid, signal.SIGTERM)
-    except OSError:
-        return
-    deadline = time.time() + grace_s
-    while time.time() < deadline:
+        return os.waitpid(pid, os.WNOHANG)[0] == pid
+    except ChildProcessError:  # not our child: poll until it is gone
+        return not _alive(pid)
+
+
+def _stop_all(pids: list[int], grace_s: float = 10.0) -> None:
+    """SIGTERM every process group at once, SIGKILL what is left after the grace period."""
+    left = []
+    for pid in pids:
         try:
-            if os.waitpid(pid, os.WNOHANG)[0] == pid:
-                return
-        except ChildProcessError:  # not our child: poll until it is gone
-            if not _alive(pid):
-                return
-        time.sleep(0.2)
-    try:
-        os.killpg(pid, signal.SIGKILL)
-    except OSError:
-        pass
+            os.killpg(pid, signal.SIGTERM)
+            left.append(pid)
+        except OSError:
+            pass
+    deadline = time.time() + grace_s
+    while left and time.time() < deadline:
+        left = [pid for pid in left if not _gone(pid)]
+        if left:
+            time.sleep(0.2)
+    for pid in left:
+        try:
+            os.killpg(pid, signal.SIGKILL)
+        except OSError:
+            pass
 
 
 def down(state_dir: str = DEFAULT_DIR) -> bool:
@@ -162,8 +169,7 @@ def down(state_dir: str = DEFAULT_DIR) -> bool:
     stack = read_state(state_dir)
     if stack is None:
         return False
-    for pid in stack.pids.values():
-        _stop(pid)
+    _stop_all(list(stack.pids.values()))
     Path(state_dir, STATE_FILE).unlink(missing_ok=True)
     return True
 

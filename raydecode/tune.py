@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import itertools
 import math
 import os
 import tempfile
@@ -177,6 +178,14 @@ def _concurrency(cfg: SweepConfig) -> int:
     return max(1, fit)
 
 
+def optuna_search(cfg: SweepConfig):
+    """One subject's Optuna search: the given points first, in order, then Optuna's own draws from the space."""
+    from ray.tune.search.optuna import OptunaSearch
+
+    return OptunaSearch(metric=cfg.metric, mode="max",
+                        points_to_evaluate=[dict(p) for p in cfg.points_to_evaluate] or None)
+
+
 def _tuners(cfg: SweepConfig, base: dict, parent_run_id: str, storage: tuple[str, Any]) -> list:
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
@@ -194,14 +203,8 @@ def _tuners(cfg: SweepConfig, base: dict, parent_run_id: str, storage: tuple[str
                                 storage_path=storage[0], storage_filesystem=storage[1], verbose=1)
     concurrency = _concurrency(cfg)
     if cfg.search == "optuna":  # a search algorithm per subject (grid_search does not mix with them)
-        from ray.tune.search.optuna import OptunaSearch
-
-        def search():
-            return OptunaSearch(metric=cfg.metric, mode="max",
-                                points_to_evaluate=[dict(p) for p in cfg.points_to_evaluate] or None)
-
         return [tune.Tuner(trainable, param_space={**_param_space(cfg), SUBJECT: s},
-                           tune_config=tune.TuneConfig(search_alg=search(), scheduler=scheduler,
+                           tune_config=tune.TuneConfig(search_alg=optuna_search(cfg), scheduler=scheduler,
                                                        num_samples=cfg.num_samples, max_concurrent_trials=concurrency),
                            run_config=run_config)
                 for s in cfg.subjects]
@@ -341,17 +344,33 @@ def run_sweep(cfg: SweepConfig) -> StageResult:
     return StageResult(stage="sweep", status="ok", mlflow_run_id=parent_id, metrics=metrics, artifacts=artifacts)
 
 
+def _model_settings(cfg: SweepConfig) -> list[dict]:
+    """The trial settings of the space's ``model`` keys: every combination of their grid / choice values, each
+    bound of a sampled one, and the given points (the rest of a trial does not change what its model needs)."""
+    keys = {k: p for k, p in cfg.space.items() if k == "model" or k.startswith("model.")}
+    values = [[(k, v) for v in (p.grid if p.grid is not None else p.choice if p.choice is not None
+                                else (p.uniform or p.loguniform))] for k, p in keys.items()]
+    settings = [dict(c) for c in itertools.product(*values)]
+    settings += [{k: v for k, v in point.items() if k in keys} for point in cfg.points_to_evaluate or []]
+    return settings
+
+
 def _shared_statistics(cfg: SweepConfig, base: dict) -> None:
-    """Source statistics every trial reads: computed once here rather than raced for by the first trials."""
+    """Source statistics the trials read: computed once here rather than raced for by the first trials, and only
+    when some trial's model needs them (a plain-LoRA sweep of Duala does not)."""
     from raydecode.data.stats import run_class_statistics
     from raydecode.methods.base import get_method
 
-    probe = trial_config(base, {SUBJECT: cfg.subjects[0]}, "probe")  # the base settings, before the space
-    spec = get_method(probe.method)
-    spaces = spec.statistics(spec.config(probe.preset, probe.model))
-    if spaces and probe.init_from:
-        st = run_class_statistics(cfg.store, probe.init_from, spaces, s3=cfg.s3, cpus=cfg.data.read_cpus)
-        print(f"[sweep] class statistics of {probe.init_from}: {st.status} {st.uri}")
+    spaces: list[str] = []
+    init_from = None
+    for setting in _model_settings(cfg):
+        probe = trial_config(base, {SUBJECT: cfg.subjects[0], **setting}, "probe")
+        spec = get_method(probe.method)
+        spaces += [s for s in spec.statistics(spec.config(probe.preset, probe.model)) if s not in spaces]
+        init_from = probe.init_from
+    if spaces and init_from:
+        st = run_class_statistics(cfg.store, init_from, spaces, s3=cfg.s3, cpus=cfg.data.read_cpus)
+        print(f"[sweep] class statistics of {init_from}: {st.status} {st.uri}")
 
 
 def _final_metrics(client, run_id: str) -> dict[str, float]:

@@ -84,10 +84,10 @@ def test_fine_tune_from_pretrained_beats_scratch_on_one_session(pretrained, tiny
     pafs.copy_files(tiny_store, store.path, destination_filesystem=store.fs)
     common = dict(data={"subjects": [8], "sessions": [1]}, optim={"epochs": 12, "batch_size": 8, "lr": 1e-3})
     fine = run_training(tiny_config(store.uri, tmp_path / "ft", "finetune", init_from=result.artifacts["checkpoint"],
-                                    s3=s3_server.model_dump(), checkpoint={"storage_path": "s3://nsd/train/runs"},
-                                    deepspeed={"zero_stage": 1}, **common))
+                                    s3=s3_server.model_dump(), deepspeed={"zero_stage": 1},
+                                    checkpoint={"storage_path": "s3://nsd/train/runs", "every_epochs": 4}, **common))
     scratch = run_training(tiny_config(tiny_store, tmp_path / "scratch", "scratch", deepspeed={"zero_stage": 3},
-                                       **common))
+                                       checkpoint={"every_epochs": 4}, **common))
     assert fine.metrics["retrieval.candidates"] == 30  # tested on every session's test images, not session 1's
     both = ("brain_to_image_top1", "image_to_brain_top1")
     gain = {k: fine.metrics[f"retrieval.{k}"] - scratch.metrics[f"retrieval.{k}"] for k in both}
@@ -156,7 +156,8 @@ def test_a_store_error_inside_a_worker_reaches_the_user_as_itself(store_copy, ra
             f.seek(size // 4)
             f.write(b"\0" * (size // 3))
     open_store(store_copy)  # footers still read: the damage is only found where the images are decoded
-    cfg = tiny_config(store_copy, tmp_path, "broken", data={"subjects": [1]}, optim={"epochs": 1})
+    cfg = tiny_config(store_copy, tmp_path, "broken", data={"subjects": [1]}, optim={"epochs": 1},
+                      scaling={"num_workers": 1})
     with pytest.raises(StoreError, match=r"stimuli/part-\d+\.parquet: unreadable parquet shard") as err:
         run_training(cfg)
     assert "\n" not in str(err.value) and "Traceback" not in str(err.value)
