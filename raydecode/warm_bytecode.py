@@ -28,6 +28,33 @@ MODULES = [
     "raydecode.evaluate.suite", "raydecode.data.embed", "raydecode.submit",
 ]
 
+# whole packages, compiled without importing them (a few seconds): what is loaded lazily or only in processes
+# raydecode starts but does not import into. Ray's dashboard, agents, job supervisor and CLI on every node (a
+# cluster's first job otherwise compiles them in each), diffusers' lazily loaded models and schedulers, MLflow's
+# server and pyfunc flavours, and the local stack's servers (moto's S3, uvicorn).
+TREES = ["ray", "diffusers", "mlflow", "peft", "deepspeed", "open_clip", "moto.core", "moto.s3", "moto.server",
+         "moto.moto_server", "uvicorn", "starlette", "fastapi", "flask", "werkzeug"]
+
+
+def _compile_trees() -> list[str]:
+    import compileall
+    import importlib.util
+
+    missing = []
+    for name in TREES:
+        try:
+            spec = importlib.util.find_spec(name)
+        except ImportError:
+            spec = None
+        if spec is None:
+            missing.append(name)
+        elif spec.submodule_search_locations:
+            for path in spec.submodule_search_locations:
+                compileall.compile_dir(path, quiet=1, workers=0)
+        elif spec.origin:
+            compileall.compile_file(spec.origin, quiet=1)
+    return missing
+
 
 def main() -> int:
     sys.dont_write_bytecode = False  # PYTHONDONTWRITEBYTECODE only sets the default
@@ -40,8 +67,9 @@ def main() -> int:
             importlib.import_module(name)
         except Exception as exc:  # noqa: BLE001 - an optional extra missing must not fail the install
             failed.append(f"{name} ({type(exc).__name__})")
-    print(f"bytecode written for {len(MODULES) - len(failed)} modules and their imports in {time.time() - t0:.0f} s"
-          + (f"; not importable: {', '.join(failed)}" if failed else ""))
+    failed += _compile_trees()
+    print(f"bytecode written for {len(MODULES)} modules and their imports and {len(TREES)} packages in "
+          f"{time.time() - t0:.0f} s" + (f"; not found: {', '.join(failed)}" if failed else ""))
     return 0
 
 
