@@ -24,7 +24,7 @@ import pytest
 from conftest import _free_port
 from raydecode.demo import LOCAL_SYSTEM_CONFIG
 
-# part of `make test`; `make test-cluster` runs only these (about 3 minutes)
+# `make test-cluster` runs these (about 3 minutes); `make test` leaves them out until the suite has room for them
 pytestmark = pytest.mark.cluster
 
 ROOT = Path(__file__).resolve().parents[1]
