@@ -1,5 +1,7 @@
 """Ray Data pipeline on a real local Ray cluster: splits, selections, the per-worker parts Ray Train streams."""
 
+import os
+
 import numpy as np
 import pytest
 
@@ -107,3 +109,28 @@ def test_streaming_split_gives_each_train_worker_its_own_part(tiny_store, ray_lo
         assert 0 < len(a) < len(keys) and len(a) == len(b)  # each worker a part, equal parts
         assert not set(a) & set(b)  # no trial reached both workers
         assert sorted(a + b) == sorted(keys.tolist())  # every trial reached one
+
+
+def _footer_readers() -> set[str]:
+    import ray._private.state
+
+    return {i for i, a in ray._private.state.actors().items() if a.get("ActorClassName") == "FooterReader"}
+
+
+def test_a_read_starts_the_footer_readers_its_shards_need(tiny_store, ray_local, monkeypatch):
+    """Ray Data lists parquet files through footer-reading actors, 32 per read by default (a new process each): a
+    store's read asks for one per 10 shards, unless RAY_DATA_PARQUET_FOOTER_NUM_ACTORS says otherwise."""
+    from raydecode.data.pipeline import FOOTER_ACTORS_ENV, footer_actors
+
+    assert [footer_actors(n) for n in (1, 10, 11, 95, 5000)] == [1, 1, 2, 10, 32]
+    monkeypatch.delenv(FOOTER_ACTORS_ENV, raising=False)
+    sel = DataSelection(subjects=[1, 2], categories=False)
+    before = _footer_readers()
+    td = trials_dataset(tiny_store, "train", sel)
+    assert FOOTER_ACTORS_ENV not in os.environ  # set for the read only
+    assert td.dataset.materialize().count() == 300
+    assert len(_footer_readers() - before) == footer_actors(len(td.files)) == 1
+    monkeypatch.setenv(FOOTER_ACTORS_ENV, "3")
+    before = _footer_readers()
+    assert trials_dataset(tiny_store, "train", sel).dataset.materialize().count() == 300
+    assert len(_footer_readers() - before) == 3

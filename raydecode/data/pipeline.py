@@ -18,6 +18,8 @@ shuffled across the cluster and no process holds the whole store.
 from __future__ import annotations
 
 import io
+import math
+import os
 from collections import OrderedDict
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -26,7 +28,6 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field
 
 from raydecode.data.schema import ShardInfo
@@ -250,6 +251,35 @@ def small_shuffles():
         ctx.shuffle_strategy = old
 
 
+# Ray Data (datasource V2) lists parquet files through a pool of footer-reading actors, each a new worker process:
+# RAY_DATA_PARQUET_FOOTER_NUM_ACTORS of them per read (32 by default), each call reading the footers of
+# RAY_DATA_PARQUET_FOOTER_BATCH_SIZE files (10). Sized for unknown directories of thousands of files; a store's
+# manifest names its few shards.
+FOOTER_ACTORS_ENV = "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS"
+FILES_PER_FOOTER_CALL = 10
+
+
+def footer_actors(n_files: int) -> int:
+    """Footer readers for a read of ``n_files`` files: one per footer call, at most Ray Data's default 32."""
+    return min(32, max(1, math.ceil(n_files / FILES_PER_FOOTER_CALL)))
+
+
+def read_shards(paths: list[str], filesystem, **kwargs):
+    """``ray.data.read_parquet`` of a store's shards with :func:`footer_actors` footer readers (a read of 4 shards
+    started 27 actor processes on a fresh 2-node cluster of 4 CPUs: 70 s instead of 9 s before training began).
+    ``RAY_DATA_PARQUET_FOOTER_NUM_ACTORS`` in the environment wins. The indexer reads the variable when the dataset
+    is created, in this process."""
+    import ray.data
+
+    if FOOTER_ACTORS_ENV in os.environ:
+        return ray.data.read_parquet(paths, filesystem=filesystem, **kwargs)
+    os.environ[FOOTER_ACTORS_ENV] = str(footer_actors(len(paths)))
+    try:
+        return ray.data.read_parquet(paths, filesystem=filesystem, **kwargs)
+    finally:
+        os.environ.pop(FOOTER_ACTORS_ENV, None)
+
+
 @dataclass
 class TrialsDataset:
     """A Ray dataset of trials and what a model needs to know about it."""
@@ -289,16 +319,15 @@ def trials_dataset(
 
 
 def _trials_dataset(store: Store | str, split: str, sel: DataSelection, s3: S3Options | None) -> TrialsDataset:
-    import ray.data
     from ray.data import ActorPoolStrategy
 
     store, subjects, voxels, shards = _select(store, sel, s3)
     width = max(voxels.values())
     paths = [store.location(s).path for s in shards]
     shuffle = "files" if (sel.shuffle and split == "train") else None
-    ds = ray.data.read_parquet(
+    ds = read_shards(
         paths,
-        filesystem=store.root.fs,
+        store.root.fs,
         columns=list(TRIAL_COLUMNS),
         partitioning=None,
         shuffle=shuffle,

@@ -165,10 +165,9 @@ def windows_dataset(store: Store | str, split: str, window: WindowConfig, select
 
 
 def _windows_dataset(store, split: str, window: WindowConfig, sel, s3, shift: int):
-    import ray.data
     from ray.data import ActorPoolStrategy
 
-    from raydecode.data.pipeline import StimulusLookup, TrialsDataset, group_test
+    from raydecode.data.pipeline import StimulusLookup, TrialsDataset, group_test, read_shards
 
     if isinstance(store, str):
         store = open_store(store, s3)
@@ -178,9 +177,9 @@ def _windows_dataset(store, split: str, window: WindowConfig, sel, s3, shift: in
     voxels = {s: store.manifest.subject(s).voxels for s in subjects}
     width = max(voxels.values())
     test_ids = np.asarray(store.manifest.shared_test_image_ids, np.int64)
-    ds = ray.data.read_parquet([store.location(s).path for s in shards], filesystem=store.root.fs,
-                               columns=list(RUN_COLUMNS), partitioning=None,
-                               shuffle="files" if (sel.shuffle and split == "train") else None, num_cpus=sel.read_cpus)
+    ds = read_shards([store.location(s).path for s in shards], store.root.fs, columns=list(RUN_COLUMNS),
+                     partitioning=None, shuffle="files" if (sel.shuffle and split == "train") else None,
+                     num_cpus=sel.read_cpus)
     ds = ds.map_batches(windows_of_runs, batch_format="pyarrow", batch_size=1, num_cpus=sel.read_cpus,
                         fn_kwargs={"window": window.model_dump(), "split": split, "test_ids": test_ids,
                                    "width": width, "shift": shift})
