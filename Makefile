@@ -27,10 +27,10 @@ demo: $(STAMP)
 	$(BIN)/raydecode demo --summary work/demo/summary.json
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q --durations=15 -m "not cluster" tests
+	$(BIN)/python -m pytest -q --durations=15 tests
 
-# the cluster-deployment end-to-end tests: the local stack + a 2-node Ray cluster + `ray job submit` (about 3
-# minutes). Not in `make test` yet: with them a fresh clone measured 15m28s and 16m19s on 2 cores (README)
+# only the cluster-deployment end-to-end tests (also in `make test`): the local stack + a 2-node Ray cluster +
+# `ray job submit` (about 1.5 minutes)
 test-cluster: $(STAMP)
 	$(BIN)/python -m pytest -q --durations=5 -m cluster tests
 

@@ -3,8 +3,12 @@
     python benchmarks/bench_data.py [--preset demo] [--store DIR]
 
 Prints trials/s for (a) a plain single-process pyarrow read of the train shards, (b) the Ray Data
-pipeline without joins, (c) with categories, (d) with images, and the ratios to (a). The Ray Data
-rows include Ray's per-execution start-up, which dominates on small stores.
+pipeline without joins, (c) the same with Ray Data's default 32 parquet footer-reading actors per read
+(raydecode starts one per 10 shards: `raydecode.data.pipeline.read_shards`; on par here, where a warm local Ray
+starts few of them before the listing ends; on a fresh cluster, where each is a new process of the job's
+runtime_env, the 32 cost the cluster test's job 70 s instead of 9), (d) with categories, (e) with images, and the
+ratios to (a). The Ray Data rows include Ray's per-execution start-up, which dominates on
+small stores.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ def main() -> None:
     store_uri = args.store or f"work/bench/{args.preset}"
 
     from raydecode.data.ingest import run_ingest, synthetic_plan
-    from raydecode.data.pipeline import DataSelection, betas_matrix, trials_dataset
+    from raydecode.data.pipeline import FOOTER_ACTORS_ENV, DataSelection, betas_matrix, trials_dataset
     from raydecode.data.store import open_store
     from raydecode.demo import init_ray
     from raydecode.report import table
@@ -45,15 +49,21 @@ def main() -> None:
 
     init_ray()
 
-    def ray_pipeline(sel: DataSelection):
+    def ray_pipeline(sel: DataSelection, footer_actors: int | None = None):
         def run() -> int:
-            ds = trials_dataset(store, "train", sel).dataset
+            if footer_actors:
+                os.environ[FOOTER_ACTORS_ENV] = str(footer_actors)
+            try:
+                ds = trials_dataset(store, "train", sel).dataset
+            finally:
+                os.environ.pop(FOOTER_ACTORS_ENV, None)
             return sum(len(b["betas"]) for b in ds.iter_batches(batch_size=256))
         return run
 
     cases = [
         ("pyarrow, one process", plain),
         ("Ray Data, no joins", ray_pipeline(DataSelection(categories=False))),
+        ("  ... with Ray's 32 footer readers", ray_pipeline(DataSelection(categories=False), footer_actors=32)),
         ("Ray Data + categories", ray_pipeline(DataSelection())),
         ("Ray Data + images", ray_pipeline(DataSelection(images=True))),
     ]
