@@ -297,7 +297,7 @@ def run_sweep(cfg: SweepConfig) -> StageResult:
         rows = _rows(results, cfg)
         client = MlflowClient()
         # a trial the scheduler stopped: its training run was cancelled mid-epoch (left RUNNING, or FAILED when the
-        # cancellation reached run_training's handler first)
+        # cancellation reached run_training's handler first; a handler that runs after this keeps the KILLED)
         stopped = {trial_run_name(cfg.run_name or "sweep", r[SUBJECT], r["trial_id"]) for r in rows
                    if r["status"] == "stopped" and r["trial_id"]}
         for run in client.search_runs([exp_id], f"tags.mlflow.parentRunId = '{parent_id}'"):

@@ -296,7 +296,12 @@ def run_training(cfg: TrainConfig, stage: str = "pretrain", parent_run_id: str |
         _log_artifacts(cfg, plan, run_id, artifacts)
         mlflow.log_metrics({f"final.{k}": float(v) for k, v in metrics.items() if k.startswith(("retrieval.", "test."))})
     except BaseException:
-        mlflow.end_run(status="FAILED")
+        # a sweep whose scheduler stopped this trial may have closed the run as KILLED already: that stays
+        try:
+            killed = mlflow.MlflowClient().get_run(run_id).info.status == "KILLED"
+        except Exception:  # noqa: BLE001 - the tracking store's own trouble must not hide the error above
+            killed = False
+        mlflow.end_run(status="KILLED" if killed else "FAILED")
         raise
     mlflow.end_run()
 
