@@ -51,12 +51,16 @@ def main() -> None:
 
     def ray_pipeline(sel: DataSelection, footer_actors: int | None = None):
         def run() -> int:
+            saved = os.environ.get(FOOTER_ACTORS_ENV)
             if footer_actors:
                 os.environ[FOOTER_ACTORS_ENV] = str(footer_actors)
             try:
                 ds = trials_dataset(store, "train", sel).dataset
             finally:
-                os.environ.pop(FOOTER_ACTORS_ENV, None)
+                if footer_actors:
+                    os.environ.pop(FOOTER_ACTORS_ENV, None)
+                    if saved is not None:
+                        os.environ[FOOTER_ACTORS_ENV] = saved
             return sum(len(b["betas"]) for b in ds.iter_batches(batch_size=256))
         return run
 

@@ -40,8 +40,9 @@ def _stack(action: str, state: str, **kw) -> subprocess.Popen:
 @pytest.fixture(scope="module")
 def deployment(tmp_path_factory):
     """The local stack (`infra/local/stack up`) and two raylets (head + one worker node, 2 logical CPUs each, token
-    auth on, running :func:`_node_python`), started side by side. The nodes hold the stack's S3 credentials in their environment (a cluster's
-    instance profile here); the endpoints reach a job through its runtime_env, as jobs/README.md says.
+    auth on, running :func:`_node_python`), started side by side. The nodes hold the stack's S3 credentials in
+    their environment (a cluster's instance profile here); the endpoints reach a job through its runtime_env, as
+    jobs/README.md says.
     Yields (stack state, the environment `stack up` printed, the dashboard address, a client env with the token, the
     head node's temp dir)."""
     from raydecode import devstack

@@ -271,13 +271,14 @@ def read_shards(paths: list[str], filesystem, **kwargs):
     is created, in this process."""
     import ray.data
 
-    if FOOTER_ACTORS_ENV in os.environ:
-        return ray.data.read_parquet(paths, filesystem=filesystem, **kwargs)
-    os.environ[FOOTER_ACTORS_ENV] = str(footer_actors(len(paths)))
+    ours = FOOTER_ACTORS_ENV not in os.environ
+    if ours:
+        os.environ[FOOTER_ACTORS_ENV] = str(footer_actors(len(paths)))
     try:
         return ray.data.read_parquet(paths, filesystem=filesystem, **kwargs)
     finally:
-        os.environ.pop(FOOTER_ACTORS_ENV, None)
+        if ours:
+            del os.environ[FOOTER_ACTORS_ENV]
 
 
 @dataclass
