@@ -52,23 +52,39 @@ TREES = [
 ]
 
 
+def _locations(name: str) -> list[str]:
+    """Every copy of package ``name`` the environment holds: a top-level name can be on ``sys.path`` twice (Ray
+    puts its vendored ``ray/thirdparty_files`` first, which has its own psutil; Ray's node services import the
+    site-packages one), and each copy needs its bytecode."""
+    import importlib.machinery
+    import importlib.util
+
+    try:
+        if "." in name:
+            specs = [importlib.util.find_spec(name)]
+        else:  # each sys.path entry on its own (PathFinder also finds namespace packages' portions)
+            specs = [importlib.machinery.PathFinder.find_spec(name, [entry]) for entry in dict.fromkeys(sys.path)]
+    except ImportError:
+        return []
+    found = []
+    for spec in filter(None, specs):
+        found += spec.submodule_search_locations or ([spec.origin] if spec.origin else [])
+    return list(dict.fromkeys(found))
+
+
 def _compile_trees() -> list[str]:
     import compileall
-    import importlib.util
 
     missing = []
     for name in TREES:
-        try:
-            spec = importlib.util.find_spec(name)
-        except ImportError:
-            spec = None
-        if spec is None:
+        paths = _locations(name)
+        if not paths:
             missing.append(name)
-        elif spec.submodule_search_locations:
-            for path in spec.submodule_search_locations:
+        for path in paths:
+            if os.path.isdir(path):
                 compileall.compile_dir(path, quiet=1, workers=0)
-        elif spec.origin:
-            compileall.compile_file(spec.origin, quiet=1)
+            else:
+                compileall.compile_file(path, quiet=1)
     return missing
 
 
