@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import os
 import time
+from unittest import mock
 
 import numpy as np
 
@@ -51,16 +52,9 @@ def main() -> None:
 
     def ray_pipeline(sel: DataSelection, footer_actors: int | None = None):
         def run() -> int:
-            saved = os.environ.get(FOOTER_ACTORS_ENV)
-            if footer_actors:
-                os.environ[FOOTER_ACTORS_ENV] = str(footer_actors)
-            try:
+            # for this read only: patch.dict restores whatever the variable was
+            with mock.patch.dict(os.environ, {FOOTER_ACTORS_ENV: str(footer_actors)} if footer_actors else {}):
                 ds = trials_dataset(store, "train", sel).dataset
-            finally:
-                if footer_actors:
-                    os.environ.pop(FOOTER_ACTORS_ENV, None)
-                    if saved is not None:
-                        os.environ[FOOTER_ACTORS_ENV] = saved
             return sum(len(b["betas"]) for b in ds.iter_batches(batch_size=256))
         return run
 
