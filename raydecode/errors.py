@@ -27,6 +27,12 @@ class StoreError(UserError):
     exit_code = 4
 
 
+class SourceError(UserError):
+    """A release being ingested (raw NSD, MindEye2's) with a missing, malformed or changed file."""
+
+    exit_code = 5
+
+
 def user_error_in(exc: BaseException) -> UserError | None:
     """The :class:`UserError` behind an exception Ray raised for a failed task, actor or training worker.
 

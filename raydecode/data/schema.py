@@ -192,6 +192,14 @@ class EncoderInfo(_Strict):
         return {k: getattr(self, k) for k in ("kind", "arch", "weights", "image_size", "seed", "tiny_channels")}
 
 
+class SourceFile(_Strict):
+    """One file of the release a store was ingested from: its path under the source root, size and checksum."""
+
+    path: str
+    bytes: int = Field(ge=0)
+    sha256: str
+
+
 class Manifest(_Strict):
     schema_version: int
     source: Literal["synthetic", "nsd", "mindeye2"]
@@ -205,6 +213,10 @@ class Manifest(_Strict):
     shared_test_image_ids: list[int]
     embeddings: dict[str, EncoderInfo] = Field(default_factory=dict)
     shards: list[ShardInfo]
+    # ingests of a release: every file read, with its size and checksum (empty for synthetic stores)
+    source_files: list[SourceFile] = Field(default_factory=list)
+    # what the source did not have, e.g. "categories", "captions", "voxel coordinates", "trial onsets"
+    absent: list[str] = Field(default_factory=list)
 
     def subject(self, subject: int) -> SubjectInfo:
         for s in self.subjects:

@@ -211,17 +211,25 @@ class Store:
             )
         return subjects
 
+    def sessions_of(self, subject: int) -> list[int]:
+        """The session numbers the store holds for ``subject`` (NSD's numbering: an ingest of a subset keeps it)."""
+        return sorted({s.session for s in self.manifest.shards_of("trials", subjects=[subject]) if s.session is not None})
+
     def check_sessions(self, subjects: list[int], sessions: Iterable[int] | None) -> list[int] | None:
         if sessions is None:
             return None
         sessions = [int(s) for s in sessions]
         for subj in subjects:
-            have = self.manifest.subject(subj).sessions
-            bad = [s for s in sessions if s < 1 or s > have]
+            have = self.sessions_of(subj)
+            bad = [s for s in sessions if s not in have]
             if bad:
-                raise StoreError(
-                    f"session {', '.join(map(str, bad))} out of range for subject {subj} in {self.uri} (sessions 1..{have})"
-                )
+                if not have:
+                    held = "no sessions"
+                elif have == list(range(have[0], have[-1] + 1)):
+                    held = f"sessions {have[0]}..{have[-1]}"
+                else:
+                    held = "sessions " + ", ".join(map(str, have))
+                raise StoreError(f"session {', '.join(map(str, bad))} out of range for subject {subj} in {self.uri} ({held})")
         return sessions
 
     def read_shard(self, shard: ShardInfo, columns: list[str] | None = None) -> pa.Table:
@@ -411,6 +419,28 @@ def open_store(uri: str, s3: S3Options | None = None, check: bool = True) -> Sto
     return store
 
 
+def write_shard(
+    root: Location,
+    path: str,
+    kind: str,
+    table: pa.Table,
+    subject_info: SubjectInfo | None = None,
+    stimulus_ids: set[int] | None = None,
+    encoder_info: EncoderInfo | None = None,
+    **meta,
+) -> ShardInfo:
+    """Validate ``table`` against the contract and write it whole under ``root`` (any process: the driver or a Ray
+    task); refuse it naming the file and the field. The caller adds the returned entry to the manifest."""
+    loc = root.join(path)
+    problems = validate_table(kind, table, subject_info, meta.get("session"), stimulus_ids, encoder_info)
+    if problems:
+        raise StoreError(f"{loc.uri}: {'; '.join(problems)}")
+    data = _parquet_bytes(table)
+    loc.write_bytes_atomic(data)
+    return ShardInfo(path=path, kind=kind, rows=table.num_rows, bytes=len(data),
+                     sha256=hashlib.sha256(data).hexdigest(), **meta)
+
+
 # ---------------------------------------------------------------------------------------
 # Writer
 # ---------------------------------------------------------------------------------------
@@ -461,7 +491,7 @@ class StoreWriter:
 
         Writes are atomic, so a shard that exists and parses is whole. ``accept``:
         a further check of its parquet metadata (e.g. that it was made by the same
-        encoder); a leftover it refuses is rewritten."""
+        encoder, from the same source files); a leftover it refuses is rewritten (it may also raise)."""
         if self.status not in ("partial", "extending"):
             return None
         loc = self.root.join(path)
@@ -492,22 +522,13 @@ class StoreWriter:
         **meta,
     ) -> ShardInfo:
         """Validate ``table`` against the contract and write it whole; refuse it naming the field."""
-        loc = self.root.join(path)
-        problems = validate_table(kind, table, subject_info, meta.get("session"), stimulus_ids, encoder_info)
-        if problems:
-            raise StoreError(f"{loc.uri}: {'; '.join(problems)}")
-        data = _parquet_bytes(table)
-        loc.write_bytes_atomic(data)
-        info = ShardInfo(
-            path=path,
-            kind=kind,
-            rows=table.num_rows,
-            bytes=len(data),
-            sha256=hashlib.sha256(data).hexdigest(),
-            **meta,
-        )
+        info = write_shard(self.root, path, kind, table, subject_info, stimulus_ids, encoder_info, **meta)
         self.shards.append(info)
         return info
+
+    def add(self, info: ShardInfo) -> None:
+        """Record a shard written elsewhere (a Ray task's :func:`write_shard`)."""
+        self.shards.append(info)
 
     def finalize(self, **fields) -> Manifest:
         """Write manifest.json (last): the store becomes complete."""
