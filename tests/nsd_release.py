@@ -219,8 +219,8 @@ def write_nsd(root: Path, seed: int = 0, timeseries: bool = True, coco: bool = T
 @dataclass
 class MiniMindEye2:
     root: Path
-    betas: dict  # subject -> (trials, V) float32 as written
-    behav: dict  # subject -> (trials, 17) rows as written (every trial, presentation order)
+    betas: dict  # subject -> (sessions x 750, V) float32 as written
+    behav: dict  # subject -> (trials, 17) rows as written (every trial, presentation order; column 5: the betas row)
     images: dict  # 0-based 73k id -> (3, 224, 224) float16
 
 
@@ -242,7 +242,11 @@ def write_mindeye2(root: Path, nsd: MiniNSD, subjects=(1, 2), seed: int = 1) -> 
             vol = nsd.betas[(s, sess)].astype(np.float32) / 300
             b = vol[:, coords[:, 2], coords[:, 1], coords[:, 0]]
             rows.append((b - b.mean(0)) / b.std(0))
-        betas = np.concatenate(rows).astype(np.float32)
+        # rows are MindEye2's global trials, (session - 1) * 750 + trial: this release's sessions are shorter, so
+        # the rows past a session's trials hold values no trial points at
+        betas = rng.standard_normal((len(BETA_SESSIONS) * 750, coords.shape[0])).astype(np.float32)
+        for n, b in enumerate(rows):
+            betas[n * 750: n * 750 + per] = b
         out_betas[s] = betas
         with h5py.File(root / f"betas_all_subj{s:02d}_fp32_renorm.hdf5", "w") as f:
             f.create_dataset("betas", data=betas)
@@ -250,7 +254,8 @@ def write_mindeye2(root: Path, nsd: MiniNSD, subjects=(1, 2), seed: int = 1) -> 
         behav = -np.ones((len(ids), 17), np.float64)
         for g, i in enumerate(ids):
             sess, t = g // per + 1, g % per
-            behav[g, :7] = [i, s, sess, t // PER_RUN + 1, t % PER_RUN + 1, g, 737000.5 + g]
+            row = (sess - 1) * 750 + t
+            behav[g, :7] = [i, s, sess, t // PER_RUN + 1, t % PER_RUN + 1, row, 737000.5 + g]
             behav[g, 16] = float(shared[i])
         out_behav[s] = behav
         test_members = []

@@ -451,22 +451,28 @@ class TimeseriesShard:
 
 @dataclass
 class StimuliShard:
+    """Images of a release's HDF5 array (NSD's ``imgBrick``: (73000, H, W, 3) uint8; MindEye2's ``images``:
+    (73000, 3, H, W) float in [0, 1]) as PNGs, with their categories, captions and shared flag."""
+
     release: Release
     image_ids: np.ndarray  # sorted 0-based 73k ids
     shared: set
     categories: dict  # image id -> list of category indices
     captions: dict  # image id -> caption
     shared_sources: dict
+    path: str = STIMULI
+    dataset: str = "imgBrick"
+    channels_first: bool = False  # MindEye2's float images are (3, H, W) in [0, 1]
 
     def __call__(self) -> pa.Table:
-        loc = self.release.loc(STIMULI)
+        loc = self.release.loc(self.path)
         with loc.open_input_file() as fobj:
-            f, d = open_hdf5(fobj, loc.uri, "imgBrick", 4)
+            f, d = open_hdf5(fobj, loc.uri, self.dataset, 4)
             with f:
-                if d.shape[0] < int(self.image_ids.max()) + 1 or d.shape[3] != 3 or d.dtype != np.uint8:
-                    raise SourceError(f"{loc.uri}: dataset 'imgBrick' is {d.dtype} {tuple(d.shape)}, expected uint8 "
-                                      f"(73000, H, W, 3)")
+                check_images(d, loc.uri, self.dataset, self.channels_first)
                 images = d[self.image_ids.tolist()]
+        if self.channels_first:
+            images = (np.clip(images.astype(np.float32), 0, 1) * 255).round().astype(np.uint8).transpose(0, 2, 3, 1)
         pngs = []
         for img in images:
             buf = io.BytesIO()
@@ -489,6 +495,45 @@ class StimuliShard:
             schema=stimuli_schema(),
         )
         return with_notes(table, self.shared_sources)
+
+
+def check_images(d, uri: str, dataset: str, channels_first: bool) -> tuple[int, int]:
+    """(height, width) of a 73k image array; its shape and dtype are checked against the release's."""
+    shape = tuple(d.shape)
+    if channels_first:
+        ok = shape[0] == N_IMAGES and shape[1] == 3 and d.dtype.kind == "f"
+        expected = f"float ({N_IMAGES}, 3, H, W)"
+    else:
+        ok = shape[0] == N_IMAGES and shape[3] == 3 and d.dtype == np.uint8
+        expected = f"uint8 ({N_IMAGES}, H, W, 3)"
+    if not ok:
+        raise SourceError(f"{uri}: dataset '{dataset}' is {d.dtype} {shape}, expected {expected}")
+    return (shape[2], shape[3]) if channels_first else (shape[1], shape[2])
+
+
+def image_size(release: Release, path: str = STIMULI, dataset: str = "imgBrick",
+               channels_first: bool = False) -> tuple[int, int]:
+    loc = release.loc(path)
+    if not loc.exists():
+        raise SourceError(f"{loc.uri}: missing (the release's images)")
+    with loc.open_input_file() as fobj:
+        f, d = open_hdf5(fobj, loc.uri, dataset, 4)
+        with f:
+            return check_images(d, loc.uri, dataset, channels_first)
+
+
+def stimuli_shards(release: Release, ids: np.ndarray, shared: set, ann: "Annotations", sources: dict,
+                   per_shard: int, **where) -> list[PlannedShard]:
+    """The stimuli shards of ``ids`` (sorted), ``per_shard`` images each."""
+    out = []
+    for n, start in enumerate(range(0, len(ids), per_shard)):
+        chunk = ids[start:start + per_shard]
+        out.append(PlannedShard(
+            f"stimuli/part-{n:05d}.parquet", "stimuli",
+            StimuliShard(release, chunk, shared, {i: ann.categories.get(i, []) for i in chunk.tolist()},
+                         {i: ann.captions.get(i, "") for i in chunk.tolist()}, sources, **where),
+            meta={"image_id_min": int(chunk[0]), "image_id_max": int(chunk[-1])}))
+    return out
 
 
 # -- COCO annotations ------------------------------------------------------------------------------------------------
@@ -528,7 +573,8 @@ def read_coco(coco_dir: str, s3: S3Options | None, ids: np.ndarray, info: dict[i
     need: dict[str, dict[int, int]] = {}  # split -> coco id -> 73k id
     for i in ids.tolist():
         if i not in info:
-            raise SourceError(f"{coco.loc(STIM_INFO).uri}: image {i} is not in nsd_stim_info_merged.csv")
+            raise SourceError(f"nsd_stim_info_merged.csv has no row for image {i} (nsdId), so its COCO annotations "
+                              "cannot be found")
         cid, split = info[i]
         need.setdefault(split, {})[cid] = i
     out = Annotations()
@@ -657,16 +703,9 @@ def nsd_plan(
         ann = Annotations()
         absent += ["categories", "captions"]
     sources.update(stim_sources)
+    image_hw = image_size(release)
     brick = release.stat(STIMULI, "NSD's images (imgBrick)")
-    stim_common = {**stim_sources, STIMULI: brick}
-    for n, start in enumerate(range(0, len(all_ids), images_per_shard)):
-        chunk = all_ids[start:start + images_per_shard]
-        shards.append(PlannedShard(
-            f"stimuli/part-{n:05d}.parquet", "stimuli",
-            StimuliShard(release, chunk, shared, {i: ann.categories.get(i, []) for i in chunk.tolist()},
-                         {i: ann.captions.get(i, "") for i in chunk.tolist()}, stim_common),
-            meta={"image_id_min": int(chunk[0]), "image_id_max": int(chunk[-1])}))
-    image_size = _image_size(release)
+    shards += stimuli_shards(release, all_ids, shared, ann, {**stim_sources, STIMULI: brick}, images_per_shard)
     if not timeseries:
         absent.append("timeseries")
 
@@ -688,7 +727,7 @@ def nsd_plan(
         shards=shards,
         stimulus_ids=set(all_ids.tolist()),
         manifest_fields=dict(
-            tr_s=None, image_size=image_size, n_images=len(all_ids), categories=list(COCO_CATEGORIES),
+            tr_s=None, image_size=image_hw, n_images=len(all_ids), categories=list(COCO_CATEGORIES),
             subjects=infos, shared_test_image_ids=sorted(int(i) for i in all_ids if int(i) in shared), absent=absent,
         ),
         source_files={rel: source_file(rel, rec) for rel, rec in sources.items()},
@@ -697,14 +736,3 @@ def nsd_plan(
         finish=finish,
         large_files=[STIMULI],
     )
-
-
-def _image_size(release: Release) -> tuple[int, int]:
-    loc = release.loc(STIMULI)
-    with loc.open_input_file() as fobj:
-        f, d = open_hdf5(fobj, loc.uri, "imgBrick", 4)
-        with f:
-            if d.dtype != np.uint8 or d.shape[3] != 3 or d.shape[0] != N_IMAGES:
-                raise SourceError(f"{loc.uri}: dataset 'imgBrick' is {d.dtype} {tuple(d.shape)}, expected uint8 "
-                                  f"({N_IMAGES}, H, W, 3)")
-            return int(d.shape[1]), int(d.shape[2])
