@@ -33,20 +33,65 @@ def _cli_defaults(**kv) -> dict:
 
 
 def stage_ingest_synthetic(args) -> StageResult:
-    from raydecode.data.info import describe
-    from raydecode.data.ingest import run_ingest, synthetic_plan
-    from raydecode.data.store import Store
-    from raydecode.storage import resolve
+    from raydecode.data.ingest import synthetic_plan
 
     cfg = load_config(IngestSyntheticConfig, args.config, args.overrides,
                       **_cli_defaults(preset=args.preset, store=args.out, seed=args.seed))
-    plan = synthetic_plan(cfg.preset, cfg.seed, cfg.timeseries, cfg.subjects)
+    return _ingest(synthetic_plan(cfg.preset, cfg.seed, cfg.timeseries, cfg.subjects), cfg)
+
+
+def stage_ingest_nsd(args) -> StageResult:
+    from raydecode.config import IngestNSDConfig
+    from raydecode.data.ingest import TaskOptions
+    from raydecode.data.nsd import nsd_plan
+
+    cfg = load_config(IngestNSDConfig, args.config, args.overrides, **_cli_defaults(
+        source=args.source, store=args.out, subjects=args.subjects, sessions=args.sessions,
+        timeseries=True if args.timeseries else None, normalize=args.normalize, coco=args.coco))
+    plan = nsd_plan(cfg.source, cfg.source_options(), cfg.subjects, cfg.sessions, cfg.timeseries, cfg.normalize,
+                    cfg.coco, tuple(cfg.roi_files), cfg.images_per_shard, TaskOptions(cfg.task_cpus, cfg.task_memory_gb))
+    return _ingest(plan, cfg)
+
+
+def stage_ingest_mindeye2(args) -> StageResult:
+    from raydecode.config import IngestMindEye2Config
+    from raydecode.data.ingest import TaskOptions
+    from raydecode.data.mindeye2 import mindeye2_plan
+
+    cfg = load_config(IngestMindEye2Config, args.config, args.overrides, **_cli_defaults(
+        source=args.source, store=args.out, subjects=args.subjects, nsd=args.nsd, coco=args.coco))
+    plan = mindeye2_plan(cfg.source, cfg.source_options(), cfg.subjects, cfg.nsd, cfg.coco, tuple(cfg.roi_files),
+                         cfg.images_per_shard, TaskOptions(cfg.task_cpus, cfg.task_memory_gb))
+    return _ingest(plan, cfg)
+
+
+def _ingest(plan, cfg) -> StageResult:
+    """Run an ingest plan (its shards as Ray tasks when the plan has them), print the store and the counts."""
+    from raydecode.data.info import describe
+    from raydecode.data.ingest import run_ingest
+    from raydecode.data.store import Store
+    from raydecode.demo import init_ray
+    from raydecode.report import human_bytes
+    from raydecode.storage import resolve
+
+    if plan.tasks is not None:
+        init_ray(getattr(cfg, "ray_address", None))
     res = run_ingest(plan, cfg.store, cfg.s3)
     store = Store(resolve(cfg.store, cfg.s3), res.manifest, cfg.s3)
     print(describe(store))
-    verb = {"written": "wrote", "completed": "completed an interrupted ingest:", "unchanged": "store already complete; wrote"}[res.status]
-    print(f"\ningest   {verb} {res.written} shard(s), kept {res.skipped}, in {res.seconds:.1f} s")
     m = res.manifest
+    if m.absent:
+        print(f"absent   {', '.join(m.absent)} (not in the source)")
+    verb = {"written": "wrote", "completed": "completed an interrupted ingest:", "unchanged": "store already complete; wrote"}[res.status]
+    trials = sum(sum(s.trials.values()) for s in m.subjects)
+    written_bytes = sum(s.bytes for s in m.shards)
+    rate = ""
+    if res.status != "unchanged" and res.seconds > 0:
+        rate = f" ({trials / res.seconds:,.0f} trials/s, {written_bytes / 2**20 / res.seconds:,.1f} MB/s written)"
+    print(f"\ningest   {verb} {res.written} shard(s), kept {res.skipped}, in {res.seconds:.1f} s{rate}")
+    read = sum(f.bytes for f in m.source_files)
+    if read:
+        print(f"source   {len(m.source_files)} file(s), {human_bytes(read)}, checksums in the manifest")
     return StageResult(
         stage="ingest", status=res.status,
         metrics={
@@ -54,6 +99,7 @@ def stage_ingest_synthetic(args) -> StageResult:
             "subjects": len(m.subjects), "images": m.n_images, "bytes": store.total_bytes(),
             "trials_train": sum(s.trials.get("train", 0) for s in m.subjects),
             "trials_test": sum(s.trials.get("test", 0) for s in m.subjects),
+            "source_files": len(m.source_files), "source_bytes": read,
         },
         artifacts={"store": store.uri, "manifest": store.root.join("manifest.json").uri},
     )
@@ -214,7 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="raydecode", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="stage", required=True, metavar="STAGE")
 
-    ingest = sub.add_parser("ingest", help="write a store: synthetic NSD (later: raw NSD, MindEye2 release)")
+    ingest = sub.add_parser("ingest", help="write a store: synthetic NSD, the NSD release, MindEye2's release")
     isub = ingest.add_subparsers(dest="source", required=True, metavar="SOURCE")
     syn = isub.add_parser("synthetic", help="synthetic NSD with planted structure")
     _common(syn)
@@ -222,6 +268,28 @@ def build_parser() -> argparse.ArgumentParser:
     syn.add_argument("--out", metavar="URI", help="output store (path, file:// or s3://); the config's `store`")
     syn.add_argument("--seed", type=int)
     syn.set_defaults(func=stage_ingest_synthetic)
+
+    nsd = isub.add_parser("nsd", help="the NSD release as published (local dir or s3://): betas, masks, images, "
+                          "optionally time series; one Ray task per subject and session")
+    _common(nsd)
+    nsd.add_argument("--source", metavar="URI", help="the release root (holds nsddata/, nsddata_betas/, ...)")
+    nsd.add_argument("--out", metavar="URI", help="output store (the config's `store`)")
+    nsd.add_argument("--subjects", type=int, nargs="+", metavar="N")
+    nsd.add_argument("--sessions", type=int, nargs="+", metavar="N")
+    nsd.add_argument("--timeseries", action="store_true", help="also the per-run BOLD time series (Dynadiff)")
+    nsd.add_argument("--normalize", choices=["session-zscore", "none"])
+    nsd.add_argument("--coco", metavar="DIR", help="COCO 2017 annotations: categories and captions")
+    nsd.set_defaults(func=stage_ingest_nsd)
+
+    me2 = isub.add_parser("mindeye2", help="MindEye2's preprocessed release (pscotti/mindeyev2 layout)")
+    _common(me2)
+    me2.add_argument("--source", metavar="URI", help="the release root (holds betas_all_subjNN_fp32_renorm.hdf5, wds/)")
+    me2.add_argument("--out", metavar="URI", help="output store (the config's `store`)")
+    me2.add_argument("--subjects", type=int, nargs="+", metavar="N")
+    me2.add_argument("--nsd", metavar="URI", help="an NSD release root: nsdgeneral masks (voxel coordinates, ROIs) "
+                     "and the stimulus info COCO annotations are matched through")
+    me2.add_argument("--coco", metavar="DIR", help="COCO 2017 annotations: categories and captions (needs --nsd)")
+    me2.set_defaults(func=stage_ingest_mindeye2)
 
     embed = sub.add_parser("embed", help="frozen image targets (OpenCLIP tokens, VAE latents) of every stimulus, "
                            "written into the store (Ray Data; GPU actors where there are GPUs)")

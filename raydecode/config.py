@@ -54,6 +54,46 @@ class IngestSyntheticConfig(StageConfig):
     subjects: list[int] | None = Field(None, description="subset of subjects 1..8 (default: all)")
 
 
+class IngestReleaseConfig(StageConfig):
+    """Keys of every ingest of a published release: where it is and how the ingest's Ray tasks run."""
+
+    source: str = Field(description="the release's root: a path, file:// or s3://bucket/prefix")
+    source_s3: S3Options | None = Field(
+        None, description="how to reach the source bucket (default: the `s3` block); the public NSD bucket reads with "
+                          "`anonymous: true`")
+    subjects: list[int] | None = Field(None, description="subjects 1..8 (default: every subject the release holds)")
+    coco: str | None = Field(None, description="COCO 2017 annotations (a dir with instances_/captions_{train,val}2017"
+                                               ".json): categories and captions; without, the manifest lists them absent")
+    roi_files: list[str] = Field(default_factory=lambda: ["prf-visualrois", "Kastner2015", "streams"],
+                                 description="ROI volumes beside nsdgeneral that label voxels (first label wins)")
+    images_per_shard: int = Field(500, ge=1)
+    ray_address: str | None = Field(None, description="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
+    task_cpus: float = Field(1.0, gt=0, description="CPUs of each shard's Ray task")
+    task_memory_gb: float | None = Field(None, gt=0, description="memory Ray reserves for each shard's task (NSD "
+                                                                 "betas: ~3 GB a session)")
+
+    def source_options(self) -> S3Options:
+        return self.source_s3 or self.s3
+
+
+class IngestNSDConfig(IngestReleaseConfig):
+    """``raydecode ingest nsd``: the NSD release as published (betas, masks, images, time series) -> ``store``."""
+
+    sessions: list[int] | None = Field(None, description="NSD session numbers (default: every session the release "
+                                                          "has for each subject)")
+    timeseries: bool = Field(False, description="also the per-run BOLD time series and design files (Dynadiff)")
+    normalize: Literal["session-zscore", "none"] = Field(
+        "session-zscore", description="betas: z-score each voxel within a session (MindEye2's release) or keep "
+                                      "percent signal change")
+
+
+class IngestMindEye2Config(IngestReleaseConfig):
+    """``raydecode ingest mindeye2``: MindEye2's preprocessed release (pscotti/mindeyev2 layout) -> ``store``."""
+
+    nsd: str | None = Field(None, description="an NSD release root: nsdgeneral masks give voxel coordinates and ROI "
+                                              "labels, nsd_stim_info_merged.csv matches COCO annotations")
+
+
 class InfoConfig(StageConfig):
     """``raydecode info``: summarise a store, optionally verifying every shard."""
 

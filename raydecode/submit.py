@@ -32,7 +32,8 @@ class JobFailed(UserError):
 def _config_schema(stage: list[str]):
     from raydecode import config as c
 
-    schemas = {("ingest", "synthetic"): c.IngestSyntheticConfig, ("embed",): c.EmbedConfig, ("info",): c.InfoConfig,
+    schemas = {("ingest", "synthetic"): c.IngestSyntheticConfig, ("ingest", "nsd"): c.IngestNSDConfig,
+               ("ingest", "mindeye2"): c.IngestMindEye2Config, ("embed",): c.EmbedConfig, ("info",): c.InfoConfig,
                ("pretrain",): c.TrainConfig, ("sweep",): c.SweepConfig, ("dynadiff",): c.DiffusionDecodeConfig,
                ("dynadiff", "train"): c.DiffusionDecodeConfig, ("dynadiff", "reconstruct"): c.DiffusionDecodeConfig,
                ("evaluate",): c.EvaluateConfig, ("compare",): c.CompareConfig, ("promote",): c.StageConfig}
