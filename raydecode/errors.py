@@ -52,7 +52,8 @@ def user_error_in(exc: BaseException) -> UserError | None:
             continue
         seen.add(id(e))
         if isinstance(e, UserError):
-            return e
+            inner = getattr(e, "cause", None)  # Ray's RayTaskError(X) is an X too, its text a traceback: take X
+            return inner if isinstance(inner, UserError) else e
         texts.append(str(e))
         nxt = [getattr(e, "cause", None), e.__cause__, getattr(e, "controller_failure", None)]
         failures = getattr(e, "worker_failures", None)

@@ -147,7 +147,8 @@ class Location:
 
     def read_bytes(self) -> bytes:
         try:
-            with self.fs.open_input_stream(self.path) as f:
+            # compression=None: the file's own bytes (pyarrow would otherwise gunzip a .gz by its name)
+            with self.fs.open_input_stream(self.path, compression=None) as f:
                 return f.read()
         except FileNotFoundError as exc:
             raise StorageError(f"missing file {self.uri}") from exc

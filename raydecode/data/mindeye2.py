@@ -264,6 +264,6 @@ def mindeye2_plan(
         ),
         source_files={rel: source_file(rel, rec) for rel, rec in sources.items()},
         source_root=release.root,
-        tasks=tasks or TaskOptions(),
+        tasks=tasks,
         large_files=large + [IMAGES],
     )

@@ -624,7 +624,8 @@ def nsd_plan(
     tasks: TaskOptions | None = None,
 ) -> Plan:
     """The shards of an NSD ingest: a voxel table per subject, a trials (and time-series) shard per session, the
-    images the selected trials show. Reads only the small files here; each shard reads its own in its task."""
+    images the selected trials show. Reads only the small files here; each shard reads its own when it is built:
+    in a Ray task of ``tasks``' resources, or in the ingesting process when ``tasks`` is None."""
     if normalize not in NORMALIZE:
         raise SourceError(f"normalize {normalize!r}: choose one of {', '.join(NORMALIZE)}")
     release = Release(resolve(source, source_s3))
@@ -732,7 +733,7 @@ def nsd_plan(
         ),
         source_files={rel: source_file(rel, rec) for rel, rec in sources.items()},
         source_root=release.root,
-        tasks=tasks or TaskOptions(),
+        tasks=tasks,
         finish=finish,
         large_files=[STIMULI],
     )
