@@ -26,6 +26,8 @@ MODULES = [
     # raydecode itself
     "raydecode.cli", "raydecode.train.loop", "raydecode.train.launch", "raydecode.tune", "raydecode.reconstruct",
     "raydecode.evaluate.suite", "raydecode.data.embed", "raydecode.submit",
+    # release ingests (their Ray tasks read HDF5, NIfTI and MAT files)
+    "raydecode.data.nsd", "raydecode.data.mindeye2", "h5py", "nibabel", "scipy.io",
 ]
 
 # whole packages, compiled without importing them (a few seconds): what is loaded lazily or only in processes

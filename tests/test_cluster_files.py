@@ -28,17 +28,19 @@ LAUNCHER = CLUSTER / "aws-gpu.yaml"
 TERRAFORM = ROOT / "infra" / "terraform"
 MLFLOW = ROOT / "infra" / "mlflow"
 JOBS = ROOT / "jobs"
+NSD_PUBLIC_BUCKET = "natural-scenes-dataset"
 
 S3_URI = re.compile(r"s3://([a-z0-9][a-z0-9.-]*[a-z0-9])(/[^\s'\"]*)?")
 S3_OBJECT_ACTIONS = {"s3:GetObject", "s3:PutObject", "s3:DeleteObject"}
 
 
 def _stage_configs() -> dict:
-    from raydecode.config import (DiffusionDecodeConfig, EmbedConfig, EvaluateConfig, IngestSyntheticConfig,
-                                  StageConfig, SweepConfig, TrainConfig)
+    from raydecode.config import (DiffusionDecodeConfig, EmbedConfig, EvaluateConfig, IngestMindEye2Config,
+                                  IngestNSDConfig, IngestSyntheticConfig, StageConfig, SweepConfig, TrainConfig)
 
     return {"pretrain": TrainConfig, "sweep": SweepConfig, "dynadiff": DiffusionDecodeConfig,
-            "embed": EmbedConfig, "evaluate": EvaluateConfig, "ingest": IngestSyntheticConfig,
+            "embed": EmbedConfig, "evaluate": EvaluateConfig, "ingest": IngestNSDConfig,
+            "ingest-synthetic": IngestSyntheticConfig, "ingest-mindeye2": IngestMindEye2Config,
             "promote": StageConfig}
 
 
@@ -188,7 +190,8 @@ def test_terraform_buckets_are_the_buckets_the_jobs_and_mlflow_name():
     buckets = _tf_buckets()
     assert set(buckets) == {"data", "checkpoints", "mlflow"}
     in_jobs = {m.group(1) for p in _jobs_nsd() for m in S3_URI.finditer(p.read_text())}  # comments included
-    assert in_jobs == {buckets["data"], buckets["checkpoints"]}, in_jobs
+    # besides the lab's two buckets, the ingests read NSD's public bucket (anonymously, never written)
+    assert in_jobs == {buckets["data"], buckets["checkpoints"], NSD_PUBLIC_BUCKET}, in_jobs
     server_files = (MLFLOW / "k8s.yaml").read_text() + (MLFLOW / "mlflow.service").read_text()
     mlflow_dest = {m.group(1) for m in S3_URI.finditer(server_files)}
     assert mlflow_dest == {buckets["mlflow"]}, mlflow_dest

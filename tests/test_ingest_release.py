@@ -350,15 +350,19 @@ def test_ingest_from_an_s3_release_into_an_s3_store(release, s3_server, ray_loca
     mini, _ = release
     client = boto3.client("s3", endpoint_url=s3_server.endpoint_url, region_name="us-east-1",
                           aws_access_key_id="testing", aws_secret_access_key="testing")
+    client.create_bucket(Bucket="public-nsd", ACL="public-read")  # as NSD's own bucket: anyone may list and read
     for path in mini.root.rglob("*"):
         if path.is_file() and "nsddata_timeseries" not in path.parts:
-            client.upload_file(str(path), "nsd", f"release/{path.relative_to(mini.root).as_posix()}")
-    res = run_ingest(nsd_plan("s3://nsd/release", s3_server, subjects=[1], sessions=[1],
+            client.upload_file(str(path), "public-nsd", f"release/{path.relative_to(mini.root).as_posix()}",
+                               ExtraArgs={"ACL": "public-read"})
+    # the release read without credentials (as NSD's public bucket is), the store written with them
+    public = s3_server.model_copy(update={"access_key_id": None, "secret_access_key": None, "anonymous": True})
+    res = run_ingest(nsd_plan("s3://public-nsd/release", public, subjects=[1], sessions=[1],
                               tasks=TaskOptions(num_cpus=0.5)), "s3://nsd/ingested", s3_server, progress=False)
     assert res.status == "written"
     store = open_store("s3://nsd/ingested", s3_server)
     assert store.verify() == []
-    assert store.manifest.source_params["release"] == "s3://nsd/release"
+    assert store.manifest.source_params["release"] == "s3://public-nsd/release"
     assert "timeseries" in store.manifest.absent and "categories" in store.manifest.absent
 
 

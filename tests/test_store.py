@@ -71,20 +71,22 @@ def test_refuses_to_overwrite_a_different_store(store_copy):
 
 
 def test_interrupted_ingest_is_detected_and_completed(tiny_store, tmp_path, monkeypatch):
+    from raydecode.data import ingest
+
     out = str(tmp_path / "interrupted")
-    real_write = StoreWriter.write_shard
+    real_write = ingest.write_shard
     calls = {"n": 0}
 
-    def crash_after_ten(self, *a, **kw):
+    def crash_after_ten(*a, **kw):
         calls["n"] += 1
         if calls["n"] > 10:
             raise KeyboardInterrupt("simulated crash")
-        return real_write(self, *a, **kw)
+        return real_write(*a, **kw)
 
-    monkeypatch.setattr(StoreWriter, "write_shard", crash_after_ten)
+    monkeypatch.setattr(ingest, "write_shard", crash_after_ten)
     with pytest.raises(KeyboardInterrupt):
         run_ingest(synthetic_plan("tiny", 0), out, progress=False)
-    monkeypatch.setattr(StoreWriter, "write_shard", real_write)
+    monkeypatch.setattr(ingest, "write_shard", real_write)
     assert not os.path.exists(os.path.join(out, "manifest.json"))
     with pytest.raises(StoreError, match="incomplete store"):
         open_store(out)
