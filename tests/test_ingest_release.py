@@ -367,7 +367,7 @@ def test_ingest_from_an_s3_release_into_an_s3_store(release, s3_server, ray_loca
 
 
 @pytest.fixture(scope="module")
-def nsd_trained(nsd_store, ray_local, tmp_path_factory):
+def nsd_trained(nsd_store, me2_store, ray_local, tmp_path_factory):
     """MindEye2 pretraining and Dynadiff on the ingested NSD store, unchanged: the same configs as the synthetic."""
     from raydecode.config import DiffusionDecodeConfig, TrainConfig
     from raydecode.reconstruct import run_dynadiff
@@ -386,14 +386,22 @@ def nsd_trained(nsd_store, ray_local, tmp_path_factory):
         "optim": {"epochs": 2, "batch_size": 8, "lr": 3e-3},
         "reconstruct": {"steps": 2, "max_images": 4, "grid_images": 4}, "time_resolved": {"shifts": [0]},
         "promote": False})
-    return run_training(pre), run_dynadiff(dd)
+    me2 = pre.model_copy(update={"store": me2_store, "run_name": "me2-pretrain"})
+    return run_training(pre), run_dynadiff(dd), run_training(me2)
 
 
 def test_an_ingested_nsd_store_trains_with_pretrain_and_dynadiff(nsd_trained):
-    pre, dd = nsd_trained
+    pre, dd, _ = nsd_trained
     m = pre.metrics
     # 8 shared test images per subject: chance 1/8; the planted code is decoded well above it
     assert m["retrieval.chance"] == pytest.approx(1 / 8)
     assert m["retrieval.brain_to_image_top1"] >= 0.35 and m["retrieval.image_to_brain_top1"] >= 0.35
     assert dd.status == "ok" and np.isfinite(dd.metrics["final.test.diffusion_loss"])
     assert Path(dd.artifacts["reconstructions.reconstructions.png"]).is_file()
+
+
+def test_an_ingested_mindeye2_store_trains_with_pretrain(nsd_trained):
+    *_, me2 = nsd_trained
+    m = me2.metrics
+    assert m["retrieval.chance"] == pytest.approx(1 / 8)
+    assert m["retrieval.brain_to_image_top1"] >= 0.35 and m["retrieval.image_to_brain_top1"] >= 0.35
