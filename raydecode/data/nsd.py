@@ -470,7 +470,10 @@ class StimuliShard:
             f, d = open_hdf5(fobj, loc.uri, self.dataset, 4)
             with f:
                 check_images(d, loc.uri, self.dataset, self.channels_first)
-                images = d[self.image_ids.tolist()]
+                # one row at a time: h5py's list indexing is a point selection, ~40x slower for 425 px images
+                images = np.empty((len(self.image_ids), *d.shape[1:]), d.dtype)
+                for n, i in enumerate(self.image_ids.tolist()):
+                    d.read_direct(images, np.s_[i], np.s_[n])
         if self.channels_first:
             images = (np.clip(images.astype(np.float32), 0, 1) * 255).round().astype(np.uint8).transpose(0, 2, 3, 1)
         pngs = []
