@@ -49,7 +49,7 @@ def stage_ingest_nsd(args) -> StageResult:
         source=args.source, store=args.out, subjects=args.subjects, sessions=args.sessions,
         timeseries=True if args.timeseries else None, normalize=args.normalize, coco=args.coco))
     plan = nsd_plan(cfg.source, cfg.source_options(), cfg.subjects, cfg.sessions, cfg.timeseries, cfg.normalize,
-                    cfg.coco, tuple(cfg.roi_files), cfg.images_per_shard, TaskOptions(cfg.task_cpus, cfg.task_memory_gb))
+                    cfg.coco, tuple(cfg.roi_files), cfg.images_per_shard, TaskOptions(cfg.task_cpus, cfg.task_memory_gb, cfg.task_wait_s))
     return _ingest(plan, cfg)
 
 
@@ -61,7 +61,7 @@ def stage_ingest_mindeye2(args) -> StageResult:
     cfg = load_config(IngestMindEye2Config, args.config, args.overrides, **_cli_defaults(
         source=args.source, store=args.out, subjects=args.subjects, nsd=args.nsd, coco=args.coco))
     plan = mindeye2_plan(cfg.source, cfg.source_options(), cfg.subjects, cfg.nsd, cfg.coco, tuple(cfg.roi_files),
-                         cfg.images_per_shard, TaskOptions(cfg.task_cpus, cfg.task_memory_gb))
+                         cfg.images_per_shard, TaskOptions(cfg.task_cpus, cfg.task_memory_gb, cfg.task_wait_s))
     return _ingest(plan, cfg)
 
 

@@ -71,6 +71,8 @@ class IngestReleaseConfig(StageConfig):
     task_cpus: float = Field(1.0, gt=0, description="CPUs of each shard's Ray task")
     task_memory_gb: float | None = Field(None, gt=0, description="memory Ray reserves for each shard's task (NSD "
                                                                  "betas: ~3 GB a session)")
+    task_wait_s: float = Field(600.0, gt=0, description="how long to wait for a node that can run a task (an "
+                                                        "autoscaler adding one) before refusing")
 
     def source_options(self) -> S3Options:
         return self.source_s3 or self.s3

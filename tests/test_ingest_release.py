@@ -405,3 +405,13 @@ def test_an_ingested_mindeye2_store_trains_with_pretrain(nsd_trained):
     m = me2.metrics
     assert m["retrieval.chance"] == pytest.approx(1 / 8)
     assert m["retrieval.brain_to_image_top1"] >= 0.35 and m["retrieval.image_to_brain_top1"] >= 0.35
+
+
+def test_tasks_no_node_can_run_are_refused_instead_of_waiting_forever(release, ray_local, tmp_path):
+    mini, _ = release
+    r = run_main("ingest", "nsd", "--source", str(mini.root), "--out", str(tmp_path / "s"), "--subjects", "1",
+                 "--set", "task_cpus=64", "--set", "task_wait_s=3")
+    assert r.returncode == 2
+    assert "task_cpus 64 / task_memory_gb 0: no node of the cluster can run an ingest task (the largest has 2 CPUs" \
+        in r.stderr
+    assert not (tmp_path / "s" / "manifest.json").exists()

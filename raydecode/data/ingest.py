@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from raydecode.data.schema import COCO_CATEGORIES, Manifest, SourceFile, SubjectInfo, subject_dir
 from raydecode.data.store import StoreWriter, write_shard
 from raydecode.data.synthetic import PRESETS, SyntheticNSD
-from raydecode.errors import SourceError, user_error_in
+from raydecode.errors import ConfigError, SourceError, user_error_in
 from raydecode.storage import Location, S3Options, resolve
 
 NOTES_KEY = b"raydecode.ingest"  # parquet key-value metadata of a release shard: {"sources": {...}, "report": {...}}
@@ -52,6 +52,8 @@ class TaskOptions:
 
     num_cpus: float = 1.0
     memory_gb: float | None = None
+    # how long to wait for a node that can run one (an autoscaler adding it) before saying none can
+    wait_for_nodes_s: float = 600.0
 
 
 @dataclass
@@ -157,9 +159,14 @@ def _run_in_ray(plan: Plan, todo: list[PlannedShard], root: Location, bar) -> li
     ids = ray.put(plan.stimulus_ids)
     pending = {task.remote(s, root, ids): s for s in todo}
     out = []
+    since = time.time()
     try:
         while pending:
-            done, _ = ray.wait(list(pending), num_returns=1)
+            done, _ = ray.wait(list(pending), num_returns=1, timeout=min(10.0, plan.tasks.wait_for_nodes_s))
+            if not done:
+                _check_schedulable(plan.tasks, time.time() - since)
+                continue
+            since = time.time()
             shard = pending.pop(done[0])
             try:
                 out.append(ray.get(done[0]))
@@ -171,6 +178,25 @@ def _run_in_ray(plan: Plan, todo: list[PlannedShard], root: Location, bar) -> li
         for ref in pending:
             ray.cancel(ref, force=True)
     return out
+
+
+def _check_schedulable(opts: TaskOptions, waited_s: float) -> None:
+    """After ``wait_for_nodes_s`` without progress: refuse if no node of the cluster can run one task (instead of
+    waiting forever on a task Ray can never place)."""
+    import ray
+
+    if waited_s < opts.wait_for_nodes_s:
+        return
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    memory = (opts.memory_gb or 0) * 2**30
+    if any(r.get("CPU", 0) >= opts.num_cpus and r.get("memory", 0) >= memory for r in nodes):
+        return  # a node fits: the tasks are slow or queued, not unschedulable
+    cpus = max((r.get("CPU", 0) for r in nodes), default=0)
+    mem = max((r.get("memory", 0) for r in nodes), default=0) / 2**30
+    raise ConfigError(
+        f"task_cpus {opts.num_cpus:g} / task_memory_gb {opts.memory_gb or 0:g}: no node of the cluster can run an "
+        f"ingest task (the largest has {cpus:g} CPUs, {mem:.1f} GB) and none appeared in {waited_s:.0f} s; lower them "
+        "or add nodes")
 
 
 def run_ingest(plan: Plan, out: str, s3: S3Options | None = None, progress: bool = True) -> IngestResult:
