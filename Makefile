@@ -36,6 +36,7 @@ test-cluster: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_data.py
+	$(BIN)/python benchmarks/bench_ingest.py
 
 clean:
 	rm -rf work .pytest_cache
