@@ -55,7 +55,7 @@ def write_release(root: Path, sessions: int, timeseries: bool, seed: int = 0) ->
     for sess in range(1, sessions + 1):
         with h5py.File(bdir / f"betas_session{sess:02d}.hdf5", "w") as f:
             # NSD's chunks are [1 1 1 750] in MATLAB order: (750, 1, 1, 1) as h5py reads it
-            d = f.create_dataset("betas", shape=(750, *GRID[::-1]), dtype=np.int16, chunks=(750, 1, 1, GRID[0]))
+            d = f.create_dataset("betas", shape=(750, *GRID[::-1]), dtype=np.int16, chunks=(750, 1, 1, 1))
             for z in range(GRID[2]):
                 d[:, z] = rng.integers(-900, 900, (750, GRID[1], GRID[0]), dtype=np.int16)
     used = np.unique(subjectim[0, order[: 750 * sessions] - 1] - 1)

@@ -179,7 +179,7 @@ def write_nsd(root: Path, seed: int = 0, timeseries: bool = True, coco: bool = T
             vol[:, coords[:, 2], coords[:, 1], coords[:, 0]] = np.clip(np.round((1.5 + rows) * 300), -32768, 32767)
             betas[(s, sess)] = vol
             with h5py.File(bdir / f"betas_session{sess:02d}.hdf5", "w") as f:
-                f.create_dataset("betas", data=vol, chunks=(per, 1, 1, grid[0]))
+                f.create_dataset("betas", data=vol, chunks=(per, 1, 1, 1))  # NSD's: one chunk per voxel
         if timeseries:
             ts_dir = root / f"nsddata_timeseries/ppdata/subj{s:02d}/func1pt8mm"
             for sess in BETA_SESSIONS:

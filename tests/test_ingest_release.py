@@ -415,3 +415,18 @@ def test_tasks_no_node_can_run_are_refused_instead_of_waiting_forever(release, r
     assert "task_cpus 64 / task_memory_gb 0: no node of the cluster can run an ingest task (the largest has 2 CPUs" \
         in r.stderr
     assert not (tmp_path / "s" / "manifest.json").exists()
+
+
+@pytest.mark.parametrize("layout", [{"chunks": (40, 1, 1, 1)}, {}, {"chunks": (40, 2, 3, 4), "compression": "gzip"}])
+def test_masked_betas_read_the_same_from_any_hdf5_layout(tmp_path, layout):
+    """NSD's one-chunk-per-voxel layout is read chunk by chunk; any other by the mask's bounding box."""
+    from raydecode.data.nsd import read_masked_betas
+
+    rng = np.random.default_rng(0)
+    vol = rng.integers(-3000, 3000, (40, 7, 11, 9), dtype=np.int16)  # (trials, Z, Y, X)
+    coords = np.argwhere(rng.random((9, 11, 7)) < 0.3)  # (i, j, k) in C order
+    with h5py.File(tmp_path / "b.hdf5", "w") as f:
+        f.create_dataset("betas", data=vol, **layout)
+    with h5py.File(tmp_path / "b.hdf5") as f:
+        got = read_masked_betas(f["betas"], coords)
+    assert np.array_equal(got, vol[:, coords[:, 2], coords[:, 1], coords[:, 0]])
