@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -103,10 +104,13 @@ def notes_of(kv: dict | None) -> dict:
     return json.loads(raw) if raw else {"sources": {}, "report": {}}
 
 
-def _hash_location(loc: Location) -> str:
+def _hash_location(loc: Location, stop: threading.Event | None = None) -> str | None:
+    """sha256 of a whole file, streamed; None if ``stop`` is set first (an ingest that failed does not wait for it)."""
     h = hashlib.sha256()
     with loc.open_input_file() as f:
         while chunk := f.read(16 << 20):
+            if stop is not None and stop.is_set():
+                return None
             h.update(chunk)
     return h.hexdigest()
 
@@ -229,9 +233,10 @@ def run_ingest(plan: Plan, out: str, s3: S3Options | None = None, progress: bool
     skipped = len(plan.shards) - len(todo)
     bar = tqdm(total=len(plan.shards), initial=skipped, desc=f"ingest {plan.source}", unit="shard",
                disable=not progress)
-    hashing = ThreadPoolExecutor(max_workers=1)
-    large = {rel: hashing.submit(_hash_location, plan.source_root.join(rel))
+    hashing, stop = ThreadPoolExecutor(max_workers=1), threading.Event()
+    large = {rel: hashing.submit(_hash_location, plan.source_root.join(rel), stop)
              for rel in plan.large_files if plan.source_root is not None}
+    ok = False
     try:
         if plan.tasks is not None and todo:
             results = _run_in_ray(plan, todo, root, bar)
@@ -240,8 +245,11 @@ def run_ingest(plan: Plan, out: str, s3: S3Options | None = None, progress: bool
             for shard in todo:
                 results.append(_build_and_write(shard, root, plan.stimulus_ids))
                 bar.update()
+        ok = True
     finally:
         bar.close()
+        if not ok:
+            stop.set()
         hashing.shutdown(wait=False, cancel_futures=True)
     for info, n in results:
         writer.add(info)
