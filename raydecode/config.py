@@ -178,6 +178,10 @@ def format_validation_error(model: type[BaseModel], exc: ValidationError, source
         if err["type"] == "extra_forbidden":
             allowed = _allowed_keys(model, loc)
             lines.append(f"{source}: unknown key '{key}'; allowed keys: {', '.join(allowed)}")
+        elif err["type"] == "missing":
+            field = model.model_fields.get(str(loc[0])) if len(loc) == 1 else None
+            what = f" ({field.description})" if field is not None and field.description else ""
+            lines.append(f"{source}: key '{key}' is required{what}")
         elif err["type"] in ("literal_error", "enum"):
             expected = err.get("ctx", {}).get("expected", "")
             lines.append(f"{source}: key '{key}': invalid value {value!r}; allowed values: {expected}")

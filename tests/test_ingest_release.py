@@ -322,6 +322,9 @@ def test_bad_release_files_give_one_error_line_and_no_manifest(release, tmp_path
 
 def test_a_subject_or_session_the_release_lacks_is_named(release, tmp_path):
     mini, _ = release
+    r = run_main("ingest", "nsd", "--out", str(tmp_path / "a"))
+    assert r.returncode == 2 and r.stderr.strip() == (
+        "error: config: key 'source' is required (the release's root: a path, file:// or s3://bucket/prefix)")
     r = run_main("ingest", "nsd", "--source", str(mini.root), "--out", str(tmp_path / "a"), "--sessions", "3")
     assert r.returncode == 5 and "subject 1 has no session 3 in this release (sessions 1..2)" in r.stderr
     r = run_main("ingest", "nsd", "--source", str(mini.root), "--out", str(tmp_path / "b"), "--subjects", "4")
