@@ -4,9 +4,7 @@ changed sources, bad input, S3, and the stores training with the existing stages
 
 from __future__ import annotations
 
-import gzip
 import io
-import json
 import os
 import shutil
 from pathlib import Path
@@ -14,7 +12,6 @@ from pathlib import Path
 import h5py
 import nibabel as nib
 import numpy as np
-import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
