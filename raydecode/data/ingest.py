@@ -18,6 +18,7 @@ since, and the manifest lists every source file read (``source_files``).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import threading
@@ -218,16 +219,15 @@ def run_ingest(plan: Plan, out: str, s3: S3Options | None = None, progress: bool
     todo: list[PlannedShard] = []
     kept: dict = {}
 
-    def accept(metadata) -> bool:  # an interrupted run's shard: whole, and from the same source files
-        n = notes_of(metadata.metadata)
-        _check_unchanged(plan, path, n["sources"])
-        kept[path] = n
+    def accept(path: str, metadata) -> bool:  # an interrupted run's shard: whole, and from the same source files
+        kept[path] = notes_of(metadata.metadata)
+        _check_unchanged(plan, path, kept[path]["sources"])
         return True
 
     for shard in plan.shards:
-        path = shard.path
-        if writer.existing_shard(shard.path, shard.kind, accept=accept, **shard.meta) is not None:
-            notes.append(kept[path])
+        check = functools.partial(accept, shard.path)
+        if writer.existing_shard(shard.path, shard.kind, accept=check, **shard.meta) is not None:
+            notes.append(kept[shard.path])
         else:
             todo.append(shard)
     skipped = len(plan.shards) - len(todo)

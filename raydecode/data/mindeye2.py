@@ -43,7 +43,7 @@ from raydecode.data.nsd import (
     source_file,
     stimuli_shards,
 )
-from raydecode.data.schema import COCO_CATEGORIES, SubjectInfo, subject_dir, trials_schema
+from raydecode.data.schema import COCO_CATEGORIES, SubjectInfo, repetitions, subject_dir, trials_schema
 from raydecode.errors import SourceError
 from raydecode.storage import S3Options, resolve
 
@@ -206,11 +206,7 @@ def mindeye2_plan(
                             ["nsdgeneral"] * v)
         sources.update(layout_sources)
         ids = behav[:, IMAGE]
-        rep = np.zeros(len(ids), np.int8)
-        count: dict[int, int] = {}
-        for t, i in enumerate(ids.tolist()):
-            count[i] = count.get(i, 0) + 1
-            rep[t] = count[i]
+        rep = repetitions(ids)
         split = np.array(["test" if i in shared else "train" for i in ids.tolist()])
         seen.update(ids.tolist())
         sessions = sorted(set(behav[:, SESSION].tolist()))

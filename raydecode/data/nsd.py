@@ -44,6 +44,7 @@ from raydecode.data.schema import (
     N_CATEGORIES,
     SourceFile,
     SubjectInfo,
+    repetitions,
     stimuli_schema,
     subject_dir,
     timeseries_schema,
@@ -227,13 +228,7 @@ class ExpDesign:
 
     def repetitions(self, subject: int) -> np.ndarray:
         """1-based showing of each trial's image, counted over all of the subject's trials."""
-        ids = self.image_ids(subject)
-        rep = np.zeros(len(ids), np.int8)
-        seen: dict[int, int] = {}
-        for t, i in enumerate(ids.tolist()):
-            seen[i] = seen.get(i, 0) + 1
-            rep[t] = seen[i]
-        return rep
+        return repetitions(self.image_ids(subject))
 
 
 @dataclass
@@ -663,7 +658,6 @@ def nsd_plan(
     infos: list[SubjectInfo] = []
     chosen: dict[int, list[int]] = {}
     seen_ids: set[int] = set()
-    shared_rel = {EXPDESIGN}
     for s in subjects:
         have = available_sessions(release, s, design.n_sessions)
         if sessions:
@@ -681,7 +675,6 @@ def nsd_plan(
         layout_sources: dict = {}
         layout = read_layout(release, s, tuple(roi_files), layout_sources)
         sources.update(layout_sources)
-        shared_rel.update(layout_sources)
         ids, reps = design.image_ids(s), design.repetitions(s)
         trials = {"train": 0, "test": 0}
         images: dict[str, set] = {"train": set(), "test": set()}

@@ -53,6 +53,16 @@ def primary_category(multi_hot: np.ndarray) -> np.ndarray:
     return np.where(hot.any(axis=-1), hot.argmax(axis=-1), -1).astype(np.int64)
 
 
+def repetitions(image_ids: np.ndarray) -> np.ndarray:
+    """The ``repetition`` column: for each trial in presentation order, which showing (1, 2, 3, ...) of its image."""
+    rep = np.zeros(len(image_ids), np.int8)
+    seen: dict[int, int] = {}
+    for t, i in enumerate(np.asarray(image_ids).tolist()):
+        seen[i] = seen.get(i, 0) + 1
+        rep[t] = seen[i]
+    return rep
+
+
 def subject_dir(subject: int) -> str:
     return f"subject={subject:02d}"
 

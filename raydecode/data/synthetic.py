@@ -35,6 +35,7 @@ from raydecode.data.schema import (
     COCO_CATEGORIES,
     N_CATEGORIES,
     SubjectInfo,
+    repetitions,
     stimuli_schema,
     timeseries_schema,
     trials_schema,
@@ -412,11 +413,7 @@ class SyntheticNSD:
         rng = self.rng(2, subject)
         ids = np.repeat(self.subject_image_ids(subject), p.repetitions)
         ids = ids[rng.permutation(len(ids))][: p.sessions[subject - 1] * p.trials_per_session]
-        rep = np.zeros(len(ids), np.int8)
-        seen: dict[int, int] = {}
-        for t, i in enumerate(ids.tolist()):
-            seen[i] = seen.get(i, 0) + 1
-            rep[t] = seen[i]
+        rep = repetitions(ids)
         idx = np.arange(len(ids))
         session = idx // p.trials_per_session + 1
         in_session = idx % p.trials_per_session
