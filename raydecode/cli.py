@@ -107,12 +107,13 @@ def _ingest(plan, cfg) -> StageResult:
 
 def stage_embed(args) -> StageResult:
     from raydecode.config import EmbedConfig
-    from raydecode.data.embed import run_embed
+    from raydecode.data.embed import EmbedCompute, run_embed
     from raydecode.report import table
 
     cfg = load_config(EmbedConfig, args.config, args.overrides,
                       **_cli_defaults(store=args.store, encoders=args.encoders))
-    res = run_embed(cfg.store, cfg.encoders, cfg.s3, cfg.batch_size)  # starts Ray (init_ray) only if there is work
+    compute = EmbedCompute(cfg.ray_address, cfg.use_gpu, cfg.actors, cfg.wait_for_nodes_s)
+    res = run_embed(cfg.store, cfg.encoders, cfg.s3, cfg.batch_size, compute=compute)  # Ray only if there is work
     rows = []
     for name, e in res.encoders.items():
         prov = " ".join(f"{k}={v}" for k, v in e.provenance().items() if v is not None and k != "tiny_channels")

@@ -25,6 +25,10 @@ from raydecode.storage import S3Options
 ENV_TRACKING_URI = os.environ.get("MLFLOW_TRACKING_URI") or None
 
 
+WAIT_FOR_NODES = ("a cluster without an autoscaler: how long to wait for nodes that fit before refusing (with one, "
+                  "its node types decide at once; raydecode.runtime)")
+
+
 class StageConfig(BaseModel):
     """Keys every stage has."""
 
@@ -111,6 +115,13 @@ class EmbedConfig(StageConfig):
         "or full encoder mappings (name, kind, arch, weights, image_size, seed)",
     )
     batch_size: int = Field(64, ge=1, description="images per encoder call")
+    ray_address: str | None = Field(None, description="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
+    use_gpu: bool | None = Field(None, description="one GPU per encoder actor; default: when the cluster can have "
+                                                   "GPUs (its autoscaler's node types, else its nodes)")
+    actors: int | None = Field(None, ge=1, description="most encoder actors at once (Ray Data scales the pool up to "
+                                                       "it); default: one per GPU the cluster can have, on CPU from "
+                                                       "its CPUs")
+    wait_for_nodes_s: float = Field(600.0, ge=0, description=WAIT_FOR_NODES)
 
 
 class DemoConfig(StageConfig):
@@ -248,6 +259,7 @@ class ScalingConfig(BaseModel):
     cpus_per_worker: float = Field(1.0, gt=0)
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
         "PACK", description="Ray placement of the workers' bundles (STRICT_SPREAD: one worker per node)")
+    wait_for_nodes_s: float = Field(600.0, ge=0, description=WAIT_FOR_NODES)
 
 
 class DeepSpeedConfig(BaseModel):
@@ -359,7 +371,9 @@ class SweepConfig(TrainConfig):
         default_factory=list, description="optuna: each subject's search starts with these points (every space key "
                                           "-> a value, e.g. the paper's defaults); the rest of num_samples are sampled")
     asha: AshaConfig | None = None
-    max_concurrent_trials: int | None = Field(None, ge=1, description="default: as many as the cluster's CPUs fit")
+    max_concurrent_trials: int | None = Field(None, ge=1, description="default: as many as the cluster's possible "
+                                                                      "nodes fit (its autoscaler's node types, else "
+                                                                      "its nodes)")
     metric: str = Field("retrieval.image_to_brain_top1", description="selects the best trial per subject")
     tie_break: str = "retrieval.brain_to_image_top1"
     promote: bool = Field(True, description="register the best trial per subject and apply the champion gate")
@@ -454,7 +468,9 @@ class EvaluateConfig(StageConfig):
     batch_size: int = Field(32, ge=1, description="rows per inference batch")
     actors: int = Field(1, ge=1, description="inference actors (one model each)")
     cpus_per_actor: float = Field(1.0, gt=0)
-    use_gpu: bool | None = Field(None, description="one GPU per actor; default: when the cluster has GPUs")
+    use_gpu: bool | None = Field(None, description="one GPU per actor; default: when the cluster can have GPUs "
+                                                   "(its autoscaler's node types, else its nodes)")
+    wait_for_nodes_s: float = Field(600.0, ge=0, description=WAIT_FOR_NODES)
     data: DataSelection = Field(default_factory=DataSelection, description="read_cpus / lookup_cpus of the test read")
 
 

@@ -23,7 +23,9 @@ from typing import Any
 
 from raydecode.config import SweepConfig, TrainConfig
 from raydecode.errors import ConfigError
+from raydecode.runtime import require
 from raydecode.report import StageResult, table
+from raydecode.train.launch import train_demand
 
 SWEEP_ONLY = set(SweepConfig.model_fields) - set(TrainConfig.model_fields)
 SUBJECT = "subject"
@@ -162,19 +164,18 @@ def _trial(params: dict, base: dict, sweep: str, parent_run_id: str) -> None:
 
 
 def _concurrency(cfg: SweepConfig) -> int:
-    """Trials that fit side by side: each holds its train workers and a lookup actor; one CPU stays free for Ray
-    Data's file listing."""
-    import ray
-
+    """Trials side by side: ``max_concurrent_trials``, else as many as the cluster's possible nodes (the autoscaler's
+    node types x max_count, else the nodes up now) hold, each trial with its train workers and lookup actor; one CPU
+    stays free for Ray Data's file listing. One trial must fit (waiting for nodes on a cluster without an
+    autoscaler); more are queued by Tune and brought by the autoscaler."""
+    shape = require(train_demand(cfg, "a sweep trial"), cfg.scaling.wait_for_nodes_s)
     if cfg.max_concurrent_trials:
         return cfg.max_concurrent_trials
-    cpus = ray.cluster_resources().get("CPU", 1.0)
-    gpus = ray.cluster_resources().get("GPU", 0.0)
     # held for a whole trial: its workers and its stimulus-lookup actor; file listing (1 CPU) is brief and shared
     per_trial = cfg.scaling.num_workers * cfg.scaling.cpus_per_worker + cfg.data.lookup_cpus
-    fit = int((cpus - 1.0 + 1e-9) // per_trial) if per_trial > 0 else 1
+    fit = int((shape.total("CPU") - 1.0 + 1e-9) // per_trial) if per_trial > 0 else 1
     if cfg.scaling.use_gpu:
-        fit = min(fit, int(gpus // cfg.scaling.num_workers))
+        fit = min(fit, int(shape.total("GPU") // cfg.scaling.num_workers))
     return max(1, fit)
 
 
@@ -186,7 +187,7 @@ def optuna_search(cfg: SweepConfig):
                         points_to_evaluate=[dict(p) for p in cfg.points_to_evaluate] or None)
 
 
-def _tuners(cfg: SweepConfig, base: dict, parent_run_id: str, storage: tuple[str, Any]) -> list:
+def _tuners(cfg: SweepConfig, base: dict, parent_run_id: str, storage: tuple[str, Any], concurrency: int) -> list:
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
@@ -201,7 +202,6 @@ def _tuners(cfg: SweepConfig, base: dict, parent_run_id: str, storage: tuple[str
                                   reduction_factor=cfg.asha.reduction_factor)
     run_config = tune.RunConfig(name=f"{cfg.run_name or 'sweep'}-{time.strftime('%Y%m%d-%H%M%S')}",
                                 storage_path=storage[0], storage_filesystem=storage[1], verbose=1)
-    concurrency = _concurrency(cfg)
     if cfg.search == "optuna":  # a search algorithm per subject (grid_search does not mix with them)
         return [tune.Tuner(trainable, param_space={**_param_space(cfg), SUBJECT: s},
                            tune_config=tune.TuneConfig(search_alg=optuna_search(cfg), scheduler=scheduler,
@@ -288,11 +288,13 @@ def run_sweep(cfg: SweepConfig) -> StageResult:
         mlflow.log_params({f"space.{k}": str(v.model_dump(exclude_none=True))[:500] for k, v in cfg.space.items()})
         mlflow.set_tags({"raydecode.stage": "sweep", "raydecode.method": cfg.method, "raydecode.store": cfg.store})
         init_ray(cfg.ray_address)
+        concurrency = _concurrency(cfg)
         _shared_statistics(cfg, base)
-        tuners = _tuners(cfg, base, parent_id, train_storage(os.path.join(cfg.storage_path(), "tune"), cfg.s3))
+        tuners = _tuners(cfg, base, parent_id, train_storage(os.path.join(cfg.storage_path(), "tune"), cfg.s3),
+                         concurrency)
         n_trials = len(cfg.subjects) * cfg.num_samples * math.prod(len(p.grid) for p in cfg.space.values() if p.grid)
         print(f"[sweep] {cfg.method} on subjects {cfg.subjects}: {n_trials} trials, "
-              f"{_concurrency(cfg)} at a time; parent run {parent_id}")
+              f"{concurrency} at a time; parent run {parent_id}")
         results = [r for tuner in tuners for r in tuner.fit()]
         rows = _rows(results, cfg)
         client = MlflowClient()

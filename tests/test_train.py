@@ -83,19 +83,26 @@ def test_fine_tune_from_pretrained_beats_scratch_on_one_session(pretrained, tiny
     store = resolve("s3://nsd/train/store", s3_server)
     pafs.copy_files(tiny_store, store.path, destination_filesystem=store.fs)
     common = dict(data={"subjects": [8], "sessions": [1]}, optim={"epochs": 12, "batch_size": 8, "lr": 1e-3})
-    fine = run_training(tiny_config(store.uri, tmp_path / "ft", "finetune", init_from=result.artifacts["checkpoint"],
-                                    s3=s3_server.model_dump(), deepspeed={"zero_stage": 1},
-                                    checkpoint={"storage_path": "s3://nsd/train/runs", "every_epochs": 4}, **common))
-    scratch = run_training(tiny_config(tiny_store, tmp_path / "scratch", "scratch", deepspeed={"zero_stage": 3},
-                                       checkpoint={"every_epochs": 4}, **common))
+    fine_cfg = tiny_config(store.uri, tmp_path / "ft", "finetune", init_from=result.artifacts["checkpoint"],
+                           s3=s3_server.model_dump(), deepspeed={"zero_stage": 1},
+                           checkpoint={"storage_path": "s3://nsd/train/runs", "every_epochs": 4}, **common)
+    scratch_cfg = tiny_config(tiny_store, tmp_path / "scratch", "scratch", deepspeed={"zero_stage": 3},
+                              checkpoint={"every_epochs": 4}, **common)
+    fine, scratch = run_training(fine_cfg), run_training(scratch_cfg)
     assert fine.metrics["retrieval.candidates"] == 30  # tested on every session's test images, not session 1's
     both = ("brain_to_image_top1", "image_to_brain_top1")
-    gain = {k: fine.metrics[f"retrieval.{k}"] - scratch.metrics[f"retrieval.{k}"] for k in both}
-    # 30 test images: top-1 moves in steps of 1/30. On this synthetic data the pretrained start's edge after 12
-    # epochs is small (fresh-clone runs measured mean gains of 1, 3, 4 and 4 of 60 decisions, one direction as much
-    # as 1 of 30 behind): the fine-tune must be ahead on average and not behind by more than 2 of 30 either way
-    assert sum(gain.values()) / 2 > 1e-6, (gain, fine.metrics, scratch.metrics)
-    assert min(gain.values()) >= -2 / 30 - 1e-6, (gain, fine.metrics, scratch.metrics)
+
+    def curve(cfg, result):  # top-1 after every epoch, both directions: 24 decisions of 1/30 each
+        return [v for k in both for _, v in metric_history(cfg, result.mlflow_run_id, f"retrieval.{k}")]
+
+    fine_curve, scratch_curve = curve(fine_cfg, fine), curve(scratch_cfg, scratch)
+    assert len(fine_curve) == len(scratch_curve) == 2 * 12
+    # The 1-hour recipe's claim is that the shared model makes a new subject learn faster. A single final top-1
+    # over 30 images is too coarse to show it (by epoch 12 scratch has mostly caught up on this synthetic data and
+    # the final gap measured -1..+4 of 60 decisions across fresh clones), so the whole learning curve is compared:
+    # the fine-tune's mean top-1 over all epochs must lead scratch's by at least 2 test images in 30
+    lead = sum(fine_curve) / len(fine_curve) - sum(scratch_curve) / len(scratch_curve)
+    assert lead >= 2 / 30, (lead, fine_curve, scratch_curve)
     assert all(fine.metrics[f"retrieval.{k}"] >= 1 / 30 + 0.2 for k in both), fine.metrics  # far above chance
 
     # ZeRO-1 and ZeRO-3 wrote one partition per rank into the last Ray Train checkpoint (on S3 for the fine-tune)

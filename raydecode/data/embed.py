@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 from raydecode.data.schema import EncoderInfo, Manifest, ShardInfo, embeddings_schema
 from raydecode.data.store import Store, StoreWriter, open_store
 from raydecode.errors import ConfigError, StoreError, UserError, user_error_in
+from raydecode.runtime import Demand, cluster_shape, require
 from raydecode.storage import S3Options
 
 METADATA_KEY = b"raydecode.encoder"  # parquet metadata of an embeddings shard: its EncoderInfo as JSON
@@ -192,18 +193,34 @@ class EncodeImages:
         return out
 
 
-def _compute_resources() -> tuple[str, Any, dict, int | None]:
-    """(device, actor pool, actor resources, torch threads): one GPU per actor where there are GPUs."""
-    import ray
+@dataclass(frozen=True)
+class EmbedCompute:
+    """Where the encoders run: asked of Ray (and its autoscaler), not read off the cluster at one instant."""
+
+    ray_address: str | None = None
+    use_gpu: bool | None = None  # None: when the cluster can have GPUs
+    actors: int | None = None  # None: one per GPU the cluster can have; on CPU from its CPUs
+    wait_for_nodes_s: float = 600.0
+
+
+def _compute_resources(compute: EmbedCompute) -> tuple[str, Any, dict, int | None]:
+    """(device, actor pool, actor resources, torch threads): one GPU per actor where the cluster can have GPUs (the
+    autoscaler brings them as the pool asks); otherwise CPU actors sized to leave CPUs for reading and decoding."""
     from ray.data import ActorPoolStrategy
 
-    res = ray.cluster_resources()
-    gpus = int(res.get("GPU", 0))
-    if gpus:
-        return "gpu", ActorPoolStrategy(min_size=1, max_size=gpus), {"num_gpus": 1}, None
-    cpus = int(res.get("CPU", 1))
-    per_actor = max(1, min(4, cpus // 2))  # leave CPUs for reading and PNG decoding
-    return "cpu", ActorPoolStrategy(min_size=1, max_size=max(1, cpus // (2 * per_actor))), {"num_cpus": per_actor}, per_actor
+
+    shape = cluster_shape()
+    gpu = shape.has("GPU") if compute.use_gpu is None else compute.use_gpu
+    if gpu:
+        actors = compute.actors or max(1, int(shape.total("GPU")))
+        require(Demand("embed", [{"GPU": 1.0}], hint="set use_gpu: false or add GPU nodes"), compute.wait_for_nodes_s)
+        return "gpu", ActorPoolStrategy(min_size=1, max_size=actors), {"num_gpus": 1}, None
+    cpus = int(max((n.get("CPU", 0) for n in shape.nodes), default=1))  # the largest node holds one actor's threads
+    per_actor = max(1, min(4, cpus // 2))
+    actors = compute.actors or max(1, int(shape.total("CPU")) // (2 * per_actor))
+    require(Demand("embed", [{"CPU": float(per_actor)}], extra=[{"CPU": 1.0}],
+                   hint="add a node with more CPUs"), compute.wait_for_nodes_s)
+    return "cpu", ActorPoolStrategy(min_size=1, max_size=actors), {"num_cpus": per_actor}, per_actor
 
 
 def _embeddings_table(ids: np.ndarray, tokens: np.ndarray, pooled: np.ndarray, info: EncoderInfo) -> pa.Table:
@@ -218,18 +235,18 @@ def _embeddings_table(ids: np.ndarray, tokens: np.ndarray, pooled: np.ndarray, i
 
 def _encode_and_write(
     store: Store, writer: StoreWriter, cfgs: list, pending: dict[str, list[ShardInfo]],
-    infos: dict[str, EncoderInfo], batch_size: int, progress: bool,
+    infos: dict[str, EncoderInfo], batch_size: int, progress: bool, compute: EmbedCompute,
 ) -> tuple[int, int, str]:
     """Run the Ray Data job over the stimulus shards some encoder still needs; write each finished shard."""
     import ray.data
 
     from raydecode.demo import init_ray
 
-    init_ray()
+    init_ray(compute.ray_address)
     need = sorted({s.path for shards in pending.values() for s in shards})
     stim = [s for s in store.manifest.shards_of("stimuli") if s.path in need]
     stim.sort(key=lambda s: s.image_id_min)
-    device, pool, resources, threads = _compute_resources()
+    device, pool, resources, threads = _compute_resources(compute)
     # one item per stimulus shard (listed in the manifest: nothing is listed in the bucket)
     ds = ray.data.from_items([{"path": store.location(s).path} for s in stim], override_num_blocks=len(stim))
     ds = ds.map_batches(read_stimuli, fn_kwargs={"filesystem": store.root.fs}, batch_size=1, batch_format="numpy")
@@ -305,6 +322,7 @@ def run_embed(
     s3: S3Options | None = None,
     batch_size: int = 64,
     progress: bool = True,
+    compute: EmbedCompute | None = None,
 ) -> EmbedResult:
     """Write the embeddings of every stimulus image for each of ``encoders`` (names, mappings or
     :class:`EncoderConfig` s) into the store at ``store_uri``; manifest last. Starts (or joins) Ray only
@@ -361,7 +379,8 @@ def run_embed(
     written = encoded = 0
     device = ""
     if any(pending.values()):
-        written, encoded, device = _encode_and_write(store, writer, todo, pending, infos, batch_size, progress)
+        written, encoded, device = _encode_and_write(store, writer, todo, pending, infos, batch_size, progress,
+                                                    compute or EmbedCompute())
     manifest = writer.commit(embeddings={c.name: infos[c.name] for c in todo})
     return EmbedResult(
         manifest, "completed" if kept else "written", [c.name for c in todo], skipped, written, kept,

@@ -31,6 +31,7 @@ import numpy as np
 from raydecode.config import CompareConfig, EvaluateConfig
 from raydecode.errors import ConfigError, StoreError, user_error_in
 from raydecode.report import StageResult, table
+from raydecode.runtime import Demand, cluster_shape, require
 
 # the papers' Table 1 order
 TABLE_COLUMNS = ("retrieval.brain_to_image_top1", "retrieval.image_to_brain_top1", "recon.pixcorr", "recon.ssim",
@@ -350,11 +351,14 @@ def _named(metrics: dict[str, float], protocol: str) -> dict[str, float]:
 
 
 def _use_gpu(cfg: EvaluateConfig) -> bool:
-    import ray
-
-    if cfg.use_gpu is not None:
-        return cfg.use_gpu
-    return ray.cluster_resources().get("GPU", 0) > 0
+    """``use_gpu``, else whether the cluster can have GPUs (its autoscaler's node types, else its nodes); the actor
+    pool must fit on what it can have (waiting for nodes on a cluster without an autoscaler)."""
+    use_gpu = cluster_shape().has("GPU") if cfg.use_gpu is None else cfg.use_gpu
+    actor = {"CPU": cfg.cpus_per_actor, **({"GPU": 1.0} if use_gpu else {})}
+    require(Demand("evaluate", [dict(actor) for _ in range(cfg.actors)], extra=[{"CPU": cfg.data.read_cpus}],
+                   hint="lower actors / cpus_per_actor, set use_gpu to match the nodes, or add nodes"),
+            cfg.wait_for_nodes_s)
+    return use_gpu
 
 
 def _write_outputs(tmp: str, cfg: EvaluateConfig, ref: ModelRef, results: dict[str, dict],

@@ -19,6 +19,7 @@ from raydecode.config import TrainConfig
 from raydecode.errors import ConfigError, UserError, user_error_in
 from raydecode.methods.base import DatasetInfo, count_parameters, get_method
 from raydecode.report import StageResult, table
+from raydecode.runtime import Demand, require
 from raydecode.storage import resolve, train_storage
 
 SECRET_KEYS = {"access_key_id", "secret_access_key", "session_token"}
@@ -214,7 +215,7 @@ def run_training(cfg: TrainConfig, stage: str = "pretrain", parent_run_id: str |
                          "raydecode.checkpoint_uri": plan.final_uri})
 
         init_ray(cfg.ray_address)
-        _check_cluster_fits(cfg, selection)
+        _check_cluster_fits(cfg)
         stats_uri = None
         if spec.statistics(plan.method_config):  # e.g. Duala's source statistics, once per pretrained checkpoint
             from raydecode.data.stats import run_class_statistics
@@ -317,18 +318,20 @@ def _encoder_name(ref) -> str:
     return ref["name"] if isinstance(ref, dict) else str(ref)
 
 
-def _check_cluster_fits(cfg: TrainConfig, selection) -> None:
-    """Refuse configs that would hang: Ray Data needs one whole CPU (file listing) next to the lookup actor,
-    beside the train workers."""
-    import ray
+def train_demand(cfg: TrainConfig, what: str = "training") -> Demand:
+    """What one training run holds at once: its workers' bundles (placed with ``scaling.placement_strategy``), the
+    stimulus-lookup actor and Ray Data's file listing (one whole CPU) beside them."""
+    worker = {"CPU": cfg.scaling.cpus_per_worker, **({"GPU": 1.0} if cfg.scaling.use_gpu else {})}
+    return Demand(what, [dict(worker) for _ in range(cfg.scaling.num_workers)], cfg.scaling.placement_strategy,
+                  extra=[{"CPU": 1.0}, {"CPU": cfg.data.lookup_cpus}],
+                  hint="lower scaling.num_workers / scaling.cpus_per_worker / data.lookup_cpus, set scaling.use_gpu "
+                       "to match the nodes, or add nodes")
 
-    total = ray.cluster_resources().get("CPU", 0.0)
-    need = cfg.scaling.num_workers * cfg.scaling.cpus_per_worker + 1.0 + selection.lookup_cpus
-    if need > total + 1e-9:
-        raise ConfigError(
-            f"scaling: {cfg.scaling.num_workers} workers x {cfg.scaling.cpus_per_worker} CPU + Ray Data (1 CPU for file "
-            f"listing + data.lookup_cpus {selection.lookup_cpus}) need {need:g} CPUs; the cluster has {total:g}. "
-            f"Lower scaling.cpus_per_worker / data.lookup_cpus or add nodes")
+
+def _check_cluster_fits(cfg: TrainConfig) -> None:
+    """Refuse configs that could never be scheduled (instead of a placement group pending forever); on a cluster
+    without an autoscaler, wait ``scaling.wait_for_nodes_s`` for nodes to join first."""
+    require(train_demand(cfg), cfg.scaling.wait_for_nodes_s)
 
 
 def _log_artifacts(cfg: TrainConfig, plan: TrainPlan, run_id: str, artifacts: dict) -> None:
