@@ -203,7 +203,7 @@ def stage_submit(args) -> StageResult:
     from raydecode.submit import submit
 
     out = submit(args.what, args.config, args.address, args.overrides, args.wait, args.submission_id,
-                 entrypoint_num_cpus=args.entrypoint_cpus, install=args.install)
+                 entrypoint_num_cpus=args.entrypoint_cpus, install=args.install, env=args.env)
     return StageResult(stage="submit", status="ok", metrics={}, artifacts=out)
 
 
@@ -347,6 +347,10 @@ def build_parser() -> argparse.ArgumentParser:
     sm.add_argument("--wait", action="store_true", help="stream the job's logs; exit with its status")
     sm.add_argument("--submission-id", help="the job id (default: Ray's)")
     sm.add_argument("--entrypoint-cpus", type=float, default=None, help="CPUs reserved for the job's driver")
+    sm.add_argument("--env", action="append", default=[], metavar="KEY[=VALUE]",
+                    help="an environment variable for the job (KEY: its value here), e.g. --env MLFLOW_TRACKING_URI "
+                    "--env AWS_ENDPOINT_URL_S3; nothing else is forwarded. Credentials and loopback URLs for a remote "
+                    "cluster are refused")
     sm.add_argument("--no-install", dest="install", action="store_false",
                     help="do not pip-install the checkout in the job's runtime_env (the nodes' image already has "
                     "this version of the project: cluster/Dockerfile, the launcher's setup commands)")

@@ -573,18 +573,40 @@ def test_no_credentials_and_no_disabled_ray_auth_in_deployment_files():
 # -- raydecode submit: what it sends (the jobs themselves run in tests/test_cluster.py) ---------------------------
 
 
-def test_submit_runtime_env_installs_the_uploaded_checkout_and_forwards_no_secret(monkeypatch, tmp_path):
-    from raydecode.submit import EXCLUDES, FORWARDED_ENV, runtime_env
+def test_submit_sends_only_the_environment_the_user_names_and_never_a_secret(monkeypatch, tmp_path):
+    from raydecode.errors import ConfigError
+    from raydecode.submit import EXCLUDES, Cluster, job_env, runtime_env
 
-    for name in FORWARDED_ENV:  # whatever the shell running the tests has set
-        monkeypatch.delenv(name, raising=False)
+    remote, local = Cluster("http://ray-head.lab.internal:8265"), Cluster("http://127.0.0.1:8265")
+    local._here = True  # a cluster on this machine (tests/test_cluster.py submits to one; the nodes' IPs decide)
+    tunnel = Cluster("http://127.0.0.1:8265")  # `ray dashboard` / kubectl port-forward to a remote head
+    tunnel._here = False
     monkeypatch.setenv("AWS_ENDPOINT_URL_S3", "http://127.0.0.1:9000")
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.internal:5000")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.lab.internal:5000")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "a" * 40)
+    # nothing travels unasked: the laptop's MLFLOW_TRACKING_URI is often a port-forward the cluster cannot reach
     env = runtime_env(ROOT)
     assert env["working_dir"] == str(ROOT) and ".venv/" in env["excludes"] and env["excludes"] == EXCLUDES
-    assert env["env_vars"] == {"AWS_ENDPOINT_URL_S3": "http://127.0.0.1:9000",
-                               "MLFLOW_TRACKING_URI": "http://mlflow.internal:5000"}
+    assert env["env_vars"] == {}
+    assert job_env(["MLFLOW_TRACKING_URI", "AWS_REGION=eu-west-1"], remote) == {
+        "MLFLOW_TRACKING_URI": "http://mlflow.lab.internal:5000", "AWS_REGION": "eu-west-1"}
+    # a loopback endpoint is fine for a cluster on this machine, refused (one line) for a remote one
+    assert job_env(["AWS_ENDPOINT_URL_S3"], local) == {"AWS_ENDPOINT_URL_S3": "http://127.0.0.1:9000"}
+    with pytest.raises(ConfigError, match=re.escape("the cluster at http://127.0.0.1:8265 runs elsewhere")):
+        job_env(["AWS_ENDPOINT_URL_S3"], tunnel)
+    for names, words in [
+        (["AWS_ENDPOINT_URL_S3"], "--env AWS_ENDPOINT_URL_S3=http://127.0.0.1:9000 points at this machine (127.0.0.1); "
+                                  "the cluster at http://ray-head.lab.internal:8265 runs elsewhere"),
+        (["MLFLOW_TRACKING_URI=http://localhost:5000"], "points at this machine (localhost)"),
+        (["AWS_SECRET_ACCESS_KEY"], "--env AWS_SECRET_ACCESS_KEY: looks like a credential"),
+        (["HF_TOKEN=hf_x"], "--env HF_TOKEN: looks like a credential"),
+        (["MLFLOW_TRACKING_URI=https://user:hunter2@mlflow.lab.internal"], "a URL with a password"),
+        (["NOT_SET_ANYWHERE"], "--env NOT_SET_ANYWHERE: not set in this environment"),
+        (["1BAD"], "expected KEY or KEY=VALUE"),
+    ]:
+        with pytest.raises(ConfigError, match=re.escape(words)) as err:
+            job_env(names, remote)
+        assert "\n" not in str(err.value) and "hunter2" not in str(err.value) and "a" * 40 not in str(err.value)
     # Ray expands the placeholder to the unpacked working_dir on each node and pip-installs it there
     assert env["pip"]["packages"] == ["${RAY_RUNTIME_ENV_CREATE_WORKING_DIR}"]
     assert "--no-build-isolation" in env["pip"]["pip_install_options"]
@@ -602,7 +624,7 @@ def test_submit_runtime_env_installs_the_uploaded_checkout_and_forwards_no_secre
 
 def test_submit_checks_the_stage_and_config_before_uploading(tmp_path):
     from raydecode.errors import ConfigError
-    from raydecode.submit import entrypoint
+    from raydecode.submit import Cluster, entrypoint
 
     assert entrypoint(["compare"], str(JOBS / "evaluate.yaml"), [], ROOT).endswith("--config jobs/evaluate.yaml")
     cmd = entrypoint(["pretrain"], str(JOBS / "pretrain-nsd.yaml"), ["optim.epochs=3"], ROOT)
@@ -615,6 +637,9 @@ def test_submit_checks_the_stage_and_config_before_uploading(tmp_path):
         (["pretrain"], str(outside), [], "outside the working directory"),
         (["pretrain"], str(JOBS / "missing.yaml"), [], "missing.yaml does not exist"),
         (["pretrain"], str(JOBS / "pretrain-nsd.yaml"), ["optim.epochz=3"], "epochz"),
+        (["pretrain"], str(JOBS / "pretrain.yaml"), ["tracking_uri=http://127.0.0.1:5000"],
+         "tracking_uri=http://127.0.0.1:5000 points at this machine"),
+        (["info"], None, ["s3.endpoint_url=http://localhost:9000"], "s3.endpoint_url=http://localhost:9000 points at"),
     ]:
         with pytest.raises(ConfigError, match=re.escape(words)):
-            entrypoint(stage, config, sets, ROOT)
+            entrypoint(stage, config, sets, ROOT, Cluster("http://ray-head.lab.internal:8265"))
