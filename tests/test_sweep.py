@@ -175,7 +175,7 @@ def test_the_champion_gate(sweep):
     assert f"gate-subj08 v{second.version} -> challenger" in proc.stdout and "does not beat" in proc.stdout
     client.set_model_version_tag("gate-subj08", third.version, f"metric.{cfg.metric}", "1.0")
     proc = run_main("promote", "--model", "gate-subj08", "--version", third.version, "--set", f"workdir={cfg.workdir}")
-    assert proc.returncode == 0 and f"-> champion" in proc.stdout, proc.stdout
+    assert proc.returncode == 0 and "-> champion" in proc.stdout, proc.stdout
     assert str(client.get_model_version_by_alias("gate-subj08", "champion").version) == third.version
 
 

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 
-from raydecode.config import TrainConfig
 from raydecode.errors import ConfigError
 from raydecode.train.launch import run_training
 
