@@ -29,8 +29,8 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q --durations=15 tests
 
-# only the cluster-deployment end-to-end tests (also in `make test`): the local stack + a 2-node Ray cluster +
-# `ray job submit` (about 1.5 minutes)
+# only the cluster-deployment end-to-end tests (also in `make test`): the local stack, a Ray cluster with a 0-CPU
+# head that gains a worker node while a job waits, `ray job submit` of four stages (about 6 minutes)
 test-cluster: $(STAMP)
 	$(BIN)/python -m pytest -q --durations=5 -m cluster tests
 

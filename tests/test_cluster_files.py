@@ -186,6 +186,26 @@ def test_nsd_jobs_load_and_use_one_data_bucket_and_one_checkpoint_bucket():
                 assert S3_URI.fullmatch(uri).group(1) == buckets["checkpoints"], f"{path.name}: {where} {uri}"
 
 
+def test_nsd_jobs_take_every_weight_from_one_weights_root():
+    """One convention: every pretrained weight a *-nsd.yaml names is under the lab's weights root, which every node
+    fetches from (raydecode.weights): no per-file local roots that nothing in cluster/ mounts."""
+    def refs(node, key=None):
+        if isinstance(node, dict):
+            for k, v in node.items():
+                yield from refs(v, k)
+        elif isinstance(node, list):
+            for v in node:
+                yield from refs(v, key)
+        elif key in ("weights", "unet", "path") and isinstance(node, str):
+            yield node
+
+    found = {p.name: list(refs(yaml.safe_load(p.read_text()))) for p in _jobs_nsd()}
+    every = [r for rs in found.values() for r in rs]
+    assert len(every) >= 10 and {n for n, rs in found.items() if rs} == {"embed-nsd.yaml", "dynadiff-nsd.yaml",
+                                                                         "evaluate-nsd.yaml"}, found
+    assert all(r.startswith(f"s3://{_tf_buckets()['data']}/weights/") for r in every), every
+
+
 def test_terraform_buckets_are_the_buckets_the_jobs_and_mlflow_name():
     buckets = _tf_buckets()
     assert set(buckets) == {"data", "checkpoints", "mlflow"}

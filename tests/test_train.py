@@ -145,7 +145,7 @@ def test_bad_training_configs_fail_before_any_worker_starts(tiny_store, tmp_path
         run_training(tiny_config(tiny_store, tmp_path, "x", optim={"batch_size": 4096}))
     with pytest.raises(ConfigError, match="unknown key 'hiden'"):
         run_training(tiny_config(tiny_store, tmp_path, "x", model={"hiden": 3}))
-    with pytest.raises(ConfigError, match="needs local weights"):
+    with pytest.raises(ConfigError, match="needs `weights`"):
         run_training(tiny_config(tiny_store, tmp_path, "x", model={"clip_encoder": "openclip-bigg"}))
 
 

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
 from raydecode.errors import ConfigError
+from raydecode.weights import local_weights
 
 CONFIG_DIR = Path(__file__).with_name("encoder_configs")
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -43,7 +44,8 @@ class EncoderConfig(BaseModel):
     name: str
     kind: Literal["openclip", "vae"]
     arch: str = Field(description="openclip: model name (e.g. ViT-bigG-14); vae: 'tiny' or 'pretrained'")
-    weights: str | None = Field(None, description="local weights (file or diffusers dir); None = random weights from `seed`")
+    weights: str | None = Field(None, description="a file or diffusers dir: a local path, s3:// prefix or "
+                                                 "hf://ORG/REPO[@REV][/PATH] (raydecode.weights); None = random weights from `seed`")
     image_size: int = Field(224, ge=8)
     seed: int = 0
     tiny_channels: tuple[int, ...] = Field((16, 32, 32), description="vae 'tiny': block widths (downsampling 2^(n-1))")
@@ -87,9 +89,8 @@ class FrozenEncoder(torch.nn.Module):
         super().__init__()
         self.cfg = cfg
         if requires_weights(cfg):
-            raise ConfigError(f"encoder {cfg.name!r} needs `weights` (a local path); nothing is downloaded at run time")
-        if cfg.weights is not None and not Path(cfg.weights).exists():
-            raise ConfigError(f"encoder {cfg.name!r}: weights {cfg.weights!r} do not exist")
+            raise ConfigError(f"encoder {cfg.name!r} needs `weights` (a local path, s3:// or hf:// reference); random "
+                              "weights exist only for the raydecode-* architectures")
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed)
             self.net = self._build_openclip(cfg) if cfg.kind == "openclip" else self._build_vae(cfg)
@@ -109,7 +110,8 @@ class FrozenEncoder(torch.nn.Module):
         _register_openclip_configs()
         if cfg.arch not in open_clip.list_models():
             raise ConfigError(f"encoder {cfg.name!r}: unknown OpenCLIP model {cfg.arch!r}")
-        model = open_clip.create_model(cfg.arch, pretrained=cfg.weights, device="cpu")
+        weights = str(local_weights(cfg.weights, f"encoder {cfg.name!r}")) if cfg.weights is not None else None
+        model = open_clip.create_model(cfg.arch, pretrained=weights, device="cpu")
         visual = model.visual
         visual.output_tokens = True
         return visual
@@ -119,7 +121,7 @@ class FrozenEncoder(torch.nn.Module):
         from diffusers import AutoencoderKL
 
         if cfg.weights is not None:
-            path = Path(cfg.weights)
+            path = local_weights(cfg.weights, f"encoder {cfg.name!r}")
             sub = "vae" if (path / "vae" / "config.json").exists() else None
             return AutoencoderKL.from_pretrained(path, subfolder=sub)
         n = len(cfg.tiny_channels)

@@ -13,7 +13,6 @@ protocol runs).
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Literal
 
 import numpy as np
@@ -22,6 +21,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
 from raydecode.errors import ConfigError
+from raydecode.weights import local_weights
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
@@ -114,9 +114,10 @@ class FeatureExtractor(torch.nn.Module):
         kwargs = {"aux_logits": False, "init_weights": False} if net.arch == "inception_v3" else {}
         model = getattr(torchvision.models, net.arch)(weights=None, **kwargs)
         if net.weights is not None:
-            if not Path(net.weights).is_file():
-                raise ConfigError(f"metric {net.metric!r}: weights {net.weights!r} do not exist")
-            state = torch.load(net.weights, map_location="cpu", weights_only=True)
+            path = local_weights(net.weights, f"metric {net.metric!r}")
+            if not path.is_file():
+                raise ConfigError(f"metric {net.metric!r}: weights {net.weights!r} are not a file")
+            state = torch.load(path, map_location="cpu", weights_only=True)
             state = {k: v for k, v in state.items() if not k.startswith("AuxLogits.")}
             missing, unexpected = model.load_state_dict(state, strict=False)
             if missing or unexpected:
@@ -133,9 +134,8 @@ class FeatureExtractor(torch.nn.Module):
         _register_openclip_configs()
         if net.arch not in open_clip.list_models():
             raise ConfigError(f"metric {net.metric!r}: unknown OpenCLIP model {net.arch!r}")
-        if net.weights is not None and not Path(net.weights).is_file():
-            raise ConfigError(f"metric {net.metric!r}: weights {net.weights!r} do not exist")
-        return open_clip.create_model(net.arch, pretrained=net.weights, device="cpu").visual
+        weights = str(local_weights(net.weights, f"metric {net.metric!r}")) if net.weights is not None else None
+        return open_clip.create_model(net.arch, pretrained=weights, device="cpu").visual
 
     @torch.no_grad()
     def forward(self, images: np.ndarray | torch.Tensor) -> torch.Tensor:

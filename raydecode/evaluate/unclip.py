@@ -41,6 +41,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from torch import nn
 
 from raydecode.errors import ConfigError
+from raydecode.weights import local_weights
 from raydecode.methods.diffusion import ddim_denoise, ddim_scheduler, decode_latents, initial_noise
 from raydecode.methods.dynadiff import SD_SCHEDULER, VD_IMAGE_UNET, build_vae
 
@@ -148,7 +149,7 @@ class EmbeddingDecoder(nn.Module):
 
         cfg = unclip_config(cfg)
         if cfg.path is not None:
-            root = Path(cfg.path)
+            root = local_weights(cfg.path, "unclip.path")
             if not _is_diffusers_dir(root):
                 raise ConfigError(f"unclip.path {cfg.path!r}: not a diffusers directory (needs unet/config.json and "
                                   "vae/config.json; nothing is downloaded)")

@@ -37,6 +37,7 @@ from torch import nn
 from raydecode.data.windows import WindowConfig
 from raydecode.methods.diffusion import ddim_denoise, ddim_scheduler, decode_latents, initial_noise  # noqa: F401 (re-exported)
 from raydecode.errors import ConfigError
+from raydecode.weights import local_weights
 from raydecode.methods.base import DatasetInfo, MethodSpec, Progress, register
 
 LORA_TARGETS = ("attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0")
@@ -112,7 +113,7 @@ def _on_meta() -> bool:
 
 
 def _unet_dir(path: str) -> tuple[Path, str | None]:
-    p = Path(path)
+    p = local_weights(path, "model.unet")
     for sub in ("image_unet", "unet"):
         if (p / sub / "config.json").is_file():
             return p, sub
@@ -168,16 +169,17 @@ def build_vae(cfg: DynadiffConfig):
         raise ConfigError(f"model.vae {enc.name!r}: a {enc.kind} encoder, not a VAE")
     if _on_meta():
         if enc.weights is not None:
-            sub = "vae" if (Path(enc.weights) / "vae" / "config.json").exists() else None
-            return enc, AutoencoderKL.from_config(AutoencoderKL.load_config(enc.weights, subfolder=sub))
+            root = local_weights(enc.weights, f"model.vae {enc.name!r}")
+            sub = "vae" if (root / "vae" / "config.json").exists() else None
+            return enc, AutoencoderKL.from_config(AutoencoderKL.load_config(root, subfolder=sub))
         if enc.arch == "pretrained":  # Stable Diffusion's VAE architecture (counts only)
             return enc, AutoencoderKL(
                 down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
                 block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
                 sample_size=enc.image_size)
     if requires_weights(enc):
-        raise ConfigError(f"model.vae {enc.name!r} needs `weights` (a local diffusers directory); nothing is "
-                          "downloaded at run time")
+        raise ConfigError(f"model.vae {enc.name!r} needs `weights` (a diffusers directory: a local path, s3:// or "
+                          "hf:// reference)")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(enc.seed)
         return enc, FrozenEncoder._build_vae(enc)

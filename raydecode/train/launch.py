@@ -74,7 +74,7 @@ def plan_training(cfg: TrainConfig) -> TrainPlan:
             targets[key] = {"encoder": enc.name, "source": "store"}
         else:
             if requires_weights(enc):
-                raise ConfigError(f"encoder {enc.name!r} needs local weights and the store {store.uri} has no "
+                raise ConfigError(f"encoder {enc.name!r} needs `weights` (a local path, s3:// or hf:// reference) and the store {store.uri} has no "
                                   f"embeddings for it; run `raydecode embed --encoder {enc.name}` first")
             targets[key] = {"encoder": name, "source": "compute"}
 
