@@ -17,6 +17,7 @@ through :func:`local_weights` on the node that loads it, which returns a local p
 from __future__ import annotations
 
 import fcntl
+import fnmatch
 import hashlib
 import json
 import os
@@ -49,13 +50,15 @@ def check_reference(ref: str, what: str) -> None:
         raise ConfigError(f"{what}: {ref!r} names no bucket")
 
 
-def local_weights(ref: str, what: str) -> Path:
-    """A local path holding the weights ``ref`` names (fetched into this node's cache the first time)."""
+def local_weights(ref: str, what: str, include: tuple[str, ...] | None = None) -> Path:
+    """A local path holding the weights ``ref`` names (fetched into this node's cache the first time). ``include``
+    (glob patterns of paths under ``ref``, e.g. ``("*.json",)``) fetches only those files: a driver that builds a
+    model on the meta device to count its parameters needs the configs, not gigabytes of weights."""
     check_reference(ref, what)
     if ref.startswith("s3://"):
-        return _from_s3(ref, what)
+        return _from_s3(ref, what, include)
     if ref.startswith("hf://"):
-        return _from_hf(ref, what)
+        return _from_hf(ref, what, include)
     path = Path(ref[len("file://"):] if ref.startswith("file://") else ref)
     if not path.exists():
         raise ConfigError(f"{what}: weights {ref!r} do not exist on this node (a local path must be on every node "
@@ -63,7 +66,7 @@ def local_weights(ref: str, what: str) -> Path:
     return path
 
 
-def _from_s3(uri: str, what: str) -> Path:
+def _from_s3(uri: str, what: str, include: tuple[str, ...] | None) -> Path:
     from pyarrow import fs as pafs
 
     loc = resolve(uri, S3Options())
@@ -82,6 +85,8 @@ def _from_s3(uri: str, what: str) -> Path:
         raise StorageError(f"{what}: cannot list {uri}: {str(exc).splitlines()[0]}") from None
     if not files:
         raise ConfigError(f"{what}: weights {uri} do not exist (no object at or under it)")
+    if include is not None:
+        files = [f for f in files if any(fnmatch.fnmatch(posixpath.relpath(f.path, base), g) for g in include)]
     try:
         listing = sorted((posixpath.relpath(f.path, base), f.size, _etag(loc.fs, f.path)) for f in files)
     except OSError as exc:
@@ -123,7 +128,7 @@ def _etag(fs, path: str) -> str:
         return (value.decode() if isinstance(value, bytes) else str(value)).strip('"')
 
 
-def _from_hf(ref: str, what: str) -> Path:
+def _from_hf(ref: str, what: str, include: tuple[str, ...] | None) -> Path:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
@@ -131,6 +136,8 @@ def _from_hf(ref: str, what: str) -> Path:
     assert m is not None  # check_reference
     repo, rev, sub = m["repo"], m["rev"], (m["path"] or "").strip("/")
     patterns = [sub, f"{sub}/*"] if sub else None
+    if include is not None:
+        patterns = [f"{sub}/{g}" if sub else g for g in include]
     try:
         snapshot = Path(snapshot_download(repo, revision=rev, allow_patterns=patterns))
     except LocalEntryNotFoundError:

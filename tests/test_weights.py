@@ -78,6 +78,10 @@ def test_weights_from_s3_load_once_per_node_and_again_when_they_change(saved, s3
     first = local_weights("s3://nsd/weights/sd/vae", "vae")
     assert first.parent == cache_root() and (first / "config.json").is_file()
     assert sorted(p.name for p in cache_root().iterdir() if p.is_dir()) == entries
+    # a driver counting parameters on the meta device fetches the configs only
+    configs = local_weights("s3://nsd/weights/sd/vae", "vae", ("*.json",))
+    assert configs != first and sorted(p.name for p in configs.iterdir() if not p.name.startswith(".")) == \
+        ["config.json"]
 
     # a replaced object is a new key: fetched again, the new weights load
     torch.manual_seed(8)

@@ -113,7 +113,7 @@ def _on_meta() -> bool:
 
 
 def _unet_dir(path: str) -> tuple[Path, str | None]:
-    p = local_weights(path, "model.unet")
+    p = local_weights(path, "model.unet", ("*.json",) if _on_meta() else None)  # on meta: the configs only
     for sub in ("image_unet", "unet"):
         if (p / sub / "config.json").is_file():
             return p, sub
@@ -169,7 +169,7 @@ def build_vae(cfg: DynadiffConfig):
         raise ConfigError(f"model.vae {enc.name!r}: a {enc.kind} encoder, not a VAE")
     if _on_meta():
         if enc.weights is not None:
-            root = local_weights(enc.weights, f"model.vae {enc.name!r}")
+            root = local_weights(enc.weights, f"model.vae {enc.name!r}", ("*.json",))  # the config only
             sub = "vae" if (root / "vae" / "config.json").exists() else None
             return enc, AutoencoderKL.from_config(AutoencoderKL.load_config(root, subfolder=sub))
         if enc.arch == "pretrained":  # Stable Diffusion's VAE architecture (counts only)
