@@ -39,7 +39,13 @@ def experiment(name: str, artifact_location: str | None = None) -> str:
 # -- models and the registry -----------------------------------------------------------------
 
 CHAMPION, CHALLENGER = "champion", "challenger"
-ADAPTER_FILE = "adapter.safetensors"
+ADAPTER_FILE = "adapter.safetensors"  # packages registered before 0.2: the weights that differ from init_from
+MODEL_FILE = "model.safetensors"  # as in a final/ checkpoint: every trained weight, no init_from needed
+# what loading and running a registered model imports (raydecode's own code travels with the model as code_paths):
+# pinned to this environment's versions in the model's requirements.txt; Ray, DeepSpeed and the data tools are
+# training-side only
+SERVE_REQUIREMENTS = ("torch", "numpy", "pyarrow", "pydantic", "pyyaml", "scipy", "tqdm", "pillow", "diffusers",
+                      "peft", "safetensors")
 
 
 def model_name(method: str, subjects: list[int]) -> str:
@@ -47,26 +53,27 @@ def model_name(method: str, subjects: list[int]) -> str:
     return f"raydecode-{method}-subj{subjects[0]:02d}" if len(subjects) == 1 else f"raydecode-{method}-multi"
 
 
+def serve_requirements() -> list[str]:
+    from importlib.metadata import version
+
+    return [f"{name}=={version(name)}" for name in SERVE_REQUIREMENTS]
+
+
 def adapter_package(checkpoint_uri: str, out_dir: str, s3=None) -> dict:
-    """Write what a registered model needs into ``out_dir``: the weights that differ from the run's ``init_from``
-    checkpoint (for Duala: the new ridge map, LoRA adapters and source statistics; all weights when there was no
-    ``init_from``), and the run's config.json / metrics.json. Returns the config."""
-    import torch
-    from safetensors.torch import save_file
+    """Write what a registered model needs into ``out_dir``: the run's final checkpoint as it is (every trained
+    weight: for Duala the adapted MindEye2 with its LoRA adapters, new ridge map and source statistics; frozen
+    weights rebuilt from the config, e.g. a diffusion UNet from its seed or weights reference, are left out as in
+    the checkpoint), its config.json / metrics.json and the method's export (e.g. Dynadiff's LoRA in the diffusers
+    format). Nothing refers back to ``init_from``: the package loads anywhere. Returns the config."""
+    from raydecode.storage import resolve
+    from raydecode.train.checkpoint import CONFIG_FILE, METRICS_FILE
 
-    from raydecode.train.checkpoint import CONFIG_FILE, METRICS_FILE, load_state, read_json
-
-    config = read_json(checkpoint_uri, CONFIG_FILE, s3)
-    state = load_state(checkpoint_uri, s3)
-    base_uri = config["train"].get("init_from")
-    if base_uri:
-        base = load_state(base_uri, s3)
-        for key, value in base.items():
-            for cand in (key, "{0}.base_layer.{2}".format(*key.rpartition("."))):
-                if cand in state and state[cand].shape == value.shape and torch.equal(state[cand], value):
-                    del state[cand]
+    root = resolve(checkpoint_uri, s3)
+    config = json.loads(root.join(CONFIG_FILE).read_bytes())
     os.makedirs(out_dir, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in state.items()}, os.path.join(out_dir, ADAPTER_FILE))
+    for name in (MODEL_FILE, CONFIG_FILE, METRICS_FILE):
+        with open(os.path.join(out_dir, name), "wb") as f:
+            f.write(root.join(name).read_bytes())
     from raydecode.methods.base import get_method
 
     spec = get_method(config["method"])
@@ -74,16 +81,21 @@ def adapter_package(checkpoint_uri: str, out_dir: str, s3=None) -> dict:
         from raydecode.train.checkpoint import load_consolidated
 
         spec.export(load_consolidated(checkpoint_uri, s3).model, out_dir)
-    with open(os.path.join(out_dir, CONFIG_FILE), "w") as f:
-        json.dump(config, f, indent=2)
-    with open(os.path.join(out_dir, METRICS_FILE), "w") as f:
-        json.dump(read_json(checkpoint_uri, METRICS_FILE, s3), f, indent=2)
     return config
 
 
 def load_adapted(package_dir: str, s3=None, device: str = "cpu"):
-    """Rebuild a registered model from its package (no Ray, no DeepSpeed): the method's model, the ``init_from``
-    weights it was adapted from, then the package's own weights. Returns the ``Consolidated`` view."""
+    """Rebuild a registered model from its package (no Ray, no DeepSpeed). A package is a final/ checkpoint
+    directory, so it loads as one; a package from before 0.2 holds only what differs from ``init_from``, which is
+    loaded first. Returns the ``Consolidated`` view."""
+    from raydecode.train.checkpoint import load_consolidated
+
+    if os.path.exists(os.path.join(package_dir, MODEL_FILE)):
+        return load_consolidated(package_dir, device=device)
+    return _load_legacy_package(package_dir, s3, device)
+
+
+def _load_legacy_package(package_dir: str, s3, device: str):
     from safetensors.torch import load_file
 
     from raydecode.methods.base import DatasetInfo, get_method
@@ -101,8 +113,7 @@ def load_adapted(package_dir: str, s3=None, device: str = "cpu"):
     base_uri = config["train"].get("init_from")
     if base_uri:
         s3 = s3 or S3Options(**{k: v for k, v in config["train"].get("s3", {}).items() if v is not None})
-        base = load_state(base_uri, s3)
-        (spec.load_pretrained or (lambda m, st: m.load_state_dict(st, strict=False)))(model, base)
+        (spec.load_pretrained or (lambda m, st: m.load_state_dict(st, strict=False)))(model, load_state(base_uri, s3))
     model.load_state_dict(load_file(os.path.join(package_dir, ADAPTER_FILE)), strict=False)
     check_rebuilt(model, spec, config, package_dir)
     return Consolidated(model.to(device).eval(), spec, mcfg, info, config, metrics, package_dir)
@@ -208,9 +219,12 @@ def register_run(run_id: str, checkpoint_uri: str, metrics: dict, metric: str, t
         from raydecode.pyfunc import DecoderModel
 
         with mlflow.start_run(run_id=run_id, nested=mlflow.active_run() is not None):  # e.g. inside a sweep's run
+            # raydecode's code travels with the model (MLflow puts code/ on the path when it loads it): the model
+            # loads in an environment made from its own requirements.txt alone, no checkout, no index serving us
             info = mlflow.pyfunc.log_model(
                 name="model", python_model=DecoderModel(), artifacts={"package": os.path.join(tmp, "package")},
-                pip_requirements=["raydecode"], signature=_signature(config))
+                code_paths=[os.path.dirname(os.path.abspath(__file__))], pip_requirements=serve_requirements(),
+                signature=_signature(config))
     mv = mlflow.register_model(info.model_uri, name)
     tags = {"raydecode.metric": metric, "raydecode.tie_break": tie_break, "raydecode.test_set": test_set,
             "raydecode.store_manifest_sha256": manifest_sha256, "raydecode.checkpoint_uri": checkpoint_uri,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -203,6 +204,61 @@ json.dump({{"retrieval": r, "ray": "ray" in sys.modules, "deepspeed": "deepspeed
     champion = _client(cfg).get_model_version_by_alias("raydecode-duala-subj08", "champion")
     assert out["retrieval"][cfg.metric.split(".")[-1]] == pytest.approx(float(champion.tags[f"metric.{cfg.metric}"]),
                                                                          abs=0.01)
+
+
+def test_the_registered_champion_loads_in_a_fresh_environment_from_its_own_requirements(sweep, pretrained, tmp_path):
+    """Portable: the registered model, downloaded from the registry, loads with `mlflow.pyfunc.load_model` in a new
+    virtualenv made from its own requirements.txt alone (no checkout, no raydecode installed, no Ray), while the
+    init_from checkpoint it was adapted from is gone, and predicts what the training environment predicts."""
+    import mlflow
+    import numpy as np
+
+    from raydecode.data.pipeline import DataSelection, read_split
+    from raydecode.tracking import load_adapted
+
+    cfg, _ = sweep
+    _, pre = pretrained
+    mlflow.set_tracking_uri(cfg.resolved_tracking_uri())
+    model_dir = mlflow.artifacts.download_artifacts("models:/raydecode-duala-subj08@champion", dst_path=str(tmp_path))
+    requirements = (Path(model_dir) / "requirements.txt").read_text().split()
+    assert not any(r.split("=")[0].lower() in ("raydecode", "ray", "deepspeed") for r in requirements), requirements
+    assert any(r.startswith("torch==") for r in requirements) and (Path(model_dir) / "code" / "raydecode").is_dir()
+
+    test = read_split(cfg.store, "test", DataSelection(subjects=[8], categories=False))
+    np.savez(tmp_path / "input.npz", betas=test["betas"], subject=test["subject"])
+    loaded = load_adapted(str(Path(model_dir) / "artifacts" / "package"))  # in this environment
+    with torch.no_grad():
+        want = loaded.spec.predict(loaded.model, {"betas": torch.as_tensor(test["betas"]).float(),
+                                                  "subject": torch.as_tensor(test["subject"]).long()})["brain"].numpy()
+
+    venv = tmp_path / "venv"
+    uv = Path(sys.executable).with_name("uv")
+    subprocess.run([str(uv), "venv", "-q", "--python", sys.executable, str(venv)], check=True, timeout=120)
+    install = subprocess.run([str(uv), "pip", "install", "-q", "--python", str(venv / "bin" / "python"), "-r",
+                              str(Path(model_dir) / "requirements.txt")], capture_output=True, text=True, timeout=900)
+    assert install.returncode == 0, install.stderr[-3000:]
+    script = f"""
+import json, sys, numpy as np, mlflow
+model = mlflow.pyfunc.load_model({model_dir!r})
+inp = np.load({str(tmp_path / "input.npz")!r})
+out = model.predict({{"betas": inp["betas"], "subject": inp["subject"]}})
+np.save({str(tmp_path / "brain.npy")!r}, out["brain"])
+import raydecode
+print(json.dumps({{"raydecode": raydecode.__file__, "ray": "ray" in sys.modules, "deepspeed": "deepspeed" in sys.modules}}))
+"""
+    init_from = Path(pre.artifacts["checkpoint"])
+    hidden = init_from.with_name(init_from.name + ".hidden")
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    init_from.rename(hidden)  # the checkpoint the champion was adapted from is gone
+    try:
+        proc = subprocess.run([str(venv / "bin" / "python"), "-c", script], capture_output=True, text=True,
+                              cwd=tmp_path, env=env, timeout=300)
+    finally:
+        hidden.rename(init_from)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["raydecode"].startswith(str(Path(model_dir) / "code")) and not out["ray"] and not out["deepspeed"]
+    np.testing.assert_allclose(np.load(tmp_path / "brain.npy"), want, rtol=1e-4, atol=1e-5)
 
 
 def test_bad_sweep_configs_fail_before_any_trial(pretrained, tiny_store, tmp_path):
