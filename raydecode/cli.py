@@ -1,4 +1,4 @@
-"""The ``raydecode`` console script: ``raydecode <stage> --config FILE [--set k=v ...] [--summary PATH]``.
+"""raydecode: cross-subject fMRI-to-image decoding on NSD, on Ray. raydecode STAGE --config FILE [--set k=v ...].
 
 Each stage validates its config (:mod:`raydecode.config`), runs library code,
 prints a short human-readable summary and, with ``--summary``, writes a
@@ -14,15 +14,42 @@ import sys
 import time
 
 from raydecode.config import DemoConfig, IngestSyntheticConfig, InfoConfig, load_config
-from raydecode.errors import UserError
+from raydecode.errors import ConfigError, UserError
 from raydecode.report import StageResult, table
 
 
+JOBS = "jobs"
+
+
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", metavar="FILE", help="stage config (YAML)")
+    p.add_argument("--config", metavar="FILE", help="stage config (YAML); --print-config lists every key")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set store=s3://lab/nsd-store (repeatable)")
     p.add_argument("--summary", metavar="PATH", help="write the stage's result as one JSON object")
+    p.add_argument("--print-config", action="store_true",
+                   help="print the stage's config (defaults, then --config and --set) as YAML with every key "
+                        "described, and exit")
+
+
+def _stage(sub, name: str, help: str, examples: tuple[str, ...] = ()) -> argparse.ArgumentParser:
+    """A stage's parser: ``--help`` says what it does and which jobs/ configs show it."""
+    epilog = ("examples: " + ", ".join(f"{JOBS}/{e}" for e in examples)) if examples else None
+    return sub.add_parser(name, help=help, description=help[0].upper() + help[1:] + ".", epilog=epilog)
+
+
+def _stage_key(args) -> tuple[str, ...]:
+    if args.stage == "submit":  # the submitted stage's config
+        return tuple(w for w in args.what if not w.startswith("-"))
+    key = [args.stage]
+    for extra in ("source", "action"):
+        if getattr(args, extra, None) and args.stage in ("ingest", "dynadiff"):
+            key.append(getattr(args, extra))
+    return tuple(key)
+
+
+# stages that cannot run on defaults alone: without --config (or --set) they ask for one
+NEEDS_CONFIG = {"pretrain": ("pretrain.yaml", "pretrain-nsd.yaml"), "sweep": ("sweep.yaml", "sweep-nsd.yaml"),
+                "dynadiff": ("dynadiff.yaml", "dynadiff-nsd.yaml")}
 
 
 def _cli_defaults(**kv) -> dict:
@@ -258,89 +285,100 @@ def stage_demo(args) -> StageResult:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="raydecode", description=__doc__.split("\n")[0])
+    from raydecode import __version__
+
+    parser = argparse.ArgumentParser(prog="raydecode", description=__doc__.split("\n")[0],
+                                     epilog="every stage: raydecode STAGE --help; its config: raydecode STAGE "
+                                            "--print-config; cluster jobs: jobs/README.md")
+    parser.add_argument("--version", action="version", version=f"raydecode {__version__}")
     sub = parser.add_subparsers(dest="stage", required=True, metavar="STAGE")
 
     ingest = sub.add_parser("ingest", help="write a store: synthetic NSD, the NSD release, MindEye2's release")
     isub = ingest.add_subparsers(dest="source", required=True, metavar="SOURCE")
-    syn = isub.add_parser("synthetic", help="synthetic NSD with planted structure")
+    syn = _stage(isub, "synthetic", "synthetic NSD with planted structure (tests, the demo)",
+                 ("ingest-synthetic.yaml", "ingest-synthetic-nsd.yaml"))
     _common(syn)
     syn.add_argument("--preset", choices=["tiny", "demo", "paper"], help="sizes (default tiny)")
     syn.add_argument("--out", metavar="URI", help="output store (path, file:// or s3://); the config's `store`")
-    syn.add_argument("--seed", type=int)
+    syn.add_argument("--seed", type=int, help="the synthetic data's seed (default 0)")
     syn.set_defaults(func=stage_ingest_synthetic)
 
-    nsd = isub.add_parser("nsd", help="the NSD release as published (local dir or s3://): betas, masks, images, "
-                          "optionally time series; one Ray task per subject and session")
+    nsd = _stage(isub, "nsd", "the NSD release as published (local dir or s3://): betas, masks, images, "
+                 "optionally time series; one Ray task per subject and session", ("ingest-nsd.yaml",))
     _common(nsd)
     nsd.add_argument("--source", metavar="URI", help="the release root (holds nsddata/, nsddata_betas/, ...)")
     nsd.add_argument("--out", metavar="URI", help="output store (the config's `store`)")
-    nsd.add_argument("--subjects", type=int, nargs="+", metavar="N")
-    nsd.add_argument("--sessions", type=int, nargs="+", metavar="N")
+    nsd.add_argument("--subjects", type=int, nargs="+", metavar="N", help="subjects (default: 1-8)")
+    nsd.add_argument("--sessions", type=int, nargs="+", metavar="N", help="sessions (default: every one there)")
     nsd.add_argument("--timeseries", action="store_true", help="also the per-run BOLD time series (Dynadiff)")
-    nsd.add_argument("--normalize", choices=["session-zscore", "none"])
+    nsd.add_argument("--normalize", choices=["session-zscore", "none"],
+                     help="betas: z-scored per voxel within each session (default), or percent signal change")
     nsd.add_argument("--coco", metavar="DIR", help="COCO 2017 annotations: categories and captions")
     nsd.set_defaults(func=stage_ingest_nsd)
 
-    me2 = isub.add_parser("mindeye2", help="MindEye2's preprocessed release (pscotti/mindeyev2 layout)")
+    me2 = _stage(isub, "mindeye2", "MindEye2's preprocessed release (pscotti/mindeyev2 layout)",
+                 ("ingest-mindeye2-nsd.yaml",))
     _common(me2)
     me2.add_argument("--source", metavar="URI", help="the release root (holds betas_all_subjNN_fp32_renorm.hdf5, wds/)")
     me2.add_argument("--out", metavar="URI", help="output store (the config's `store`)")
-    me2.add_argument("--subjects", type=int, nargs="+", metavar="N")
+    me2.add_argument("--subjects", type=int, nargs="+", metavar="N", help="subjects (default: 1, 2, 5, 7)")
     me2.add_argument("--nsd", metavar="URI", help="an NSD release root: nsdgeneral masks (voxel coordinates, ROIs) "
                      "and the stimulus info COCO annotations are matched through")
     me2.add_argument("--coco", metavar="DIR", help="COCO 2017 annotations: categories and captions (needs --nsd)")
     me2.set_defaults(func=stage_ingest_mindeye2)
 
-    embed = sub.add_parser("embed", help="frozen image targets (OpenCLIP tokens, VAE latents) of every stimulus, "
-                           "written into the store (Ray Data; GPU actors where there are GPUs)")
+    embed = _stage(sub, "embed", "frozen image targets (OpenCLIP tokens, VAE latents) of every stimulus, written "
+                   "into the store (Ray Data; GPU actors when use_gpu or the cluster can have GPUs)",
+                   ("embed.yaml", "embed-nsd.yaml"))
     embed.add_argument("--store", metavar="URI", help="store URI (default: the config's `store`)")
     embed.add_argument("--encoder", dest="encoders", action="append", metavar="NAME",
                        help="encoder name, e.g. openclip-bigg, sd-vae, openclip-demo, vae-demo (repeatable)")
     _common(embed)
     embed.set_defaults(func=stage_embed)
 
-    info = sub.add_parser("info", help="summarise a store; --verify checks every shard")
+    info = _stage(sub, "info", "summarise a store; --verify checks every shard", ("info.yaml",))
     info.add_argument("uri", nargs="?", metavar="URI", help="store URI (default: the config's `store`)")
     info.add_argument("--verify", action="store_true", help="read every shard and check it against the manifest")
     _common(info)
     info.set_defaults(func=stage_info)
 
-    pretrain = sub.add_parser("pretrain", help="train a method on Ray Train + DeepSpeed (pretraining or, with "
-                              "init_from, fine-tuning); tracked in MLflow")
+    pretrain = _stage(sub, "pretrain", "train a method on Ray Train + DeepSpeed (pretraining or, with init_from, "
+                      "fine-tuning); tracked in MLflow", ("pretrain.yaml", "finetune.yaml", "pretrain-nsd.yaml"))
     _common(pretrain)
     pretrain.set_defaults(func=stage_pretrain)
 
-    sweep = sub.add_parser("sweep", help="per-subject adaptations x a search space on Ray Tune; one MLflow child run "
-                           "per trial; the best per subject registered and gated")
+    sweep = _stage(sub, "sweep", "per-subject adaptations x a search space on Ray Tune; one MLflow child run per "
+                   "trial; the best per subject registered and gated", ("sweep.yaml", "sweep-nsd.yaml"))
     _common(sweep)
     sweep.set_defaults(func=stage_sweep)
 
-    dyn = sub.add_parser("dynadiff", help="train a diffusion decoder on fMRI time-series windows (Ray Train + "
-                         "DeepSpeed), reconstruct the test set, time-resolved curves, register; `dynadiff "
-                         "reconstruct` evaluates an existing checkpoint")
-    dyn.add_argument("action", nargs="?", choices=["train", "reconstruct"], default="train")
+    dyn = _stage(sub, "dynadiff", "train a diffusion decoder on fMRI time-series windows (Ray Train + DeepSpeed), "
+                 "reconstruct the test set, time-resolved curves, register; 'dynadiff reconstruct' evaluates an "
+                 "existing checkpoint", ("dynadiff.yaml", "dynadiff-nsd.yaml"))
+    dyn.add_argument("action", nargs="?", choices=["train", "reconstruct"], default="train",
+                     help="train (default): the whole stage; reconstruct: evaluate an existing checkpoint")
     dyn.add_argument("--checkpoint", metavar="URI", help="reconstruct: a final/ checkpoint (default: "
                      "<storage>/<run_name>/final)")
     _common(dyn)
     dyn.set_defaults(func=stage_dynadiff)
 
-    ev = sub.add_parser("evaluate", help="a model on the store's test split (averaged and single-trial): retrieval, "
-                        "reconstruction and semantic metrics, plots; an MLflow evaluation run (Ray Data inference)")
+    ev = _stage(sub, "evaluate", "a model on the store's test split (averaged and single-trial): retrieval, "
+                "reconstruction and semantic metrics, plots; an MLflow evaluation run (Ray Data inference)",
+                ("evaluate.yaml", "evaluate-nsd.yaml"))
     ev.add_argument("--model", metavar="REF", help="models:/name@alias, models:/name/version, runs:/<id>/model or a "
                     "final/ checkpoint URI")
     ev.add_argument("--store", metavar="URI", help="store URI (default: the config's `store`)")
     _common(ev)
     ev.set_defaults(func=stage_evaluate)
 
-    cmp_ = sub.add_parser("compare", help="side-by-side metrics of evaluated models (the papers' Table 1), from their "
-                          "MLflow evaluation runs")
+    cmp_ = _stage(sub, "compare", "side-by-side metrics of evaluated models (the papers' Table 1), from their MLflow "
+                  "evaluation runs", ("evaluate.yaml",))
     cmp_.add_argument("models", nargs="*", metavar="REF", help="model references as given to `evaluate`")
     _common(cmp_)
     cmp_.set_defaults(func=stage_compare)
 
-    sm = sub.add_parser("submit", help="run a stage as a Ray job on a cluster (the Ray Job SDK: this checkout as the "
-                        "working dir, the config checked first; token authentication)")
+    sm = _stage(sub, "submit", "run a stage as a Ray job on a cluster (the Ray Job SDK: this checkout as the working "
+                "dir, the config checked first; token authentication); see jobs/README.md")
     sm.add_argument("what", nargs="+", metavar="STAGE", help="e.g. pretrain, sweep, dynadiff, evaluate, ingest synthetic")
     sm.add_argument("--address", default=os.environ.get("RAY_ADDRESS"), required="RAY_ADDRESS" not in os.environ,
                     help="the job server, e.g. http://127.0.0.1:8265 (default RAY_ADDRESS)")
@@ -357,26 +395,27 @@ def build_parser() -> argparse.ArgumentParser:
     _common(sm)
     sm.set_defaults(func=stage_submit)
 
-    promote = sub.add_parser("promote", help="apply the champion gate to a registered model version by hand")
+    promote = _stage(sub, "promote", "apply the champion gate to a registered model version by hand",
+                     ("promote-nsd.yaml",))
     promote.add_argument("--model", required=True, help="registered model name, e.g. raydecode-duala-subj08")
-    promote.add_argument("--version", required=True)
+    promote.add_argument("--version", required=True, help="the registered version to gate, e.g. 3")
     _common(promote)
     promote.set_defaults(func=stage_promote)
 
-    minfo = sub.add_parser("model-info", help="parameters per module, total and trainable (paper presets on the "
-                           "meta device: no memory)")
-    minfo.add_argument("--method", default="mindeye2")
-    minfo.add_argument("--preset", default="paper", choices=["tiny", "demo", "paper"])
+    minfo = _stage(sub, "model-info", "parameters per module, total and trainable (paper presets on the meta "
+                   "device: no memory)")
+    minfo.add_argument("--method", default="mindeye2", help="a registered method (default mindeye2)")
+    minfo.add_argument("--preset", default="paper", choices=["tiny", "demo", "paper"], help="sizes (default paper)")
     minfo.add_argument("--voxels", type=int, nargs="+", metavar="N",
                        help="voxels per subject (default: NSD nsdgeneral counts of subjects 1-8 at paper scale, "
                             "the synthetic preset's otherwise)")
     minfo.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="override a field of the method preset, e.g. --set hidden=1024")
-    minfo.add_argument("--json", action="store_true")
-    minfo.add_argument("--summary", metavar="PATH")
+    minfo.add_argument("--json", action="store_true", help="print only the JSON (stdout), the summary line to stderr")
+    minfo.add_argument("--summary", metavar="PATH", help="write the stage's result as one JSON object")
     minfo.set_defaults(func=stage_model_info)
 
-    demo = sub.add_parser("demo", help="the whole pipeline on embedded defaults (what `make demo` runs)")
+    demo = _stage(sub, "demo", "the whole pipeline on embedded defaults (what 'make demo' runs)")
     _common(demo)
     demo.set_defaults(func=stage_demo)
     return parser
@@ -386,6 +425,18 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     t0 = time.time()
     try:
+        if getattr(args, "print_config", False):
+            from raydecode.config import STAGE_CONFIGS, commented_yaml
+
+            key = _stage_key(args)
+            if key not in STAGE_CONFIGS:
+                raise ConfigError(f"--print-config: stage {' '.join(key)!r} has no config")
+            print(commented_yaml(load_config(STAGE_CONFIGS[key], args.config, args.overrides)))
+            return 0
+        if args.stage in NEEDS_CONFIG and not args.config and not args.overrides:
+            demo, nsd = NEEDS_CONFIG[args.stage]
+            raise ConfigError(f"{args.stage} needs a config: --config {JOBS}/{demo} (demo scale) or {JOBS}/{nsd} (NSD on "
+                              f"a GPU cluster); `raydecode {args.stage} --print-config` lists every key")
         result: StageResult = args.func(args)
     except UserError as exc:
         msg = str(exc)
@@ -399,7 +450,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.summary:
         result.write(args.summary)
     print(f"\n{result.stage}: {result.status} in {time.time() - t0:.1f} s"
-          + (f"; summary {args.summary}" if args.summary else ""))
+          + (f"; summary {args.summary}" if args.summary else ""),
+          file=sys.stderr if getattr(args, "json", False) else sys.stdout)  # model-info --json: stdout is the JSON
     return 0 if result.status not in ("failed", "error") else 1
 
 

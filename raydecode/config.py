@@ -481,3 +481,43 @@ class CompareConfig(StageConfig):
     reads_file_of: ClassVar[type[BaseModel]] = EvaluateConfig
     models: list[str] = Field(default_factory=list)
     experiment: str = Field("raydecode-evaluate", description="MLflow experiment of evaluation runs")
+
+
+# -- the stage table: which config each stage reads (cli, submit, --print-config) ---------------------------------
+
+STAGE_CONFIGS: dict[tuple[str, ...], type[StageConfig]] = {
+    ("ingest", "synthetic"): IngestSyntheticConfig, ("ingest", "nsd"): IngestNSDConfig,
+    ("ingest", "mindeye2"): IngestMindEye2Config, ("embed",): EmbedConfig, ("info",): InfoConfig,
+    ("pretrain",): TrainConfig, ("sweep",): SweepConfig, ("dynadiff",): DiffusionDecodeConfig,
+    ("dynadiff", "train"): DiffusionDecodeConfig, ("dynadiff", "reconstruct"): DiffusionDecodeConfig,
+    ("evaluate",): EvaluateConfig, ("compare",): CompareConfig, ("promote",): StageConfig, ("demo",): DemoConfig,
+}
+_SECRET_FIELD = ("secret", "token", "password", "access_key_id")
+
+
+def commented_yaml(cfg: BaseModel, indent: int = 0) -> str:
+    """``cfg`` as YAML with every key's description as a comment above it (``--print-config``); credentials that
+    are set print as ``"***"``."""
+    import textwrap
+
+    pad = " " * indent
+    lines: list[str] = []
+    dumped = cfg.model_dump(mode="json")
+    for name, field in type(cfg).model_fields.items():
+        if field.description:
+            lines += [f"{pad}# {line}" for line in textwrap.wrap(field.description, 116 - indent)]
+        value = getattr(cfg, name)
+        if isinstance(value, BaseModel):
+            lines.append(f"{pad}{name}:")
+            lines.append(commented_yaml(value, indent + 2))
+            continue
+        shown = dumped[name]
+        if shown is not None and any(s in name for s in _SECRET_FIELD):
+            shown = "***"
+        if isinstance(shown, dict) and shown:
+            text = yaml.safe_dump({name: shown}, default_flow_style=False, sort_keys=False).rstrip()
+        else:
+            flat = yaml.safe_dump(shown, default_flow_style=True, width=10**6).strip()
+            text = f"{name}: {flat.removesuffix('...').strip()}"
+        lines += [pad + line for line in text.splitlines()]
+    return "\n".join(lines)

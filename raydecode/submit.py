@@ -36,18 +36,13 @@ class JobFailed(UserError):
 
 
 def _config_schema(stage: list[str]):
-    from raydecode import config as c
+    from raydecode.config import STAGE_CONFIGS
 
-    schemas = {("ingest", "synthetic"): c.IngestSyntheticConfig, ("ingest", "nsd"): c.IngestNSDConfig,
-               ("ingest", "mindeye2"): c.IngestMindEye2Config, ("embed",): c.EmbedConfig, ("info",): c.InfoConfig,
-               ("pretrain",): c.TrainConfig, ("sweep",): c.SweepConfig, ("dynadiff",): c.DiffusionDecodeConfig,
-               ("dynadiff", "train"): c.DiffusionDecodeConfig, ("dynadiff", "reconstruct"): c.DiffusionDecodeConfig,
-               ("evaluate",): c.EvaluateConfig, ("compare",): c.CompareConfig, ("promote",): c.StageConfig}
     key = tuple(w for w in stage if not w.startswith("-"))
-    if key not in schemas:
-        allowed = ", ".join(" ".join(k) for k in schemas)
+    if key not in STAGE_CONFIGS or key == ("demo",):
+        allowed = ", ".join(" ".join(k) for k in STAGE_CONFIGS if k != ("demo",))
         raise ConfigError(f"stage {' '.join(stage)!r}: allowed values: {allowed}")
-    return schemas[key]
+    return STAGE_CONFIGS[key]
 
 
 def entrypoint(stage: list[str], config: str | None, overrides: list[str], root: Path,

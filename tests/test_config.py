@@ -1,8 +1,12 @@
+from pathlib import Path
+
 import pytest
 
 from raydecode.config import IngestSyntheticConfig, InfoConfig, load_config
 from raydecode.errors import ConfigError
 from conftest import run_cli
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_yaml_and_overrides(tmp_path):
@@ -65,3 +69,58 @@ def test_the_demo_runs_the_jobs_configs(stage):
         "evaluate": (lambda: demo.demo_evaluate_config(d, None), EvaluateConfig)}[stage]
     jobs = Path(__file__).resolve().parents[1] / "jobs" / f"{stage}.yaml"
     assert embedded().model_dump(mode="json") == load_config(schema, str(jobs)).model_dump(mode="json")
+
+
+def _parsers(parser, path=()):
+    """Every (sub)command's parser, with its command words."""
+    import argparse
+
+    yield path, parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield from _parsers(sub, path + (name,))
+
+
+def test_the_cli_explains_itself():
+    """Every option has help, no help text shows reStructuredText markup, every stage that has jobs/ examples names
+    existing files, --version answers, and --print-config prints a YAML that validates back to the same config."""
+    import yaml
+
+    from raydecode import __version__
+    from raydecode.cli import build_parser
+    from raydecode.config import STAGE_CONFIGS, SweepConfig, load_config
+
+    from conftest import run_main
+
+    parser = build_parser()
+    commands = dict(_parsers(parser))
+    assert {("pretrain",), ("ingest", "nsd"), ("evaluate",), ("model-info",), ("submit",)} <= set(commands)
+    for path, p in commands.items():
+        text = p.format_help()
+        assert "``" not in text and ":mod:" not in text and ":class:" not in text, (path, text)
+        for action in p._actions:
+            if action.option_strings and action.dest != "help":
+                assert action.help, f"raydecode {' '.join(path)} {action.option_strings[0]} has no help"
+        for example in (p.epilog or "").removeprefix("examples: ").split(", "):
+            if example.startswith("jobs/"):
+                assert (ROOT / example).is_file(), (path, example)
+    version = run_cli("--version")
+    assert version.returncode == 0 and version.stdout.strip() == f"raydecode {__version__}"
+
+    shown = run_main("sweep", "--print-config", "--config", str(ROOT / "jobs" / "sweep.yaml"), "--set", "optim.lr=0.01")
+    assert shown.returncode == 0 and "# dotted trial-config keys" in shown.stdout
+    assert yaml.safe_load(shown.stdout) == load_config(SweepConfig, str(ROOT / "jobs" / "sweep.yaml"),
+                                                       ["optim.lr=0.01"]).model_dump(mode="json")
+    secret = run_main("pretrain", "--print-config", "--set", "s3.secret_access_key=" + "b" * 40)
+    assert "b" * 40 not in secret.stdout and "secret_access_key: '***'" in secret.stdout
+    assert set(STAGE_CONFIGS) >= {("pretrain",), ("sweep",), ("dynadiff",), ("evaluate",), ("embed",)}
+
+
+def test_a_training_stage_without_a_config_asks_for_one():
+    from conftest import run_main
+
+    r = run_main("pretrain")
+    assert r.returncode == 2 and r.stderr.strip() == (
+        "error: pretrain needs a config: --config jobs/pretrain.yaml (demo scale) or jobs/pretrain-nsd.yaml (NSD on a "
+        "GPU cluster); `raydecode pretrain --print-config` lists every key")
