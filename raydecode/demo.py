@@ -39,6 +39,30 @@ def init_ray(address: str | None = None) -> None:
         # the dashboard serves the state API, which Ray Train's placement-group cleaner polls every second
         ray.init(include_dashboard=True, log_to_driver=True, configure_logging=True, logging_level="warning",
                  _system_config=local_system_config())
+    _ray_data_to_its_log_file()
+
+
+def _ray_data_to_its_log_file() -> None:
+    """Ray Data logs each dataset's progress at INFO every few seconds when stdout is not a terminal (hundreds of
+    lines per stage, e.g. under `ray job submit` or `make demo`): its console handler keeps warnings only, its log
+    file (ray_logs_dir()/ray-data.log) keeps everything; the stages print their own progress and summaries."""
+    import logging
+
+    import ray.data  # noqa: F401 - configures Ray Data's loggers
+
+    for handler in logging.getLogger("ray.data").handlers:
+        if "File" not in type(handler).__name__:
+            handler.setLevel(logging.WARNING)
+
+
+def ray_logs_dir() -> str:
+    """This node's Ray session log directory (Ray Data's ray-data.log, the workers' output)."""
+    try:
+        import ray._private.worker
+
+        return os.path.join(ray._private.worker._global_node.get_session_dir_path(), "logs")
+    except Exception:  # noqa: BLE001 - a private API: Ray's default location otherwise
+        return "/tmp/ray/session_latest/logs"
 
 
 def run_demo(cfg: DemoConfig) -> StageResult:
@@ -131,6 +155,7 @@ def run_demo(cfg: DemoConfig) -> StageResult:
     if promoted:
         print("\npromoted models: " + "; ".join(f"{v}" for v in promoted.values()))
     print(f"\nMLflow: mlflow ui --backend-store-uri {cfg.resolved_tracking_uri()}")
+    print(f"Ray's logs (Ray Data's progress in ray-data.log, every worker's output): {ray_logs_dir()}")
     return StageResult(
         stage="demo",
         status="ok" if not problems else "failed",

@@ -21,6 +21,7 @@ none).
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Literal
 
@@ -75,6 +76,26 @@ def encoder_config(ref: str | EncoderConfig | dict) -> EncoderConfig:
     return ENCODERS[ref]
 
 
+class _IntendedRandomInit(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("No pretrained weights loaded")
+
+
+def create_openclip(arch: str, weights: str | None) -> torch.nn.Module:
+    """``open_clip.create_model`` on CPU; random weights (``weights`` None: the seeded tiny / demo encoders) are
+    intended, so open_clip's warning about them is not printed once per process."""
+    import open_clip
+
+    quiet = _IntendedRandomInit()
+    root = logging.getLogger()
+    if weights is None:
+        root.addFilter(quiet)
+    try:
+        return open_clip.create_model(arch, pretrained=weights, device="cpu")
+    finally:
+        root.removeFilter(quiet)
+
+
 def _register_openclip_configs() -> None:
     import open_clip
 
@@ -111,7 +132,7 @@ class FrozenEncoder(torch.nn.Module):
         if cfg.arch not in open_clip.list_models():
             raise ConfigError(f"encoder {cfg.name!r}: unknown OpenCLIP model {cfg.arch!r}")
         weights = str(local_weights(cfg.weights, f"encoder {cfg.name!r}")) if cfg.weights is not None else None
-        model = open_clip.create_model(cfg.arch, pretrained=weights, device="cpu")
+        model = create_openclip(cfg.arch, weights)
         visual = model.visual
         visual.output_tokens = True
         return visual

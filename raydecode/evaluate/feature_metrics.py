@@ -129,13 +129,13 @@ class FeatureExtractor(torch.nn.Module):
     def _clip(net: MetricNet) -> torch.nn.Module:
         import open_clip
 
-        from raydecode.data.encoders import _register_openclip_configs
+        from raydecode.data.encoders import _register_openclip_configs, create_openclip
 
         _register_openclip_configs()
         if net.arch not in open_clip.list_models():
             raise ConfigError(f"metric {net.metric!r}: unknown OpenCLIP model {net.arch!r}")
         weights = str(local_weights(net.weights, f"metric {net.metric!r}")) if net.weights is not None else None
-        return open_clip.create_model(net.arch, pretrained=weights, device="cpu").visual
+        return create_openclip(net.arch, weights).visual
 
     @torch.no_grad()
     def forward(self, images: np.ndarray | torch.Tensor) -> torch.Tensor:

@@ -204,6 +204,7 @@ class Tracker:
 def train_loop_per_worker(payload: dict) -> None:
     import ray.data
     import ray.train
+    from ray.data.collate_fn import NumpyBatchCollateFn
     from ray.train import Checkpoint
 
     cfg = TrainConfig.model_validate(payload["cfg"])
@@ -278,13 +279,19 @@ def train_loop_per_worker(payload: dict) -> None:
     fault = cfg.fault_injection
     history: list[dict] = []
     metrics: dict[str, float] = {}
+
+    class NumpyCollate(NumpyBatchCollateFn):  # Ray Data's class-based collate (a plain function is deprecated)
+        def __call__(self, batch):
+            return collate(batch)
+
+    collate_numpy = NumpyCollate()
     while epoch < cfg.optim.epochs:
         t0 = time.time()
         skip = step - epoch * steps_per_epoch  # resuming mid-epoch: the epoch's batches already trained
         sums: dict[str, float] = {}
         n = 0
         for i, raw in enumerate(train_shard.iter_torch_batches(
-                batch_size=cfg.optim.batch_size, drop_last=True, collate_fn=collate,
+                batch_size=cfg.optim.batch_size, drop_last=True, collate_fn=collate_numpy,
                 local_shuffle_buffer_size=cfg.optim.shuffle_buffer or None, local_shuffle_seed=cfg.optim.seed + epoch)):
             if i < skip or i >= steps_per_epoch:
                 continue
