@@ -257,7 +257,17 @@ def stage_model_info(args) -> StageResult:
     from raydecode.methods.info import model_info
 
     voxels = args.voxels or None
-    info = model_info(args.method, args.preset, voxels, overrides=load_config_overrides(args.overrides))
+    overrides = load_config_overrides(args.overrides)
+    if args.memory:
+        from raydecode.methods.memory import format_memory_plan, memory_plan
+
+        plan = memory_plan(args.method, args.preset, voxels, overrides, gpus=args.gpus,
+                           gpu_sizes_gb=tuple(args.gpu_gb))
+        print(json.dumps(plan, indent=2) if args.json else format_memory_plan(plan, args.batch))
+        return StageResult(stage="model-info", status="ok", artifacts={},
+                           metrics={"total": plan["params"], "trainable": plan["trainable"],
+                                    **{f"zero{r['zero']}.states_gb": round(r["states_gb"], 3) for r in plan["zero"]}})
+    info = model_info(args.method, args.preset, voxels, overrides=overrides)
     if args.json:
         print(json.dumps(info, indent=2))
     else:
@@ -411,6 +421,14 @@ def build_parser() -> argparse.ArgumentParser:
                             "the synthetic preset's otherwise)")
     minfo.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="override a field of the method preset, e.g. --set hidden=1024")
+    minfo.add_argument("--memory", action="store_true",
+                       help="per-GPU model states under ZeRO 0-3 (bf16, Adam) and the largest batch per GPU size, "
+                            "activations measured in one loss on uninitialised CPU memory (needs the fp32 model's "
+                            "size in RAM: ~10 GB for MindEye2's paper preset)")
+    minfo.add_argument("--gpus", type=int, default=8, help="--memory: data-parallel GPUs (default 8)")
+    minfo.add_argument("--gpu-gb", type=int, nargs="+", default=[24, 40, 80, 141], metavar="GB",
+                       help="--memory: GPU sizes to plan for (default 24 40 80 141)")
+    minfo.add_argument("--batch", type=int, help="--memory: the per-GPU batch to advise a ZeRO stage for")
     minfo.add_argument("--json", action="store_true", help="print only the JSON (stdout), the summary line to stderr")
     minfo.add_argument("--summary", metavar="PATH", help="write the stage's result as one JSON object")
     minfo.set_defaults(func=stage_model_info)

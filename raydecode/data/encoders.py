@@ -81,7 +81,7 @@ class _IntendedRandomInit(logging.Filter):
         return not record.getMessage().startswith("No pretrained weights loaded")
 
 
-def create_openclip(arch: str, weights: str | None) -> torch.nn.Module:
+def create_openclip(arch: str, weights: str | None, device: str = "cpu") -> torch.nn.Module:
     """``open_clip.create_model`` on CPU; random weights (``weights`` None: the seeded tiny / demo encoders) are
     intended, so open_clip's warning about them is not printed once per process."""
     import open_clip
@@ -91,7 +91,7 @@ def create_openclip(arch: str, weights: str | None) -> torch.nn.Module:
     if weights is None:
         root.addFilter(quiet)
     try:
-        return open_clip.create_model(arch, pretrained=weights, device="cpu")
+        return open_clip.create_model(arch, pretrained=weights, device=device)
     finally:
         root.removeFilter(quiet)
 
@@ -103,18 +103,35 @@ def _register_openclip_configs() -> None:
         open_clip.add_model_config(CONFIG_DIR)
 
 
+def sd_vae_architecture(image_size: int) -> torch.nn.Module:
+    """Stable Diffusion's VAE (AutoencoderKL, 4 blocks 128-512, 4 latent channels), random weights: parameter
+    counts and shapes on the meta device."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                         block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
+                         sample_size=image_size)
+
+
 class FrozenEncoder(torch.nn.Module):
     """A frozen image encoder: ``encode(images_uint8) -> (tokens, pooled)`` in float32."""
 
-    def __init__(self, cfg: EncoderConfig):
+    def __init__(self, cfg: EncoderConfig, *, architecture_only: bool = False):
+        """``architecture_only``: the network on the meta device, its weights never read (output shapes for
+        planning: ``tokens_shape`` / ``pooled_dim``), pretrained-only architectures included."""
         super().__init__()
         self.cfg = cfg
-        if requires_weights(cfg):
-            raise ConfigError(f"encoder {cfg.name!r} needs `weights` (a local path, s3:// or hf:// reference); random "
-                              "weights exist only for the raydecode-* architectures")
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(cfg.seed)
-            self.net = self._build_openclip(cfg) if cfg.kind == "openclip" else self._build_vae(cfg)
+        if architecture_only:
+            with torch.device("meta"):
+                self.net = self._build_openclip(cfg.model_copy(update={"weights": None}), "meta") \
+                    if cfg.kind == "openclip" else self._vae_architecture(cfg)
+        else:
+            if requires_weights(cfg):
+                raise ConfigError(f"encoder {cfg.name!r} needs `weights` (a local path, s3:// or hf:// reference); "
+                                  "random weights exist only for the raydecode-* architectures")
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(cfg.seed)
+                self.net = self._build_openclip(cfg) if cfg.kind == "openclip" else self._build_vae(cfg)
         self.net.eval().requires_grad_(False)
         self._mid: torch.Tensor | None = None
         if cfg.kind == "vae":
@@ -125,17 +142,31 @@ class FrozenEncoder(torch.nn.Module):
         self.pooled_dim = int(pooled.shape[1])
 
     @staticmethod
-    def _build_openclip(cfg: EncoderConfig) -> torch.nn.Module:
+    def _build_openclip(cfg: EncoderConfig, device: str = "cpu") -> torch.nn.Module:
         import open_clip
 
         _register_openclip_configs()
         if cfg.arch not in open_clip.list_models():
             raise ConfigError(f"encoder {cfg.name!r}: unknown OpenCLIP model {cfg.arch!r}")
         weights = str(local_weights(cfg.weights, f"encoder {cfg.name!r}")) if cfg.weights is not None else None
-        model = create_openclip(cfg.arch, weights)
+        model = create_openclip(cfg.arch, weights, device)
         visual = model.visual
         visual.output_tokens = True
         return visual
+
+    @staticmethod
+    def _vae_architecture(cfg: EncoderConfig) -> torch.nn.Module:
+        """The VAE's architecture, no weights loaded: its config (the only file fetched) when it names weights,
+        Stable Diffusion's for ``pretrained`` without them, the tiny one otherwise."""
+        from diffusers import AutoencoderKL
+
+        if cfg.weights is not None:
+            root = local_weights(cfg.weights, f"encoder {cfg.name!r}", ("*.json", "*/*.json"))
+            sub = "vae" if (root / "vae" / "config.json").exists() else None
+            return AutoencoderKL.from_config(AutoencoderKL.load_config(root, subfolder=sub))
+        if cfg.arch == "pretrained":
+            return sd_vae_architecture(cfg.image_size)
+        return FrozenEncoder._build_vae(cfg)
 
     @staticmethod
     def _build_vae(cfg: EncoderConfig) -> torch.nn.Module:

@@ -162,7 +162,7 @@ def build_vae(cfg: DynadiffConfig):
     """The VAE exactly as the target encoder of the same name builds it (same weights, same latents)."""
     from diffusers import AutoencoderKL
 
-    from raydecode.data.encoders import FrozenEncoder, encoder_config, requires_weights
+    from raydecode.data.encoders import FrozenEncoder, encoder_config, requires_weights, sd_vae_architecture
 
     enc = encoder_config(cfg.vae)
     if enc.kind != "vae":
@@ -173,10 +173,7 @@ def build_vae(cfg: DynadiffConfig):
             sub = "vae" if (root / "vae" / "config.json").exists() else None
             return enc, AutoencoderKL.from_config(AutoencoderKL.load_config(root, subfolder=sub))
         if enc.arch == "pretrained":  # Stable Diffusion's VAE architecture (counts only)
-            return enc, AutoencoderKL(
-                down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-                block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
-                sample_size=enc.image_size)
+            return enc, sd_vae_architecture(enc.image_size)
     if requires_weights(enc):
         raise ConfigError(f"model.vae {enc.name!r} needs `weights` (a diffusers directory: a local path, s3:// or "
                           "hf:// reference)")

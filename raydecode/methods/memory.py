@@ -1,0 +1,184 @@
+"""``raydecode model-info --memory``: what a method needs per GPU, and the largest batch that fits.
+
+Two parts, per GPU, for N data-parallel GPUs under DeepSpeed ZeRO stage 0-3:
+
+- **model states**, from the parameter counts (trainable Psi_t, all Psi; the largest layer L for ZeRO-3's gathered
+  parameters), with DeepSpeed's own accounting: bf16 keeps 16-bit weights (2 Psi) and, per trainable parameter,
+  16-bit gradients (2), fp32 gradients (4), fp32 master weights (4) and Adam's two moments (8) = 18 Psi_t; ZeRO-1
+  partitions the fp32 parts (16 Psi_t / N), ZeRO-2 the gradients too (18 Psi_t / N), ZeRO-3 the 16-bit weights
+  as well, its gradients going straight into the fp32 partitions (2 Psi / N + 16 Psi_t / N + 4 L). fp32 (CPU) keeps 4 Psi weights + 4 Psi_t gradients + 8 Psi_t moments.
+  For a fully trainable model these are DeepSpeed's ``estimate_zero2/3_model_states_mem_needs`` without offload;
+- **activations**, measured, not modelled: the tensors autograd saves for backward in one ``spec.loss`` of the
+  method (a batch of the store's shapes, the target encoders' output shapes from their architectures), counted
+  once per storage with ``torch.autograd.graph.saved_tensors_hooks``, parameters left out, at two batch sizes:
+  ``bytes = fixed + per_sample x B``. The model is built on the meta device and given uninitialised CPU memory
+  (``to_empty``): the values do not matter, the shapes do; fp32 here, half of it in bf16.
+
+The largest batch per GPU is what fits in ``usable`` (default 90 %) of its memory beside the model states.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from raydecode.methods.base import DatasetInfo, Progress, get_method
+from raydecode.report import table
+
+GB = 1e9
+GPU_SIZES_GB = (24, 40, 80, 141)
+
+
+def model_states_bytes(total: int, trainable: int, zero: int, gpus: int, precision: str = "bf16",
+                       largest_layer: int = 0) -> int:
+    """Per-GPU bytes of weights, gradients and optimizer states (Adam) under ZeRO ``zero`` on ``gpus`` GPUs."""
+    n = max(1, gpus)
+    if precision == "fp32":
+        weights, grads16, fp32_parts = 4 * total, 0, 12 * trainable  # fp32 grads + Adam moments
+    else:
+        weights, grads16, fp32_parts = 2 * total, 2 * trainable, 16 * trainable  # + fp32 grads, master, moments
+    if zero == 0:
+        return int(weights + grads16 + fp32_parts)
+    if zero == 1:
+        return int(weights + grads16 + fp32_parts / n)
+    if zero == 2:
+        return int(weights + (grads16 + fp32_parts) / n)
+    # ZeRO-3 reduce-scatters 16-bit gradients straight into the fp32 partitions; the largest layer is gathered
+    return int((weights + fp32_parts) / n + 4 * largest_layer)
+
+
+@dataclass(frozen=True)
+class Activations:
+    per_sample: float  # bytes per sample (fp32)
+    fixed: float  # bytes independent of the batch (fp32)
+
+    def at(self, batch: int, precision: str = "bf16") -> float:
+        scale = 0.5 if precision == "bf16" else 1.0
+        return scale * (self.fixed + self.per_sample * batch)
+
+
+def fake_batch(spec, mcfg, info: DatasetInfo, batch: int) -> dict[str, torch.Tensor]:
+    """A batch of the shapes the training loop hands ``spec.loss``: the method's columns and its targets."""
+    from raydecode.data.encoders import FrozenEncoder, encoder_config
+
+    subjects = torch.tensor(info.subjects)[torch.arange(batch) % len(info.subjects)]
+    out: dict[str, torch.Tensor] = {"subject": subjects, "image_id": torch.arange(batch)}
+    for col in spec.columns:
+        if col == "betas":
+            out["betas"] = torch.randn(batch, info.width)
+        elif col == "bold":
+            window = spec.windows(mcfg)
+            out["bold"] = torch.randn(batch, window.n_samples(info.tr_s), info.width)
+        elif col == "categories":
+            out["categories"] = (torch.rand(batch, info.n_classes) < 0.1).float()
+        elif col not in out:
+            raise NotImplementedError(f"memory planner: no shape for column {col!r} of method {spec.name!r}")
+    for key, name in spec.targets(mcfg).items():
+        enc = FrozenEncoder(encoder_config(name), architecture_only=True)
+        out[f"{key}_tokens"] = torch.randn(batch, *enc.tokens_shape)
+        out[f"{key}_pooled"] = torch.randn(batch, enc.pooled_dim)
+    return out
+
+
+def build_for_measurement(spec, mcfg, info: DatasetInfo) -> tuple[torch.nn.Module, list[torch.nn.Parameter]]:
+    """The model on uninitialised CPU memory (built on meta: no initialisation, no weights read), only its trainable
+    parameters requiring gradients."""
+    with torch.device("meta"):
+        model = spec.build_model(mcfg, info)
+        trainable = [p for g in spec.param_groups(model, mcfg, 0.0) for p in g["params"]]
+    ids = {id(p) for p in trainable}
+    keep = {n for n, p in model.named_parameters() if id(p) in ids}  # by name: to_empty makes new tensors
+    model = model.to_empty(device="cpu")
+    _materialize_attributes(model)
+    named = dict(model.named_parameters())
+    for n, p in named.items():
+        p.requires_grad_(n in keep)
+    return model, [named[n] for n in sorted(keep)]
+
+
+def _materialize_attributes(model: torch.nn.Module) -> None:
+    """State outside parameters and buffers that was built on the meta device: plain tensors get CPU memory,
+    diffusers schedulers (their ``alphas_cumprod`` ...) are rebuilt from their config."""
+    for module in model.modules():
+        for name, value in list(vars(module).items()):
+            if isinstance(value, torch.Tensor) and value.is_meta:
+                setattr(module, name, torch.zeros_like(value, device="cpu"))
+            elif hasattr(value, "from_config") and hasattr(value, "config") and not isinstance(value, torch.nn.Module):
+                setattr(module, name, type(value).from_config(value.config))
+
+
+def measure_activations(spec, mcfg, info: DatasetInfo, model: torch.nn.Module,
+                        batch_sizes: tuple[int, int] = (2, 4)) -> Activations:
+    """Bytes autograd saves for backward in one ``spec.loss``, at two batch sizes (see the module doc)."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    params |= {b.untyped_storage().data_ptr() for b in model.buffers()}
+    totals = []
+    for b in batch_sizes:
+        batch = fake_batch(spec, mcfg, info, b)
+        inputs = {t.untyped_storage().data_ptr() for t in batch.values()}
+        seen: dict[int, int] = {}
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            ptr = t.untyped_storage().data_ptr()
+            if ptr not in params and ptr not in inputs:
+                seen[ptr] = max(seen.get(ptr, 0), t.untyped_storage().nbytes())
+            return t
+
+        torch.manual_seed(0)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss, _ = spec.loss(model, batch, Progress(0, 1, 0, 1))
+        del loss
+        totals.append(sum(seen.values()))
+    (b1, b2), (t1, t2) = batch_sizes, totals
+    per = max(0.0, (t2 - t1) / (b2 - b1))
+    return Activations(per, max(0.0, t1 - per * b1))
+
+
+def memory_plan(method: str, preset: str, voxels: list[int] | None = None, overrides: dict | None = None,
+                gpus: int = 8, gpu_sizes_gb: tuple[int, ...] = GPU_SIZES_GB, usable: float = 0.9,
+                batch_sizes: tuple[int, int] = (2, 4)) -> dict:
+    """Model states and the largest per-GPU batch for ``gpu_sizes_gb`` x ZeRO 0-3 on ``gpus`` GPUs (bf16)."""
+    from raydecode.methods.info import dataset_info
+
+    spec = get_method(method)
+    mcfg = spec.config(preset, overrides)
+    info = dataset_info(preset, voxels)
+    model, trainable = build_for_measurement(spec, mcfg, info)
+    total = sum(p.numel() for p in model.parameters())
+    n_train = sum(p.numel() for p in trainable)
+    largest = max((p.numel() for p in model.parameters()), default=0)
+    act = measure_activations(spec, mcfg, info, model, batch_sizes)
+    rows = []
+    for zero in range(4):
+        states = model_states_bytes(total, n_train, zero, gpus, "bf16", largest)
+        fits = {}
+        for size in gpu_sizes_gb:
+            room = usable * size * GB - states - act.at(0)
+            fits[size] = max(0, int(room // (0.5 * act.per_sample))) if act.per_sample > 0 else None
+        rows.append({"zero": zero, "states_gb": states / GB, "max_batch": fits})
+    return {"method": method, "preset": preset, "voxels": info.voxels, "gpus": gpus, "usable": usable,
+            "params": total, "trainable": n_train, "largest_layer": largest,
+            "activations_per_sample_gb_bf16": 0.5 * act.per_sample / GB, "activations_fixed_gb_bf16": 0.5 * act.fixed / GB,
+            "zero": rows, "gpu_sizes_gb": list(gpu_sizes_gb)}
+
+
+def format_memory_plan(plan: dict, batch: int | None = None) -> str:
+    sizes = plan["gpu_sizes_gb"]
+    head = (f"{plan['method']} ({plan['preset']}), {plan['params']:,} parameters ({plan['trainable']:,} trainable), "
+            f"{plan['gpus']} GPUs, bf16 + fp32 Adam states\nactivations (bf16): "
+            f"{plan['activations_per_sample_gb_bf16'] * 1e3:.1f} MB per sample + "
+            f"{plan['activations_fixed_gb_bf16'] * 1e3:.1f} MB; usable memory {plan['usable']:.0%} of each GPU\n")
+    rows = [[f"ZeRO-{r['zero']}", f"{r['states_gb']:.1f}"]
+            + [("-" if r["max_batch"][s] is None else ("does not fit" if r["max_batch"][s] == 0
+                                                        else str(r["max_batch"][s]))) for s in sizes]
+            for r in plan["zero"]]
+    out = head + table(["stage", "model states GB/GPU"] + [f"max batch/GPU {s} GB" for s in sizes], rows)
+    if batch:
+        advice = []
+        for s in sizes:
+            ok = [r["zero"] for r in plan["zero"] if (r["max_batch"][s] or 0) >= batch]
+            advice.append(f"{s} GB: " + (f"deepspeed.zero_stage {ok[0]}" if ok else
+                                          f"does not fit at batch {batch}: lower optim.batch_size or add GPUs"))
+        out += f"\n\nat optim.batch_size {batch}: " + "; ".join(advice)
+    return out

@@ -1,0 +1,53 @@
+"""The memory planner (`raydecode model-info --memory`): model states as DeepSpeed's own estimators count them, and
+activations measured from what autograd saves, linear in the batch size."""
+
+from __future__ import annotations
+
+import pytest
+
+from raydecode.methods.base import get_method
+from raydecode.methods.info import dataset_info
+from raydecode.methods.memory import (build_for_measurement, measure_activations, memory_plan, model_states_bytes)
+
+from conftest import run_main
+
+
+@pytest.mark.parametrize("gpus", [1, 8, 64])
+def test_model_states_match_deepspeeds_estimators_for_a_fully_trainable_model(gpus):
+    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+    from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
+
+    total, largest = 2_588_627_300, 1_745_256_448 // 256  # MindEye2 (paper): its parameters, one token head
+    _, zero2 = estimate_zero2_model_states_mem_needs(total, num_gpus_per_node=gpus, cpu_offload=False)
+    _, zero3, _ = estimate_zero3_model_states_mem_needs(total, largest, num_gpus_per_node=gpus, cpu_offload=False)
+    assert model_states_bytes(total, total, 2, gpus, "bf16", largest) == pytest.approx(zero2, rel=1e-6)
+    assert model_states_bytes(total, total, 3, gpus, "bf16", largest) == pytest.approx(zero3, rel=1e-6)
+    # each stage partitions more; frozen weights (Dynadiff's UNet, Duala's base) cost only their 16-bit copy
+    stages = [model_states_bytes(total, total, z, gpus, "bf16", largest) for z in range(4)]
+    assert stages[0] >= stages[1] >= stages[2] and (gpus == 1 or stages[2] > stages[3])
+    assert model_states_bytes(total, 0, 0, gpus) == 2 * total
+
+
+def test_activations_are_measured_linear_in_the_batch_and_counted_once_per_storage():
+    spec = get_method("mindeye2")
+    mcfg, info = spec.config("tiny"), dataset_info("tiny")
+    model, trainable = build_for_measurement(spec, mcfg, info)
+    assert trainable and all(p.requires_grad for p in trainable) and not any(p.is_meta for p in model.parameters())
+    act = measure_activations(spec, mcfg, info, model, (2, 4))
+    assert act.per_sample > 0
+    # a third batch size lies on the line the first two give (the contrastive B x B logits are the only
+    # non-linear part, small at these sizes)
+    wide = measure_activations(spec, mcfg, info, model, (4, 16))
+    assert wide.per_sample == pytest.approx(act.per_sample, rel=0.1)
+    assert act.at(64, "bf16") == pytest.approx(act.at(64, "fp32") / 2)
+
+
+def test_the_plan_picks_the_smallest_zero_stage_that_fits_and_the_cli_prints_it():
+    plan = memory_plan("dynadiff", "tiny", gpus=2, gpu_sizes_gb=(24,))
+    assert plan["trainable"] < plan["params"]  # the frozen UNet
+    batches = [r["max_batch"][24] for r in plan["zero"]]
+    assert all(b and b > 0 for b in batches) and batches == sorted(batches)  # more partitioning, more room
+    out = run_main("model-info", "--method", "dynadiff", "--preset", "tiny", "--memory", "--gpus", "2", "--gpu-gb",
+                   "24", "--batch", "16")
+    assert out.returncode == 0, out.stderr
+    assert "ZeRO-3" in out.stdout and "at optim.batch_size 16: 24 GB: deepspeed.zero_stage 0" in out.stdout
