@@ -259,11 +259,15 @@ def stage_model_info(args) -> StageResult:
     voxels = args.voxels or None
     overrides = load_config_overrides(args.overrides)
     if args.memory:
-        from raydecode.methods.memory import format_memory_plan, memory_plan
+        from raydecode.methods.memory import format_memory_plan, job_settings, memory_plan
 
-        plan = memory_plan(args.method, args.preset, voxels, overrides, gpus=args.gpus,
-                           gpu_sizes_gb=tuple(args.gpu_gb))
-        print(json.dumps(plan, indent=2) if args.json else format_memory_plan(plan, args.batch))
+        method, preset, gpus, batch = args.method, args.preset, args.gpus_set or 8, args.batch
+        if args.config:  # a training job's settings; explicit flags still win for --gpus / --batch
+            job = job_settings(args.config)
+            method, preset, overrides = job["method"], job["preset"], {**job["overrides"], **overrides}
+            gpus, batch = args.gpus_set or job["gpus"] or gpus, batch or job["batch"]
+        plan = memory_plan(method, preset, voxels, overrides, gpus=gpus, gpu_sizes_gb=tuple(args.gpu_gb))
+        print(json.dumps(plan, indent=2) if args.json else format_memory_plan(plan, batch))
         return StageResult(stage="model-info", status="ok", artifacts={},
                            metrics={"total": plan["params"], "trainable": plan["trainable"],
                                     **{f"zero{r['zero']}.states_gb": round(r["states_gb"], 3) for r in plan["zero"]}})
@@ -425,7 +429,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="per-GPU model states under ZeRO 0-3 (bf16, Adam) and the largest batch per GPU size, "
                             "activations measured in one loss on uninitialised CPU memory (needs the fp32 model's "
                             "size in RAM: ~10 GB for MindEye2's paper preset)")
-    minfo.add_argument("--gpus", type=int, default=8, help="--memory: data-parallel GPUs (default 8)")
+    minfo.add_argument("--gpus", dest="gpus_set", type=int, help="--memory: data-parallel GPUs (default: the job's "
+                       "scaling.num_workers, else 8)")
+    minfo.add_argument("--config", metavar="FILE", help="--memory: plan a training job (jobs/*.yaml): its method, "
+                       "preset, model keys, optim.batch_size and scaling.num_workers; weights are not read")
     minfo.add_argument("--gpu-gb", type=int, nargs="+", default=[24, 40, 80, 141], metavar="GB",
                        help="--memory: GPU sizes to plan for (default 24 40 80 141)")
     minfo.add_argument("--batch", type=int, help="--memory: the per-GPU batch to advise a ZeRO stage for")

@@ -228,7 +228,7 @@ def demo_dynadiff_config(cfg: DemoConfig):
         "checkpoint": {"every_epochs": 3},
         "reconstruct": {"steps": 20, "guidance": 3.0, "single_trial": False, "grid_images": 16,
                         "max_images": 16},
-        "time_resolved": {"shifts": [-3, -1, 0, 1, 3], "specialized": []}})
+        "time_resolved": {"shifts": [-2, 0, 2], "specialized": []}})
 
 
 def demo_evaluate_config(cfg: DemoConfig, model: str):

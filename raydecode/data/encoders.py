@@ -156,17 +156,11 @@ class FrozenEncoder(torch.nn.Module):
 
     @staticmethod
     def _vae_architecture(cfg: EncoderConfig) -> torch.nn.Module:
-        """The VAE's architecture, no weights loaded: its config (the only file fetched) when it names weights,
-        Stable Diffusion's for ``pretrained`` without them, the tiny one otherwise."""
-        from diffusers import AutoencoderKL
-
-        if cfg.weights is not None:
-            root = local_weights(cfg.weights, f"encoder {cfg.name!r}", ("*.json", "*/*.json"))
-            sub = "vae" if (root / "vae" / "config.json").exists() else None
-            return AutoencoderKL.from_config(AutoencoderKL.load_config(root, subfolder=sub))
+        """The VAE's architecture, no weights read: Stable Diffusion's KL-f8 for ``pretrained`` (the pretrained
+        VAEs used here, SD's and Versatile Diffusion's, share it), the tiny one otherwise."""
         if cfg.arch == "pretrained":
             return sd_vae_architecture(cfg.image_size)
-        return FrozenEncoder._build_vae(cfg)
+        return FrozenEncoder._build_vae(cfg.model_copy(update={"weights": None}))
 
     @staticmethod
     def _build_vae(cfg: EncoderConfig) -> torch.nn.Module:

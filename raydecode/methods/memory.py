@@ -135,6 +135,28 @@ def measure_activations(spec, mcfg, info: DatasetInfo, model: torch.nn.Module,
     return Activations(per, max(0.0, t1 - per * b1))
 
 
+# model keys that name pretrained weights: the planner builds their architectures from the preset instead (nothing
+# is fetched; Versatile Diffusion's UNet is the paper preset's unet_config)
+WEIGHT_KEYS = ("unet", "init_from")
+
+
+def job_settings(path: str) -> dict:
+    """method, preset, model overrides, per-GPU batch and GPUs of a training job's YAML (jobs/*-nsd.yaml)."""
+    import yaml
+
+    from raydecode.errors import ConfigError
+
+    try:
+        data = yaml.safe_load(open(path)) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"{path}: {str(exc).splitlines()[0]}") from None
+    model = {k: v for k, v in (data.get("model") or {}).items() if k not in WEIGHT_KEYS}
+    if isinstance(model.get("vae"), dict):
+        model["vae"] = {k: v for k, v in model["vae"].items() if k != "weights"}
+    return {"method": data.get("method", "mindeye2"), "preset": data.get("preset", "demo"), "overrides": model,
+            "batch": (data.get("optim") or {}).get("batch_size"), "gpus": (data.get("scaling") or {}).get("num_workers")}
+
+
 def memory_plan(method: str, preset: str, voxels: list[int] | None = None, overrides: dict | None = None,
                 gpus: int = 8, gpu_sizes_gb: tuple[int, ...] = GPU_SIZES_GB, usable: float = 0.9,
                 batch_sizes: tuple[int, int] = (2, 4)) -> dict:
