@@ -37,6 +37,7 @@ test-cluster: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_data.py
 	$(BIN)/python benchmarks/bench_ingest.py
+	$(BIN)/python benchmarks/bench_memory.py
 
 clean:
 	rm -rf work .pytest_cache
