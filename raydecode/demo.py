@@ -30,7 +30,8 @@ def init_ray(address: str | None = None) -> None:
     """Connect to ``address`` (or ``RAY_ADDRESS``), or start a local Ray if neither is set."""
     import ray
 
-    if ray.is_initialized():
+    if ray.is_initialized():  # e.g. a sweep trial's task running a training stage: its Ray Data output too
+        _ray_data_to_its_log_file()
         return
     address = address or os.environ.get("RAY_ADDRESS")
     if address:

@@ -282,8 +282,14 @@ def infer(cfg: EvaluateConfig, ref: ModelRef, config: dict, keys: np.ndarray | N
         Predictor, fn_constructor_args=(asdict(ref), mlflow_uri(), cfg.model_dump(mode="json"), keys, use_gpu),
         compute=ActorPoolStrategy(size=cfg.actors), num_cpus=cfg.cpus_per_actor, num_gpus=1 if use_gpu else 0,
         batch_size=cfg.batch_size, batch_format="numpy")
-    try:
-        batches = list(ds.iter_batches(batch_size=None, batch_format="numpy"))
+    from tqdm.auto import tqdm
+
+    batches = []
+    try:  # progress of the actor pool's output, as the driver receives it
+        with tqdm(desc=f"evaluate ({' + '.join(cfg.protocols)})", unit="row", mininterval=10) as bar:
+            for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+                batches.append(batch)
+                bar.update(len(batch["subject"]))
     except Exception as exc:  # a user error inside an actor (bad weights, bad store) reaches the user as itself
         cause = user_error_in(exc)
         if cause is not None:
