@@ -20,15 +20,16 @@ STEP = """
 import json, resource, sys, torch
 from raydecode.methods.base import Progress, get_method
 from raydecode.methods.info import dataset_info
-from raydecode.methods.memory import fake_batch
+from raydecode.methods.memory import fake_batch, target_shapes
 method, preset, batch = sys.argv[1], sys.argv[2], int(sys.argv[3])
 spec = get_method(method)
 mcfg, info = spec.config(preset), dataset_info(preset)
-data = fake_batch(spec, mcfg, info, batch)
+shapes = target_shapes(spec, mcfg)
+data = fake_batch(spec, mcfg, info, batch, shapes)
 torch.manual_seed(0)
 warm = spec.build_model(mcfg, info)  # libraries' first-use buffers (not the model) before the baseline
 with torch.no_grad():
-    spec.loss(warm, fake_batch(spec, mcfg, info, 2), Progress(0, 1, 0, 1))
+    spec.loss(warm, fake_batch(spec, mcfg, info, 2, shapes), Progress(0, 1, 0, 1))
 del warm
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 model = spec.build_model(mcfg, info)

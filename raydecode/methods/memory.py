@@ -58,10 +58,21 @@ class Activations:
         return scale * (self.fixed + self.per_sample * batch)
 
 
-def fake_batch(spec, mcfg, info: DatasetInfo, batch: int) -> dict[str, torch.Tensor]:
-    """A batch of the shapes the training loop hands ``spec.loss``: the method's columns and its targets."""
+def target_shapes(spec, mcfg) -> dict[str, tuple[tuple[int, ...], int]]:
+    """Per target key, its encoder's (tokens shape, pooled width), from the architecture on the meta device."""
     from raydecode.data.encoders import FrozenEncoder, encoder_config
 
+    shapes = {}
+    for key, name in spec.targets(mcfg).items():
+        enc = FrozenEncoder(encoder_config(name), architecture_only=True)
+        shapes[key] = (tuple(enc.tokens_shape), enc.pooled_dim)
+    return shapes
+
+
+def fake_batch(spec, mcfg, info: DatasetInfo, batch: int,
+               targets: dict[str, tuple[tuple[int, ...], int]] | None = None) -> dict[str, torch.Tensor]:
+    """A batch of the shapes the training loop hands ``spec.loss``: the method's columns and its targets
+    (``targets``: :func:`target_shapes`, computed here when not given)."""
     subjects = torch.tensor(info.subjects)[torch.arange(batch) % len(info.subjects)]
     out: dict[str, torch.Tensor] = {"subject": subjects, "image_id": torch.arange(batch)}
     for col in spec.columns:
@@ -74,10 +85,9 @@ def fake_batch(spec, mcfg, info: DatasetInfo, batch: int) -> dict[str, torch.Ten
             out["categories"] = (torch.rand(batch, info.n_classes) < 0.1).float()
         elif col not in out:
             raise NotImplementedError(f"memory planner: no shape for column {col!r} of method {spec.name!r}")
-    for key, name in spec.targets(mcfg).items():
-        enc = FrozenEncoder(encoder_config(name), architecture_only=True)
-        out[f"{key}_tokens"] = torch.randn(batch, *enc.tokens_shape)
-        out[f"{key}_pooled"] = torch.randn(batch, enc.pooled_dim)
+    for key, (tokens, pooled) in (targets if targets is not None else target_shapes(spec, mcfg)).items():
+        out[f"{key}_tokens"] = torch.randn(batch, *tokens)
+        out[f"{key}_pooled"] = torch.randn(batch, pooled)
     return out
 
 
@@ -114,8 +124,9 @@ def measure_activations(spec, mcfg, info: DatasetInfo, model: torch.nn.Module,
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     params |= {b.untyped_storage().data_ptr() for b in model.buffers()}
     totals = []
+    shapes = target_shapes(spec, mcfg)  # once: building ViT-bigG even on meta takes seconds
     for b in batch_sizes:
-        batch = fake_batch(spec, mcfg, info, b)
+        batch = fake_batch(spec, mcfg, info, b, shapes)
         inputs = {t.untyped_storage().data_ptr() for t in batch.values()}
         seen: dict[int, int] = {}
 
@@ -137,7 +148,7 @@ def measure_activations(spec, mcfg, info: DatasetInfo, model: torch.nn.Module,
 
 # model keys that name pretrained weights: the planner builds their architectures from the preset instead (nothing
 # is fetched; Versatile Diffusion's UNet is the paper preset's unet_config)
-WEIGHT_KEYS = ("unet", "init_from")
+WEIGHT_KEYS = ("unet",)
 
 
 def job_settings(path: str) -> dict:
