@@ -32,7 +32,7 @@ def main() -> None:
     from raydecode.data.ingest import run_ingest, synthetic_plan
     from raydecode.data.pipeline import FOOTER_ACTORS_ENV, DataSelection, betas_matrix, trials_dataset
     from raydecode.data.store import open_store
-    from raydecode.demo import init_ray
+    from raydecode.runtime import init_ray
     from raydecode.report import table
 
     t0 = time.time()

@@ -97,7 +97,7 @@ def main() -> None:
 
     from raydecode.data.ingest import TaskOptions, run_ingest
     from raydecode.data.nsd import nsd_plan
-    from raydecode.demo import init_ray
+    from raydecode.runtime import init_ray
 
     work = Path(args.workdir)
     release = work / f"release-{args.sessions}{'-ts' if args.timeseries else ''}"

@@ -97,7 +97,7 @@ def _ingest(plan, cfg) -> StageResult:
     from raydecode.data.info import describe
     from raydecode.data.ingest import run_ingest
     from raydecode.data.store import Store
-    from raydecode.demo import init_ray
+    from raydecode.runtime import init_ray
     from raydecode.report import human_bytes
     from raydecode.storage import resolve
 

@@ -14,56 +14,7 @@ import time
 
 from raydecode.config import DemoConfig
 from raydecode.report import StageResult, table
-
-
-# A local Ray keeps idle worker processes for a minute instead of Ray's one second: each training run's Ray Data
-# tasks and Ray Train actors then reuse workers that already imported pyarrow and torch instead of starting new
-# ones (a tiny training run on 2 cores: 28 s instead of 32 s wall, 48 s instead of 55 s CPU; `RAY_<key>` overrides)
-LOCAL_SYSTEM_CONFIG = {"idle_worker_killing_time_threshold_ms": 60_000}
-
-
-def local_system_config() -> dict:
-    return {k: v for k, v in LOCAL_SYSTEM_CONFIG.items() if f"RAY_{k}" not in os.environ}
-
-
-def init_ray(address: str | None = None) -> None:
-    """Connect to ``address`` (or ``RAY_ADDRESS``), or start a local Ray if neither is set."""
-    import ray
-
-    if ray.is_initialized():  # e.g. a sweep trial's task running a training stage: its Ray Data output too
-        _ray_data_to_its_log_file()
-        return
-    address = address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, log_to_driver=True)
-    else:
-        # the dashboard serves the state API, which Ray Train's placement-group cleaner polls every second
-        ray.init(include_dashboard=True, log_to_driver=True, configure_logging=True, logging_level="warning",
-                 _system_config=local_system_config())
-    _ray_data_to_its_log_file()
-
-
-def _ray_data_to_its_log_file() -> None:
-    """Ray Data logs each dataset's progress at INFO every few seconds when stdout is not a terminal (hundreds of
-    lines per stage, e.g. under `ray job submit` or `make demo`): its console handler keeps warnings only, its log
-    file (ray_logs_dir()/ray-data.log) keeps everything; the stages print their own progress and summaries."""
-    import logging
-
-    import ray.data  # noqa: F401 - configures Ray Data's loggers
-
-    for handler in logging.getLogger("ray.data").handlers:
-        if "File" not in type(handler).__name__:
-            handler.setLevel(logging.WARNING)
-
-
-def ray_logs_dir() -> str:
-    """This node's Ray session log directory (Ray Data's ray-data.log, the workers' output)."""
-    try:
-        import ray._private.worker
-
-        return os.path.join(ray._private.worker._global_node.get_session_dir_path(), "logs")
-    except Exception:  # noqa: BLE001 - a private API: Ray's default location otherwise
-        return "/tmp/ray/session_latest/logs"
+from raydecode.runtime import init_ray, ray_logs_dir
 
 
 def run_demo(cfg: DemoConfig) -> StageResult:

@@ -315,7 +315,7 @@ def run_reconstruct_only(cfg: DiffusionDecodeConfig) -> StageResult:
     import mlflow
 
     from raydecode import tracking
-    from raydecode.demo import init_ray
+    from raydecode.runtime import init_ray
     from raydecode.train.checkpoint import CONFIG_FILE, read_json
 
     t0 = time.time()

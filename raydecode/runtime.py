@@ -16,6 +16,9 @@ bring the nodes; this module only refuses what can *never* run, instead of letti
 from __future__ import annotations
 
 import logging
+import os
+import re
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -198,3 +201,100 @@ def _describe_bundles(bundles: list[Bundle]) -> str:
     for b in bundles:
         kinds[_describe_bundle(b)] = kinds.get(_describe_bundle(b), 0) + 1
     return " + ".join(f"{c} x {k}" for k, c in kinds.items())
+
+
+# -- the Ray session ----------------------------------------------------------------------------------------------
+
+# A local Ray keeps idle worker processes for a minute instead of Ray's one second: each training run's Ray Data
+# tasks and Ray Train actors then reuse workers that already imported pyarrow and torch instead of starting new
+# ones (a tiny training run on 2 cores: 28 s instead of 32 s wall, 48 s instead of 55 s CPU; `RAY_<key>` overrides)
+LOCAL_SYSTEM_CONFIG = {"idle_worker_killing_time_threshold_ms": 60_000}
+# run first in every worker process of a job raydecode starts (by module path: workers import it themselves)
+WORKER_SETUP_HOOK = "raydecode.runtime.quiet_worker"
+# messages third-party code prints in every worker and a user cannot act on (their text stays in Ray's log files)
+_WORKER_NOISE = (
+    "Progress bars disabled",  # Ray Data, when a stage turns its bars off for a progress line of its own
+    "`ExecutionOptions.exclude_resources` is deprecated",  # Ray Train's own use of Ray Data (Ray 2.60)
+    "`torch.distributed.all_gather_into_tensor` is deprecated",  # DeepSpeed's ZeRO (torch 2.14)
+)
+
+
+def local_system_config() -> dict:
+    return {k: v for k, v in LOCAL_SYSTEM_CONFIG.items() if f"RAY_{k}" not in os.environ}
+
+
+def init_ray(address: str | None = None) -> None:
+    """Connect to ``address`` (or ``RAY_ADDRESS``), or start a local Ray if neither is set. Every worker process of
+    the job runs :func:`quiet_worker` first (merged into a submitted job's runtime env)."""
+    import ray
+
+    if ray.is_initialized():  # e.g. a sweep trial's task running a training stage: its Ray Data output too
+        _ray_data_to_its_log_file()
+        return
+    require_token_auth()  # before ray.init reads it
+    address = address or os.environ.get("RAY_ADDRESS")
+    runtime_env = {"worker_process_setup_hook": WORKER_SETUP_HOOK}
+    if address:
+        ray.init(address=address, log_to_driver=True, runtime_env=runtime_env)
+    else:
+        # the dashboard serves the state API, which Ray Train's placement-group cleaner polls every second
+        ray.init(include_dashboard=True, log_to_driver=True, configure_logging=True, logging_level="warning",
+                 runtime_env=runtime_env, _system_config=local_system_config())
+    _ray_data_to_its_log_file()
+
+
+def require_token_auth() -> None:
+    """Ray's token authentication, set explicitly (a local Ray generates its token in ``~/.ray/auth_token``; a client
+    reads ``RAY_AUTH_TOKEN``, ``RAY_AUTH_TOKEN_PATH`` or that file): a cluster anyone on the network can run code on
+    is not something raydecode starts or joins."""
+    mode = os.environ.get("RAY_AUTH_MODE")
+    if mode is not None and mode.lower() != "token":
+        raise ConfigError(f"RAY_AUTH_MODE={mode}: raydecode runs Ray only with token authentication "
+                          "(unset it or set RAY_AUTH_MODE=token)")
+    if mode is None:
+        os.environ["RAY_AUTH_MODE"] = "token"
+        if "ray._raylet" in sys.modules:  # Ray read its config when imported: have it read the mode again
+            from ray._raylet import Config
+
+            Config.initialize("")
+
+
+def quiet_worker() -> None:
+    """A job's ``worker_process_setup_hook``: what every task and actor prints reaches the driver's console, so a
+    worker keeps its console for warnings and the stages' own progress lines. Ray Data's progress goes to its log
+    file, libraries' INFO chatter (open_clip's model construction) and the warnings in ``_WORKER_NOISE`` are dropped
+    from the console; Ray keeps each worker's full output in its log directory."""
+    import warnings
+
+    for text in _WORKER_NOISE:
+        warnings.filterwarnings("ignore", message=re.escape(text))
+    logging.getLogger().setLevel(logging.WARNING)
+    _ray_data_to_its_log_file()
+
+
+class _DropNoise(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not any(text in record.getMessage() for text in _WORKER_NOISE)
+
+
+def _ray_data_to_its_log_file() -> None:
+    """Ray Data logs each dataset's progress at INFO every few seconds when stdout is not a terminal (hundreds of
+    lines per stage, e.g. under `ray job submit` or `make demo`): its console handler keeps warnings only, its log
+    file (ray_logs_dir()/ray-data.log) keeps everything; the stages print their own progress and summaries."""
+    import ray.data  # noqa: F401 - configures Ray Data's loggers
+
+    for handler in logging.getLogger("ray.data").handlers:
+        if "File" not in type(handler).__name__:
+            handler.setLevel(logging.WARNING)
+            if not any(isinstance(f, _DropNoise) for f in handler.filters):
+                handler.addFilter(_DropNoise())
+
+
+def ray_logs_dir() -> str:
+    """This node's Ray session log directory (Ray Data's ray-data.log, the workers' output)."""
+    try:
+        import ray._private.worker
+
+        return os.path.join(ray._private.worker._global_node.get_session_dir_path(), "logs")
+    except Exception:  # noqa: BLE001 - a private API: Ray's default location otherwise
+        return "/tmp/ray/session_latest/logs"

@@ -270,7 +270,7 @@ def run_sweep(cfg: SweepConfig) -> StageResult:
 
     from raydecode import tracking
     from raydecode.data.store import open_store
-    from raydecode.demo import init_ray
+    from raydecode.runtime import init_ray
     from raydecode.storage import train_storage
     from raydecode.train.launch import _absolute, flatten
 

@@ -45,8 +45,9 @@ def ray_local():
     import ray
 
     if not ray.is_initialized():
-        from raydecode.demo import local_system_config
+        from raydecode.runtime import local_system_config, require_token_auth
 
+        require_token_auth()
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="warning",
                  _system_config=local_system_config())
     yield ray

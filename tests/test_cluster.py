@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from conftest import _free_port
-from raydecode.demo import LOCAL_SYSTEM_CONFIG
+from raydecode.runtime import LOCAL_SYSTEM_CONFIG
 
 # `make test` runs these too (about 1.5 minutes); `make test-cluster` runs only these
 pytestmark = pytest.mark.cluster
@@ -59,7 +59,7 @@ def deployment(tmp_path_factory):
     # the nodes' environment: the project installed (its console script on PATH), S3 credentials
     node_env = {**os.environ, **devstack.CREDENTIALS, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token,
                 "RAY_DEDUP_LOGS": "0", "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-                # as a local Ray started by raydecode (raydecode.demo.LOCAL_SYSTEM_CONFIG): workers are reused
+                # as a local Ray started by raydecode (raydecode.runtime.LOCAL_SYSTEM_CONFIG): workers are reused
                 **{f"RAY_{k}": str(v) for k, v in LOCAL_SYSTEM_CONFIG.items()}}
     node_env.pop("RAY_ADDRESS", None)
     ray = [_node_python(tmp_path_factory.mktemp("node-python")), "-m", "ray.scripts.scripts"]

@@ -5,6 +5,7 @@ autoscaler (v2) publishes it (autoscaler_pb2.ClusterConfig under its namespace/k
 
 from __future__ import annotations
 
+import os
 import time
 from contextlib import contextmanager
 
@@ -91,3 +92,14 @@ def test_a_training_job_that_no_node_can_hold_names_the_settings_to_change(ray_l
                                           r".*lower scaling\.num_workers"):
         run_training(cfg)
     assert not (tmp_path / "runs" / "too-wide" / "final").exists()
+
+
+def test_ray_runs_only_with_token_authentication(monkeypatch):
+    from raydecode.runtime import require_token_auth
+
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    with pytest.raises(ConfigError, match="RAY_AUTH_MODE=disabled: raydecode runs Ray only with token"):
+        require_token_auth()
+    monkeypatch.delenv("RAY_AUTH_MODE")
+    require_token_auth()  # unset: set explicitly, not left to Ray's default
+    assert os.environ["RAY_AUTH_MODE"] == "token"

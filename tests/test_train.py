@@ -170,3 +170,42 @@ def test_a_store_error_inside_a_worker_reaches_the_user_as_itself(store_copy, ra
         run_training(cfg)
     assert "\n" not in str(err.value) and "Traceback" not in str(err.value)
     assert not (tmp_path / "runs" / "broken" / "final").exists()
+
+
+def test_the_driver_shows_rank_0s_steps_with_rate_epoch_and_test_top1(ray_local):
+    """The step bar the driver draws during ``trainer.fit()``: rank 0's posts through the board actor, a worker
+    group restarting from a checkpoint (the count goes back to it), and the last counters after fit returns."""
+    import io
+    import re
+    import time
+
+    from raydecode.train.progress import DriverProgress, Poster
+
+    out = io.StringIO()
+    with DriverProgress("pretrain", total_steps=20, steps_per_epoch=10, epochs=2, poll_s=0.05, file=out) as bar:
+        rank0 = Poster(bar.board, enabled=True, every_s=0.0)
+        rank0.begin(0, 0)
+        for step in range(1, 13):
+            rank0.step(step, step // 10, loss=1.0 / step)
+            if step == 10:
+                rank0.epoch(10, 1, {"train.loss": 0.5, "retrieval.brain_to_image_top1": 0.25, "epoch": 1})
+            time.sleep(0.02)
+        def shows(step):  # the board is polled every 50 ms; a busy machine may take longer
+            deadline = time.time() + 20
+            while bar.bar.n != step and time.time() < deadline:
+                time.sleep(0.05)
+            return bar.bar.n
+
+        assert shows(12) == 12
+        assert "epoch=2/2" in bar.bar.postfix and "top1=0.25" in bar.bar.postfix, bar.bar.postfix  # in epoch 2
+        rank0.begin(10, 1)  # the group failed at step 12 and resumed from the epoch-1 checkpoint
+        assert shows(10) == 10
+        for step in range(11, 21):
+            rank0.step(step, 1, loss=0.1)
+        rank0.epoch(20, 2, {"train.loss": 0.1, "retrieval.brain_to_image_top1": 0.75})
+        Poster(bar.board, enabled=False).step(99, 9, 0.0)  # other ranks post nothing
+    text = out.getvalue()
+    final = text.split("\r")[-1]
+    assert re.search(r"\[pretrain\] train: 100%.*20/20", final), final
+    assert "epoch=2/2" in final and "loss=0.1" in final and "top1=0.75" in final, final
+    assert "step/s" in final or "s/step" in final, final

@@ -240,7 +240,7 @@ def _encode_and_write(
     """Run the Ray Data job over the stimulus shards some encoder still needs; write each finished shard."""
     import ray.data
 
-    from raydecode.demo import init_ray
+    from raydecode.runtime import init_ray
 
     init_ray(compute.ray_address)
     need = sorted({s.path for shards in pending.values() for s in shards})

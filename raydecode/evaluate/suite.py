@@ -412,7 +412,7 @@ def run_evaluate(cfg: EvaluateConfig) -> StageResult:
 
     from raydecode import tracking
     from raydecode.data.store import open_store
-    from raydecode.demo import init_ray
+    from raydecode.runtime import init_ray
     from raydecode.evaluate.feature_metrics import DEFAULT_NETS, MetricNet
     from raydecode.methods.base import get_method
     from raydecode.train.launch import flatten

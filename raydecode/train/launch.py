@@ -21,6 +21,7 @@ from raydecode.methods.base import DatasetInfo, count_parameters, get_method
 from raydecode.report import StageResult, table
 from raydecode.runtime import Demand, require
 from raydecode.storage import resolve, train_storage
+from raydecode.train.progress import DriverProgress
 
 SECRET_KEYS = {"access_key_id", "secret_access_key", "session_token"}
 
@@ -172,7 +173,7 @@ def run_training(cfg: TrainConfig, stage: str = "pretrain", parent_run_id: str |
 
     from raydecode import tracking
     from raydecode.data.pipeline import trials_dataset
-    from raydecode.demo import init_ray
+    from raydecode.runtime import init_ray
     from raydecode.train.loop import train_loop_per_worker
 
     t0 = time.time()
@@ -257,6 +258,10 @@ def run_training(cfg: TrainConfig, stage: str = "pretrain", parent_run_id: str |
             "final_uri": plan.final_uri, "init_state_uri": plan.init_state_uri, "stats_uri": stats_uri,
             "tracking_uri": tracking_uri, "run_id": run_id,
         }
+        # a sweep's trials run side by side under Tune's own table: the step bar is for a single run
+        progress = DriverProgress(stage, plan.steps_per_epoch * cfg.optim.epochs, plan.steps_per_epoch,
+                                  cfg.optim.epochs, enabled=parent_run_id is None)
+        payload["progress_board"] = progress.board
         resources = {"CPU": cfg.scaling.cpus_per_worker, **({"GPU": 1} if cfg.scaling.use_gpu else {})}
         trainer = TorchTrainer(
             train_loop_per_worker,
@@ -276,7 +281,8 @@ def run_training(cfg: TrainConfig, stage: str = "pretrain", parent_run_id: str |
             ),
         )
         try:
-            result = trainer.fit()
+            with progress:
+                result = trainer.fit()
         except Exception as exc:  # a worker's UserError (bad store, bad weights) reaches the user as itself
             cause = user_error_in(exc)
             if cause is not None:

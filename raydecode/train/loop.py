@@ -207,6 +207,8 @@ def train_loop_per_worker(payload: dict) -> None:
     from ray.data.collate_fn import NumpyBatchCollateFn
     from ray.train import Checkpoint
 
+    from raydecode.train.progress import Poster
+
     cfg = TrainConfig.model_validate(payload["cfg"])
     _worker_logging()
     ray.data.DataContext.get_current().enable_progress_bars = False  # one line per epoch instead
@@ -262,6 +264,9 @@ def train_loop_per_worker(payload: dict) -> None:
         if rank == 0:
             log.info(f"resumed from checkpoint at epoch {epoch}, step {step}")
 
+    poster = Poster(payload.get("progress_board"), rank == 0)
+    poster.begin(step, epoch)
+
     def save(metrics: dict, epoch_next: int) -> None:
         with tempfile.TemporaryDirectory(prefix="raydecode-ckpt-") as tmp:
             engine.save_checkpoint(tmp, tag=CHECKPOINT_TAG, client_state={"epoch": epoch_next, "step": step},
@@ -303,6 +308,7 @@ def train_loop_per_worker(payload: dict) -> None:
             n += 1
             for k, v in parts.items():
                 sums[k] = sums.get(k, 0.0) + v
+            poster.step(step, epoch, sums["loss"] / n if "loss" in sums else None)
             if fault and rank == fault.rank and step == fault.at_step and not os.path.exists(fault.marker):
                 open(fault.marker, "w").write(f"killed rank {rank} at step {step}\n")
                 log.info(f"fault injection: killing rank {rank} at step {step} in {fault.delay_s:g} s")
@@ -321,6 +327,7 @@ def train_loop_per_worker(payload: dict) -> None:
         if epoch % cfg.eval.every_epochs == 0 or epoch == cfg.optim.epochs:
             metrics.update(evaluate(engine, spec, test_batches, prepare, cfg))
         tracker.log({k: v for k, v in metrics.items() if k not in ("epoch",)}, step=epoch)
+        poster.epoch(step, epoch, metrics)
         history.append(metrics)
         if rank == 0:
             shown = " ".join(f"{k.split('.')[-1]} {v:.4g}" for k, v in metrics.items()
