@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 from raydecode.config import StageConfig
 
@@ -27,12 +28,18 @@ def configure(cfg: StageConfig) -> str:
 
 
 def experiment(name: str, artifact_location: str | None = None) -> str:
-    """The id of experiment ``name``, created (with ``artifact_location``, e.g. an s3:// URI) if missing."""
+    """The id of experiment ``name``, created (with ``artifact_location``, e.g. an s3:// URI) if missing. With a
+    sqlite tracking store and no location, artifacts go to ``mlartifacts/`` beside the database (MLflow's default
+    is ``./mlruns`` in whatever directory the process runs from)."""
     import mlflow
 
     exp = mlflow.get_experiment_by_name(name)
     if exp is not None:
         return exp.experiment_id
+    uri = mlflow.get_tracking_uri()
+    if artifact_location is None and uri.startswith("sqlite:///"):
+        db = os.path.abspath(uri[len("sqlite:///"):])
+        artifact_location = Path(os.path.dirname(db), "mlartifacts").as_uri()
     return mlflow.create_experiment(name, artifact_location=artifact_location)
 
 

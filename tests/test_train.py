@@ -33,6 +33,8 @@ def test_pretrain_learns_and_is_tracked(pretrained):
     client = MlflowClient(cfg.resolved_tracking_uri())
     run = client.get_run(result.mlflow_run_id)
     assert run.info.status == "FINISHED"
+    db_dir = os.path.dirname(cfg.resolved_tracking_uri()[len("sqlite:///"):])
+    assert run.info.artifact_uri.startswith(Path(db_dir, "mlartifacts").as_uri()), run.info.artifact_uri
     assert run.data.params["deepspeed.zero_stage"] == "2"
     assert run.data.params["model.hidden"] == "128"
     assert "s3.secret_access_key" not in run.data.params
