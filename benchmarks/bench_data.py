@@ -30,7 +30,8 @@ def main() -> None:
     store_uri = args.store or f"work/bench/{args.preset}"
 
     from raydecode.data.ingest import run_ingest, synthetic_plan
-    from raydecode.data.pipeline import FOOTER_ACTORS_ENV, DataSelection, betas_matrix, trials_dataset
+    from raydecode.config import DataSelection
+    from raydecode.data.pipeline import FOOTER_ACTORS_ENV, betas_matrix, trials_dataset
     from raydecode.data.store import open_store
     from raydecode.runtime import init_ray
     from raydecode.report import table

@@ -21,11 +21,12 @@ import torch
 
 
 def bare_loop(store: str, preset: str, subjects: list[int], batch_size: int, steps: int) -> dict:
-    from raydecode.data.encoders import FrozenEncoder, TargetCache, encoder_config
-    from raydecode.data.pipeline import DataSelection, read_split
+    from raydecode.nn.encoders import FrozenEncoder, TargetCache, encoder_config
+    from raydecode.config import DataSelection
+    from raydecode.data.pipeline import read_split
     from raydecode.data.store import open_store
     from raydecode.methods.base import DatasetInfo, Progress, get_method
-    from raydecode.train.loop import collate
+    from raydecode.data.batches import collate
 
     spec = get_method("mindeye2")
     cfg = spec.config(preset)

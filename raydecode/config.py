@@ -12,12 +12,61 @@ import os
 from pathlib import Path
 from typing import Any, ClassVar, Literal, TypeVar
 
+import numpy as np
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from raydecode.data.pipeline import DataSelection
 from raydecode.errors import ConfigError
 from raydecode.storage import S3Options
+
+
+# -- what a stage reads --------------------------------------------------------------------
+
+
+class DataSelection(BaseModel):
+    """What a stage reads from the store (the ``data`` block of training configs)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    subjects: list[int] | None = Field(None, description="subject ids (default: all in the store)")
+    sessions: list[int] | None = Field(None, description="sessions to read, e.g. [1] for the 1-hour setting")
+    average_test_repeats: bool = Field(True, description="test split: average the repetitions of each image")
+    single_test_trial_seed: int | None = Field(
+        None, description="test split without averaging: one presentation per (subject, image), drawn with this "
+                          "seed (Dynadiff's single-trial protocol); None: every presentation")
+    shuffle: bool = Field(True, description="train split: new file order every epoch (plus the loop's local shuffle)")
+    categories: bool = Field(True, description="join each image's 80-way multi-hot categories")
+    images: bool = Field(False, description="join stimulus images (uint8 HxWx3)")
+    embeddings: list[str] = Field(default_factory=list, description="join these encoders' frozen embeddings from the store")
+    stimulus_cache_shards: int = Field(4, ge=1, description="stimulus shards each lookup actor keeps in memory")
+    read_cpus: float = Field(1.0, gt=0, description="CPUs per Ray Data read/decode task")
+    lookup_cpus: float = Field(0.5, gt=0, description="CPUs per stimulus-lookup actor (I/O bound)")
+    materialize: bool | None = Field(
+        None, description="training: read the selected train trials once into Ray's object store instead of "
+                          "re-reading the store every epoch (default: when their shards total under 2 GiB)")
+
+
+class WindowConfig(BaseModel):
+    """Which part of the time series after each image onset a model sees."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    start_s: float = Field(3.0, description="window start after the image onset (s); Dynadiff: 3")
+    duration_s: float = Field(8.0, gt=0, description="window length (s); Dynadiff: 8 (6 TRs at TR 1.3 s)")
+    detrend: Literal["cosine", "none"] = Field("cosine", description="per-voxel cosine-drift removal per run")
+    high_pass_hz: float = Field(0.01, gt=0, description="cosine drift regressors below this frequency")
+    zscore: bool = Field(True, description="z-score every voxel over its run")
+
+    def n_samples(self, tr_s: float) -> int:
+        return max(1, int(round(self.duration_s / tr_s)))
+
+    def first_index(self, onset_s: np.ndarray, tr_s: float, shift: int = 0) -> np.ndarray:
+        """Index of each window's first volume (volume i is acquired at i * TR)."""
+        return np.round((np.asarray(onset_s, np.float64) + self.start_s) / tr_s).astype(np.int64) + int(shift)
+
+    def end_s(self, tr_s: float, shift: int = 0) -> float:
+        """Where the (shifted) window ends relative to the onset: Dynadiff's x-axis, t + delta + d."""
+        return self.start_s + shift * tr_s + self.n_samples(tr_s) * tr_s
 
 
 # MLFLOW_TRACKING_URI as this process started: mlflow.set_tracking_uri() writes the variable itself, so a later read

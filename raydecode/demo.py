@@ -20,7 +20,8 @@ from raydecode.runtime import init_ray, ray_logs_dir
 def run_demo(cfg: DemoConfig) -> StageResult:
     from raydecode.data.info import describe, describe_problems
     from raydecode.data.ingest import run_ingest, synthetic_plan
-    from raydecode.data.pipeline import DataSelection, trials_dataset
+    from raydecode.config import DataSelection
+    from raydecode.data.pipeline import trials_dataset
     from raydecode.data.store import open_store
 
     os.makedirs(cfg.workdir, exist_ok=True)

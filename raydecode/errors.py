@@ -4,6 +4,11 @@ Anything raised as a :class:`UserError` reaches the terminal as one line
 (``error: <message>``) and a non-zero exit; tracebacks are for bugs only.
 """
 
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 
 class UserError(Exception):
     """A problem with the user's input: a file, a field, a config value or a credential."""
@@ -69,3 +74,19 @@ def user_error_in(exc: BaseException) -> UserError | None:
             if isinstance(cls, type) and issubclass(cls, UserError):
                 return cls(message)
     return None
+
+
+@contextmanager
+def user_errors_from_ray() -> Iterator[None]:
+    """Around a call that waits on Ray (``ray.get``, a dataset's iteration, ``trainer.fit``): the
+    :class:`UserError` a task, actor or worker raised reaches the caller as itself, a one-line error with its
+    exit code, instead of Ray's wrapper and remote traceback; anything else passes unchanged."""
+    try:
+        yield
+    except UserError:
+        raise
+    except Exception as exc:
+        cause = user_error_in(exc)
+        if cause is not None:
+            raise type(cause)(str(cause)) from None
+        raise

@@ -24,7 +24,7 @@ import time
 import numpy as np
 
 from raydecode.config import DiffusionDecodeConfig, ReconstructOptions
-from raydecode.errors import ConfigError, user_error_in
+from raydecode.errors import ConfigError, user_errors_from_ray
 from raydecode.evaluate.suite import row_seeds
 from raydecode.report import StageResult, table
 from raydecode.storage import resolve
@@ -37,9 +37,9 @@ class _Evaluator:
                  device: str):
         import torch
 
-        from raydecode.data.pipeline import DataSelection
+        from raydecode.config import DataSelection
         from raydecode.train.checkpoint import load_consolidated
-        from raydecode.train.loop import BatchPreparer
+        from raydecode.nn.targets import BatchPreparer
 
         self.torch = torch
         self.c = load_consolidated(ckpt_uri, s3, device)
@@ -64,7 +64,7 @@ class _Evaluator:
         return read_windows(self.store, "test", self.window, sel, self.s3, shift=shift)
 
     def _batches(self, rows: dict[str, np.ndarray]):
-        from raydecode.train.loop import collate
+        from raydecode.data.batches import collate
 
         n, bs = len(rows["subject"]), self.opts.batch_size
         for start in range(0, n, bs):
@@ -184,13 +184,8 @@ def _remote_evaluate(cfg: DiffusionDecodeConfig, ckpt_uri: str, out_uri: str, ru
     ref = task.options(runtime_env=env).remote(
         ckpt_uri, cfg.store, cfg.s3, opts, cfg.time_resolved.shifts if shifts is None else shifts, out_uri,
         cfg.data.subjects, cfg.time_resolved.reconstruct, tracking_uri, run_id, "cuda" if gpu else "cpu")
-    try:
+    with user_errors_from_ray():
         return ray.get(ref)
-    except Exception as exc:
-        cause = user_error_in(exc)
-        if cause is not None:
-            raise type(cause)(str(cause)) from None
-        raise
 
 
 def _print_results(res: dict, specialized: list[dict]) -> None:

@@ -12,11 +12,12 @@ import numpy as np
 import pytest
 import torch
 
-from raydecode.data.encoders import FrozenEncoder, encoder_config
+from raydecode.nn.encoders import FrozenEncoder, encoder_config
 from raydecode.data.ingest import run_ingest, synthetic_plan
-from raydecode.data.pipeline import DataSelection
+from raydecode.config import DataSelection
 from raydecode.data.store import open_store
-from raydecode.data.windows import WindowConfig, clean_run, cosine_drift, count_windows, read_windows
+from raydecode.config import WindowConfig
+from raydecode.data.windows import clean_run, cosine_drift, count_windows, read_windows
 from raydecode.errors import ConfigError
 from raydecode.methods.base import DatasetInfo, Progress, count_parameters, get_method
 from raydecode.methods.dynadiff import build_unet, initial_noise, load_lora, save_lora

@@ -12,7 +12,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from raydecode.config import DiffusionDecodeConfig
-from raydecode.data.windows import WindowConfig
+from raydecode.config import WindowConfig
 
 
 SHIFTS = [-1, 0, 1]
@@ -150,8 +150,9 @@ def test_registered_model_reconstructs_the_same_images_without_ray(stage):
     script = f"""
 import json, sys, mlflow, numpy as np
 mlflow.set_tracking_uri({cfg.resolved_tracking_uri()!r})
-from raydecode.data.pipeline import DataSelection
-from raydecode.data.windows import WindowConfig, read_windows
+from raydecode.config import DataSelection
+from raydecode.config import WindowConfig
+from raydecode.data.windows import read_windows
 from raydecode.reconstruct import row_seeds
 saved = np.load({grid!r})
 model = mlflow.pyfunc.load_model("models:/raydecode-dynadiff-subj01@champion")

@@ -16,7 +16,8 @@ import pytest
 
 from raydecode import cli
 from raydecode.data.embed import run_embed
-from raydecode.data.pipeline import DataSelection, read_split, trials_dataset
+from raydecode.config import DataSelection
+from raydecode.data.pipeline import read_split, trials_dataset
 from raydecode.data.store import open_store
 from raydecode.errors import StoreError
 from conftest import run_main
@@ -55,7 +56,7 @@ def test_embed_writes_the_encoders_outputs(embedded):
     import torch
     from PIL import Image
 
-    from raydecode.data.encoders import FrozenEncoder, encoder_config
+    from raydecode.nn.encoders import FrozenEncoder, encoder_config
 
     uri, summary = embedded
     assert summary["status"] == "written"

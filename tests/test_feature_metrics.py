@@ -94,7 +94,7 @@ def test_weights_load_from_local_files_in_the_real_formats(tmp_path):
     import torch
     import torchvision
 
-    from raydecode.data.encoders import _register_openclip_configs
+    from raydecode.nn.encoders import _register_openclip_configs
     from raydecode.evaluate.feature_metrics import FeatureExtractor
 
     torch.manual_seed(5)

@@ -59,7 +59,8 @@ def test_retrieval_protocol_has_a_known_answer():
 
 
 def test_single_trial_protocol_draws_one_presentation_per_image(tiny_store):
-    from raydecode.data.pipeline import DataSelection, read_split
+    from raydecode.config import DataSelection
+    from raydecode.data.pipeline import read_split
 
     sel = DataSelection(subjects=[1], categories=False, average_test_repeats=False)
     every = read_split(tiny_store, "test", sel)

@@ -5,7 +5,8 @@ import os
 import numpy as np
 import pytest
 
-from raydecode.data.pipeline import DataSelection, trials_dataset
+from raydecode.config import DataSelection
+from raydecode.data.pipeline import trials_dataset
 from raydecode.data.store import open_store
 from raydecode.errors import StoreError
 

@@ -101,13 +101,14 @@ def test_one_champion_per_subject_chosen_by_image_to_brain_retrieval(sweep):
 
 def _untrained_baseline(cfg, subject: int) -> dict:
     """The pretrained model with the new subject's ridge map at initialisation: what adaptation starts from."""
-    from raydecode.data.encoders import FrozenEncoder, TargetCache, encoder_config
-    from raydecode.data.pipeline import DataSelection, read_split
+    from raydecode.nn.encoders import FrozenEncoder, TargetCache, encoder_config
+    from raydecode.config import DataSelection
+    from raydecode.data.pipeline import read_split
     from raydecode.data.store import open_store
     from raydecode.evaluate.retrieval import retrieval_top1
     from raydecode.methods.base import DatasetInfo, get_method
     from raydecode.train.checkpoint import load_state
-    from raydecode.train.loop import collate
+    from raydecode.data.batches import collate
 
     spec = get_method("duala")
     mcfg = spec.config("tiny")
@@ -185,8 +186,9 @@ def test_the_registered_champion_loads_without_ray(sweep):
     script = f"""
 import json, sys, mlflow, torch
 mlflow.set_tracking_uri({cfg.resolved_tracking_uri()!r})
-from raydecode.data.pipeline import DataSelection, read_split
-from raydecode.data.encoders import FrozenEncoder, TargetCache, encoder_config
+from raydecode.config import DataSelection
+from raydecode.data.pipeline import read_split
+from raydecode.nn.encoders import FrozenEncoder, TargetCache, encoder_config
 from raydecode.evaluate.retrieval import retrieval_top1
 model = mlflow.pyfunc.load_model("models:/raydecode-duala-subj08@champion")
 test = read_split({cfg.store!r}, "test", DataSelection(subjects=[8], images=True, categories=False))
@@ -213,7 +215,8 @@ def test_the_registered_champion_loads_in_a_fresh_environment_from_its_own_requi
     import mlflow
     import numpy as np
 
-    from raydecode.data.pipeline import DataSelection, read_split
+    from raydecode.config import DataSelection
+    from raydecode.data.pipeline import read_split
     from raydecode.tracking import load_adapted
 
     cfg, _ = sweep

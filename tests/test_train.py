@@ -49,10 +49,11 @@ def test_consolidated_checkpoint_reproduces_retrieval_in_a_fresh_process(pretrai
     script = f"""
 import json, sys, torch
 from raydecode.train.checkpoint import load_consolidated
-from raydecode.data.pipeline import DataSelection, read_split
-from raydecode.data.encoders import FrozenEncoder, TargetCache, encoder_config
+from raydecode.config import DataSelection
+from raydecode.data.pipeline import read_split
+from raydecode.nn.encoders import FrozenEncoder, TargetCache, encoder_config
 from raydecode.evaluate.retrieval import retrieval_top1
-from raydecode.train.loop import collate
+from raydecode.data.batches import collate
 
 ck = load_consolidated({result.artifacts['checkpoint']!r})
 test = collate(read_split({tiny_store!r}, "test", DataSelection(subjects={SOURCE_SUBJECTS}, images=True)))

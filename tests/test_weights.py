@@ -16,7 +16,7 @@ import boto3
 import pytest
 import torch
 
-from raydecode.data.encoders import EncoderConfig, FrozenEncoder, _register_openclip_configs
+from raydecode.nn.encoders import EncoderConfig, FrozenEncoder, _register_openclip_configs
 from raydecode.errors import ConfigError
 from raydecode.weights import cache_root, local_weights
 
@@ -128,7 +128,7 @@ def test_weights_from_a_prefilled_hugging_face_cache_load_offline(saved, tmp_pat
     # huggingface_hub reads HF_HOME / HF_HUB_OFFLINE when imported: a fresh process, as a node starts with them set
     script = f"""
 import json, torch
-from raydecode.data.encoders import EncoderConfig, FrozenEncoder
+from raydecode.nn.encoders import EncoderConfig, FrozenEncoder
 from raydecode.errors import ConfigError
 images = torch.randint(0, 256, (3, 32, 32, 3), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
 out = {{}}

@@ -3,7 +3,7 @@
 For each encoder, one ``embeddings/<encoder>/part-NNNNN.parquet`` per stimulus
 shard (same file name, same image ids, sorted), computed in one Ray Data job over
 the stimulus shards: PNG decoding in CPU tasks, then an actor pool holding the
-frozen encoders (:class:`~raydecode.data.encoders.FrozenEncoder`), one GPU per
+frozen encoders (:class:`~raydecode.nn.encoders.FrozenEncoder`), one GPU per
 actor where the cluster has GPUs, CPU otherwise. The driver streams the results
 back in order and writes each shard whole as soon as all its images have arrived
 (:class:`~raydecode.data.store.StoreWriter`: validated, atomic), then rewrites
@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 
 from raydecode.data.schema import EncoderInfo, Manifest, ShardInfo, embeddings_schema
 from raydecode.data.store import Store, StoreWriter, open_store
-from raydecode.errors import ConfigError, StoreError, UserError, user_error_in
+from raydecode.errors import ConfigError, StoreError, UserError, user_errors_from_ray
 from raydecode.runtime import Demand, cluster_shape, require
 from raydecode.storage import S3Options
 
@@ -60,7 +60,7 @@ class EmbedResult:
 def resolve_encoders(refs: list[Any]) -> list:
     """Encoder names or mappings -> :class:`EncoderConfig` s; a bad one is a one-line ConfigError."""
     from raydecode.config import format_validation_error
-    from raydecode.data.encoders import ENCODERS, EncoderConfig, encoder_config
+    from raydecode.nn.encoders import ENCODERS, EncoderConfig, encoder_config
 
     if not refs:
         raise ConfigError(f"no encoders given: pass --encoder NAME (one of {', '.join(ENCODERS)}) "
@@ -154,7 +154,7 @@ class EncodeImages:
     def __init__(self, configs: list[dict], device: str, threads: int | None = None):
         import torch
 
-        from raydecode.data.encoders import EncoderConfig, FrozenEncoder
+        from raydecode.nn.encoders import EncoderConfig, FrozenEncoder
 
         if threads:
             torch.set_num_threads(threads)
@@ -284,7 +284,7 @@ def _encode_and_write(
         return n
 
     bar = tqdm(total=sum(s.rows for s in stim), desc="embed", unit="image", disable=not progress)
-    try:
+    with bar, user_errors_from_ray():  # a user error in an encoder actor reaches the user as itself
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
             ids = batch["image_id"]
             which = np.searchsorted(lows, ids, side="right") - 1
@@ -299,15 +299,6 @@ def _encode_and_write(
                     written += flush(sh)
             encoded += len(ids)
             bar.update(len(ids))
-    except UserError:
-        raise
-    except Exception as exc:
-        cause = user_error_in(exc)
-        if cause is not None:
-            raise type(cause)(str(cause)) from None
-        raise
-    finally:
-        bar.close()
     short = {p: c for p, c in counts.items() if p in buffers}
     if short:
         p, c = next(iter(short.items()))

@@ -28,37 +28,14 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-from pydantic import BaseModel, ConfigDict, Field
 
 from raydecode.data.schema import ShardInfo
 from raydecode.data.store import Store, open_store
+from raydecode.config import DataSelection
 from raydecode.errors import ConfigError, StoreError
 from raydecode.storage import S3Options
 
 TRIAL_COLUMNS = ("subject", "session", "run", "trial", "image_id", "repetition", "split", "betas")
-
-
-class DataSelection(BaseModel):
-    """What a stage reads from the store (the ``data`` block of training configs)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    subjects: list[int] | None = Field(None, description="subject ids (default: all in the store)")
-    sessions: list[int] | None = Field(None, description="sessions to read, e.g. [1] for the 1-hour setting")
-    average_test_repeats: bool = Field(True, description="test split: average the repetitions of each image")
-    single_test_trial_seed: int | None = Field(
-        None, description="test split without averaging: one presentation per (subject, image), drawn with this "
-                          "seed (Dynadiff's single-trial protocol); None: every presentation")
-    shuffle: bool = Field(True, description="train split: new file order every epoch (plus the loop's local shuffle)")
-    categories: bool = Field(True, description="join each image's 80-way multi-hot categories")
-    images: bool = Field(False, description="join stimulus images (uint8 HxWx3)")
-    embeddings: list[str] = Field(default_factory=list, description="join these encoders' frozen embeddings from the store")
-    stimulus_cache_shards: int = Field(4, ge=1, description="stimulus shards each lookup actor keeps in memory")
-    read_cpus: float = Field(1.0, gt=0, description="CPUs per Ray Data read/decode task")
-    lookup_cpus: float = Field(0.5, gt=0, description="CPUs per stimulus-lookup actor (I/O bound)")
-    materialize: bool | None = Field(
-        None, description="training: read the selected train trials once into Ray's object store instead of "
-                          "re-reading the store every epoch (default: when their shards total under 2 GiB)")
 
 
 def betas_lengths(col: pa.ChunkedArray | pa.Array) -> np.ndarray:

@@ -24,7 +24,7 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 from raydecode.data.schema import N_CATEGORIES, primary_category
-from raydecode.errors import StoreError
+from raydecode.errors import StoreError, user_errors_from_ray
 from raydecode.storage import S3Options, resolve
 
 STATS_FILE = "class_stats.safetensors"
@@ -75,7 +75,7 @@ class _ClassSums:
         self.spaces, self.subjects, self.batch = spaces, subjects, batch
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from raydecode.train.loop import collate
+        from raydecode.data.batches import collate
 
         data = collate({k: np.array(batch[k]) for k in ("betas", "subject")})  # writable copies for torch
         labels = primary_category(batch["categories"])
@@ -132,10 +132,10 @@ def run_class_statistics(store_uri: str, checkpoint: str, spaces: list[str], sub
                          batch_size: int = 256) -> StatsResult:
     """Compute (or reuse) the class statistics of ``checkpoint`` over ``subjects`` (default: the subjects it
     was trained on) in the embedding ``spaces`` its method predicts."""
-    import ray
     from ray.data import ActorPoolStrategy
 
-    from raydecode.data.pipeline import DataSelection, trials_dataset
+    from raydecode.config import DataSelection
+    from raydecode.data.pipeline import trials_dataset
     from raydecode.train.checkpoint import CONFIG_FILE, read_json
 
     t0 = time.time()
@@ -154,17 +154,10 @@ def run_class_statistics(store_uri: str, checkpoint: str, spaces: list[str], sub
         _ClassSums, fn_constructor_args=(checkpoint, s3_dump, spaces, subjects, batch_size),
         batch_size=batch_size, batch_format="numpy", compute=ActorPoolStrategy(size=1), num_cpus=cpus)
     totals: dict[str, np.ndarray] = {}
-    try:
+    with user_errors_from_ray():
         for part in ds.iter_batches(batch_size=None, batch_format="numpy"):
             for k, v in part.items():
                 totals[k] = totals.get(k, 0) + v.sum(0)
-    except ray.exceptions.RayError as exc:
-        from raydecode.errors import user_error_in
-
-        cause = user_error_in(exc)
-        if cause is not None:
-            raise type(cause)(str(cause)) from None
-        raise
     counts = torch.from_numpy(totals["counts"]).view(len(subjects), N_CATEGORIES)
     tensors: dict[str, torch.Tensor] = {}
     for space in spaces:

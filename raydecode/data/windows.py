@@ -16,42 +16,18 @@ Windows that would leave their run are skipped (and counted by :func:`count_wind
 from __future__ import annotations
 
 import math
-from typing import Literal
 
 import numpy as np
 import pyarrow as pa
-from pydantic import BaseModel, ConfigDict, Field
 
 from raydecode.data.store import Store, open_store
+from raydecode.config import WindowConfig
 from raydecode.errors import ConfigError, StoreError
 from raydecode.storage import S3Options
 
 RUN_COLUMNS = ("subject", "session", "run", "tr_s", "n_voxels", "n_tr", "bold", "trial", "trial_onset_s",
                "trial_image_id")
 LAYOUT_COLUMNS = ("subject", "session", "run", "tr_s", "n_tr", "trial_onset_s", "trial_image_id")
-
-
-class WindowConfig(BaseModel):
-    """Which part of the time series after each image onset a model sees."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    start_s: float = Field(3.0, description="window start after the image onset (s); Dynadiff: 3")
-    duration_s: float = Field(8.0, gt=0, description="window length (s); Dynadiff: 8 (6 TRs at TR 1.3 s)")
-    detrend: Literal["cosine", "none"] = Field("cosine", description="per-voxel cosine-drift removal per run")
-    high_pass_hz: float = Field(0.01, gt=0, description="cosine drift regressors below this frequency")
-    zscore: bool = Field(True, description="z-score every voxel over its run")
-
-    def n_samples(self, tr_s: float) -> int:
-        return max(1, int(round(self.duration_s / tr_s)))
-
-    def first_index(self, onset_s: np.ndarray, tr_s: float, shift: int = 0) -> np.ndarray:
-        """Index of each window's first volume (volume i is acquired at i * TR)."""
-        return np.round((np.asarray(onset_s, np.float64) + self.start_s) / tr_s).astype(np.int64) + int(shift)
-
-    def end_s(self, tr_s: float, shift: int = 0) -> float:
-        """Where the (shifted) window ends relative to the onset: Dynadiff's x-axis, t + delta + d."""
-        return self.start_s + shift * tr_s + self.n_samples(tr_s) * tr_s
 
 
 def cosine_drift(n_tr: int, tr_s: float, high_pass_hz: float) -> np.ndarray:
@@ -151,7 +127,7 @@ def count_windows(store: Store, subjects: list[int], sessions: list[int] | None,
 def windows_dataset(store: Store | str, split: str, window: WindowConfig, selection=None,
                     s3: S3Options | None = None, shift: int = 0):
     """Windows of one split as a Ray dataset (the time-series counterpart of ``trials_dataset``)."""
-    from raydecode.data.pipeline import DataSelection
+    from raydecode.config import DataSelection
 
     sel = selection or DataSelection()
     if split not in ("train", "test"):
@@ -196,7 +172,8 @@ def _windows_dataset(store, split: str, window: WindowConfig, sel, s3, shift: in
 def read_windows(store: Store | str, split: str, window: WindowConfig, selection=None, s3: S3Options | None = None,
                  shift: int = 0) -> dict[str, np.ndarray]:
     """The rows of :func:`windows_dataset` read with pyarrow into memory (no Ray): evaluation of test windows."""
-    from raydecode.data.pipeline import DataSelection, finish_in_memory
+    from raydecode.config import DataSelection
+    from raydecode.data.pipeline import finish_in_memory
 
     sel = selection or DataSelection()
     if isinstance(store, str):

@@ -129,7 +129,7 @@ class FeatureExtractor(torch.nn.Module):
     def _clip(net: MetricNet) -> torch.nn.Module:
         import open_clip
 
-        from raydecode.data.encoders import _register_openclip_configs, create_openclip
+        from raydecode.nn.encoders import _register_openclip_configs, create_openclip
 
         _register_openclip_configs()
         if net.arch not in open_clip.list_models():

@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from raydecode.config import CompareConfig, EvaluateConfig
-from raydecode.errors import ConfigError, StoreError, user_error_in
+from raydecode.errors import ConfigError, StoreError, user_errors_from_ray
 from raydecode.report import StageResult, table
 from raydecode.runtime import Demand, cluster_shape, require
 
@@ -158,7 +158,7 @@ class Predictor:
 
         from raydecode.config import EvaluateConfig
         from raydecode.evaluate.feature_metrics import DEFAULT_NETS, FeatureExtractor, MetricNet
-        from raydecode.train.loop import BatchPreparer
+        from raydecode.nn.targets import BatchPreparer
 
         self.torch = torch
         mlflow.set_tracking_uri(tracking_uri)
@@ -178,7 +178,7 @@ class Predictor:
 
             self.decoder = EmbeddingDecoder.from_config(unclip_config(self.cfg.decoder)).to(self.device)
             if self.decoder.cfg.blend > 0 and "vae" in targets:  # MindEye2's blurry image, decoded by its VAE
-                from raydecode.data.encoders import FrozenEncoder, encoder_config
+                from raydecode.nn.encoders import FrozenEncoder, encoder_config
 
                 self.blur_vae = FrozenEncoder(encoder_config(targets["vae"]["encoder"])).to(self.device)
         nets = [MetricNet(**n) for n in self.cfg.metric_nets] if self.cfg.metric_nets is not None else DEFAULT_NETS
@@ -200,7 +200,7 @@ class Predictor:
 
     def __call__(self, rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         from raydecode.evaluate.reconstruction import pixcorr, ssim
-        from raydecode.train.loop import collate
+        from raydecode.data.batches import collate
 
         torch = self.torch
         n = len(rows["subject"])
@@ -285,16 +285,13 @@ def infer(cfg: EvaluateConfig, ref: ModelRef, config: dict, keys: np.ndarray | N
     from tqdm.auto import tqdm
 
     batches = []
-    try:  # progress of the actor pool's output, as the driver receives it
-        with tqdm(desc=f"evaluate ({' + '.join(cfg.protocols)})", unit="row", mininterval=10) as bar:
-            for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-                batches.append(batch)
-                bar.update(len(batch["subject"]))
-    except Exception as exc:  # a user error inside an actor (bad weights, bad store) reaches the user as itself
-        cause = user_error_in(exc)
-        if cause is not None:
-            raise type(cause)(str(cause)) from None
-        raise
+    # progress of the actor pool's output, as the driver receives it; a user error inside an actor (bad weights,
+    # bad store) reaches the user as itself
+    with user_errors_from_ray(), tqdm(desc=f"evaluate ({' + '.join(cfg.protocols)})", unit="row",
+                                      mininterval=10) as bar:
+        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            batches.append(batch)
+            bar.update(len(batch["subject"]))
     if not batches:
         raise StoreError(f"{cfg.store}: no test rows for subjects {cfg.subjects}")
     rows = {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}

@@ -42,7 +42,7 @@ from torch import nn
 
 from raydecode.errors import ConfigError
 from raydecode.weights import local_weights
-from raydecode.methods.diffusion import ddim_denoise, ddim_scheduler, decode_latents, initial_noise
+from raydecode.nn.diffusion import ddim_denoise, ddim_scheduler, decode_latents, initial_noise
 from raydecode.methods.dynadiff import SD_SCHEDULER, VD_IMAGE_UNET, build_vae
 
 # A Stable-Diffusion-1-sized UNet attending to OpenCLIP ViT-bigG/14's 1664-wide image tokens: the architecture of
@@ -59,7 +59,7 @@ class UnclipConfig(BaseModel):
     unet_config: dict[str, Any] = Field(default_factory=lambda: dict(UNCLIP_UNET),
                                         description="UNet2DConditionModel config for random weights (path None)")
     vae: str | dict[str, Any] = Field("sd-vae", description="path None: the VAE, an encoder name or mapping of "
-                                                            "raydecode.data.encoders (built as its targets are)")
+                                                            "raydecode.nn.encoders (built as its targets are)")
     scheduler: dict[str, Any] = Field(default_factory=lambda: dict(SD_SCHEDULER),
                                       description="DDPMScheduler config of the noise schedule (path/scheduler/ wins)")
     seed: int = Field(0, description="seed of random-weight UNets")

@@ -34,8 +34,8 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from raydecode.data.windows import WindowConfig
-from raydecode.methods.diffusion import ddim_denoise, ddim_scheduler, decode_latents, initial_noise  # noqa: F401 (re-exported)
+from raydecode.config import WindowConfig
+from raydecode.nn.diffusion import ddim_denoise, ddim_scheduler, decode_latents, initial_noise  # noqa: F401 (re-exported)
 from raydecode.errors import ConfigError
 from raydecode.weights import local_weights
 from raydecode.methods.base import DatasetInfo, MethodSpec, Progress, register
@@ -69,7 +69,7 @@ class DynadiffConfig(BaseModel):
     unet_config: dict[str, Any] = Field(default_factory=lambda: dict(VD_IMAGE_UNET),
                                         description="UNet2DConditionModel config for random weights")
     vae: str | dict[str, Any] = Field("sd-vae", description="the frozen VAE: an encoder name or mapping "
-                                                            "(raydecode.data.encoders); its latents are the targets")
+                                                            "(raydecode.nn.encoders); its latents are the targets")
     scheduler: dict[str, Any] = Field(default_factory=lambda: dict(SD_SCHEDULER),
                                       description="DDPMScheduler config (a UNet pipeline's scheduler/ wins)")
     seed: int = Field(0, description="seed of random-weight UNets")
@@ -125,7 +125,7 @@ def _unet_dir(path: str) -> tuple[Path, str | None]:
 
 def _check_weights(cfg: DynadiffConfig) -> None:
     """Name every missing pretrained path at once (paper scale needs a UNet and a VAE directory)."""
-    from raydecode.data.encoders import encoder_config, requires_weights
+    from raydecode.nn.encoders import encoder_config, requires_weights
 
     if _on_meta():
         return
@@ -162,7 +162,7 @@ def build_vae(cfg: DynadiffConfig):
     """The VAE exactly as the target encoder of the same name builds it (same weights, same latents)."""
     from diffusers import AutoencoderKL
 
-    from raydecode.data.encoders import FrozenEncoder, encoder_config, requires_weights, sd_vae_architecture
+    from raydecode.nn.encoders import FrozenEncoder, encoder_config, requires_weights, sd_vae_architecture
 
     enc = encoder_config(cfg.vae)
     if enc.kind != "vae":
@@ -451,7 +451,7 @@ def summarize_test(means: dict[str, float]) -> dict[str, float]:
 
 
 def targets(cfg: DynadiffConfig) -> dict[str, str | dict]:
-    from raydecode.data.encoders import encoder_config
+    from raydecode.nn.encoders import encoder_config
 
     enc = encoder_config(cfg.vae)
     return {"latent": enc.name if isinstance(cfg.vae, str) else enc.model_dump()}

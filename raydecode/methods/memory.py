@@ -60,7 +60,7 @@ class Activations:
 
 def target_shapes(spec, mcfg) -> dict[str, tuple[tuple[int, ...], int]]:
     """Per target key, its encoder's (tokens shape, pooled width), from the architecture on the meta device."""
-    from raydecode.data.encoders import FrozenEncoder, encoder_config
+    from raydecode.nn.encoders import FrozenEncoder, encoder_config
 
     shapes = {}
     for key, name in spec.targets(mcfg).items():

@@ -384,7 +384,7 @@ def image_embeddings(model: MindEye2, batch: dict, seeds, steps: int | None = No
     """What an unCLIP-style generator turns into images (MindEye2 Sec. 2.5): the diffusion prior's CLIP image
     tokens (DDIM from one seeded noise per row, so rows do not depend on batching) and the low-level branch's VAE
     latents (the blurry image)."""
-    from raydecode.methods.diffusion import initial_noise
+    from raydecode.nn.diffusion import initial_noise
 
     if model.prior is None:
         raise ConfigError("image reconstructions need the diffusion prior: this model was trained with prior: false")

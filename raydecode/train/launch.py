@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import pyarrow.compute as pc
 
 from raydecode.config import TrainConfig
-from raydecode.errors import ConfigError, UserError, user_error_in
+from raydecode.errors import ConfigError, UserError, user_errors_from_ray
 from raydecode.methods.base import DatasetInfo, count_parameters, get_method
 from raydecode.report import StageResult, table
 from raydecode.runtime import Demand, require
@@ -57,7 +57,7 @@ def flatten(d: dict, prefix: str = "") -> dict[str, object]:
 
 
 def plan_training(cfg: TrainConfig) -> TrainPlan:
-    from raydecode.data.encoders import encoder_config, requires_weights
+    from raydecode.nn.encoders import encoder_config, requires_weights
     from raydecode.data.store import open_store
 
     spec = get_method(cfg.method)
@@ -280,13 +280,12 @@ def run_training(cfg: TrainConfig, stage: str = "pretrain", parent_run_id: str |
                 worker_runtime_env={"env_vars": cfg.s3.env()} if cfg.s3.env() else None,
             ),
         )
-        try:
-            with progress:
+        try:  # a worker's UserError (bad store, bad weights) reaches the user as itself
+            with user_errors_from_ray(), progress:
                 result = trainer.fit()
-        except Exception as exc:  # a worker's UserError (bad store, bad weights) reaches the user as itself
-            cause = user_error_in(exc)
-            if cause is not None:
-                raise type(cause)(str(cause)) from None
+        except UserError:
+            raise
+        except Exception as exc:
             raise TrainingError(f"training failed: {_first_failure(exc)}") from exc
 
         from raydecode.train.checkpoint import METRICS_FILE, read_json

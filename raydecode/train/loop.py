@@ -27,7 +27,9 @@ import numpy as np
 import torch
 
 from raydecode.config import TrainConfig
+from raydecode.data.batches import collate
 from raydecode.methods.base import DatasetInfo, MethodSpec, Progress, get_method
+from raydecode.nn.targets import BatchPreparer
 
 CHECKPOINT_TAG = "state"
 log = logging.getLogger("raydecode.train")
@@ -48,56 +50,6 @@ def _worker_logging() -> None:
         logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
     except ImportError:
         pass
-
-
-# -- batches -------------------------------------------------------------------------------
-
-
-def collate(batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
-    """numpy batch -> tensors; string columns (e.g. ``split``) are dropped, ids become int64."""
-    out = {}
-    for name, values in batch.items():
-        if values.dtype == object or values.dtype.kind in "US":
-            continue
-        values = np.ascontiguousarray(values)
-        t = torch.from_numpy(values if values.flags.writeable else values.copy())  # Ray hands out read-only arrays
-        if t.dtype in (torch.int8, torch.int16, torch.int32) and name != "image":
-            t = t.long()
-        out[name] = t
-    return out
-
-
-class BatchPreparer:
-    """Adds frozen targets (``<key>_tokens`` / ``<key>_pooled``) and moves a batch to the device and dtype.
-
-    Targets come from the store's embedding columns (joined by the pipeline) or are computed here, once
-    per image id: the images of ids not seen yet are read from the store's stimulus shards."""
-
-    def __init__(self, targets: dict[str, dict], device: torch.device, dtype: torch.dtype,
-                 store_uri: str, s3: dict | None):
-        from raydecode.data.encoders import FrozenEncoder, TargetCache, encoder_config
-        from raydecode.data.pipeline import StimulusLookup, embedding_column
-
-        self.device, self.dtype = device, dtype
-        self.from_store = {k: t["encoder"] for k, t in targets.items() if t["source"] == "store"}
-        computed = {k: FrozenEncoder(encoder_config(t["encoder"])).to(device)
-                    for k, t in targets.items() if t["source"] == "compute"}
-        self.cache = TargetCache(computed) if computed else None
-        self.images = StimulusLookup(store_uri, s3, True, [], 8) if computed else None
-        self.embedding_column = embedding_column
-
-    def _images(self, ids: torch.Tensor) -> torch.Tensor:
-        return torch.from_numpy(self.images({"image_id": ids.numpy()})["image"])
-
-    def __call__(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        for key, enc in self.from_store.items():
-            for part in ("tokens", "pooled"):
-                batch[f"{key}_{part}"] = batch.pop(self.embedding_column(enc, part))
-        if self.cache is not None:
-            batch.update(self.cache(batch["image_id"], batch.get("image"), self._images))
-        batch.pop("image", None)
-        return {k: (v.to(self.device, self.dtype) if v.is_floating_point() else v.to(self.device))
-                for k, v in batch.items()}
 
 
 # -- DeepSpeed -----------------------------------------------------------------------------

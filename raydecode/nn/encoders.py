@@ -202,7 +202,7 @@ class FrozenEncoder(torch.nn.Module):
         """VAE encoders: latents as :meth:`encode` gives them -> uint8 images (B, H, W, 3)."""
         if self.cfg.kind != "vae":
             raise ConfigError(f"encoder {self.cfg.name!r}: a {self.cfg.kind} encoder cannot decode images")
-        from raydecode.methods.diffusion import decode_latents
+        from raydecode.nn.diffusion import decode_latents
 
         return decode_latents(self.net, latents.to(next(self.net.parameters()).device)).cpu()
 
