@@ -23,11 +23,21 @@ import time
 
 import numpy as np
 
-from raydecode.config import DiffusionDecodeConfig, ReconstructOptions
+from raydecode import tracking
+from raydecode.config import DataSelection, DiffusionDecodeConfig, ReconstructOptions, TrainConfig
+from raydecode.data.batches import collate
+from raydecode.data.store import open_store
+from raydecode.data.windows import read_windows
 from raydecode.errors import ConfigError, user_errors_from_ray
+from raydecode.evaluate.reconstruction import grid_png, reconstruction_metrics, time_curve_png
 from raydecode.evaluate.suite import row_seeds
+from raydecode.methods.base import get_method
+from raydecode.nn.targets import BatchPreparer
 from raydecode.report import StageResult, table
+from raydecode.runtime import absolute_paths, init_ray
 from raydecode.storage import resolve
+from raydecode.train.checkpoint import CONFIG_FILE, load_consolidated, read_json
+from raydecode.train.launch import run_training
 
 
 class _Evaluator:
@@ -36,10 +46,6 @@ class _Evaluator:
     def __init__(self, ckpt_uri: str, store: str, s3, subjects: list[int] | None, opts: ReconstructOptions,
                  device: str):
         import torch
-
-        from raydecode.config import DataSelection
-        from raydecode.train.checkpoint import load_consolidated
-        from raydecode.nn.targets import BatchPreparer
 
         self.torch = torch
         self.c = load_consolidated(ckpt_uri, s3, device)
@@ -57,14 +63,12 @@ class _Evaluator:
 
     def rows(self, shift: int = 0, single_trial_seed: int | None = None) -> dict[str, np.ndarray]:
         """Test windows: repetitions averaged, or one drawn presentation per image (``single_trial_seed``)."""
-        from raydecode.data.windows import read_windows
 
         sel = self.selection.model_copy(update={"average_test_repeats": single_trial_seed is None,
                                                 "single_test_trial_seed": single_trial_seed})
         return read_windows(self.store, "test", self.window, sel, self.s3, shift=shift)
 
     def _batches(self, rows: dict[str, np.ndarray]):
-        from raydecode.data.batches import collate
 
         n, bs = len(rows["subject"]), self.opts.batch_size
         for start in range(0, n, bs):
@@ -106,7 +110,6 @@ def evaluate_checkpoint(ckpt_uri: str, store: str, s3, opts: ReconstructOptions,
                         tracking_uri: str | None = None, run_id: str | None = None, device: str = "cpu") -> dict:
     """Step 2 of the stage (runs anywhere: a Ray task, a notebook). Returns ``metrics`` (``recon.*``, ``test.*``),
     the time-resolved ``curve`` rows and the written files' URIs."""
-    from raydecode.evaluate.reconstruction import grid_png, reconstruction_metrics, time_curve_png
 
     t0 = time.time()
     ev = _Evaluator(ckpt_uri, store, s3, subjects, opts, device)
@@ -208,18 +211,8 @@ def _print_results(res: dict, specialized: list[dict]) -> None:
     print("\ntime-resolved decoding (general model on shifted test windows)\n" + table(head, body))
 
 
-def _absolute_paths(cfg: DiffusionDecodeConfig) -> DiffusionDecodeConfig:
-    """Ray tasks run in Ray's working directory: local paths leave the driver absolute."""
-    from raydecode.train.launch import _absolute
-
-    return cfg.model_copy(update={"store": _absolute(cfg.store), "workdir": os.path.abspath(cfg.workdir),
-                                  "init_from": _absolute(cfg.init_from) if cfg.init_from else None,
-                                  "checkpoint_uri": _absolute(cfg.checkpoint_uri) if cfg.checkpoint_uri else None})
-
-
 def train_part(cfg: DiffusionDecodeConfig):
     """The stage's training run: its ``pretrain`` keys, as the loop validates them."""
-    from raydecode.config import TrainConfig
 
     return TrainConfig.model_validate(cfg.model_dump(include=set(TrainConfig.model_fields)))
 
@@ -227,7 +220,6 @@ def train_part(cfg: DiffusionDecodeConfig):
 def specialized_config(cfg: DiffusionDecodeConfig, shift: int, tr_s: float) -> DiffusionDecodeConfig:
     """Dynadiff's "specialized" model for ``shift`` TRs: the same run on W(t + shift * TR, d), named
     ``<run_name>-shift+K``."""
-    from raydecode.methods.base import get_method
 
     base_start = get_method(cfg.method).config(cfg.preset, cfg.model).window.start_s
     window = {**cfg.model.get("window", {}), "start_s": base_start + shift * tr_s}
@@ -239,14 +231,8 @@ def specialized_config(cfg: DiffusionDecodeConfig, shift: int, tr_s: float) -> D
 def run_dynadiff(cfg: DiffusionDecodeConfig) -> StageResult:
     import mlflow
 
-    from raydecode import tracking
-    from raydecode.data.store import open_store
-    from raydecode.evaluate.reconstruction import time_curve_png
-    from raydecode.methods.base import get_method
-    from raydecode.train.launch import run_training
-
     t0 = time.time()
-    cfg = _absolute_paths(cfg)
+    cfg = absolute_paths(cfg)
     spec = get_method(cfg.method)
     if spec.reconstruct is None or spec.windows(spec.config(cfg.preset, cfg.model)) is None:
         raise ConfigError(f"method {cfg.method!r}: the dynadiff stage needs a method that decodes time-series windows "
@@ -309,18 +295,13 @@ def run_reconstruct_only(cfg: DiffusionDecodeConfig) -> StageResult:
     """``raydecode dynadiff reconstruct``: step 2 for an existing checkpoint, in a new MLflow run."""
     import mlflow
 
-    from raydecode import tracking
-    from raydecode.runtime import init_ray
-    from raydecode.train.checkpoint import CONFIG_FILE, read_json
-
     t0 = time.time()
-    cfg = _absolute_paths(cfg)
+    cfg = absolute_paths(cfg)
     ckpt = cfg.checkpoint_uri or resolve(cfg.storage_path(), cfg.s3).join(cfg.run_name or "run", "final").uri
     read_json(ckpt, CONFIG_FILE, cfg.s3)  # a clear error before anything starts
     tracking_uri = tracking.configure(cfg)
-    exp_id = tracking.experiment(cfg.experiment)
-    with mlflow.start_run(experiment_id=exp_id, run_name=f"{cfg.run_name}-reconstruct",
-                          tags={"raydecode.stage": "reconstruct", "raydecode.checkpoint_uri": ckpt}) as run:
+    with tracking.stage_run(cfg, "reconstruct", run_name=f"{cfg.run_name}-reconstruct",
+                            tags={"raydecode.checkpoint_uri": ckpt}) as run:
         init_ray(cfg.ray_address)
         out_uri = ckpt.rstrip("/").rsplit("/", 1)[0] + "/reconstructions"
         res = _remote_evaluate(cfg, ckpt, out_uri, run.info.run_id, tracking_uri)

@@ -203,6 +203,27 @@ def _describe_bundles(bundles: list[Bundle]) -> str:
     return " + ".join(f"{c} x {k}" for k, c in kinds.items())
 
 
+# -- paths ---------------------------------------------------------------------------------------------------------
+
+PATH_FIELDS = ("store", "init_from", "checkpoint_uri")
+
+
+def absolute(uri: str) -> str:
+    """A local path (no scheme) made absolute; a URI with a scheme unchanged."""
+    return uri if "://" in uri else os.path.abspath(uri)
+
+
+def absolute_paths(cfg):
+    """A stage config whose local paths (``workdir``, ``store``, ``init_from``, ``checkpoint_uri``) are absolute:
+    Ray's tasks and workers run in Ray's own working directory, so paths are resolved before they leave the driver."""
+    update = {"workdir": os.path.abspath(cfg.workdir)}
+    for name in PATH_FIELDS:
+        value = getattr(cfg, name, None)
+        if value:
+            update[name] = absolute(value)
+    return cfg.model_copy(update=update)
+
+
 # -- the Ray session ----------------------------------------------------------------------------------------------
 
 # A local Ray keeps idle worker processes for a minute instead of Ray's one second: each training run's Ray Data

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,6 +43,52 @@ def experiment(name: str, artifact_location: str | None = None) -> str:
         db = os.path.abspath(uri[len("sqlite:///"):])
         artifact_location = Path(os.path.dirname(db), "mlartifacts").as_uri()
     return mlflow.create_experiment(name, artifact_location=artifact_location)
+
+
+SECRET_KEYS = {"access_key_id", "secret_access_key", "session_token"}  # never logged, whatever block holds them
+
+
+def flatten(d: dict, prefix: str = "") -> dict[str, object]:
+    """A nested config as ``a.b.c`` keys (MLflow params), secrets left out."""
+    out: dict[str, object] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(flatten(v, key + "."))
+        elif k not in SECRET_KEYS:
+            out[key] = v
+    return out
+
+
+def log_params(params: dict) -> None:
+    import mlflow
+
+    mlflow.log_params({k: str(v)[:500] for k, v in params.items()})  # MLflow's limit on a param's value
+
+
+@contextmanager
+def stage_run(cfg: StageConfig, stage: str, *, run_name: str | None = None, tags: dict | None = None,
+              parent_run_id: str | None = None, exclude: set[str] | None = None) -> Iterator:
+    """One stage's MLflow run in ``cfg.experiment``: tagged ``raydecode.stage``, the flattened config (secrets and
+    ``exclude`` left out) as params; it ends FINISHED, or FAILED when the block raises. A sweep trial its scheduler
+    stopped may already be KILLED: that status stays."""
+    import mlflow
+
+    all_tags = {"raydecode.stage": stage, **(tags or {})}
+    if parent_run_id:
+        all_tags["mlflow.parentRunId"] = parent_run_id
+    run = mlflow.start_run(experiment_id=experiment(cfg.experiment), run_name=run_name, tags=all_tags)
+    try:
+        log_params(flatten(cfg.model_dump(mode="json", exclude=exclude)))
+        yield run
+    except BaseException:
+        try:
+            killed = mlflow.MlflowClient().get_run(run.info.run_id).info.status == "KILLED"
+        except Exception:  # noqa: BLE001 - the tracking store's own trouble must not hide the error above
+            killed = False
+        mlflow.end_run(status="KILLED" if killed else "FAILED")
+        raise
+    mlflow.end_run()
 
 
 # -- models and the registry -----------------------------------------------------------------

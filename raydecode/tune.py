@@ -21,11 +21,16 @@ import tempfile
 import time
 from typing import Any
 
+from raydecode import tracking
 from raydecode.config import SweepConfig, TrainConfig
+from raydecode.data.stats import run_class_statistics
+from raydecode.data.store import open_store
 from raydecode.errors import ConfigError
-from raydecode.runtime import require
+from raydecode.methods.base import get_method
 from raydecode.report import StageResult, table
-from raydecode.train.launch import train_demand
+from raydecode.runtime import absolute_paths, init_ray, require
+from raydecode.storage import train_storage
+from raydecode.train.launch import plan_training, run_training, train_demand
 
 SWEEP_ONLY = set(SweepConfig.model_fields) - set(TrainConfig.model_fields)
 SUBJECT = "subject"
@@ -77,7 +82,6 @@ def check_sweep(cfg: SweepConfig) -> dict:
         if key.split(".")[0] not in TrainConfig.model_fields:
             raise ConfigError(f"space key {key!r}: {key.split('.')[0]!r} is not a key of the training config "
                               f"(allowed: {', '.join(sorted(TrainConfig.model_fields))})")
-    from raydecode.train.launch import plan_training
 
     base = cfg.model_dump(mode="json", exclude=SWEEP_ONLY)
     for subject in cfg.subjects:  # store, subject, sessions, batch size, init_from: as each trial will see them
@@ -130,7 +134,6 @@ def _param_space(cfg: SweepConfig) -> dict:
 def _train(cfg: dict, parent_run_id: str, callback) -> dict:
     """One trial's training run, as a Ray task outside the trial's placement group (Tune captures the trial's
     child tasks into its one-bundle group, where Ray Data's and Ray Train's own tasks and actors do not fit)."""
-    from raydecode.train.launch import run_training
 
     res = run_training(TrainConfig.model_validate(cfg), stage="trial", parent_run_id=parent_run_id,
                        callbacks=[callback])
@@ -268,25 +271,15 @@ def run_sweep(cfg: SweepConfig) -> StageResult:
     import mlflow
     from mlflow.tracking import MlflowClient
 
-    from raydecode import tracking
-    from raydecode.data.store import open_store
-    from raydecode.runtime import init_ray
-    from raydecode.storage import train_storage
-    from raydecode.train.launch import _absolute, flatten
-
     t0 = time.time()
-    cfg = cfg.model_copy(update={"store": _absolute(cfg.store), "workdir": os.path.abspath(cfg.workdir),
-                                 "init_from": _absolute(cfg.init_from) if cfg.init_from else None})
+    cfg = absolute_paths(cfg)
     base = check_sweep(cfg)
     store = open_store(cfg.store, cfg.s3)
     tracking_uri = tracking.configure(cfg)
-    exp_id = tracking.experiment(cfg.experiment)
-    parent = mlflow.start_run(experiment_id=exp_id, run_name=cfg.run_name)
-    parent_id = parent.info.run_id
-    try:
-        mlflow.log_params({k: str(v)[:500] for k, v in flatten(cfg.model_dump(mode="json", exclude={"space"})).items()})
-        mlflow.log_params({f"space.{k}": str(v.model_dump(exclude_none=True))[:500] for k, v in cfg.space.items()})
-        mlflow.set_tags({"raydecode.stage": "sweep", "raydecode.method": cfg.method, "raydecode.store": cfg.store})
+    with tracking.stage_run(cfg, "sweep", run_name=cfg.run_name, exclude={"space"}, tags={
+            "raydecode.method": cfg.method, "raydecode.store": cfg.store}) as parent:
+        parent_id, exp_id = parent.info.run_id, parent.info.experiment_id
+        tracking.log_params({f"space.{k}": v.model_dump(exclude_none=True) for k, v in cfg.space.items()})
         init_ray(cfg.ray_address)
         concurrency = _concurrency(cfg)
         _shared_statistics(cfg, base)
@@ -324,10 +317,6 @@ def run_sweep(cfg: SweepConfig) -> StageResult:
                     row["mlflow_run_id"], row["checkpoint_uri"], _final_metrics(client, row["mlflow_run_id"]),
                     cfg.metric, cfg.tie_break, store.test_set_digest([s]), store.manifest_sha256(),
                     extra_tags={"raydecode.sweep_run_id": parent_id, "raydecode.subject": s}, s3=cfg.s3))
-    except BaseException:
-        mlflow.end_run(status="FAILED")
-        raise
-    mlflow.end_run()
 
     short = {k: k.split(".")[-1] for k in cfg.space}
     print("\n" + table([SUBJECT, *short.values(), "status", cfg.metric.split(".")[-1], "run"],
@@ -360,8 +349,6 @@ def _model_settings(cfg: SweepConfig) -> list[dict]:
 def _shared_statistics(cfg: SweepConfig, base: dict) -> None:
     """Source statistics the trials read: computed once here rather than raced for by the first trials, and only
     when some trial's model needs them (a plain-LoRA sweep of Duala does not)."""
-    from raydecode.data.stats import run_class_statistics
-    from raydecode.methods.base import get_method
 
     spaces: list[str] = []
     init_from = None

@@ -412,7 +412,6 @@ def run_evaluate(cfg: EvaluateConfig) -> StageResult:
     from raydecode.runtime import init_ray
     from raydecode.evaluate.feature_metrics import DEFAULT_NETS, MetricNet
     from raydecode.methods.base import get_method
-    from raydecode.train.launch import flatten
 
     t0 = time.time()
     if not cfg.model:
@@ -435,15 +434,12 @@ def run_evaluate(cfg: EvaluateConfig) -> StageResult:
     use_gpu = _use_gpu(cfg)
     cfg = cfg.model_copy(update={"subjects": subjects})
 
-    exp_id = tracking.experiment(cfg.experiment)
     client = MlflowClient()
-    run = mlflow.start_run(experiment_id=exp_id, run_name=cfg.run_name or f"evaluate {ref.ref}", tags={
-        "raydecode.stage": "evaluate", "raydecode.model_ref": ref.ref, EVALUATES_TAG: ref.canonical,
-        "raydecode.model_run_id": ref.run_id or "", "raydecode.method": config["method"],
-        "raydecode.store": cfg.store, "raydecode.test_set": store.test_set_digest(subjects)})
-    run_id = run.info.run_id
-    try:
-        mlflow.log_params({k: str(v)[:500] for k, v in flatten(cfg.model_dump(mode="json")).items()})
+    with tracking.stage_run(cfg, "evaluate", run_name=cfg.run_name or f"evaluate {ref.ref}", tags={
+            "raydecode.model_ref": ref.ref, EVALUATES_TAG: ref.canonical, "raydecode.model_run_id": ref.run_id or "",
+            "raydecode.method": config["method"], "raydecode.store": cfg.store,
+            "raydecode.test_set": store.test_set_digest(subjects)}) as run:
+        run_id = run.info.run_id
         results, metrics = {}, {}
         t1 = time.time()
         for protocol, rows in infer(cfg, ref, config, keys, use_gpu).items():
@@ -462,10 +458,6 @@ def run_evaluate(cfg: EvaluateConfig) -> StageResult:
             client.set_tag(ref.run_id, "raydecode.last_evaluation_run_id", run_id)
         if ref.kind == "registry":
             client.set_model_version_tag(ref.name, ref.version, "raydecode.last_evaluation_run_id", run_id)
-    except BaseException:
-        mlflow.end_run(status="FAILED")
-        raise
-    mlflow.end_run()
 
     shown = [k for k in TABLE_COLUMNS if k in metrics] + sorted(k for k in metrics if k.startswith("test.")
                                                                  and ".single." not in k)
@@ -523,9 +515,8 @@ def run_compare(cfg: CompareConfig) -> StageResult:
     path = os.path.join(cfg.workdir, "compare.md")
     with open(path, "w") as f:
         f.write(md + "\n\nevaluation runs: " + ", ".join(f"{k} -> {v}" for k, v in runs.items()) + "\n")
-    exp_id = tracking.experiment(cfg.experiment)
-    with mlflow.start_run(experiment_id=exp_id, run_name=cfg.run_name or "compare",
-                          tags={"raydecode.stage": "compare", "raydecode.compared": json.dumps(cfg.models)}) as run:
+    with tracking.stage_run(cfg, "compare", run_name=cfg.run_name or "compare",
+                            tags={"raydecode.compared": json.dumps(cfg.models)}) as run:
         mlflow.log_artifact(path)
     return StageResult(stage="compare", status="ok", mlflow_run_id=run.info.run_id,
                        metrics={f"{r}/{k}": v for r, row in rows.items() for k, v in row.items()},

@@ -15,16 +15,21 @@ from dataclasses import dataclass
 
 import pyarrow.compute as pc
 
+from raydecode import tracking
 from raydecode.config import TrainConfig
+from raydecode.data.pipeline import trials_dataset
+from raydecode.data.stats import run_class_statistics
+from raydecode.data.store import open_store
+from raydecode.data.windows import count_windows, windows_dataset
 from raydecode.errors import ConfigError, UserError, user_errors_from_ray
 from raydecode.methods.base import DatasetInfo, count_parameters, get_method
+from raydecode.nn.encoders import encoder_config, requires_weights
 from raydecode.report import StageResult, table
-from raydecode.runtime import Demand, require
+from raydecode.runtime import Demand, absolute_paths, init_ray, require
 from raydecode.storage import resolve, train_storage
+from raydecode.train.checkpoint import CONFIG_FILE, METRICS_FILE, read_json
+from raydecode.train.loop import train_loop_per_worker
 from raydecode.train.progress import DriverProgress
-
-SECRET_KEYS = {"access_key_id", "secret_access_key", "session_token"}
-
 
 class TrainingError(UserError):
     exit_code = 5
@@ -45,21 +50,7 @@ class TrainPlan:
     window: object = None  # WindowConfig when the method reads time-series windows
 
 
-def flatten(d: dict, prefix: str = "") -> dict[str, object]:
-    out: dict[str, object] = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict) and v:
-            out.update(flatten(v, key + "."))
-        elif k not in SECRET_KEYS:
-            out[key] = v
-    return out
-
-
 def plan_training(cfg: TrainConfig) -> TrainPlan:
-    from raydecode.nn.encoders import encoder_config, requires_weights
-    from raydecode.data.store import open_store
-
     spec = get_method(cfg.method)
     mcfg = spec.config(cfg.preset, cfg.model)
     store = open_store(cfg.store, cfg.s3)
@@ -81,8 +72,6 @@ def plan_training(cfg: TrainConfig) -> TrainPlan:
 
     window = spec.windows(mcfg)
     if window is not None:  # windows of the BOLD time series (e.g. Dynadiff)
-        from raydecode.data.windows import count_windows
-
         shards = store.manifest.shards_of("timeseries", subjects=subjects, sessions=sessions)
         train_rows = count_windows(store, subjects, sessions, window, "train")
     else:
@@ -97,8 +86,6 @@ def plan_training(cfg: TrainConfig) -> TrainPlan:
 
     init_state_uri = None
     if cfg.init_from:
-        from raydecode.train.checkpoint import CONFIG_FILE, read_json
-
         src = read_json(cfg.init_from, CONFIG_FILE, cfg.s3)
         allowed = spec.init_methods or (cfg.method,)
         if src["method"] not in allowed:
@@ -123,7 +110,7 @@ _RUN_IDENTITY = ("method", "preset", "model", "store", "data", "init_from", "opt
 def _claim_run_name(cfg: TrainConfig) -> bool:
     """Record the run's identity under ``<storage>/<run_name>/``; a relaunch with the same identity resumes from the
     run's last checkpoint (Ray Train restores by name), a different one is refused. Returns True on a resume."""
-    flat = flatten(cfg.model_dump(mode="json"))
+    flat = tracking.flatten(cfg.model_dump(mode="json"))
     ident = {k: v for k, v in flat.items() if any(k == key or k.startswith(key + ".") for key in _RUN_IDENTITY)}
     ident = json.loads(json.dumps(ident, sort_keys=True))
     loc = resolve(cfg.storage_path(), cfg.s3).join(cfg.run_name or "run", RUN_FILE)
@@ -138,11 +125,6 @@ def _claim_run_name(cfg: TrainConfig) -> bool:
         return True
     loc.write_bytes_atomic(json.dumps(ident, sort_keys=True, indent=1).encode())
     return False
-
-
-def _absolute(uri: str) -> str:
-    """Local paths (no scheme) made absolute; URIs with a scheme unchanged."""
-    return uri if "://" in uri else os.path.abspath(uri)
 
 
 def _first_failure(exc: BaseException) -> str:
@@ -166,92 +148,33 @@ def run_training(cfg: TrainConfig, stage: str = "pretrain", parent_run_id: str |
     ``parent_run_id`` for sweep trials), Ray Train + DeepSpeed workers, the consolidated checkpoint.
     ``callbacks``: Ray Train callbacks (a sweep passes Tune's report callback)."""
     import mlflow
-    import ray.train
-    from ray.data import DataContext
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    from raydecode import tracking
-    from raydecode.data.pipeline import trials_dataset
-    from raydecode.runtime import init_ray
-    from raydecode.train.loop import train_loop_per_worker
 
     t0 = time.time()
-    # workers run in Ray's own working directory: local paths must be absolute before they leave the driver
-    cfg = cfg.model_copy(update={"store": _absolute(cfg.store), "workdir": os.path.abspath(cfg.workdir),
-                                 "init_from": _absolute(cfg.init_from) if cfg.init_from else None})
+    cfg = absolute_paths(cfg)
     plan = plan_training(cfg)
     spec = get_method(cfg.method)
-    import torch
-
-    with torch.device("meta"):
-        counts = count_parameters(spec.build_model(plan.method_config, plan.info))
-    selection = cfg.data.model_copy(update={
-        "embeddings": sorted({*cfg.data.embeddings, *(t["encoder"] for t in plan.targets.values()
-                                                       if t["source"] == "store")}),
-        "categories": cfg.data.categories or "categories" in spec.columns,
-    })
-    print(f"[{stage}] {cfg.method} ({cfg.preset}): {counts['total'] / 1e6:.2f} M parameters "
-          f"({counts['trainable'] / 1e6:.2f} M trainable); "
-          f"subjects {plan.info.subjects}; {plan.train_rows} train trials; {cfg.scaling.num_workers} workers x "
-          f"{plan.steps_per_epoch} steps/epoch x {cfg.optim.epochs} epochs; ZeRO-{cfg.deepspeed.zero_stage}; "
-          "targets " + ", ".join(f"{k}={_encoder_name(t['encoder'])} ({t['source']})" for k, t in plan.targets.items())
-          + (f"; windows {plan.window.n_samples(plan.info.tr_s)} TRs from {plan.window.start_s:g} s after onset"
-             if plan.window is not None else ""))
-
+    counts = _describe(cfg, plan, stage)
     if _claim_run_name(cfg):
         print(f"[{stage}] run {cfg.run_name!r} exists with this config: resuming from its last checkpoint")
     tracking_uri = tracking.configure(cfg)
-    exp_id = tracking.experiment(cfg.experiment)
-    tags = {"mlflow.parentRunId": parent_run_id} if parent_run_id else None
-    run = mlflow.start_run(experiment_id=exp_id, run_name=cfg.run_name, tags=tags)
-    run_id = run.info.run_id
-    try:
-        mlflow.log_params({k: str(v)[:500] for k, v in flatten(cfg.model_dump(mode="json")).items()})
-        mlflow.log_params({f"model.{k}": str(v)[:500] for k, v in plan.method_config.model_dump(mode="json").items()
-                           if k not in cfg.model})
-        mlflow.log_params({"params.total": counts["total"], "data.train_rows": plan.train_rows,
-                           "steps_per_epoch": plan.steps_per_epoch})
-        mlflow.set_tags({"raydecode.stage": stage, "raydecode.method": cfg.method, "raydecode.store": cfg.store,
-                         "raydecode.checkpoint_uri": plan.final_uri})
-
+    with tracking.stage_run(cfg, stage, run_name=cfg.run_name, parent_run_id=parent_run_id, tags={
+            "raydecode.method": cfg.method, "raydecode.store": cfg.store,
+            "raydecode.checkpoint_uri": plan.final_uri}) as run:
+        run_id = run.info.run_id
+        tracking.log_params({f"model.{k}": v for k, v in plan.method_config.model_dump(mode="json").items()
+                             if k not in cfg.model})
+        tracking.log_params({"params.total": counts["total"], "data.train_rows": plan.train_rows,
+                             "steps_per_epoch": plan.steps_per_epoch})
         init_ray(cfg.ray_address)
         _check_cluster_fits(cfg)
         stats_uri = None
         if spec.statistics(plan.method_config):  # e.g. Duala's source statistics, once per pretrained checkpoint
-            from raydecode.data.stats import run_class_statistics
-
             st = run_class_statistics(cfg.store, cfg.init_from, spec.statistics(plan.method_config), s3=cfg.s3,
                                       cpus=cfg.data.read_cpus)
             stats_uri = st.uri
             mlflow.set_tag("raydecode.stats_uri", st.uri)
             print(f"[{stage}] class statistics of {cfg.init_from}: {st.status} {st.uri} "
                   f"({st.info['trials']} trials of subjects {st.info['subjects']}, {st.seconds:.1f} s)")
-        # a dataset snapshots the context it is created in and carries it to the split coordinator and the
-        # workers, whose progress bars would reach the driver as a line per refresh (workers log one per epoch)
-        data_ctx = DataContext.get_current()
-        bars, data_ctx.enable_progress_bars = data_ctx.enable_progress_bars, False
-        try:
-            if plan.window is not None:
-                from raydecode.data.windows import windows_dataset
-
-                def dataset(split, sel):
-                    return windows_dataset(cfg.store, split, plan.window, sel, cfg.s3)
-            else:
-                def dataset(split, sel):
-                    return trials_dataset(cfg.store, split, sel, cfg.s3)
-            train = dataset("train", selection)
-            # the test split is every session's repetitions of the shared images, whatever sessions train on
-            test = dataset("test", selection.model_copy(update={"sessions": None}))
-        finally:
-            data_ctx.enable_progress_bars = bars
-        materialize = cfg.data.materialize
-        if materialize is None:
-            materialize = plan.train_bytes < MATERIALIZE_BELOW
-        # small selections: one read, then every epoch splits blocks already in the object store (streaming
-        # re-reads the store each epoch: seconds per epoch of start-up on small data)
-        train_ds = train.dataset.materialize() if materialize else train.dataset
-        storage_path, storage_fs = train_storage(cfg.storage_path(), cfg.s3)
         payload = {
             "cfg": cfg.model_dump(mode="json"), "method_config": plan.method_config.model_dump(mode="json"),
             "info": plan.info.to_dict(), "targets": plan.targets, "steps_per_epoch": plan.steps_per_epoch,
@@ -262,24 +185,7 @@ def run_training(cfg: TrainConfig, stage: str = "pretrain", parent_run_id: str |
         progress = DriverProgress(stage, plan.steps_per_epoch * cfg.optim.epochs, plan.steps_per_epoch,
                                   cfg.optim.epochs, enabled=parent_run_id is None)
         payload["progress_board"] = progress.board
-        resources = {"CPU": cfg.scaling.cpus_per_worker, **({"GPU": 1} if cfg.scaling.use_gpu else {})}
-        trainer = TorchTrainer(
-            train_loop_per_worker,
-            train_loop_config=payload,
-            scaling_config=ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
-                                         placement_strategy=cfg.scaling.placement_strategy,
-                                         resources_per_worker=resources),
-            datasets={"train": train_ds, "test": test.dataset.materialize()},
-            dataset_config=DataConfig(datasets_to_split=["train"]),
-            run_config=RunConfig(
-                name=cfg.run_name, storage_path=storage_path, storage_filesystem=storage_fs,
-                failure_config=FailureConfig(max_failures=cfg.checkpoint.max_failures),
-                callbacks=callbacks,
-                checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.num_to_keep),
-                logging_config=LoggingConfig(log_level="WARNING"),  # Ray Train's per-report INFO lines
-                worker_runtime_env={"env_vars": cfg.s3.env()} if cfg.s3.env() else None,
-            ),
-        )
+        trainer = _trainer(cfg, plan, payload, callbacks)
         try:  # a worker's UserError (bad store, bad weights) reaches the user as itself
             with user_errors_from_ray(), progress:
                 result = trainer.fit()
@@ -287,8 +193,6 @@ def run_training(cfg: TrainConfig, stage: str = "pretrain", parent_run_id: str |
             raise
         except Exception as exc:
             raise TrainingError(f"training failed: {_first_failure(exc)}") from exc
-
-        from raydecode.train.checkpoint import METRICS_FILE, read_json
 
         final = read_json(plan.final_uri, METRICS_FILE, cfg.s3)
         metrics = {k: v for k, v in final.items() if isinstance(v, (int, float))}
@@ -301,15 +205,6 @@ def run_training(cfg: TrainConfig, stage: str = "pretrain", parent_run_id: str |
                      "mlflow_run": f"runs:/{run_id}"}
         _log_artifacts(cfg, plan, run_id, artifacts)
         mlflow.log_metrics({f"final.{k}": float(v) for k, v in metrics.items() if k.startswith(("retrieval.", "test."))})
-    except BaseException:
-        # a sweep whose scheduler stopped this trial may have closed the run as KILLED already: that stays
-        try:
-            killed = mlflow.MlflowClient().get_run(run_id).info.status == "KILLED"
-        except Exception:  # noqa: BLE001 - the tracking store's own trouble must not hide the error above
-            killed = False
-        mlflow.end_run(status="KILLED" if killed else "FAILED")
-        raise
-    mlflow.end_run()
 
     rows = [[k, f"{v:.4g}"] for k, v in metrics.items()
             if k.startswith(("retrieval.", "test.", "train.loss")) or k in ("epoch", "step")]
@@ -317,6 +212,84 @@ def run_training(cfg: TrainConfig, stage: str = "pretrain", parent_run_id: str |
     print(f"\ncheckpoint {plan.final_uri}\nmlflow run {run_id} ({tracking_uri})")
     metrics["seconds"] = round(time.time() - t0, 1)
     return StageResult(stage=stage, status="ok", mlflow_run_id=run_id, metrics=metrics, artifacts=artifacts)
+
+
+def _describe(cfg: TrainConfig, plan: TrainPlan, stage: str) -> dict[str, int]:
+    """The run in one line (method, size, data, workers, targets); returns the parameter counts."""
+    import torch
+
+    spec = get_method(cfg.method)
+    with torch.device("meta"):
+        counts = count_parameters(spec.build_model(plan.method_config, plan.info))
+    print(f"[{stage}] {cfg.method} ({cfg.preset}): {counts['total'] / 1e6:.2f} M parameters "
+          f"({counts['trainable'] / 1e6:.2f} M trainable); "
+          f"subjects {plan.info.subjects}; {plan.train_rows} train trials; {cfg.scaling.num_workers} workers x "
+          f"{plan.steps_per_epoch} steps/epoch x {cfg.optim.epochs} epochs; ZeRO-{cfg.deepspeed.zero_stage}; "
+          "targets " + ", ".join(f"{k}={_encoder_name(t['encoder'])} ({t['source']})" for k, t in plan.targets.items())
+          + (f"; windows {plan.window.n_samples(plan.info.tr_s)} TRs from {plan.window.start_s:g} s after onset"
+             if plan.window is not None else ""))
+    return counts
+
+
+def _datasets(cfg: TrainConfig, plan: TrainPlan) -> dict:
+    """The train split (materialized when small) and the test split (every session's repetitions)."""
+    from ray.data import DataContext
+
+    spec = get_method(cfg.method)
+    selection = cfg.data.model_copy(update={
+        "embeddings": sorted({*cfg.data.embeddings, *(t["encoder"] for t in plan.targets.values()
+                                                       if t["source"] == "store")}),
+        "categories": cfg.data.categories or "categories" in spec.columns,
+    })
+    # a dataset snapshots the context it is created in and carries it to the split coordinator and the
+    # workers, whose progress bars would reach the driver as a line per refresh (workers log one per epoch)
+    data_ctx = DataContext.get_current()
+    bars, data_ctx.enable_progress_bars = data_ctx.enable_progress_bars, False
+    try:
+        if plan.window is not None:
+            def dataset(split, sel):
+                return windows_dataset(cfg.store, split, plan.window, sel, cfg.s3)
+        else:
+            def dataset(split, sel):
+                return trials_dataset(cfg.store, split, sel, cfg.s3)
+        train = dataset("train", selection)
+        # the test split is every session's repetitions of the shared images, whatever sessions train on
+        test = dataset("test", selection.model_copy(update={"sessions": None}))
+    finally:
+        data_ctx.enable_progress_bars = bars
+    materialize = cfg.data.materialize
+    if materialize is None:
+        materialize = plan.train_bytes < MATERIALIZE_BELOW
+    # small selections: one read, then every epoch splits blocks already in the object store (streaming
+    # re-reads the store each epoch: seconds per epoch of start-up on small data)
+    return {"train": train.dataset.materialize() if materialize else train.dataset,
+            "test": test.dataset.materialize()}
+
+
+def _trainer(cfg: TrainConfig, plan: TrainPlan, payload: dict, callbacks: list | None):
+    """Ray Train's TorchTrainer running the loop on ``scaling`` workers, checkpoints in ``cfg.storage_path()``."""
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    storage_path, storage_fs = train_storage(cfg.storage_path(), cfg.s3)
+    resources = {"CPU": cfg.scaling.cpus_per_worker, **({"GPU": 1} if cfg.scaling.use_gpu else {})}
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=payload,
+        scaling_config=ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
+                                     placement_strategy=cfg.scaling.placement_strategy,
+                                     resources_per_worker=resources),
+        datasets=_datasets(cfg, plan),
+        dataset_config=DataConfig(datasets_to_split=["train"]),
+        run_config=RunConfig(
+            name=cfg.run_name, storage_path=storage_path, storage_filesystem=storage_fs,
+            failure_config=FailureConfig(max_failures=cfg.checkpoint.max_failures),
+            callbacks=callbacks,
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.num_to_keep),
+            logging_config=LoggingConfig(log_level="WARNING"),  # Ray Train's per-report INFO lines
+            worker_runtime_env={"env_vars": cfg.s3.env()} if cfg.s3.env() else None,
+        ),
+    )
 
 
 def _encoder_name(ref) -> str:
@@ -346,7 +319,6 @@ def _log_artifacts(cfg: TrainConfig, plan: TrainPlan, run_id: str, artifacts: di
     import mlflow
     from mlflow.tracking import MlflowClient
 
-    from raydecode.train.checkpoint import CONFIG_FILE, read_json
 
     client = MlflowClient()
     with tempfile.TemporaryDirectory() as tmp:
