@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q --disable-pip-version-check uv
 	$(BIN)/uv pip install -q --python $(BIN)/python -e '.[test]' \
 		|| $(BIN)/python -m pip install -q -e '.[test]'
-	$(BIN)/python -m raydecode.warm_bytecode
+	$(BIN)/python tools/warm_bytecode.py
 	@touch $(STAMP)
 
 demo: $(STAMP)

@@ -18,9 +18,9 @@ import sys
 
 STEP = """
 import json, resource, sys, torch
-from raydecode.methods.base import Progress, get_method
-from raydecode.methods.info import dataset_info
-from raydecode.methods.memory import fake_batch, target_shapes
+from raydecode.methods.spec import Progress, get_method
+from raydecode.modelinfo.info import dataset_info
+from raydecode.modelinfo.memory import fake_batch, target_shapes
 method, preset, batch = sys.argv[1], sys.argv[2], int(sys.argv[3])
 spec = get_method(method)
 mcfg, info = spec.config(preset), dataset_info(preset)
@@ -44,9 +44,9 @@ print(json.dumps({"measured": (peak - base) * 1024}))
 
 
 def estimate(method: str, preset: str, batch: int) -> dict:
-    from raydecode.methods.base import get_method
-    from raydecode.methods.info import dataset_info
-    from raydecode.methods.memory import build_for_measurement, measure_activations, model_states_bytes
+    from raydecode.methods.spec import get_method
+    from raydecode.modelinfo.info import dataset_info
+    from raydecode.modelinfo.memory import build_for_measurement, measure_activations, model_states_bytes
 
     spec = get_method(method)
     mcfg, info = spec.config(preset), dataset_info(preset)

@@ -25,7 +25,7 @@ def bare_loop(store: str, preset: str, subjects: list[int], batch_size: int, ste
     from raydecode.config import DataSelection
     from raydecode.data.pipeline import read_split
     from raydecode.data.store import open_store
-    from raydecode.methods.base import DatasetInfo, Progress, get_method
+    from raydecode.methods.spec import DatasetInfo, Progress, get_method
     from raydecode.data.batches import collate
 
     spec = get_method("mindeye2")

@@ -1,7 +1,7 @@
 """The MLflow pyfunc flavour of a registered raydecode model (imported only where models are logged or loaded).
 
 ``mlflow.pyfunc.load_model("models:/raydecode-duala-subj08@champion")`` rebuilds the decoder from its package
-(:func:`raydecode.tracking.load_adapted`: no Ray, no DeepSpeed); ``predict({"betas": (B, V), "subject": (B,)})``
+(:func:`raydecode.checkpoint.load_adapted`: no Ray, no DeepSpeed); ``predict({"betas": (B, V), "subject": (B,)})``
 returns the method's predictions (``brain`` retrieval embeddings, ...) as numpy arrays, and
 ``unwrap_python_model().decoder`` is the torch model.
 """
@@ -12,7 +12,7 @@ import warnings
 
 import mlflow.pyfunc
 
-from raydecode.tracking import load_adapted
+from raydecode.checkpoint import load_adapted
 
 with warnings.catch_warnings():  # mlflow asks for type hints to infer a signature; inputs are dicts of arrays
     warnings.simplefilter("ignore", UserWarning)

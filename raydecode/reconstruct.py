@@ -31,12 +31,12 @@ from raydecode.data.windows import read_windows
 from raydecode.errors import ConfigError, user_errors_from_ray
 from raydecode.evaluate.reconstruction import grid_png, reconstruction_metrics, time_curve_png
 from raydecode.evaluate.suite import row_seeds
-from raydecode.methods.base import get_method
+from raydecode.methods.spec import get_method
 from raydecode.nn.targets import BatchPreparer
 from raydecode.report import StageResult, table
 from raydecode.runtime import absolute_paths, init_ray
 from raydecode.storage import resolve
-from raydecode.train.checkpoint import CONFIG_FILE, load_consolidated, read_json
+from raydecode.checkpoint import CONFIG_FILE, load_consolidated, read_json
 from raydecode.train.launch import run_training
 
 

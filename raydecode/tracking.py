@@ -7,14 +7,17 @@ Artifacts of a store on S3 go to the same endpoint: :func:`configure` exports th
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from raydecode.checkpoint import adapter_package
 from raydecode.config import StageConfig
+from raydecode.errors import ConfigError
+from raydecode.methods.spec import get_method
+from raydecode.pyfunc import DecoderModel
 
 
 def configure(cfg: StageConfig) -> str:
@@ -94,8 +97,6 @@ def stage_run(cfg: StageConfig, stage: str, *, run_name: str | None = None, tags
 # -- models and the registry -----------------------------------------------------------------
 
 CHAMPION, CHALLENGER = "champion", "challenger"
-ADAPTER_FILE = "adapter.safetensors"  # packages registered before 0.2: the weights that differ from init_from
-MODEL_FILE = "model.safetensors"  # as in a final/ checkpoint: every trained weight, no init_from needed
 # what loading and running a registered model imports (raydecode's own code travels with the model as code_paths):
 # pinned to this environment's versions in the model's requirements.txt; Ray, DeepSpeed and the data tools are
 # training-side only
@@ -112,66 +113,6 @@ def serve_requirements() -> list[str]:
     from importlib.metadata import version
 
     return [f"{name}=={version(name)}" for name in SERVE_REQUIREMENTS]
-
-
-def adapter_package(checkpoint_uri: str, out_dir: str, s3=None) -> dict:
-    """Write what a registered model needs into ``out_dir``: the run's final checkpoint as it is (every trained
-    weight: for Duala the adapted MindEye2 with its LoRA adapters, new ridge map and source statistics; frozen
-    weights rebuilt from the config, e.g. a diffusion UNet from its seed or weights reference, are left out as in
-    the checkpoint), its config.json / metrics.json and the method's export (e.g. Dynadiff's LoRA in the diffusers
-    format). Nothing refers back to ``init_from``: the package loads anywhere. Returns the config."""
-    from raydecode.storage import resolve
-    from raydecode.train.checkpoint import CONFIG_FILE, METRICS_FILE
-
-    root = resolve(checkpoint_uri, s3)
-    config = json.loads(root.join(CONFIG_FILE).read_bytes())
-    os.makedirs(out_dir, exist_ok=True)
-    for name in (MODEL_FILE, CONFIG_FILE, METRICS_FILE):
-        with open(os.path.join(out_dir, name), "wb") as f:
-            f.write(root.join(name).read_bytes())
-    from raydecode.methods.base import get_method
-
-    spec = get_method(config["method"])
-    if spec.export is not None:  # e.g. Dynadiff: LoRA in the diffusers format + the brain module
-        from raydecode.train.checkpoint import load_consolidated
-
-        spec.export(load_consolidated(checkpoint_uri, s3).model, out_dir)
-    return config
-
-
-def load_adapted(package_dir: str, s3=None, device: str = "cpu"):
-    """Rebuild a registered model from its package (no Ray, no DeepSpeed). A package is a final/ checkpoint
-    directory, so it loads as one; a package from before 0.2 holds only what differs from ``init_from``, which is
-    loaded first. Returns the ``Consolidated`` view."""
-    from raydecode.train.checkpoint import load_consolidated
-
-    if os.path.exists(os.path.join(package_dir, MODEL_FILE)):
-        return load_consolidated(package_dir, device=device)
-    return _load_legacy_package(package_dir, s3, device)
-
-
-def _load_legacy_package(package_dir: str, s3, device: str):
-    from safetensors.torch import load_file
-
-    from raydecode.methods.base import DatasetInfo, get_method
-    from raydecode.storage import S3Options
-    from raydecode.train.checkpoint import CONFIG_FILE, METRICS_FILE, Consolidated, check_rebuilt, load_state
-
-    with open(os.path.join(package_dir, CONFIG_FILE)) as f:
-        config = json.load(f)
-    with open(os.path.join(package_dir, METRICS_FILE)) as f:
-        metrics = json.load(f)
-    spec = get_method(config["method"])
-    mcfg = spec.config_model(**config["model"])
-    info = DatasetInfo.from_dict(config["info"])
-    model = spec.build_model(mcfg, info)
-    base_uri = config["train"].get("init_from")
-    if base_uri:
-        s3 = s3 or S3Options(**{k: v for k, v in config["train"].get("s3", {}).items() if v is not None})
-        (spec.load_pretrained or (lambda m, st: m.load_state_dict(st, strict=False)))(model, load_state(base_uri, s3))
-    model.load_state_dict(load_file(os.path.join(package_dir, ADAPTER_FILE)), strict=False)
-    check_rebuilt(model, spec, config, package_dir)
-    return Consolidated(model.to(device).eval(), spec, mcfg, info, config, metrics, package_dir)
 
 
 @dataclass
@@ -199,8 +140,6 @@ def promote(name: str, version: str | int, client=None) -> Decision:
     evidence are written as tags on the version."""
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
-
-    from raydecode.errors import ConfigError
 
     client = client or MlflowClient()
     try:
@@ -237,8 +176,6 @@ def promote(name: str, version: str | int, client=None) -> Decision:
 def _signature(config: dict):
     """Inference parameters of models that reconstruct images (``predict(..., params={"steps": 4})``); MLflow drops
     params a signature does not declare. Defaults: the model's own."""
-    from raydecode.methods.base import get_method
-
     if get_method(config["method"]).reconstruct is None:
         return None
     from mlflow.models import ModelSignature
@@ -271,7 +208,6 @@ def register_run(run_id: str, checkpoint_uri: str, metrics: dict, metric: str, t
     with tempfile.TemporaryDirectory() as tmp:
         config = adapter_package(checkpoint_uri, os.path.join(tmp, "package"), s3)
         name = name or model_name(config["method"], config["info"]["subjects"])
-        from raydecode.pyfunc import DecoderModel
 
         with mlflow.start_run(run_id=run_id, nested=mlflow.active_run() is not None):  # e.g. inside a sweep's run
             # raydecode's code travels with the model (MLflow puts code/ on the path when it loads it): the model

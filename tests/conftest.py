@@ -95,7 +95,7 @@ def run_main(*args: str, env: dict | None = None) -> subprocess.CompletedProcess
     import contextlib
     import io
 
-    from raydecode.cli import main
+    from raydecode.app.cli import main
 
     saved = dict(os.environ)
     os.environ.update(env or {})

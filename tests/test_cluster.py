@@ -47,7 +47,7 @@ def deployment(tmp_path_factory):
     endpoints reach a job through its runtime_env, as jobs/README.md says.
     Yields (stack state, the environment `stack up` printed, the dashboard address, a client env with the token, the
     head node's temp dir, add_node)."""
-    from raydecode import devstack
+    from raydecode.app import devstack
 
     state = str(tmp_path_factory.mktemp("stack"))
     up = _stack("up", state)

@@ -398,7 +398,7 @@ def test_kuberay_manifests_parse_and_have_the_expected_kinds():
 
 
 def test_rayjobs_run_a_stage_config_and_clean_up():
-    from raydecode.cli import build_parser
+    from raydecode.app.cli import build_parser
     from raydecode.config import load_config
 
     configs = _stage_configs()
@@ -595,7 +595,7 @@ def test_no_credentials_and_no_disabled_ray_auth_in_deployment_files():
 
 def test_submit_sends_only_the_environment_the_user_names_and_never_a_secret(monkeypatch, tmp_path):
     from raydecode.errors import ConfigError
-    from raydecode.submit import EXCLUDES, Cluster, job_env, runtime_env
+    from raydecode.app.submit import EXCLUDES, Cluster, job_env, runtime_env
 
     remote, local = Cluster("http://ray-head.lab.internal:8265"), Cluster("http://127.0.0.1:8265")
     local._here = True  # a cluster on this machine (tests/test_cluster.py submits to one; the nodes' IPs decide)
@@ -644,7 +644,7 @@ def test_submit_sends_only_the_environment_the_user_names_and_never_a_secret(mon
 
 def test_submit_checks_the_stage_and_config_before_uploading(tmp_path):
     from raydecode.errors import ConfigError
-    from raydecode.submit import Cluster, entrypoint
+    from raydecode.app.submit import Cluster, entrypoint
 
     assert entrypoint(["compare"], str(JOBS / "evaluate.yaml"), [], ROOT).endswith("--config jobs/evaluate.yaml")
     cmd = entrypoint(["pretrain"], str(JOBS / "pretrain-nsd.yaml"), ["optim.epochs=3"], ROOT)

@@ -56,7 +56,7 @@ def test_the_demo_runs_the_jobs_configs(stage):
     """`make demo` embeds its configs (no files needed); they are the jobs/ files a user runs stage by stage."""
     from pathlib import Path
 
-    from raydecode import demo
+    from raydecode.app import demo
     from raydecode.config import (DemoConfig, DiffusionDecodeConfig, EvaluateConfig, SweepConfig, TrainConfig,
                                   load_config)
 
@@ -88,7 +88,7 @@ def test_the_cli_explains_itself():
     import yaml
 
     from raydecode import __version__
-    from raydecode.cli import build_parser
+    from raydecode.app.cli import build_parser
     from raydecode.config import STAGE_CONFIGS, SweepConfig, load_config
 
     from conftest import run_main

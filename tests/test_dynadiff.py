@@ -19,8 +19,9 @@ from raydecode.data.store import open_store
 from raydecode.config import WindowConfig
 from raydecode.data.windows import clean_run, cosine_drift, count_windows, read_windows
 from raydecode.errors import ConfigError
-from raydecode.methods.base import DatasetInfo, Progress, count_parameters, get_method
-from raydecode.methods.dynadiff import build_unet, initial_noise, load_lora, save_lora
+from raydecode.methods.spec import DatasetInfo, Progress, count_parameters, get_method
+from raydecode.methods.dynadiff import build_unet, load_lora, save_lora
+from raydecode.nn.diffusion import initial_noise
 
 TR = 1.3
 N_SAMPLES = round(8 / TR)  # Dynadiff's 8 s window: 6 volumes

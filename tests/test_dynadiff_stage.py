@@ -101,7 +101,7 @@ def test_the_specialized_model_is_a_child_run_trained_on_its_shifted_window(stag
     children = client.search_runs([client.get_run(result.mlflow_run_id).info.experiment_id],
                                   f"tags.mlflow.parentRunId = '{result.mlflow_run_id}'")
     assert [c.info.run_name for c in children] == ["dd-tiny-shift+1"]
-    from raydecode.train.checkpoint import CONFIG_FILE, read_json
+    from raydecode.checkpoint import CONFIG_FILE, read_json
 
     child_ckpt = client.get_run(children[0].info.run_id).data.tags["raydecode.checkpoint_uri"]
     assert read_json(child_ckpt, CONFIG_FILE)["model"]["window"]["start_s"] == pytest.approx(3.0 + 1.3)
@@ -121,7 +121,7 @@ def test_specialized_configs_move_the_window_and_name_the_run(tiny_store, tmp_pa
 def test_checkpoints_leave_out_the_frozen_unet_and_the_base_weights_are_unchanged(stage):
     cfg, result = stage
     from raydecode.errors import StoreError
-    from raydecode.train.checkpoint import CONFIG_FILE, MODEL_FILE, load_consolidated, load_state, read_json
+    from raydecode.checkpoint import CONFIG_FILE, MODEL_FILE, load_consolidated, load_state, read_json
     from raydecode.storage import resolve
 
     ckpt = result.artifacts["checkpoint"]
@@ -197,7 +197,7 @@ def test_bad_dynadiff_configs_fail_with_one_line(tiny_store, tmp_path, capsys):
     from raydecode.errors import ConfigError, StoreError
     from raydecode.reconstruct import run_reconstruct_only
 
-    from raydecode.cli import main
+    from raydecode.app.cli import main
 
     code = main(["dynadiff", "--set", f"store={tiny_store}", "--set", f"workdir={tmp_path}", "--set", "preset=tiny",
                  "--set", f"model.unet={tmp_path}/no-such-unet"])
@@ -207,7 +207,7 @@ def test_bad_dynadiff_configs_fail_with_one_line(tiny_store, tmp_path, capsys):
         run_reconstruct_only(_config(tiny_store, tmp_path, checkpoint_uri=str(tmp_path / "no-such-run")))
     cfg = load_config(DiffusionDecodeConfig, None, [f"store={tiny_store}", "preset=tiny",
                                                     "model.window.duration_s=-1"])
-    from raydecode.methods.base import get_method
+    from raydecode.methods.spec import get_method
 
     with pytest.raises(ConfigError, match="window.duration_s") as err:
         get_method("dynadiff").config(cfg.preset, cfg.model)
@@ -219,7 +219,7 @@ def test_the_evaluation_suite_scores_the_model_as_the_stage_does(stage, tmp_path
     generator): the same seeded reconstructions as the stage's, so the same PixCorr, averaged and single-trial."""
     import yaml
 
-    from raydecode.cli import main
+    from raydecode.app.cli import main
 
     cfg, result = stage
     path = tmp_path / "evaluate.yaml"

@@ -14,7 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from raydecode import cli
+from raydecode.app import cli
 from raydecode.data.embed import run_embed
 from raydecode.config import DataSelection
 from raydecode.data.pipeline import read_split, trials_dataset

@@ -9,7 +9,7 @@ import os
 import numpy as np
 import pytest
 
-from raydecode.cli import main
+from raydecode.app.cli import main
 from raydecode.evaluate import feature_metrics
 
 # the six metrics of Table 1 on small inputs (random weights: the numbers only test the protocol)
@@ -48,7 +48,7 @@ def test_evaluate_retrieval_matches_an_in_process_computation_and_beats_chance(e
     from raydecode.config import DataSelection
     from raydecode.data.pipeline import read_split
     from raydecode.evaluate.retrieval import retrieval_top1
-    from raydecode.train.checkpoint import load_consolidated
+    from raydecode.checkpoint import load_consolidated
     from raydecode.data.batches import collate
     from raydecode.nn.targets import BatchPreparer
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from raydecode.methods.base import get_method
-from raydecode.methods.info import dataset_info
-from raydecode.methods.memory import (build_for_measurement, measure_activations, memory_plan, model_states_bytes)
+from raydecode.methods.spec import get_method
+from raydecode.modelinfo.info import dataset_info
+from raydecode.modelinfo.memory import (build_for_measurement, measure_activations, memory_plan, model_states_bytes)
 
 from conftest import run_main
 

@@ -10,9 +10,9 @@ import torch
 import torch.nn.functional as F
 
 from raydecode.errors import ConfigError
-from raydecode.methods.base import DatasetInfo, Progress, get_method
-from raydecode.methods.info import model_info
-from raydecode.methods.mindeye2 import cosine_anneal, mixco, mixco_nce, soft_clip_loss
+from raydecode.methods.spec import DatasetInfo, Progress, get_method
+from raydecode.modelinfo.info import model_info
+from raydecode.nn.mindeye2 import cosine_anneal, mixco, mixco_nce, soft_clip_loss
 
 
 
@@ -30,7 +30,7 @@ def test_model_info_paper_preset_builds_on_meta_without_memory():
 
 
 def test_model_info_cli_json(capsys):
-    from raydecode.cli import main
+    from raydecode.app.cli import main
 
     assert main(["model-info", "--method", "mindeye2", "--preset", "tiny", "--voxels", "100", "120", "--json"]) == 0
     out = capsys.readouterr().out
@@ -98,3 +98,17 @@ def test_mindeye2_tiny_forward_backward_and_ridge_per_subject():
     assert torch.allclose(p1, p2)
     samples = model.prior.sample(model.encode(batch["betas"], batch["subject"])[2], steps=3)
     assert samples.shape == (6, n, d) and torch.isfinite(samples).all()
+
+
+def test_methods_are_found_by_file_name_and_a_name_is_registered_once():
+    import dataclasses
+
+    from raydecode.methods.spec import get_method, methods, register
+
+    assert {"mindeye2", "duala", "dynadiff"} <= set(methods()) and "spec" not in methods()
+    spec = get_method("mindeye2")
+    assert register(spec) is spec  # the same spec again (a module imported twice) is harmless
+    with pytest.raises(ValueError, match="method 'mindeye2' is registered twice"):
+        register(dataclasses.replace(spec))
+    with pytest.raises(ConfigError, match="method 'nope': allowed values: .*mindeye2"):
+        get_method("nope")

@@ -16,7 +16,7 @@ import torch
 
 from raydecode.config import SweepConfig
 from raydecode.errors import ConfigError, StoreError
-from raydecode.tune import run_sweep
+from raydecode.sweep import run_sweep
 
 from conftest import SOURCE_SUBJECTS, run_main
 
@@ -106,8 +106,8 @@ def _untrained_baseline(cfg, subject: int) -> dict:
     from raydecode.data.pipeline import read_split
     from raydecode.data.store import open_store
     from raydecode.evaluate.retrieval import retrieval_top1
-    from raydecode.methods.base import DatasetInfo, get_method
-    from raydecode.train.checkpoint import load_state
+    from raydecode.methods.spec import DatasetInfo, get_method
+    from raydecode.checkpoint import load_state
     from raydecode.data.batches import collate
 
     spec = get_method("duala")
@@ -217,7 +217,7 @@ def test_the_registered_champion_loads_in_a_fresh_environment_from_its_own_requi
 
     from raydecode.config import DataSelection
     from raydecode.data.pipeline import read_split
-    from raydecode.tracking import load_adapted
+    from raydecode.checkpoint import load_adapted
 
     cfg, _ = sweep
     _, pre = pretrained
@@ -297,7 +297,7 @@ def optuna_config(tiny_store, workdir, init_from, **over) -> SweepConfig:
 
 
 def test_optuna_search_starts_at_the_given_points_then_samples_the_space():
-    from raydecode.tune import SUBJECT, _param_space, optuna_search
+    from raydecode.sweep import SUBJECT, _param_space, optuna_search
 
     cfg = optuna_config("/store", "/work", "/pretrained")
     search = optuna_search(cfg)

@@ -48,7 +48,7 @@ def test_consolidated_checkpoint_reproduces_retrieval_in_a_fresh_process(pretrai
     cfg, result = pretrained
     script = f"""
 import json, sys, torch
-from raydecode.train.checkpoint import load_consolidated
+from raydecode.checkpoint import load_consolidated
 from raydecode.config import DataSelection
 from raydecode.data.pipeline import read_split
 from raydecode.nn.encoders import FrozenEncoder, TargetCache, encoder_config
@@ -79,7 +79,7 @@ def test_fine_tune_from_pretrained_beats_scratch_on_one_session(pretrained, tiny
     from pyarrow import fs as pafs
 
     from raydecode.storage import resolve
-    from raydecode.train.checkpoint import load_consolidated
+    from raydecode.checkpoint import load_consolidated
 
     cfg, result = pretrained
     store = resolve("s3://nsd/train/store", s3_server)

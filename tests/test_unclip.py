@@ -12,8 +12,8 @@ from raydecode.nn.encoders import FrozenEncoder, encoder_config
 from raydecode.errors import ConfigError
 from raydecode.evaluate.unclip import EmbeddingDecoder, img2img_timesteps, unclip_config
 from raydecode.nn.diffusion import initial_noise
-from raydecode.methods.mindeye2 import PRESETS as MINDEYE2_PRESETS
-from raydecode.methods.mindeye2 import MindEye2Config
+from raydecode.nn.mindeye2 import PRESETS as MINDEYE2_PRESETS
+from raydecode.nn.mindeye2 import MindEye2Config
 
 STEPS = 5
 SEEDS = [11, 12, 13, 14]

@@ -1,10 +1,15 @@
-"""``python -m raydecode.warm_bytecode`` (``make install``) compiles every copy of the packages it lists."""
+"""``python tools/warm_bytecode.py`` (``make install``) compiles every copy of the packages it lists."""
 
 from __future__ import annotations
 
+import importlib.util
 import sys
+from pathlib import Path
 
-from raydecode import warm_bytecode
+# a build helper outside the importable library (tools/), loaded from its file
+_spec = importlib.util.spec_from_file_location("warm_bytecode", Path(__file__).parents[1] / "tools" / "warm_bytecode.py")
+warm_bytecode = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(warm_bytecode)
 
 
 def test_a_package_on_the_path_twice_gets_bytecode_in_both_copies(tmp_path, monkeypatch):

@@ -68,7 +68,7 @@ class _ClassSums:
     """Ray Data actor: the checkpoint's predict on a batch -> per (subject, class) sums of normalised embeddings."""
 
     def __init__(self, checkpoint: str, s3: dict | None, spaces: list[str], subjects: list[int], batch: int):
-        from raydecode.train.checkpoint import load_consolidated
+        from raydecode.checkpoint import load_consolidated
 
         torch.set_num_threads(1)
         self.ck = load_consolidated(checkpoint, S3Options(**(s3 or {})))
@@ -109,7 +109,7 @@ class StatsResult:
 def stats_uri(store_uri: str, checkpoint: str, subjects: list[int], spaces: list[str], min_samples: int,
               s3: S3Options | None = None) -> str:
     """Where the statistics of this checkpoint over these subjects live: ``<store>/stats/<run>-<key>``."""
-    from raydecode.train.checkpoint import CONFIG_FILE, METRICS_FILE
+    from raydecode.checkpoint import CONFIG_FILE, METRICS_FILE
 
     ck = resolve(checkpoint, s3)
     digest = hashlib.sha256()
@@ -136,7 +136,7 @@ def run_class_statistics(store_uri: str, checkpoint: str, spaces: list[str], sub
 
     from raydecode.config import DataSelection
     from raydecode.data.pipeline import trials_dataset
-    from raydecode.train.checkpoint import CONFIG_FILE, read_json
+    from raydecode.checkpoint import CONFIG_FILE, read_json
 
     t0 = time.time()
     config = read_json(checkpoint, CONFIG_FILE, s3)

@@ -22,105 +22,38 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 
 import numpy as np
 
+from raydecode import tracking
+from raydecode.checkpoint import ModelRef, load_model, model_config, resolve_ref
 from raydecode.config import CompareConfig, EvaluateConfig
+from raydecode.data.batches import collate
+from raydecode.data.pipeline import trials_dataset
+from raydecode.data.store import open_store
+from raydecode.data.windows import windows_dataset
 from raydecode.errors import ConfigError, StoreError, user_errors_from_ray
+from raydecode.evaluate.feature_metrics import (DEFAULT_NETS, FeatureExtractor, MetricNet, correlation_distance,
+                                               two_way_identification)
+from raydecode.evaluate.plots import metrics_table_md, retrieval_png, tsne_png
+from raydecode.evaluate.reconstruction import grid_png, pixcorr, ssim
+from raydecode.evaluate.retrieval import retrieval_top1
+from raydecode.evaluate.semantic import semantic_metrics
+from raydecode.evaluate.unclip import EmbeddingDecoder, unclip_config
+from raydecode.methods.spec import get_method
+from raydecode.nn.encoders import FrozenEncoder, encoder_config
+from raydecode.nn.targets import BatchPreparer
 from raydecode.report import StageResult, table
-from raydecode.runtime import Demand, cluster_shape, require
+from raydecode.runtime import Demand, cluster_shape, init_ray, require
+from raydecode.tracking import mlflow_uri
 
 # the papers' Table 1 order
 TABLE_COLUMNS = ("retrieval.brain_to_image_top1", "retrieval.image_to_brain_top1", "recon.pixcorr", "recon.ssim",
                  "recon.alexnet2", "recon.alexnet5", "recon.inception", "recon.clip", "recon.effnet", "recon.swav",
                  "semantic.map", "semantic.auc", "semantic.hamming")
 EVALUATES_TAG = "raydecode.evaluates"
-
-
-# -- model references ----------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ModelRef:
-    """A model reference resolved to a fixed identity (an alias may move; ``canonical`` does not)."""
-
-    ref: str
-    kind: str  # registry | run | checkpoint
-    canonical: str  # models:/name/<version> | runs:/<id>/<path> | the checkpoint URI
-    run_id: str | None  # the run the model was logged in / trained by
-    name: str | None = None
-    version: str | None = None
-
-
-def resolve_ref(ref: str, s3=None) -> ModelRef:
-    """Resolve ``ref`` against the current MLflow tracking URI; a one-line ConfigError names what is missing."""
-    from mlflow.exceptions import MlflowException
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient()
-    try:
-        if ref.startswith("models:/"):
-            body = ref[len("models:/"):]
-            if "@" in body:
-                name, alias = body.split("@", 1)
-                mv = client.get_model_version_by_alias(name, alias)
-            else:
-                name, _, version = body.partition("/")
-                if not version.isdigit():
-                    raise ConfigError(f"--model {ref!r}: expected models:/<name>@<alias> or models:/<name>/<version>")
-                mv = client.get_model_version(name, version)
-            return ModelRef(ref, "registry", f"models:/{name}/{mv.version}", mv.run_id, name, str(mv.version))
-        if ref.startswith("runs:/"):
-            run_id = ref[len("runs:/"):].split("/")[0]
-            client.get_run(run_id)
-            return ModelRef(ref, "run", ref, run_id)
-    except MlflowException as exc:
-        raise ConfigError(f"--model {ref!r}: {exc.message.splitlines()[0]}") from None
-    from raydecode.train.checkpoint import CONFIG_FILE, read_json
-
-    read_json(ref, CONFIG_FILE, s3)  # a StoreError naming the missing file
-    runs = client.search_runs(
-        [e.experiment_id for e in client.search_experiments()],
-        filter_string=f"tags.`raydecode.checkpoint_uri` = '{ref}'", order_by=["attributes.start_time DESC"],
-        max_results=1)
-    return ModelRef(ref, "checkpoint", ref, runs[0].info.run_id if runs else None)
-
-
-def fetch(ref: ModelRef, out_dir: str) -> str:
-    """Registry / run references: the model's package directory, downloaded under ``out_dir``."""
-    import mlflow
-
-    local = mlflow.artifacts.download_artifacts(artifact_uri=ref.canonical, dst_path=out_dir)
-    package = os.path.join(local, "artifacts", "package")
-    if not os.path.isdir(package):
-        raise ConfigError(f"--model {ref.ref!r}: not a raydecode model (no artifacts/package in it)")
-    return package
-
-
-def model_config(ref: ModelRef, s3=None) -> dict:
-    """The model's config.json (method, model config, dataset info, targets, training config)."""
-    from raydecode.train.checkpoint import CONFIG_FILE, read_json
-
-    if ref.kind == "checkpoint":
-        return read_json(ref.canonical, CONFIG_FILE, s3)
-    with tempfile.TemporaryDirectory(prefix="raydecode-eval-") as tmp:
-        with open(os.path.join(fetch(ref, tmp), CONFIG_FILE)) as f:
-            return json.load(f)
-
-
-def load_model(ref: ModelRef, s3=None, device: str = "cpu"):
-    """The model (:class:`~raydecode.train.checkpoint.Consolidated`) in any process: no Ray, no DeepSpeed."""
-    if ref.kind == "checkpoint":
-        from raydecode.train.checkpoint import load_consolidated
-
-        return load_consolidated(ref.canonical, s3, device)
-    from raydecode.tracking import load_adapted
-
-    with tempfile.TemporaryDirectory(prefix="raydecode-eval-") as tmp:  # the weights are read while loading
-        return load_adapted(fetch(ref, tmp), s3, device)
 
 
 # -- batch inference -----------------------------------------------------------------------------
@@ -151,14 +84,9 @@ def _resize(images: np.ndarray, size: int) -> np.ndarray:
 
 class Predictor:
     """A Ray Data actor: loads the model once, then test batches -> per-row predictions and metrics inputs."""
-
     def __init__(self, ref: dict, tracking_uri: str, cfg: dict, keys: np.ndarray | None, use_gpu: bool):
         import mlflow
         import torch
-
-        from raydecode.config import EvaluateConfig
-        from raydecode.evaluate.feature_metrics import DEFAULT_NETS, FeatureExtractor, MetricNet
-        from raydecode.nn.targets import BatchPreparer
 
         self.torch = torch
         mlflow.set_tracking_uri(tracking_uri)
@@ -174,11 +102,9 @@ class Predictor:
         can = self.spec.reconstruct is not None or (self.spec.image_embeddings is not None and self.cfg.decoder)
         self.reconstructs = bool(opts.enabled and can)
         if self.reconstructs and self.spec.reconstruct is None:
-            from raydecode.evaluate.unclip import EmbeddingDecoder, unclip_config
 
             self.decoder = EmbeddingDecoder.from_config(unclip_config(self.cfg.decoder)).to(self.device)
             if self.decoder.cfg.blend > 0 and "vae" in targets:  # MindEye2's blurry image, decoded by its VAE
-                from raydecode.nn.encoders import FrozenEncoder, encoder_config
 
                 self.blur_vae = FrozenEncoder(encoder_config(targets["vae"]["encoder"])).to(self.device)
         nets = [MetricNet(**n) for n in self.cfg.metric_nets] if self.cfg.metric_nets is not None else DEFAULT_NETS
@@ -199,8 +125,6 @@ class Predictor:
                                      guidance=opts.guidance).cpu().numpy()
 
     def __call__(self, rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from raydecode.evaluate.reconstruction import pixcorr, ssim
-        from raydecode.data.batches import collate
 
         torch = self.torch
         n = len(rows["subject"])
@@ -249,9 +173,6 @@ def _tag_protocol(batch: dict[str, np.ndarray], protocol: int) -> dict[str, np.n
 
 def test_rows(cfg: EvaluateConfig, config: dict, protocol: str):
     """One protocol's test split as a Ray dataset (trials, or time-series windows for methods that read them)."""
-    from raydecode.data.pipeline import trials_dataset
-    from raydecode.methods.base import get_method
-
     spec = get_method(config["method"])
     window = spec.windows(spec.config_model(**config["model"]))
     sel = cfg.data.model_copy(update={
@@ -260,7 +181,6 @@ def test_rows(cfg: EvaluateConfig, config: dict, protocol: str):
         "average_test_repeats": protocol == "averaged",
         "single_test_trial_seed": cfg.reconstruct.seed if protocol == "single" else None})
     if window is not None:
-        from raydecode.data.windows import windows_dataset
 
         return windows_dataset(cfg.store, "test", window, sel, cfg.s3).dataset
     return trials_dataset(cfg.store, "test", sel, cfg.s3).dataset
@@ -271,8 +191,6 @@ def infer(cfg: EvaluateConfig, ref: ModelRef, config: dict, keys: np.ndarray | N
     """Every protocol's test split through one actor pool (one model load per actor) -> per protocol, every
     row's outputs (sorted by subject, image id)."""
     from ray.data import ActorPoolStrategy
-
-    from raydecode.tracking import mlflow_uri
 
     parts = [test_rows(cfg, config, p).map_batches(_tag_protocol, fn_kwargs={"protocol": i}, batch_format="numpy",
                                                    num_cpus=cfg.data.read_cpus)
@@ -310,9 +228,6 @@ def protocol_metrics(rows: dict[str, np.ndarray], cfg: EvaluateConfig, nets, sum
     """The suite's metrics of one protocol's rows (names without the protocol infix)."""
     import torch
 
-    from raydecode.evaluate.feature_metrics import correlation_distance, two_way_identification
-    from raydecode.evaluate.retrieval import retrieval_top1
-
     m: dict[str, float] = {"rows": float(len(rows["subject"]))}
     if "brain" in rows:
         r = retrieval_top1(torch.from_numpy(rows["brain"].astype(np.float32)),
@@ -333,7 +248,6 @@ def protocol_metrics(rows: dict[str, np.ndarray], cfg: EvaluateConfig, nets, sum
             if values:
                 m[f"recon.{net.metric}"] = float(np.mean(values))
     if "logits" in rows and "categories" in rows:
-        from raydecode.evaluate.semantic import semantic_metrics
 
         m.update({f"semantic.{k}": v for k, v in semantic_metrics(rows["logits"], rows["categories"]).items()})
     means = {k[len("test."):]: float(rows[k].mean()) for k in rows if k.startswith("test.")}
@@ -366,9 +280,6 @@ def _use_gpu(cfg: EvaluateConfig) -> bool:
 
 def _write_outputs(tmp: str, cfg: EvaluateConfig, ref: ModelRef, results: dict[str, dict],
                    metrics: dict[str, float]) -> list[str]:
-    from raydecode.evaluate.plots import metrics_table_md, retrieval_png, tsne_png
-    from raydecode.evaluate.reconstruction import grid_png
-
     files = []
     with open(os.path.join(tmp, "metrics.json"), "w") as f:
         json.dump({"model": ref.ref, "evaluates": ref.canonical, "metrics": metrics}, f, indent=1)
@@ -406,12 +317,6 @@ def _write_outputs(tmp: str, cfg: EvaluateConfig, ref: ModelRef, results: dict[s
 def run_evaluate(cfg: EvaluateConfig) -> StageResult:
     import mlflow
     from mlflow.tracking import MlflowClient
-
-    from raydecode import tracking
-    from raydecode.data.store import open_store
-    from raydecode.runtime import init_ray
-    from raydecode.evaluate.feature_metrics import DEFAULT_NETS, MetricNet
-    from raydecode.methods.base import get_method
 
     t0 = time.time()
     if not cfg.model:
@@ -487,9 +392,6 @@ def evaluation_run(ref: ModelRef, experiment: str):
 
 def run_compare(cfg: CompareConfig) -> StageResult:
     import mlflow
-
-    from raydecode import tracking
-    from raydecode.evaluate.plots import metrics_table_md
 
     if not cfg.models:
         raise ConfigError("compare needs at least one model reference")

@@ -41,9 +41,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from torch import nn
 
 from raydecode.errors import ConfigError
+from raydecode.nn.diffusion import (SD_SCHEDULER, VD_IMAGE_UNET, ddim_denoise, ddim_scheduler, decode_latents,
+                                    initial_noise)
+from raydecode.nn.encoders import build_vae, on_meta
 from raydecode.weights import local_weights
-from raydecode.nn.diffusion import ddim_denoise, ddim_scheduler, decode_latents, initial_noise
-from raydecode.methods.dynadiff import SD_SCHEDULER, VD_IMAGE_UNET, build_vae
 
 # A Stable-Diffusion-1-sized UNet attending to OpenCLIP ViT-bigG/14's 1664-wide image tokens: the architecture of
 # the paper preset (which needs `path`: its weights are never random).
@@ -123,10 +124,6 @@ def _is_diffusers_dir(path: Path) -> bool:
     return all((path / sub / "config.json").is_file() for sub in ("unet", "vae"))
 
 
-def _on_meta() -> bool:
-    return torch.empty(0).device.type == "meta"
-
-
 class EmbeddingDecoder(nn.Module):
     """Frozen unCLIP decoder: predicted CLIP image tokens (B, N, D) -> uint8 images (B, H, W, 3)."""
 
@@ -159,11 +156,11 @@ class EmbeddingDecoder(nn.Module):
             if (root / "scheduler" / "scheduler_config.json").is_file():
                 schedule = DDPMScheduler.load_config(root, subfolder="scheduler")
             return cls(unet, vae, DDPMScheduler.from_config(schedule).config, cfg)
-        if not _on_meta() and tuple(cfg.unet_config.get("block_out_channels", ())) \
+        if not on_meta() and tuple(cfg.unet_config.get("block_out_channels", ())) \
                 == UNCLIP_UNET["block_out_channels"]:
             raise ConfigError("unclip.path: the paper preset generates with a pretrained unCLIP model; set it to a "
                               "local diffusers directory (unet/, vae/); nothing is downloaded at run time")
-        enc, vae = build_vae(cfg)  # the VAE of the store's targets of that name (same seed, same weights)
+        enc, vae = build_vae(cfg.vae, "decoder.vae")  # the VAE of the store's targets of that name (same seed, same weights)
         down = 2 ** (len(vae.config.block_out_channels) - 1)
         config = {"in_channels": vae.config.latent_channels, "out_channels": vae.config.latent_channels,
                   **cfg.unet_config, "sample_size": enc.image_size // down}

@@ -27,8 +27,8 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from raydecode.methods import mindeye2 as me2
-from raydecode.methods.base import DatasetInfo, MethodSpec, Progress, register
+from raydecode.methods.spec import DatasetInfo, MethodSpec, Progress, register
+from raydecode.nn import mindeye2 as me2
 
 LORA_PARENTS = ("backbone", "to_tokens", "projector")
 

@@ -35,25 +35,15 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from raydecode.config import WindowConfig
-from raydecode.nn.diffusion import ddim_denoise, ddim_scheduler, decode_latents, initial_noise  # noqa: F401 (re-exported)
 from raydecode.errors import ConfigError
+from raydecode.methods.spec import DatasetInfo, MethodSpec, Progress, register
+from raydecode.nn.diffusion import (SD_SCHEDULER, VD_IMAGE_UNET, ddim_denoise, ddim_scheduler, decode_latents,
+                                    initial_noise)
+from raydecode.nn.encoders import build_vae, encoder_config, on_meta, requires_weights
 from raydecode.weights import local_weights
-from raydecode.methods.base import DatasetInfo, MethodSpec, Progress, register
 
 LORA_TARGETS = ("attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0")
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # diffusers' file name for LoRA weights
-
-# Versatile Diffusion's image UNet (a Stable-Diffusion-1 UNet with 768-wide cross-attention to 257 CLIP tokens):
-# the architecture paper presets build on the meta device when no weights are named (parameter counts).
-VD_IMAGE_UNET = dict(
-    sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, cross_attention_dim=768, attention_head_dim=8,
-    block_out_channels=(320, 640, 1280, 1280),
-    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-)
-SD_SCHEDULER = dict(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
-                    prediction_type="epsilon", clip_sample=False, steps_offset=1)
-
 
 class DynadiffConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -108,12 +98,8 @@ PRESETS: dict[str, dict] = {
 # -- frozen parts --------------------------------------------------------------------------
 
 
-def _on_meta() -> bool:
-    return torch.empty(0).device.type == "meta"
-
-
 def _unet_dir(path: str) -> tuple[Path, str | None]:
-    p = local_weights(path, "model.unet", ("*.json",) if _on_meta() else None)  # on meta: the configs only
+    p = local_weights(path, "model.unet", ("*.json",) if on_meta() else None)  # on meta: the configs only
     for sub in ("image_unet", "unet"):
         if (p / sub / "config.json").is_file():
             return p, sub
@@ -125,9 +111,7 @@ def _unet_dir(path: str) -> tuple[Path, str | None]:
 
 def _check_weights(cfg: DynadiffConfig) -> None:
     """Name every missing pretrained path at once (paper scale needs a UNet and a VAE directory)."""
-    from raydecode.nn.encoders import encoder_config, requires_weights
-
-    if _on_meta():
+    if on_meta():
         return
     missing = []
     if cfg.unet is None and cfg.unet_config.get("cross_attention_dim") == VD_IMAGE_UNET["cross_attention_dim"] \
@@ -145,10 +129,10 @@ def build_unet(cfg: DynadiffConfig, latent_size: int):
 
     if cfg.unet is not None:
         root, sub = _unet_dir(cfg.unet)
-        if _on_meta():
+        if on_meta():
             return UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(root, subfolder=sub))
         return UNet2DConditionModel.from_pretrained(root, subfolder=sub)
-    if not _on_meta() and cfg.unet_config.get("cross_attention_dim") == VD_IMAGE_UNET["cross_attention_dim"] \
+    if not on_meta() and cfg.unet_config.get("cross_attention_dim") == VD_IMAGE_UNET["cross_attention_dim"] \
             and tuple(cfg.unet_config.get("block_out_channels", ())) == VD_IMAGE_UNET["block_out_channels"]:
         raise ConfigError("model.unet: the paper preset fine-tunes a pretrained UNet; set it to a Versatile-Diffusion-"
                           "compatible diffusers directory (nothing is downloaded at run time)")
@@ -156,30 +140,6 @@ def build_unet(cfg: DynadiffConfig, latent_size: int):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         return UNet2DConditionModel(**config)
-
-
-def build_vae(cfg: DynadiffConfig):
-    """The VAE exactly as the target encoder of the same name builds it (same weights, same latents)."""
-    from diffusers import AutoencoderKL
-
-    from raydecode.nn.encoders import FrozenEncoder, encoder_config, requires_weights, sd_vae_architecture
-
-    enc = encoder_config(cfg.vae)
-    if enc.kind != "vae":
-        raise ConfigError(f"model.vae {enc.name!r}: a {enc.kind} encoder, not a VAE")
-    if _on_meta():
-        if enc.weights is not None:
-            root = local_weights(enc.weights, f"model.vae {enc.name!r}", ("*.json",))  # the config only
-            sub = "vae" if (root / "vae" / "config.json").exists() else None
-            return enc, AutoencoderKL.from_config(AutoencoderKL.load_config(root, subfolder=sub))
-        if enc.arch == "pretrained":  # Stable Diffusion's VAE architecture (counts only)
-            return enc, sd_vae_architecture(enc.image_size)
-    if requires_weights(enc):
-        raise ConfigError(f"model.vae {enc.name!r} needs `weights` (a diffusers directory: a local path, s3:// or "
-                          "hf:// reference)")
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(enc.seed)
-        return enc, FrozenEncoder._build_vae(enc)
 
 
 def build_scheduler(cfg: DynadiffConfig):
@@ -197,7 +157,6 @@ def build_scheduler(cfg: DynadiffConfig):
 
 class TimestepLinear(nn.Module):
     """A distinct ``channels x channels`` linear map for every time sample (Sec. 2.2, "timestep-specific")."""
-
     def __init__(self, n_samples: int, channels: int):
         super().__init__()
         bound = channels ** -0.5
@@ -210,7 +169,6 @@ class TimestepLinear(nn.Module):
 
 class BrainModule(nn.Module):
     """(B, T, voxels) -> (B, N, D) conditioning tokens; subject and timestep layers per subject, the rest shared."""
-
     def __init__(self, voxels: dict[int, int], n_samples: int, channels: int, tokens: int, width: int, dropout: float):
         super().__init__()
         self.subject_layers = nn.ModuleDict({str(s): nn.Linear(v, channels) for s, v in sorted(voxels.items())})
@@ -240,7 +198,6 @@ class BrainModule(nn.Module):
 
 class NullCondition(nn.Module):
     """The learned embedding that replaces the brain condition (training) and guides sampling (CFG)."""
-
     def __init__(self, tokens: int, width: int):
         super().__init__()
         self.embedding = nn.Parameter(torch.zeros(tokens, width))
@@ -262,7 +219,7 @@ class Dynadiff(nn.Module):
         self.cfg = cfg
         self.n_samples = cfg.window.n_samples(info.tr_s)
         _check_weights(cfg)
-        self.vae_encoder, self.vae = build_vae(cfg)
+        self.vae_encoder, self.vae = build_vae(cfg.vae)
         down = 2 ** (len(self.vae.config.block_out_channels) - 1)
         self.latent_shape = (int(self.vae.config.latent_channels), self.vae_encoder.image_size // down,
                              self.vae_encoder.image_size // down)
@@ -451,8 +408,6 @@ def summarize_test(means: dict[str, float]) -> dict[str, float]:
 
 
 def targets(cfg: DynadiffConfig) -> dict[str, str | dict]:
-    from raydecode.nn.encoders import encoder_config
-
     enc = encoder_config(cfg.vae)
     return {"latent": enc.name if isinstance(cfg.vae, str) else enc.model_dump()}
 

@@ -7,6 +7,17 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+# Versatile Diffusion's image UNet (a Stable-Diffusion-1 UNet with 768-wide cross-attention to 257 CLIP tokens):
+# the architecture paper presets build on the meta device when no weights are named (parameter counts).
+VD_IMAGE_UNET = dict(
+    sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, cross_attention_dim=768, attention_head_dim=8,
+    block_out_channels=(320, 640, 1280, 1280),
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+)
+SD_SCHEDULER = dict(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                    prediction_type="epsilon", clip_sample=False, steps_offset=1)
+
 
 def initial_noise(seeds: np.ndarray | list[int], shape: tuple[int, ...]) -> torch.Tensor:
     """One seeded standard-normal latent per row (reconstructions do not depend on how rows are batched)."""

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
 from raydecode.errors import ConfigError
+from raydecode.nn.diffusion import decode_latents
 from raydecode.weights import local_weights
 
 CONFIG_DIR = Path(__file__).with_name("encoder_configs")
@@ -39,7 +40,6 @@ OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 
 class EncoderConfig(BaseModel):
     """One frozen encoder. ``name`` is also its key under the store's ``embeddings/``."""
-
     model_config = ConfigDict(extra="forbid")
 
     name: str
@@ -115,7 +115,6 @@ def sd_vae_architecture(image_size: int) -> torch.nn.Module:
 
 class FrozenEncoder(torch.nn.Module):
     """A frozen image encoder: ``encode(images_uint8) -> (tokens, pooled)`` in float32."""
-
     def __init__(self, cfg: EncoderConfig, *, architecture_only: bool = False):
         """``architecture_only``: the network on the meta device, its weights never read (output shapes for
         planning: ``tokens_shape`` / ``pooled_dim``), pretrained-only architectures included."""
@@ -202,14 +201,12 @@ class FrozenEncoder(torch.nn.Module):
         """VAE encoders: latents as :meth:`encode` gives them -> uint8 images (B, H, W, 3)."""
         if self.cfg.kind != "vae":
             raise ConfigError(f"encoder {self.cfg.name!r}: a {self.cfg.kind} encoder cannot decode images")
-        from raydecode.nn.diffusion import decode_latents
 
         return decode_latents(self.net, latents.to(next(self.net.parameters()).device)).cpu()
 
 
 class TargetCache:
     """Frozen targets by image id, computed once per process (images repeat across epochs and subjects)."""
-
     def __init__(self, encoders: dict[str, FrozenEncoder]):
         self.encoders = encoders
         self.cache: dict[str, dict[int, tuple[torch.Tensor, torch.Tensor]]] = {k: {} for k in encoders}
@@ -243,3 +240,31 @@ def requires_weights(cfg: EncoderConfig) -> bool:
     if cfg.weights is not None:
         return False
     return cfg.arch == "pretrained" if cfg.kind == "vae" else not cfg.arch.startswith("raydecode-")
+
+
+def on_meta() -> bool:
+    """Whether modules are being built on the meta device (parameter counts, memory plans: no weights read)."""
+    return torch.empty(0).device.type == "meta"
+
+
+def build_vae(name: str, what: str = "model.vae") -> tuple[EncoderConfig, torch.nn.Module]:
+    """The VAE ``name`` exactly as the target encoder of that name builds it (same weights, same latents): a
+    diffusion method's latent space (``what``: the config key, for errors); on the meta device only its config."""
+    from diffusers import AutoencoderKL
+
+    enc = encoder_config(name)
+    if enc.kind != "vae":
+        raise ConfigError(f"{what} {enc.name!r}: a {enc.kind} encoder, not a VAE")
+    if on_meta():
+        if enc.weights is not None:
+            root = local_weights(enc.weights, f"{what} {enc.name!r}", ("*.json",))  # the config only
+            sub = "vae" if (root / "vae" / "config.json").exists() else None
+            return enc, AutoencoderKL.from_config(AutoencoderKL.load_config(root, subfolder=sub))
+        if enc.arch == "pretrained":  # Stable Diffusion's VAE architecture (counts only)
+            return enc, sd_vae_architecture(enc.image_size)
+    if requires_weights(enc):
+        raise ConfigError(f"{what} {enc.name!r} needs `weights` (a diffusers directory: a local path, s3:// or "
+                          "hf:// reference)")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(enc.seed)
+        return enc, FrozenEncoder._build_vae(enc)

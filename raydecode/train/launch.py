@@ -22,12 +22,12 @@ from raydecode.data.stats import run_class_statistics
 from raydecode.data.store import open_store
 from raydecode.data.windows import count_windows, windows_dataset
 from raydecode.errors import ConfigError, UserError, user_errors_from_ray
-from raydecode.methods.base import DatasetInfo, count_parameters, get_method
+from raydecode.methods.spec import DatasetInfo, count_parameters, get_method
 from raydecode.nn.encoders import encoder_config, requires_weights
 from raydecode.report import StageResult, table
 from raydecode.runtime import Demand, absolute_paths, init_ray, require
 from raydecode.storage import resolve, train_storage
-from raydecode.train.checkpoint import CONFIG_FILE, METRICS_FILE, read_json
+from raydecode.checkpoint import CONFIG_FILE, METRICS_FILE, read_json
 from raydecode.train.loop import train_loop_per_worker
 from raydecode.train.progress import DriverProgress
 

@@ -3,7 +3,7 @@
 Every worker builds the method's model (same seed on every rank), wraps it in a
 DeepSpeed engine (ZeRO stage and precision from config, a torch AdamW), streams
 its part of the train split (``get_dataset_shard("train")``), and asks the
-:class:`~raydecode.methods.base.MethodSpec` for the loss. Frozen targets come
+:class:`~raydecode.methods.spec.MethodSpec` for the loss. Frozen targets come
 from the store's embedding columns or are computed here (cached by image id).
 Each epoch it evaluates test retrieval; checkpoints are DeepSpeed per-rank
 files reported with ``ray.train.report`` (merged into one directory in
@@ -28,7 +28,7 @@ import torch
 
 from raydecode.config import TrainConfig
 from raydecode.data.batches import collate
-from raydecode.methods.base import DatasetInfo, MethodSpec, Progress, get_method
+from raydecode.methods.spec import DatasetInfo, MethodSpec, Progress, get_method
 from raydecode.nn.targets import BatchPreparer
 
 CHECKPOINT_TAG = "state"
@@ -183,7 +183,7 @@ def train_loop_per_worker(payload: dict) -> None:
     torch.manual_seed(cfg.optim.seed)  # identical initial weights on every rank
     model = spec.build_model(mcfg, info)
     if payload.get("init_state_uri"):
-        from raydecode.train.checkpoint import load_state
+        from raydecode.checkpoint import load_state
 
         state = load_state(payload["init_state_uri"], cfg.s3)
         fresh = spec.load_pretrained(model, state) if spec.load_pretrained else model.load_state_dict(state)
@@ -294,7 +294,7 @@ def train_loop_per_worker(payload: dict) -> None:
         metrics = {"epoch": epoch, "step": step, **evaluate(engine, spec, test_batches, prepare, cfg)}
     state = full_state_dict(engine, cfg.deepspeed.zero_stage)
     if rank == 0:
-        from raydecode.train.checkpoint import frozen_digest, write_consolidated
+        from raydecode.checkpoint import frozen_digest, write_consolidated
 
         config = {"method": spec.name, "preset": cfg.preset, "model": mcfg.model_dump(mode="json"),
                   "info": info.to_dict(), "targets": payload["targets"], "train": payload["cfg"]}

@@ -68,7 +68,7 @@ def run_demo(cfg: DemoConfig) -> StageResult:
 
     t5 = time.time()
     print("\n== 6. Duala on subject 8: a Ray Tune sweep over the triplet margin, best trial registered and gated")
-    from raydecode.tune import run_sweep
+    from raydecode.sweep import run_sweep
 
     sw = run_sweep(demo_sweep_config(cfg, pre.artifacts["checkpoint"]))
     promoted = {k: v for k, v in sw.artifacts.items() if k.startswith("raydecode-")}

@@ -1,4 +1,4 @@
-"""``python -m raydecode.warm_bytecode``: write the bytecode of what raydecode's processes import (``make install``).
+"""``python tools/warm_bytecode.py``: write the bytecode of what raydecode's processes import (``make install``).
 
 Every Ray worker is a fresh interpreter. Where ``PYTHONDONTWRITEBYTECODE`` is set (CI machines, some containers)
 none of them may cache bytecode, so each would compile torch, Ray, DeepSpeed, diffusers, ... from source again:
@@ -24,8 +24,8 @@ MODULES = [
     "pyarrow.parquet", "pyarrow.fs", "pydantic", "mlflow", "mlflow.pyfunc", "mlflow.tracking", "sklearn.metrics",
     "sklearn.manifold", "scipy.stats", "matplotlib.pyplot", "PIL.Image", "yaml", "tqdm",
     # raydecode itself
-    "raydecode.cli", "raydecode.train.loop", "raydecode.train.launch", "raydecode.tune", "raydecode.reconstruct",
-    "raydecode.evaluate.suite", "raydecode.data.embed", "raydecode.submit",
+    "raydecode.app.cli", "raydecode.train.loop", "raydecode.train.launch", "raydecode.sweep", "raydecode.reconstruct",
+    "raydecode.evaluate.suite", "raydecode.data.embed", "raydecode.app.submit",
     # release ingests (their Ray tasks read HDF5, NIfTI and MAT files)
     "raydecode.data.nsd", "raydecode.data.mindeye2", "h5py", "nibabel", "scipy.io",
 ]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from raydecode.methods.base import DatasetInfo, count_parameters, get_method
+from raydecode.methods.spec import DatasetInfo, count_parameters, get_method
 from raydecode.report import table
 
 

@@ -26,7 +26,7 @@ from raydecode.config import SweepConfig, TrainConfig
 from raydecode.data.stats import run_class_statistics
 from raydecode.data.store import open_store
 from raydecode.errors import ConfigError
-from raydecode.methods.base import get_method
+from raydecode.methods.spec import get_method
 from raydecode.report import StageResult, table
 from raydecode.runtime import absolute_paths, init_ray, require
 from raydecode.storage import train_storage

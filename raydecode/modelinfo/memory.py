@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from raydecode.methods.base import DatasetInfo, Progress, get_method
+from raydecode.methods.spec import DatasetInfo, Progress, get_method
 from raydecode.report import table
 
 GB = 1e9
@@ -172,7 +172,7 @@ def memory_plan(method: str, preset: str, voxels: list[int] | None = None, overr
                 gpus: int = 8, gpu_sizes_gb: tuple[int, ...] = GPU_SIZES_GB, usable: float = 0.9,
                 batch_sizes: tuple[int, int] = (2, 4)) -> dict:
     """Model states and the largest per-GPU batch for ``gpu_sizes_gb`` x ZeRO 0-3 on ``gpus`` GPUs (bf16)."""
-    from raydecode.methods.info import dataset_info
+    from raydecode.modelinfo.info import dataset_info
 
     spec = get_method(method)
     mcfg = spec.config(preset, overrides)

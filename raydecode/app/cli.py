@@ -195,7 +195,7 @@ def stage_pretrain(args) -> StageResult:
 
 def stage_sweep(args) -> StageResult:
     from raydecode.config import SweepConfig
-    from raydecode.tune import run_sweep
+    from raydecode.sweep import run_sweep
 
     cfg = load_config(SweepConfig, args.config, args.overrides)
     return run_sweep(cfg)
@@ -227,7 +227,7 @@ def stage_compare(args) -> StageResult:
 
 
 def stage_submit(args) -> StageResult:
-    from raydecode.submit import submit
+    from raydecode.app.submit import submit
 
     out = submit(args.what, args.config, args.address, args.overrides, args.wait, args.submission_id,
                  entrypoint_num_cpus=args.entrypoint_cpus, install=args.install, env=args.env)
@@ -254,12 +254,12 @@ def stage_promote(args) -> StageResult:
 def stage_model_info(args) -> StageResult:
     import json
 
-    from raydecode.methods.info import model_info
+    from raydecode.modelinfo.info import model_info
 
     voxels = args.voxels or None
     overrides = load_config_overrides(args.overrides)
     if args.memory:
-        from raydecode.methods.memory import format_memory_plan, job_settings, memory_plan
+        from raydecode.modelinfo.memory import format_memory_plan, job_settings, memory_plan
 
         method, preset, gpus, batch = args.method, args.preset, args.gpus_set or 8, args.batch
         if args.config:  # a training job's settings; explicit flags still win for --gpus / --batch
@@ -275,7 +275,7 @@ def stage_model_info(args) -> StageResult:
     if args.json:
         print(json.dumps(info, indent=2))
     else:
-        from raydecode.methods.info import format_model_info
+        from raydecode.modelinfo.info import format_model_info
 
         print(format_model_info(info))
     return StageResult(stage="model-info", status="ok",
@@ -289,7 +289,7 @@ def load_config_overrides(overrides: list[str]) -> dict:
 
 
 def stage_demo(args) -> StageResult:
-    from raydecode.demo import run_demo
+    from raydecode.app.demo import run_demo
 
     cfg = load_config(DemoConfig, args.config, args.overrides)
     return run_demo(cfg)

@@ -9,6 +9,8 @@ Nothing here knows about Ray.
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
+import pkgutil
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
@@ -17,43 +19,7 @@ from pydantic import BaseModel, ValidationError
 
 from raydecode.config import format_validation_error
 from raydecode.errors import ConfigError
-
-
-@dataclass(frozen=True)
-class DatasetInfo:
-    """What a model needs to know about the data it is built for."""
-
-    subjects: list[int]
-    voxels: dict[int, int]  # voxels per subject (betas are zero-padded to max(voxels))
-    n_classes: int = 80
-    tr_s: float | None = None  # repetition time of the store's time series (None: the store has none)
-
-    @property
-    def width(self) -> int:
-        return max(self.voxels.values())
-
-    def to_dict(self) -> dict:
-        return {"subjects": list(self.subjects), "voxels": {str(k): v for k, v in self.voxels.items()},
-                "n_classes": self.n_classes, "tr_s": self.tr_s}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "DatasetInfo":
-        return cls(list(d["subjects"]), {int(k): int(v) for k, v in d["voxels"].items()}, int(d.get("n_classes", 80)),
-                   d.get("tr_s"))
-
-
-@dataclass(frozen=True)
-class Progress:
-    """Where training is, for schedules (e.g. BiMixCo for the first third, then SoftCLIP)."""
-
-    epoch: int
-    epochs: int
-    step: int
-    total_steps: int
-
-    @property
-    def fraction(self) -> float:
-        return min(1.0, self.step / max(1, self.total_steps))
+from raydecode.nn.context import DatasetInfo, Progress
 
 
 @dataclass(frozen=True)
@@ -124,26 +90,50 @@ class MethodSpec:
 
 
 _REGISTRY: dict[str, MethodSpec] = {}
-# Built-in methods, imported on first lookup (nothing is imported at package import time).
-_BUILTIN = {"mindeye2": "raydecode.methods.mindeye2", "duala": "raydecode.methods.duala",
-            "dynadiff": "raydecode.methods.dynadiff"}
+ENTRY_POINTS = "raydecode.methods"  # other packages' methods: ``[project.entry-points."raydecode.methods"]``
+_NOT_METHODS = {"spec"}
 
 
 def register(spec: MethodSpec) -> MethodSpec:
+    """Make ``spec`` known by its name; a second method under a name already taken is refused."""
+    known = _REGISTRY.get(spec.name)
+    if known is not None and known is not spec:
+        raise ValueError(f"method {spec.name!r} is registered twice ({known.build_model.__module__} and "
+                         f"{spec.build_model.__module__})")
     _REGISTRY[spec.name] = spec
     return spec
 
 
+def _builtin() -> dict[str, str]:
+    """Method name -> module: every module of this package except :mod:`spec` is one method, named as its file."""
+    import raydecode.methods as package
+
+    return {m.name: f"{package.__name__}.{m.name}" for m in pkgutil.iter_modules(package.__path__)
+            if m.name not in _NOT_METHODS and not m.name.startswith("_")}
+
+
+def _plugins() -> dict[str, Any]:
+    return {ep.name: ep for ep in importlib.metadata.entry_points(group=ENTRY_POINTS)}
+
+
 def get_method(name: str) -> MethodSpec:
-    if name not in _REGISTRY and name in _BUILTIN:
-        importlib.import_module(_BUILTIN[name])
+    """The method registered as ``name``, importing its module on first use (``raydecode/methods/<name>.py``, or an
+    installed package's ``raydecode.methods`` entry point)."""
     if name not in _REGISTRY:
-        raise ConfigError(f"method {name!r}: allowed values: {', '.join(sorted(set(_BUILTIN) | set(_REGISTRY)))}")
+        builtin, plugins = _builtin(), _plugins()
+        if name in builtin:
+            importlib.import_module(builtin[name])
+        elif name in plugins:
+            plugins[name].load()
+        else:
+            raise ConfigError(f"method {name!r}: allowed values: {', '.join(methods())}")
+        if name not in _REGISTRY:
+            raise ConfigError(f"method {name!r}: its module registers no method of that name")
     return _REGISTRY[name]
 
 
 def methods() -> list[str]:
-    return sorted(set(_BUILTIN) | set(_REGISTRY))
+    return sorted(set(_builtin()) | set(_plugins()) | set(_REGISTRY))
 
 
 def count_parameters(model: torch.nn.Module, trainable: Iterable[torch.nn.Parameter] | None = None) -> dict:
