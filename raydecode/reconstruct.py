@@ -25,64 +25,45 @@ import numpy as np
 
 from raydecode import tracking
 from raydecode.config import DataSelection, DiffusionDecodeConfig, ReconstructOptions, TrainConfig
-from raydecode.data.batches import collate
 from raydecode.data.store import open_store
 from raydecode.data.windows import read_windows
 from raydecode.errors import ConfigError, user_errors_from_ray
 from raydecode.evaluate.reconstruction import grid_png, reconstruction_metrics, time_curve_png
 from raydecode.evaluate.suite import row_seeds
+from raydecode.inference import ModelRunner
 from raydecode.methods.spec import get_method
-from raydecode.nn.targets import BatchPreparer
 from raydecode.report import StageResult, table
 from raydecode.runtime import absolute_paths, init_ray
 from raydecode.storage import resolve
-from raydecode.checkpoint import CONFIG_FILE, load_consolidated, read_json
+from raydecode.checkpoint import CONFIG_FILE, read_json
 from raydecode.train.launch import run_training
 
 
 class _Evaluator:
-    """Test windows -> test losses and reconstructions with one loaded model."""
+    """Test windows -> test losses and reconstructions with one loaded model (:class:`ModelRunner`)."""
 
     def __init__(self, ckpt_uri: str, store: str, s3, subjects: list[int] | None, opts: ReconstructOptions,
                  device: str):
-        import torch
-
-        self.torch = torch
-        self.c = load_consolidated(ckpt_uri, s3, device)
-        self.spec, self.opts, self.store, self.s3 = self.c.spec, opts, store, s3
+        self.runner = ModelRunner.load(ckpt_uri, s3, device, store)
+        self.c, self.spec, self.opts, self.store, self.s3 = self.runner.loaded, self.runner.spec, opts, store, s3
         self.window = self.spec.windows(self.c.method_config)
         if self.window is None:
             raise ConfigError(f"{ckpt_uri}: method {self.spec.name!r} does not decode time-series windows")
         if self.spec.reconstruct is None:
             raise ConfigError(f"{ckpt_uri}: method {self.spec.name!r} does not reconstruct images")
         targets = self.c.config["targets"]
-        self.prepare = BatchPreparer(targets, torch.device(device), torch.float32, store, s3.model_dump())
         self.selection = DataSelection(subjects=subjects or self.c.info.subjects, images=True, categories=False,
                                        embeddings=sorted(t["encoder"] for t in targets.values()
                                                          if t["source"] == "store"))
 
     def rows(self, shift: int = 0, single_trial_seed: int | None = None) -> dict[str, np.ndarray]:
         """Test windows: repetitions averaged, or one drawn presentation per image (``single_trial_seed``)."""
-
         sel = self.selection.model_copy(update={"average_test_repeats": single_trial_seed is None,
                                                 "single_test_trial_seed": single_trial_seed})
         return read_windows(self.store, "test", self.window, sel, self.s3, shift=shift)
 
-    def _batches(self, rows: dict[str, np.ndarray]):
-
-        n, bs = len(rows["subject"]), self.opts.batch_size
-        for start in range(0, n, bs):
-            part = {k: v[start: start + bs] for k, v in rows.items()}
-            yield part, self.prepare(collate(part))
-
     def test_losses(self, rows: dict[str, np.ndarray]) -> dict[str, float]:
-        sums: dict[str, float] = {}
-        with self.torch.no_grad():
-            for _, batch in self._batches(rows):
-                for k, v in self.spec.test_metrics(self.c.model, batch).items():
-                    sums[k] = sums.get(k, 0.0) + float(v.float().sum())
-        n = len(rows["subject"])
-        return {f"test.{k}": v for k, v in self.spec.summarize_test({k: v / n for k, v in sums.items()}).items()}
+        return self.runner.test_metrics(rows, self.opts.batch_size)
 
     def subset(self, rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """The rows to reconstruct: all, or the first ``max_images`` by subject and image id."""
@@ -95,11 +76,9 @@ class _Evaluator:
         seeds = row_seeds(self.opts.seed, rows["subject"], rows["image_id"])
         out, done = [], 0
         with tqdm(total=len(seeds), desc=desc, unit="image", mininterval=5) as bar:
-            for part, batch in self._batches(rows):
+            for part, batch in self.runner.batches(rows, self.opts.batch_size):
                 k = len(part["subject"])
-                with self.torch.no_grad():
-                    out.append(self.spec.reconstruct(self.c.model, batch, seeds[done: done + k], self.opts.steps,
-                                                     self.opts.guidance).cpu().numpy())
+                out.append(self.runner.reconstruct(batch, seeds[done: done + k], self.opts.steps, self.opts.guidance))
                 done += k
                 bar.update(k)
         return np.concatenate(out)

@@ -23,7 +23,7 @@ from typing import Any
 
 from raydecode import tracking
 from raydecode.config import SweepConfig, TrainConfig
-from raydecode.data.stats import run_class_statistics
+from raydecode.inference import run_class_statistics
 from raydecode.data.store import open_store
 from raydecode.errors import ConfigError
 from raydecode.methods.spec import get_method

@@ -31,10 +31,12 @@ import pyarrow.parquet as pq
 from pydantic import ValidationError
 from tqdm.auto import tqdm
 
+from raydecode.config import format_validation_error
 from raydecode.data.schema import EncoderInfo, Manifest, ShardInfo, embeddings_schema
 from raydecode.data.store import Store, StoreWriter, open_store
 from raydecode.errors import ConfigError, StoreError, UserError, user_errors_from_ray
-from raydecode.runtime import Demand, cluster_shape, require
+from raydecode.nn.encoders import EncoderConfig, ENCODERS, FrozenEncoder, encoder_config
+from raydecode.runtime import Demand, cluster_shape, init_ray, require
 from raydecode.storage import S3Options
 
 METADATA_KEY = b"raydecode.encoder"  # parquet metadata of an embeddings shard: its EncoderInfo as JSON
@@ -59,9 +61,6 @@ class EmbedResult:
 
 def resolve_encoders(refs: list[Any]) -> list:
     """Encoder names or mappings -> :class:`EncoderConfig` s; a bad one is a one-line ConfigError."""
-    from raydecode.config import format_validation_error
-    from raydecode.nn.encoders import ENCODERS, EncoderConfig, encoder_config
-
     if not refs:
         raise ConfigError(f"no encoders given: pass --encoder NAME (one of {', '.join(ENCODERS)}) "
                           "or list `encoders` in the config")
@@ -150,11 +149,8 @@ def _pooled_column(name: str) -> str:
 
 class EncodeImages:
     """Ray Data actor: holds the frozen encoders; a batch of images -> float16 tokens and pooled vectors per encoder."""
-
     def __init__(self, configs: list[dict], device: str, threads: int | None = None):
         import torch
-
-        from raydecode.nn.encoders import EncoderConfig, FrozenEncoder
 
         if threads:
             torch.set_num_threads(threads)
@@ -196,7 +192,6 @@ class EncodeImages:
 @dataclass(frozen=True)
 class EmbedCompute:
     """Where the encoders run: asked of Ray (and its autoscaler), not read off the cluster at one instant."""
-
     ray_address: str | None = None
     use_gpu: bool | None = None  # None: when the cluster can have GPUs
     actors: int | None = None  # None: one per GPU the cluster can have; on CPU from its CPUs
@@ -207,7 +202,6 @@ def _compute_resources(compute: EmbedCompute) -> tuple[str, Any, dict, int | Non
     """(device, actor pool, actor resources, torch threads): one GPU per actor where the cluster can have GPUs (the
     autoscaler brings them as the pool asks); otherwise CPU actors sized to leave CPUs for reading and decoding."""
     from ray.data import ActorPoolStrategy
-
 
     shape = cluster_shape()
     gpu = shape.has("GPU") if compute.use_gpu is None else compute.use_gpu
@@ -239,8 +233,6 @@ def _encode_and_write(
 ) -> tuple[int, int, str]:
     """Run the Ray Data job over the stimulus shards some encoder still needs; write each finished shard."""
     import ray.data
-
-    from raydecode.runtime import init_ray
 
     init_ray(compute.ray_address)
     need = sorted({s.path for shards in pending.values() for s in shards})

@@ -20,8 +20,10 @@ import math
 import numpy as np
 import pyarrow as pa
 
+from raydecode.config import DataSelection, WindowConfig
+from raydecode.data.pipeline import (StimulusLookup, TrialsDataset, finish_in_memory, group_test, read_shards,
+                                     small_shuffles, test_grouping)
 from raydecode.data.store import Store, open_store
-from raydecode.config import WindowConfig
 from raydecode.errors import ConfigError, StoreError
 from raydecode.storage import S3Options
 
@@ -127,12 +129,9 @@ def count_windows(store: Store, subjects: list[int], sessions: list[int] | None,
 def windows_dataset(store: Store | str, split: str, window: WindowConfig, selection=None,
                     s3: S3Options | None = None, shift: int = 0):
     """Windows of one split as a Ray dataset (the time-series counterpart of ``trials_dataset``)."""
-    from raydecode.config import DataSelection
-
     sel = selection or DataSelection()
     if split not in ("train", "test"):
         raise ConfigError(f"split {split!r}: allowed values: train, test")
-    from raydecode.data.pipeline import small_shuffles, test_grouping
 
     if test_grouping(sel, split) is not None:
         with small_shuffles():
@@ -142,8 +141,6 @@ def windows_dataset(store: Store | str, split: str, window: WindowConfig, select
 
 def _windows_dataset(store, split: str, window: WindowConfig, sel, s3, shift: int):
     from ray.data import ActorPoolStrategy
-
-    from raydecode.data.pipeline import StimulusLookup, TrialsDataset, group_test, read_shards
 
     if isinstance(store, str):
         store = open_store(store, s3)
@@ -172,9 +169,6 @@ def _windows_dataset(store, split: str, window: WindowConfig, sel, s3, shift: in
 def read_windows(store: Store | str, split: str, window: WindowConfig, selection=None, s3: S3Options | None = None,
                  shift: int = 0) -> dict[str, np.ndarray]:
     """The rows of :func:`windows_dataset` read with pyarrow into memory (no Ray): evaluation of test windows."""
-    from raydecode.config import DataSelection
-    from raydecode.data.pipeline import finish_in_memory
-
     sel = selection or DataSelection()
     if isinstance(store, str):
         store = open_store(store, s3)

@@ -28,9 +28,8 @@ from dataclasses import asdict
 import numpy as np
 
 from raydecode import tracking
-from raydecode.checkpoint import ModelRef, load_model, model_config, resolve_ref
+from raydecode.checkpoint import ModelRef, model_config, resolve_ref
 from raydecode.config import CompareConfig, EvaluateConfig
-from raydecode.data.batches import collate
 from raydecode.data.pipeline import trials_dataset
 from raydecode.data.store import open_store
 from raydecode.data.windows import windows_dataset
@@ -42,9 +41,9 @@ from raydecode.evaluate.reconstruction import grid_png, pixcorr, ssim
 from raydecode.evaluate.retrieval import retrieval_top1
 from raydecode.evaluate.semantic import semantic_metrics
 from raydecode.evaluate.unclip import EmbeddingDecoder, unclip_config
+from raydecode.inference import ModelRunner
 from raydecode.methods.spec import get_method
 from raydecode.nn.encoders import FrozenEncoder, encoder_config
-from raydecode.nn.targets import BatchPreparer
 from raydecode.report import StageResult, table
 from raydecode.runtime import Demand, cluster_shape, init_ray, require
 from raydecode.tracking import mlflow_uri
@@ -83,29 +82,25 @@ def _resize(images: np.ndarray, size: int) -> np.ndarray:
 
 
 class Predictor:
-    """A Ray Data actor: loads the model once, then test batches -> per-row predictions and metrics inputs."""
+    """A Ray Data actor: loads the model once (:class:`~raydecode.inference.ModelRunner`), then test batches ->
+    per-row predictions and metrics inputs."""
+
     def __init__(self, ref: dict, tracking_uri: str, cfg: dict, keys: np.ndarray | None, use_gpu: bool):
         import mlflow
-        import torch
 
-        self.torch = torch
         mlflow.set_tracking_uri(tracking_uri)
         self.cfg = EvaluateConfig(**cfg)
         self.device = "cuda" if use_gpu else "cpu"
-        self.c = load_model(ModelRef(**ref), self.cfg.s3, self.device)
-        self.spec, self.keys = self.c.spec, keys
-        targets = self.c.config["targets"]
-        self.prepare = BatchPreparer(targets, torch.device(self.device), torch.float32, self.cfg.store,
-                                     self.cfg.s3.model_dump())
+        self.runner = ModelRunner.load(ModelRef(**ref), self.cfg.s3, self.device, self.cfg.store)
+        self.spec, self.keys = self.runner.spec, keys
+        targets = self.runner.loaded.config["targets"]
         opts = self.cfg.reconstruct
         self.decoder = self.blur_vae = None
         can = self.spec.reconstruct is not None or (self.spec.image_embeddings is not None and self.cfg.decoder)
         self.reconstructs = bool(opts.enabled and can)
         if self.reconstructs and self.spec.reconstruct is None:
-
             self.decoder = EmbeddingDecoder.from_config(unclip_config(self.cfg.decoder)).to(self.device)
             if self.decoder.cfg.blend > 0 and "vae" in targets:  # MindEye2's blurry image, decoded by its VAE
-
                 self.blur_vae = FrozenEncoder(encoder_config(targets["vae"]["encoder"])).to(self.device)
         nets = [MetricNet(**n) for n in self.cfg.metric_nets] if self.cfg.metric_nets is not None else DEFAULT_NETS
         self.nets, extractors = [], {}
@@ -116,8 +111,8 @@ class Predictor:
     def _reconstruct(self, batch: dict, seeds: np.ndarray) -> np.ndarray:
         opts = self.cfg.reconstruct
         if self.spec.reconstruct is not None:
-            return self.spec.reconstruct(self.c.model, batch, seeds, opts.steps, opts.guidance).cpu().numpy()
-        emb = self.spec.image_embeddings(self.c.model, batch, seeds)
+            return self.runner.reconstruct(batch, seeds, opts.steps, opts.guidance)
+        emb = self.spec.image_embeddings(self.runner.model, batch, seeds)
         blurry = None
         if self.blur_vae is not None and "lowlevel_latents" in emb:
             blurry = self.blur_vae.decode(emb["lowlevel_latents"]).numpy()
@@ -125,25 +120,24 @@ class Predictor:
                                      guidance=opts.guidance).cpu().numpy()
 
     def __call__(self, rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        import torch
 
-        torch = self.torch
         n = len(rows["subject"])
         out = {k: rows[k] for k in ("subject", "image_id", "categories", "protocol") if k in rows}
         stimuli = rows.get("image")
-        batch = self.prepare(collate(rows))  # targets computed from the images; the images leave the batch
+        batch = self.runner.batch(rows)  # targets computed from the images; the images leave the batch
+        pred = self.runner.predict(batch)
+        if "brain" in pred and "image" in pred:
+            out["brain"] = pred["brain"].float().cpu().numpy().astype(np.float16)
+            out["image"] = pred["image"].float().cpu().numpy().astype(np.float16)
+        emb = next((pred[k] for k in ("hidden", "backbone", "brain") if k in pred), None)
+        if emb is not None:
+            out["embedding"] = emb.float().flatten(1).cpu().numpy()
+        if "logits" in pred:
+            out["logits"] = pred["logits"].float().cpu().numpy()
+        for k, v in self.runner.test_values(batch).items():
+            out[f"test.{k}"] = v.float().cpu().numpy()
         with torch.no_grad():
-            pred = self.spec.predict(self.c.model, batch)
-            if "brain" in pred and "image" in pred:
-                out["brain"] = pred["brain"].float().cpu().numpy().astype(np.float16)
-                out["image"] = pred["image"].float().cpu().numpy().astype(np.float16)
-            emb = next((pred[k] for k in ("hidden", "backbone", "brain") if k in pred), None)
-            if emb is not None:
-                out["embedding"] = emb.float().flatten(1).cpu().numpy()
-            if "logits" in pred:
-                out["logits"] = pred["logits"].float().cpu().numpy()
-            if self.spec.test_metrics is not None:
-                for k, v in self.spec.test_metrics(self.c.model, batch).items():
-                    out[f"test.{k}"] = v.float().cpu().numpy()
             if self.reconstructs and stimuli is not None:
                 keys = rows["subject"].astype(np.int64) * 10**7 + rows["image_id"]
                 mask = np.ones(n, bool) if self.keys is None else np.isin(keys, self.keys)
@@ -224,7 +218,7 @@ def infer(cfg: EvaluateConfig, ref: ModelRef, config: dict, keys: np.ndarray | N
 # -- metrics -------------------------------------------------------------------------------------
 
 
-def protocol_metrics(rows: dict[str, np.ndarray], cfg: EvaluateConfig, nets, summarize=None) -> dict[str, float]:
+def protocol_metrics(rows: dict[str, np.ndarray], cfg: EvaluateConfig, nets, spec=None) -> dict[str, float]:
     """The suite's metrics of one protocol's rows (names without the protocol infix)."""
     import torch
 
@@ -250,9 +244,9 @@ def protocol_metrics(rows: dict[str, np.ndarray], cfg: EvaluateConfig, nets, sum
     if "logits" in rows and "categories" in rows:
 
         m.update({f"semantic.{k}": v for k, v in semantic_metrics(rows["logits"], rows["categories"]).items()})
-    means = {k[len("test."):]: float(rows[k].mean()) for k in rows if k.startswith("test.")}
-    if means:  # the method's own summary of its test losses (e.g. Dynadiff's condition and image gains)
-        m.update({f"test.{k}": v for k, v in (summarize or (lambda x: x))(means).items()})
+    sums = {k[len("test."):]: float(rows[k].sum()) for k in rows if k.startswith("test.")}
+    if spec is not None:  # the method's own summary of its test losses (e.g. Dynadiff's condition and image gains)
+        m.update(spec.test_summary(sums, len(rows["subject"])))
     return m
 
 
@@ -348,7 +342,7 @@ def run_evaluate(cfg: EvaluateConfig) -> StageResult:
         results, metrics = {}, {}
         t1 = time.time()
         for protocol, rows in infer(cfg, ref, config, keys, use_gpu).items():
-            m = protocol_metrics(rows, cfg, nets, spec.summarize_test)
+            m = protocol_metrics(rows, cfg, nets, spec)
             results[protocol] = {"rows": rows, "metrics": m}
             metrics.update(_named(m, protocol))
         metrics["inference_seconds"] = round(time.time() - t1, 1)

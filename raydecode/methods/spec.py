@@ -79,6 +79,13 @@ class MethodSpec:
         keep = self.persisted_keys(model)
         return {k: v for k, v in state.items() if k in keep}
 
+    def test_summary(self, sums: dict[str, float], rows: int) -> dict[str, float]:
+        """``test.*`` metrics from the per-row :attr:`test_metrics` summed over ``rows`` rows: their means and what
+        :attr:`summarize_test` derives from them (e.g. Dynadiff's condition and image gains)."""
+        if not rows or not sums:
+            return {}
+        return {f"test.{k}": v for k, v in self.summarize_test({k: v / rows for k, v in sums.items()}).items()}
+
     def config(self, preset: str, overrides: dict | None = None) -> BaseModel:
         if preset not in self.presets:
             raise ConfigError(f"preset {preset!r} of method {self.name!r}: allowed values: {', '.join(self.presets)}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from raydecode.data.synthetic import PRESETS
 from raydecode.methods.spec import DatasetInfo, count_parameters, get_method
 from raydecode.report import table
 
@@ -11,8 +12,6 @@ from raydecode.report import table
 def dataset_info(preset: str, voxels: list[int] | None = None) -> DatasetInfo:
     """Subjects 1..len(voxels) with those voxel counts (default: the preset's; at paper scale NSD's nsdgeneral
     counts of subjects 1-8) and the preset's TR (time-series methods size their input from it)."""
-    from raydecode.data.synthetic import PRESETS
-
     sizes = PRESETS["paper" if preset == "paper" else preset]
     voxels = list(voxels or sizes.voxels)
     return DatasetInfo(list(range(1, len(voxels) + 1)), {i + 1: v for i, v in enumerate(voxels)}, tr_s=sizes.tr_s)

@@ -23,7 +23,10 @@ from dataclasses import dataclass
 
 import torch
 
+from raydecode.errors import ConfigError
 from raydecode.methods.spec import DatasetInfo, Progress, get_method
+from raydecode.modelinfo.info import dataset_info
+from raydecode.nn.encoders import FrozenEncoder, encoder_config
 from raydecode.report import table
 
 GB = 1e9
@@ -60,8 +63,6 @@ class Activations:
 
 def target_shapes(spec, mcfg) -> dict[str, tuple[tuple[int, ...], int]]:
     """Per target key, its encoder's (tokens shape, pooled width), from the architecture on the meta device."""
-    from raydecode.nn.encoders import FrozenEncoder, encoder_config
-
     shapes = {}
     for key, name in spec.targets(mcfg).items():
         enc = FrozenEncoder(encoder_config(name), architecture_only=True)
@@ -155,8 +156,6 @@ def job_settings(path: str) -> dict:
     """method, preset, model overrides, per-GPU batch and GPUs of a training job's YAML (jobs/*-nsd.yaml)."""
     import yaml
 
-    from raydecode.errors import ConfigError
-
     try:
         data = yaml.safe_load(open(path)) or {}
     except (OSError, yaml.YAMLError) as exc:
@@ -172,8 +171,6 @@ def memory_plan(method: str, preset: str, voxels: list[int] | None = None, overr
                 gpus: int = 8, gpu_sizes_gb: tuple[int, ...] = GPU_SIZES_GB, usable: float = 0.9,
                 batch_sizes: tuple[int, int] = (2, 4)) -> dict:
     """Model states and the largest per-GPU batch for ``gpu_sizes_gb`` x ZeRO 0-3 on ``gpus`` GPUs (bf16)."""
-    from raydecode.modelinfo.info import dataset_info
-
     spec = get_method(method)
     mcfg = spec.config(preset, overrides)
     info = dataset_info(preset, voxels)

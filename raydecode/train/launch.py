@@ -18,7 +18,7 @@ import pyarrow.compute as pc
 from raydecode import tracking
 from raydecode.config import TrainConfig
 from raydecode.data.pipeline import trials_dataset
-from raydecode.data.stats import run_class_statistics
+from raydecode.inference import run_class_statistics
 from raydecode.data.store import open_store
 from raydecode.data.windows import count_windows, windows_dataset
 from raydecode.errors import ConfigError, UserError, user_errors_from_ray

@@ -120,8 +120,7 @@ def evaluate(engine, spec: MethodSpec, batches: list[dict], prepare: BatchPrepar
             subject.append(batch["subject"].cpu())
     engine.train()
     out = {}
-    if rows:
-        out.update({f"test.{k}": v for k, v in spec.summarize_test({k: v / rows for k, v in sums.items()}).items()})
+    out.update(spec.test_summary(sums, rows))
     if brain:
         r = retrieval_top1(torch.cat(brain), torch.cat(image), torch.cat(subject).numpy(),
                            candidates=cfg.eval.candidates, draws=cfg.eval.draws, seed=cfg.optim.seed)
