@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from raydecode.app import cli
-from raydecode.data.embed import run_embed
+from raydecode.embed import run_embed
 from raydecode.config import DataSelection
 from raydecode.data.pipeline import read_split, trials_dataset
 from raydecode.data.store import open_store

@@ -134,7 +134,7 @@ def _ingest(plan, cfg) -> StageResult:
 
 def stage_embed(args) -> StageResult:
     from raydecode.config import EmbedConfig
-    from raydecode.data.embed import EmbedCompute, run_embed
+    from raydecode.embed import EmbedCompute, run_embed
     from raydecode.report import table
 
     cfg = load_config(EmbedConfig, args.config, args.overrides,
