@@ -19,7 +19,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from raydecode.errors import ConfigError
 from raydecode.storage import S3Options
 
-
 # -- what a stage reads --------------------------------------------------------------------
 
 
@@ -192,6 +191,24 @@ def _parse_value(raw: str) -> Any:
         return raw
 
 
+def set_dotted(data: dict, key: str, value: Any, what: str = "--set", merge: bool = False) -> None:
+    """``data[a][b][c] = value`` for ``key`` ``a.b.c``, creating sections on the way; a key through a value is
+    refused (``what`` names where the key came from). ``merge``: a dict value updates a dict already there."""
+    parts = key.split(".")
+    node = data
+    for part in parts[:-1]:
+        nxt = node.get(part)
+        if nxt is None:
+            nxt = node[part] = {}
+        elif not isinstance(nxt, dict):
+            raise ConfigError(f"{what} {key}: '{part}' is a value, not a section")
+        node = nxt
+    if merge and isinstance(value, dict) and isinstance(node.get(parts[-1]), dict):
+        node[parts[-1]] = {**node[parts[-1]], **value}
+    else:
+        node[parts[-1]] = value
+
+
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
     """Apply ``a.b=c`` overrides (values parsed as YAML: ``3``, ``true``, ``[1, 2]``) to a nested dict."""
     for item in overrides or []:
@@ -201,16 +218,7 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
         key = key.strip()
         if not key:
             raise ConfigError(f"--set {item!r}: empty key")
-        parts = key.split(".")
-        node = data
-        for part in parts[:-1]:
-            nxt = node.get(part)
-            if nxt is None:
-                nxt = node[part] = {}
-            elif not isinstance(nxt, dict):
-                raise ConfigError(f"--set {key}: '{part}' is a value, not a section")
-            node = nxt
-        node[parts[-1]] = _parse_value(raw)
+        set_dotted(data, key, _parse_value(raw))
     return data
 
 

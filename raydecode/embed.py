@@ -35,7 +35,7 @@ from raydecode.config import format_validation_error
 from raydecode.data.schema import EncoderInfo, Manifest, ShardInfo, embeddings_schema
 from raydecode.data.store import Store, StoreWriter, open_store
 from raydecode.errors import ConfigError, StoreError, UserError, user_errors_from_ray
-from raydecode.nn.encoders import EncoderConfig, ENCODERS, FrozenEncoder, encoder_config
+from raydecode.nn.encoders import ENCODERS, EncoderConfig, FrozenEncoder, encoder_config
 from raydecode.runtime import Demand, cluster_shape, init_ray, require
 from raydecode.storage import S3Options
 

@@ -16,8 +16,15 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-from raydecode.checkpoint import (CONFIG_FILE, METRICS_FILE, Consolidated, ModelRef, load_consolidated, load_model,
-                                  read_json)
+from raydecode.checkpoint import (
+    CONFIG_FILE,
+    METRICS_FILE,
+    Consolidated,
+    ModelRef,
+    load_consolidated,
+    load_model,
+    read_json,
+)
 from raydecode.config import DataSelection
 from raydecode.data.batches import collate
 from raydecode.data.pipeline import trials_dataset

@@ -24,18 +24,17 @@ import time
 import numpy as np
 
 from raydecode import tracking
+from raydecode.checkpoint import CONFIG_FILE, read_json
 from raydecode.config import DataSelection, DiffusionDecodeConfig, ReconstructOptions, TrainConfig
 from raydecode.data.store import open_store
 from raydecode.data.windows import read_windows
 from raydecode.errors import ConfigError, user_errors_from_ray
 from raydecode.evaluate.reconstruction import grid_png, reconstruction_metrics, time_curve_png
-from raydecode.evaluate.suite import row_seeds
 from raydecode.inference import ModelRunner
 from raydecode.methods.spec import get_method
 from raydecode.report import StageResult, table
-from raydecode.runtime import absolute_paths, init_ray
+from raydecode.runtime import absolute_paths, init_ray, row_seeds
 from raydecode.storage import resolve
-from raydecode.checkpoint import CONFIG_FILE, read_json
 from raydecode.train.launch import run_training
 
 

@@ -20,7 +20,8 @@ import os
 import re
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from raydecode.errors import ConfigError
@@ -222,6 +223,28 @@ def absolute_paths(cfg):
         if value:
             update[name] = absolute(value)
     return cfg.model_copy(update=update)
+
+
+# -- seeds -----------------------------------------------------------------------------------------------------------
+
+
+@contextmanager
+def seeded(seed: int) -> Iterator[None]:
+    """Torch's CPU generator set to ``seed`` inside the block and restored after it: a module built inside gets the
+    same random weights whatever ran before (frozen random-weight encoders, UNets, metric networks)."""
+    import torch
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
+def row_seeds(seed: int, subjects, image_ids):
+    """One noise seed per (subject, image): the same reconstruction whatever the batching or the worker."""
+    import numpy as np
+
+    return np.asarray([np.random.SeedSequence([seed, int(s), int(i)]).generate_state(1)[0]
+                       for s, i in zip(subjects, image_ids)], np.int64)
 
 
 # -- the Ray session ----------------------------------------------------------------------------------------------

@@ -22,10 +22,10 @@ import time
 from typing import Any
 
 from raydecode import tracking
-from raydecode.config import SweepConfig, TrainConfig
-from raydecode.inference import run_class_statistics
+from raydecode.config import SweepConfig, TrainConfig, set_dotted
 from raydecode.data.store import open_store
 from raydecode.errors import ConfigError
+from raydecode.inference import run_class_statistics
 from raydecode.methods.spec import get_method
 from raydecode.report import StageResult, table
 from raydecode.runtime import absolute_paths, init_ray, require
@@ -36,19 +36,6 @@ SWEEP_ONLY = set(SweepConfig.model_fields) - set(TrainConfig.model_fields)
 SUBJECT = "subject"
 
 
-def _set_dotted(d: dict, key: str, value: Any) -> None:
-    parts = key.split(".")
-    node = d
-    for part in parts[:-1]:
-        node = node.setdefault(part, {})
-        if not isinstance(node, dict):
-            raise ConfigError(f"space key {key!r}: {part!r} is not a section of the training config")
-    if isinstance(value, dict) and isinstance(node.get(parts[-1]), dict):
-        node[parts[-1]] = {**node[parts[-1]], **value}  # a grid of settings, e.g. model: [{ssp: false, sdp: false}]
-    else:
-        node[parts[-1]] = value
-
-
 def trial_config(base: dict, params: dict, name: str) -> TrainConfig:
     """The training config of one trial: ``base`` (the sweep config without its sweep keys) with the trial's
     subject and sampled values set."""
@@ -56,7 +43,8 @@ def trial_config(base: dict, params: dict, name: str) -> TrainConfig:
     d.setdefault("data", {})["subjects"] = [int(params[SUBJECT])]
     for key, value in params.items():
         if key != SUBJECT:
-            _set_dotted(d, key, value)
+            # a grid of settings, e.g. model: [{ssp: false, sdp: false}], updates the section
+            set_dotted(d, key, value, "space key", merge=True)
     d["run_name"] = name
     return TrainConfig.model_validate(d)
 

@@ -153,7 +153,7 @@ mlflow.set_tracking_uri({cfg.resolved_tracking_uri()!r})
 from raydecode.config import DataSelection
 from raydecode.config import WindowConfig
 from raydecode.data.windows import read_windows
-from raydecode.reconstruct import row_seeds
+from raydecode.runtime import row_seeds
 saved = np.load({grid!r})
 model = mlflow.pyfunc.load_model("models:/raydecode-dynadiff-subj01@champion")
 rows = read_windows({cfg.store!r}, "test", WindowConfig(), DataSelection(subjects=[1], categories=False))

@@ -13,10 +13,9 @@ import os
 import sys
 import time
 
-from raydecode.config import DemoConfig, IngestSyntheticConfig, InfoConfig, load_config
+from raydecode.config import DemoConfig, InfoConfig, IngestSyntheticConfig, load_config
 from raydecode.errors import ConfigError, UserError
 from raydecode.report import StageResult, table
-
 
 JOBS = "jobs"
 
@@ -97,8 +96,8 @@ def _ingest(plan, cfg) -> StageResult:
     from raydecode.data.info import describe
     from raydecode.data.ingest import run_ingest
     from raydecode.data.store import Store
-    from raydecode.runtime import init_ray
     from raydecode.report import human_bytes
+    from raydecode.runtime import init_ray
     from raydecode.storage import resolve
 
     if plan.tasks is not None:

@@ -18,9 +18,9 @@ from raydecode.runtime import init_ray, ray_logs_dir
 
 
 def run_demo(cfg: DemoConfig) -> StageResult:
+    from raydecode.config import DataSelection
     from raydecode.data.info import describe, describe_problems
     from raydecode.data.ingest import run_ingest, synthetic_plan
-    from raydecode.config import DataSelection
     from raydecode.data.pipeline import trials_dataset
     from raydecode.data.store import open_store
 
@@ -187,7 +187,6 @@ def demo_dynadiff_config(cfg: DemoConfig):
 def demo_evaluate_config(cfg: DemoConfig, model: str):
     """The embedded twin of jobs/evaluate.yaml."""
     from raydecode.config import EvaluateConfig
-
     from raydecode.evaluate.feature_metrics import SMALL_NETS
 
     nets = [n.model_dump(exclude_defaults=True) for n in SMALL_NETS]

@@ -29,9 +29,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from raydecode.config import DataSelection
 from raydecode.data.schema import ShardInfo
 from raydecode.data.store import Store, open_store
-from raydecode.config import DataSelection
 from raydecode.errors import ConfigError, StoreError
 from raydecode.storage import S3Options
 

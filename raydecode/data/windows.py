@@ -21,8 +21,15 @@ import numpy as np
 import pyarrow as pa
 
 from raydecode.config import DataSelection, WindowConfig
-from raydecode.data.pipeline import (StimulusLookup, TrialsDataset, finish_in_memory, group_test, read_shards,
-                                     small_shuffles, test_grouping)
+from raydecode.data.pipeline import (
+    StimulusLookup,
+    TrialsDataset,
+    finish_in_memory,
+    group_test,
+    read_shards,
+    small_shuffles,
+    test_grouping,
+)
 from raydecode.data.store import Store, open_store
 from raydecode.errors import ConfigError, StoreError
 from raydecode.storage import S3Options

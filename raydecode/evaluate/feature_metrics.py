@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
 from raydecode.errors import ConfigError
+from raydecode.runtime import seeded
 from raydecode.weights import local_weights
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -96,8 +97,7 @@ class FeatureExtractor(torch.nn.Module):
     def __init__(self, net: MetricNet):
         super().__init__()
         self.net = net
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(net.seed)
+        with seeded(net.seed):
             if net.kind == "clip":
                 self.model, self.mean, self.std = self._clip(net), CLIP_MEAN, CLIP_STD
             else:

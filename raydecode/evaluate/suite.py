@@ -34,8 +34,13 @@ from raydecode.data.pipeline import trials_dataset
 from raydecode.data.store import open_store
 from raydecode.data.windows import windows_dataset
 from raydecode.errors import ConfigError, StoreError, user_errors_from_ray
-from raydecode.evaluate.feature_metrics import (DEFAULT_NETS, FeatureExtractor, MetricNet, correlation_distance,
-                                               two_way_identification)
+from raydecode.evaluate.feature_metrics import (
+    DEFAULT_NETS,
+    FeatureExtractor,
+    MetricNet,
+    correlation_distance,
+    two_way_identification,
+)
 from raydecode.evaluate.plots import metrics_table_md, retrieval_png, tsne_png
 from raydecode.evaluate.reconstruction import grid_png, pixcorr, ssim
 from raydecode.evaluate.retrieval import retrieval_top1
@@ -45,7 +50,7 @@ from raydecode.inference import ModelRunner
 from raydecode.methods.spec import get_method
 from raydecode.nn.encoders import FrozenEncoder, encoder_config
 from raydecode.report import StageResult, table
-from raydecode.runtime import Demand, cluster_shape, init_ray, require
+from raydecode.runtime import Demand, cluster_shape, init_ray, require, row_seeds
 from raydecode.tracking import mlflow_uri
 
 # the papers' Table 1 order
@@ -56,12 +61,6 @@ EVALUATES_TAG = "raydecode.evaluates"
 
 
 # -- batch inference -----------------------------------------------------------------------------
-
-
-def row_seeds(seed: int, subjects: np.ndarray, image_ids: np.ndarray) -> np.ndarray:
-    """One noise seed per (subject, image): the same reconstruction whatever the batching or the worker."""
-    return np.asarray([np.random.SeedSequence([seed, int(s), int(i)]).generate_state(1)[0]
-                       for s, i in zip(subjects, image_ids)], np.int64)
 
 
 def reconstruct_keys(subjects: list[int], image_ids: list[int], max_images: int | None) -> np.ndarray | None:

@@ -41,9 +41,16 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from torch import nn
 
 from raydecode.errors import ConfigError
-from raydecode.nn.diffusion import (SD_SCHEDULER, VD_IMAGE_UNET, ddim_denoise, ddim_scheduler, decode_latents,
-                                    initial_noise)
+from raydecode.nn.diffusion import (
+    SD_SCHEDULER,
+    VD_IMAGE_UNET,
+    ddim_denoise,
+    ddim_scheduler,
+    decode_latents,
+    initial_noise,
+)
 from raydecode.nn.encoders import build_vae, on_meta
+from raydecode.runtime import seeded
 from raydecode.weights import local_weights
 
 # A Stable-Diffusion-1-sized UNet attending to OpenCLIP ViT-bigG/14's 1664-wide image tokens: the architecture of
@@ -164,8 +171,7 @@ class EmbeddingDecoder(nn.Module):
         down = 2 ** (len(vae.config.block_out_channels) - 1)
         config = {"in_channels": vae.config.latent_channels, "out_channels": vae.config.latent_channels,
                   **cfg.unet_config, "sample_size": enc.image_size // down}
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(cfg.seed)
+        with seeded(cfg.seed):
             unet = UNet2DConditionModel(**config)
         return cls(unet, vae, DDPMScheduler(**cfg.scheduler).config, cfg)
 

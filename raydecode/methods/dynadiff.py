@@ -37,9 +37,16 @@ from torch import nn
 from raydecode.config import WindowConfig
 from raydecode.errors import ConfigError
 from raydecode.methods.spec import DatasetInfo, MethodSpec, Progress, register
-from raydecode.nn.diffusion import (SD_SCHEDULER, VD_IMAGE_UNET, ddim_denoise, ddim_scheduler, decode_latents,
-                                    initial_noise)
+from raydecode.nn.diffusion import (
+    SD_SCHEDULER,
+    VD_IMAGE_UNET,
+    ddim_denoise,
+    ddim_scheduler,
+    decode_latents,
+    initial_noise,
+)
 from raydecode.nn.encoders import build_vae, encoder_config, on_meta, requires_weights
+from raydecode.runtime import seeded
 from raydecode.weights import local_weights
 
 LORA_TARGETS = ("attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0")
@@ -137,8 +144,7 @@ def build_unet(cfg: DynadiffConfig, latent_size: int):
         raise ConfigError("model.unet: the paper preset fine-tunes a pretrained UNet; set it to a Versatile-Diffusion-"
                           "compatible diffusers directory (nothing is downloaded at run time)")
     config = {"in_channels": 4, "out_channels": 4, **cfg.unet_config, "sample_size": latent_size}
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.seed)
+    with seeded(cfg.seed):
         return UNet2DConditionModel(**config)
 
 

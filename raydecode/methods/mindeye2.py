@@ -4,8 +4,17 @@ presets are :mod:`raydecode.nn.mindeye2` (Duala adapts the same model)."""
 from __future__ import annotations
 
 from raydecode.methods.spec import MethodSpec, register
-from raydecode.nn.mindeye2 import (PRESETS, MindEye2Config, build_model, image_embeddings, load_pretrained, loss,
-                                   param_groups, predict, targets)
+from raydecode.nn.mindeye2 import (
+                                   PRESETS,
+                                   MindEye2Config,
+                                   build_model,
+                                   image_embeddings,
+                                   load_pretrained,
+                                   loss,
+                                   param_groups,
+                                   predict,
+                                   targets,
+)
 
 SPEC = register(MethodSpec(
     name="mindeye2",

@@ -31,6 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from raydecode.errors import ConfigError
 from raydecode.nn.diffusion import decode_latents
+from raydecode.runtime import seeded
 from raydecode.weights import local_weights
 
 CONFIG_DIR = Path(__file__).with_name("encoder_configs")
@@ -128,8 +129,7 @@ class FrozenEncoder(torch.nn.Module):
             if requires_weights(cfg):
                 raise ConfigError(f"encoder {cfg.name!r} needs `weights` (a local path, s3:// or hf:// reference); "
                                   "random weights exist only for the raydecode-* architectures")
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(cfg.seed)
+            with seeded(cfg.seed):
                 self.net = self._build_openclip(cfg) if cfg.kind == "openclip" else self._build_vae(cfg)
         self.net.eval().requires_grad_(False)
         self._mid: torch.Tensor | None = None
@@ -265,6 +265,5 @@ def build_vae(name: str, what: str = "model.vae") -> tuple[EncoderConfig, torch.
     if requires_weights(enc):
         raise ConfigError(f"{what} {enc.name!r} needs `weights` (a diffusers directory: a local path, s3:// or "
                           "hf:// reference)")
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(enc.seed)
+    with seeded(enc.seed):
         return enc, FrozenEncoder._build_vae(enc)

@@ -16,20 +16,21 @@ from dataclasses import dataclass
 import pyarrow.compute as pc
 
 from raydecode import tracking
+from raydecode.checkpoint import CONFIG_FILE, METRICS_FILE, read_json
 from raydecode.config import TrainConfig
 from raydecode.data.pipeline import trials_dataset
-from raydecode.inference import run_class_statistics
 from raydecode.data.store import open_store
 from raydecode.data.windows import count_windows, windows_dataset
 from raydecode.errors import ConfigError, UserError, user_errors_from_ray
+from raydecode.inference import run_class_statistics
 from raydecode.methods.spec import DatasetInfo, count_parameters, get_method
 from raydecode.nn.encoders import encoder_config, requires_weights
 from raydecode.report import StageResult, table
 from raydecode.runtime import Demand, absolute_paths, init_ray, require
 from raydecode.storage import resolve, train_storage
-from raydecode.checkpoint import CONFIG_FILE, METRICS_FILE, read_json
 from raydecode.train.loop import train_loop_per_worker
 from raydecode.train.progress import DriverProgress
+
 
 class TrainingError(UserError):
     exit_code = 5

@@ -26,10 +26,14 @@ from typing import Any
 import numpy as np
 import torch
 
+from raydecode.checkpoint import frozen_digest, load_state, write_consolidated
 from raydecode.config import TrainConfig
 from raydecode.data.batches import collate
+from raydecode.data.stats import load_stats
+from raydecode.evaluate.retrieval import retrieval_top1
 from raydecode.methods.spec import DatasetInfo, MethodSpec, Progress, get_method
 from raydecode.nn.targets import BatchPreparer
+from raydecode.train.progress import Poster
 
 CHECKPOINT_TAG = "state"
 log = logging.getLogger("raydecode.train")
@@ -101,8 +105,6 @@ def full_state_dict(engine, zero_stage: int) -> dict[str, torch.Tensor]:
 def evaluate(engine, spec: MethodSpec, batches: list[dict], prepare: BatchPreparer, cfg: TrainConfig) -> dict:
     """Test metrics in eval mode; every rank runs it (ZeRO-3): retrieval (per subject among its test images) when
     the method predicts ``brain`` and ``image`` embeddings, and the method's own ``test_metrics`` averaged over rows."""
-    from raydecode.evaluate.retrieval import retrieval_top1
-
     engine.eval()
     brain, image, subject = [], [], []
     sums: dict[str, float] = {}
@@ -153,153 +155,210 @@ class Tracker:
 
 
 def train_loop_per_worker(payload: dict) -> None:
-    import ray.data
-    import ray.train
-    from ray.data.collate_fn import NumpyBatchCollateFn
-    from ray.train import Checkpoint
+    """Ray Train's entry point on every worker."""
+    Trainer(payload).run()
 
-    from raydecode.train.progress import Poster
 
-    cfg = TrainConfig.model_validate(payload["cfg"])
-    _worker_logging()
-    ray.data.DataContext.get_current().enable_progress_bars = False  # one line per epoch instead
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    use_gpu = cfg.scaling.use_gpu and torch.cuda.is_available()
-    if not use_gpu:
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    import deepspeed
-    import ray.train.torch
+class Trainer:
+    """One worker's training run: :meth:`setup` (model, DeepSpeed engine, data shards, resume), epochs of
+    :meth:`train_step`, :meth:`evaluate` and :meth:`save` (a Ray Train report with DeepSpeed's per-rank files), and
+    :meth:`finish` (the consolidated checkpoint, rank 0)."""
+    def __init__(self, payload: dict):
+        import ray.data
+        import ray.train
 
-    device = ray.train.torch.get_device() if use_gpu else torch.device("cpu")
-    bf16 = cfg.deepspeed.precision == "bf16" or (cfg.deepspeed.precision == "auto" and use_gpu)
-    spec = get_method(cfg.method)
-    mcfg = spec.config_model(**payload["method_config"])
-    info = DatasetInfo.from_dict(payload["info"])
-    steps_per_epoch = int(payload["steps_per_epoch"])
-    total_steps = steps_per_epoch * cfg.optim.epochs
+        self.payload = payload
+        self.cfg = cfg = TrainConfig.model_validate(payload["cfg"])
+        _worker_logging()
+        ray.data.DataContext.get_current().enable_progress_bars = False  # one line per epoch instead
+        ctx = ray.train.get_context()
+        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+        self.use_gpu = cfg.scaling.use_gpu and torch.cuda.is_available()
+        if not self.use_gpu:
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        self.spec = get_method(cfg.method)
+        self.mcfg = self.spec.config_model(**payload["method_config"])
+        self.info = DatasetInfo.from_dict(payload["info"])
+        self.steps_per_epoch = int(payload["steps_per_epoch"])
+        self.total_steps = self.steps_per_epoch * cfg.optim.epochs
+        # methods with frozen parts (e.g. a diffusion UNet) checkpoint only what they train
+        self.partial = self.spec.persisted_keys is not None
+        self.epoch, self.step = 0, 0
+        self.metrics: dict[str, float] = {}
 
-    torch.manual_seed(cfg.optim.seed)  # identical initial weights on every rank
-    model = spec.build_model(mcfg, info)
-    if payload.get("init_state_uri"):
-        from raydecode.checkpoint import load_state
+    # -- setup ---------------------------------------------------------------------------------------------------
 
-        state = load_state(payload["init_state_uri"], cfg.s3)
-        fresh = spec.load_pretrained(model, state) if spec.load_pretrained else model.load_state_dict(state)
-        if rank == 0:
-            shown = fresh if len(fresh) <= 8 else fresh[:8] + [f"... {len(fresh) - 8} more"]
-            log.info(f"initialised from {payload['init_state_uri']}; left at init: {shown}")
-    if payload.get("stats_uri"):
-        from raydecode.data.stats import load_stats
+    def setup(self) -> None:
+        import deepspeed
+        import ray.train
+        import ray.train.torch
 
-        spec.attach_statistics(model, load_stats(payload["stats_uri"], cfg.s3)[0])
-    if rank:  # same weights on every rank, but each rank its own dropout masks and noise draws
-        torch.manual_seed(cfg.optim.seed + 7919 * rank)
-    optimizer = torch.optim.AdamW(spec.param_groups(model, mcfg, cfg.optim.weight_decay), lr=cfg.optim.lr)
-    # methods with frozen parts (e.g. a diffusion UNet) checkpoint only what they train
-    partial = spec.persisted_keys is not None
-    # the engine steps the schedule and keeps its state in its checkpoints
-    engine, optimizer, _, scheduler = deepspeed.initialize(
-        model=model, optimizer=optimizer, lr_scheduler=make_scheduler(optimizer, cfg, total_steps),
-        config=deepspeed_config(cfg, bf16), dist_init_required=False)
-    dtype = torch.bfloat16 if bf16 else torch.float32
-    prepare = BatchPreparer(payload["targets"], device, dtype, cfg.store, cfg.s3.model_dump())
-    tracker = Tracker(payload.get("tracking_uri"), payload.get("run_id"), rank == 0)
+        cfg = self.cfg
+        device = ray.train.torch.get_device() if self.use_gpu else torch.device("cpu")
+        bf16 = cfg.deepspeed.precision == "bf16" or (cfg.deepspeed.precision == "auto" and self.use_gpu)
+        model = self.build_model()
+        optimizer = torch.optim.AdamW(self.spec.param_groups(model, self.mcfg, cfg.optim.weight_decay),
+                                      lr=cfg.optim.lr)
+        # the engine steps the schedule and keeps its state in its checkpoints
+        self.engine, _, _, self.scheduler = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=make_scheduler(optimizer, cfg, self.total_steps),
+            config=deepspeed_config(cfg, bf16), dist_init_required=False)
+        self.prepare = BatchPreparer(self.payload["targets"], device, torch.bfloat16 if bf16 else torch.float32,
+                                     cfg.store, cfg.s3.model_dump())
+        self.tracker = Tracker(self.payload.get("tracking_uri"), self.payload.get("run_id"), self.rank == 0)
+        self.resume()
+        self.poster = Poster(self.payload.get("progress_board"), self.rank == 0)
+        self.poster.begin(self.step, self.epoch)
+        # the test split is small and not split across workers: held in memory, evaluated every epoch
+        self.test_batches = [collate(b) for b in ray.train.get_dataset_shard("test").iter_batches(
+            batch_size=256, batch_format="numpy")]
+        self.train_shard = ray.train.get_dataset_shard("train")
 
-    epoch, step = 0, 0
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint:
-        with checkpoint.as_directory() as d:
-            _, client = engine.load_checkpoint(d, tag=CHECKPOINT_TAG, load_module_strict=not partial)
-        epoch, step = int(client["epoch"]), int(client["step"])
-        if rank == 0:
-            log.info(f"resumed from checkpoint at epoch {epoch}, step {step}")
+    def build_model(self) -> torch.nn.Module:
+        """The method's model, identical on every rank, started from ``init_from`` / given its statistics."""
+        cfg, spec, payload = self.cfg, self.spec, self.payload
+        torch.manual_seed(cfg.optim.seed)  # identical initial weights on every rank
+        model = spec.build_model(self.mcfg, self.info)
+        if payload.get("init_state_uri"):
+            state = load_state(payload["init_state_uri"], cfg.s3)
+            fresh = spec.load_pretrained(model, state) if spec.load_pretrained else model.load_state_dict(state)
+            if self.rank == 0:
+                shown = fresh if len(fresh) <= 8 else fresh[:8] + [f"... {len(fresh) - 8} more"]
+                log.info(f"initialised from {payload['init_state_uri']}; left at init: {shown}")
+        if payload.get("stats_uri"):
+            spec.attach_statistics(model, load_stats(payload["stats_uri"], cfg.s3)[0])
+        if self.rank:  # same weights on every rank, but each rank its own dropout masks and noise draws
+            torch.manual_seed(cfg.optim.seed + 7919 * self.rank)
+        return model
 
-    poster = Poster(payload.get("progress_board"), rank == 0)
-    poster.begin(step, epoch)
+    def resume(self) -> None:
+        """From Ray Train's latest reported checkpoint, if the worker group restarted (or the run is resumed)."""
+        import ray.train
 
-    def save(metrics: dict, epoch_next: int) -> None:
-        with tempfile.TemporaryDirectory(prefix="raydecode-ckpt-") as tmp:
-            engine.save_checkpoint(tmp, tag=CHECKPOINT_TAG, client_state={"epoch": epoch_next, "step": step},
-                                   exclude_frozen_parameters=partial)
-            if rank == 0:
-                with open(os.path.join(tmp, "progress.json"), "w") as f:
-                    json.dump({"epoch": epoch_next, "step": step, "metrics": metrics}, f)
-            ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp),
-                             checkpoint_dir_name=f"checkpoint_epoch={epoch_next:04d}_step={step:07d}")
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint:
+            with checkpoint.as_directory() as d:
+                _, client = self.engine.load_checkpoint(d, tag=CHECKPOINT_TAG, load_module_strict=not self.partial)
+            self.epoch, self.step = int(client["epoch"]), int(client["step"])
+            if self.rank == 0:
+                log.info(f"resumed from checkpoint at epoch {self.epoch}, step {self.step}")
 
-    # the test split is small and not split across workers: held in memory, evaluated every epoch
-    test_batches = [collate(b) for b in ray.train.get_dataset_shard("test").iter_batches(batch_size=256,
-                                                                                       batch_format="numpy")]
-    train_shard = ray.train.get_dataset_shard("train")
-    fault = cfg.fault_injection
-    history: list[dict] = []
-    metrics: dict[str, float] = {}
+    # -- training --------------------------------------------------------------------------------------------------
 
-    class NumpyCollate(NumpyBatchCollateFn):  # Ray Data's class-based collate (a plain function is deprecated)
-        def __call__(self, batch):
-            return collate(batch)
+    def run(self) -> None:
+        self.setup()
+        while self.epoch < self.cfg.optim.epochs:
+            self.train_epoch()
+        if not self.metrics:  # resumed after the last epoch: evaluate the restored weights
+            self.metrics = {"epoch": self.epoch, "step": self.step, **self.evaluate()}
+        self.finish()
 
-    collate_numpy = NumpyCollate()
-    while epoch < cfg.optim.epochs:
-        t0 = time.time()
-        skip = step - epoch * steps_per_epoch  # resuming mid-epoch: the epoch's batches already trained
+    def train_epoch(self) -> None:
+        from ray.data.collate_fn import NumpyBatchCollateFn
+
+        class NumpyCollate(NumpyBatchCollateFn):  # Ray Data's class-based collate (a plain function is deprecated)
+            def __call__(self, batch):
+                return collate(batch)
+
+        cfg, t0 = self.cfg, time.time()
+        skip = self.step - self.epoch * self.steps_per_epoch  # resuming mid-epoch: the epoch's batches already trained
         sums: dict[str, float] = {}
         n = 0
-        for i, raw in enumerate(train_shard.iter_torch_batches(
-                batch_size=cfg.optim.batch_size, drop_last=True, collate_fn=collate_numpy,
-                local_shuffle_buffer_size=cfg.optim.shuffle_buffer or None, local_shuffle_seed=cfg.optim.seed + epoch)):
-            if i < skip or i >= steps_per_epoch:
+        for i, raw in enumerate(self.train_shard.iter_torch_batches(
+                batch_size=cfg.optim.batch_size, drop_last=True, collate_fn=NumpyCollate(),
+                local_shuffle_buffer_size=cfg.optim.shuffle_buffer or None,
+                local_shuffle_seed=cfg.optim.seed + self.epoch)):
+            if i < skip or i >= self.steps_per_epoch:
                 continue
-            batch = prepare(raw)
-            loss, parts = spec.loss(engine, batch, Progress(epoch, cfg.optim.epochs, step, total_steps))
-            engine.backward(loss)
-            engine.step()
-            step += 1
-            n += 1
-            for k, v in parts.items():
+            for k, v in self.train_step(raw).items():
                 sums[k] = sums.get(k, 0.0) + v
-            poster.step(step, epoch, sums["loss"] / n if "loss" in sums else None)
-            if fault and rank == fault.rank and step == fault.at_step and not os.path.exists(fault.marker):
-                open(fault.marker, "w").write(f"killed rank {rank} at step {step}\n")
-                log.info(f"fault injection: killing rank {rank} at step {step} in {fault.delay_s:g} s")
-                # Ray Train's controller records a reported checkpoint when it next polls the workers: a worker
-                # dying a moment after its report can beat that, and the group then restarts from the one before
-                time.sleep(fault.delay_s)
-                os._exit(1)
-            if cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0 and i + 1 < steps_per_epoch:
-                save({"epoch": epoch, "step": step}, epoch)
-        epoch += 1
+            n += 1
+            self.poster.step(self.step, self.epoch, sums["loss"] / n if "loss" in sums else None)
+            self._inject_fault()
+            if cfg.checkpoint.every_steps and self.step % cfg.checkpoint.every_steps == 0 \
+                    and i + 1 < self.steps_per_epoch:
+                self.save({"epoch": self.epoch, "step": self.step}, self.epoch)
+        self.end_epoch(sums, n, t0)
+
+    def train_step(self, raw: dict) -> dict[str, float]:
+        """One optimizer step on a batch; returns the method's loss parts."""
+        batch = self.prepare(raw)
+        loss, parts = self.spec.loss(self.engine, batch,
+                                     Progress(self.epoch, self.cfg.optim.epochs, self.step, self.total_steps))
+        self.engine.backward(loss)
+        self.engine.step()
+        self.step += 1
+        return parts
+
+    def end_epoch(self, sums: dict[str, float], n: int, t0: float) -> None:
+        """The epoch's metrics (evaluation when due) to MLflow, the driver's bar and the log; a checkpoint when due."""
+        import ray.train
+
+        cfg = self.cfg
+        self.epoch += 1
+        elapsed = time.time() - t0
         metrics = {f"train.{k}": v / max(1, n) for k, v in sums.items()}
-        metrics.update({"epoch": epoch, "step": step, "lr": scheduler.get_last_lr()[0],
-                        "epoch_seconds": time.time() - t0, "train.samples_per_s": n * cfg.optim.batch_size * world
-                        / max(1e-9, time.time() - t0),
+        metrics.update({"epoch": self.epoch, "step": self.step, "lr": self.scheduler.get_last_lr()[0],
+                        "epoch_seconds": elapsed,
+                        "train.samples_per_s": n * cfg.optim.batch_size * self.world / max(1e-9, time.time() - t0),
                         "worker.peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})
-        if epoch % cfg.eval.every_epochs == 0 or epoch == cfg.optim.epochs:
-            metrics.update(evaluate(engine, spec, test_batches, prepare, cfg))
-        tracker.log({k: v for k, v in metrics.items() if k not in ("epoch",)}, step=epoch)
-        poster.epoch(step, epoch, metrics)
-        history.append(metrics)
-        if rank == 0:
+        if self.epoch % cfg.eval.every_epochs == 0 or self.epoch == cfg.optim.epochs:
+            metrics.update(self.evaluate())
+        self.tracker.log({k: v for k, v in metrics.items() if k not in ("epoch",)}, step=self.epoch)
+        self.poster.epoch(self.step, self.epoch, metrics)
+        if self.rank == 0:
             shown = " ".join(f"{k.split('.')[-1]} {v:.4g}" for k, v in metrics.items()
                              if k.startswith(("train.loss", "test.")) or k.endswith("top1"))
-            log.info(f"epoch {epoch}/{cfg.optim.epochs} step {step} {shown} ({metrics['epoch_seconds']:.1f} s)")
-        if epoch % cfg.checkpoint.every_epochs == 0 or epoch == cfg.optim.epochs:
-            save(metrics, epoch)
+            log.info(f"epoch {self.epoch}/{cfg.optim.epochs} step {self.step} {shown} "
+                     f"({metrics['epoch_seconds']:.1f} s)")
+        self.metrics = metrics
+        if self.epoch % cfg.checkpoint.every_epochs == 0 or self.epoch == cfg.optim.epochs:
+            self.save(metrics, self.epoch)
         else:
             ray.train.report(metrics)
 
-    if not metrics:  # resumed after the last epoch: evaluate the restored weights
-        metrics = {"epoch": epoch, "step": step, **evaluate(engine, spec, test_batches, prepare, cfg)}
-    state = full_state_dict(engine, cfg.deepspeed.zero_stage)
-    if rank == 0:
-        from raydecode.checkpoint import frozen_digest, write_consolidated
+    def evaluate(self) -> dict[str, float]:
+        return evaluate(self.engine, self.spec, self.test_batches, self.prepare, self.cfg)
 
-        config = {"method": spec.name, "preset": cfg.preset, "model": mcfg.model_dump(mode="json"),
-                  "info": info.to_dict(), "targets": payload["targets"], "train": payload["cfg"]}
-        if partial:  # what the weights left out were at the end (a loader checks it rebuilt the same ones)
+    def _inject_fault(self) -> None:
+        fault = self.cfg.fault_injection
+        if fault and self.rank == fault.rank and self.step == fault.at_step and not os.path.exists(fault.marker):
+            open(fault.marker, "w").write(f"killed rank {self.rank} at step {self.step}\n")
+            log.info(f"fault injection: killing rank {self.rank} at step {self.step} in {fault.delay_s:g} s")
+            # Ray Train's controller records a reported checkpoint when it next polls the workers: a worker
+            # dying a moment after its report can beat that, and the group then restarts from the one before
+            time.sleep(fault.delay_s)
+            os._exit(1)
+
+    # -- checkpoints -----------------------------------------------------------------------------------------------
+
+    def save(self, metrics: dict, epoch_next: int) -> None:
+        """DeepSpeed's per-rank checkpoint files, reported to Ray Train (merged into one directory in storage)."""
+        import ray.train
+        from ray.train import Checkpoint
+
+        with tempfile.TemporaryDirectory(prefix="raydecode-ckpt-") as tmp:
+            self.engine.save_checkpoint(tmp, tag=CHECKPOINT_TAG,
+                                        client_state={"epoch": epoch_next, "step": self.step},
+                                        exclude_frozen_parameters=self.partial)
+            if self.rank == 0:
+                with open(os.path.join(tmp, "progress.json"), "w") as f:
+                    json.dump({"epoch": epoch_next, "step": self.step, "metrics": metrics}, f)
+            ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp),
+                             checkpoint_dir_name=f"checkpoint_epoch={epoch_next:04d}_step={self.step:07d}")
+
+    def finish(self) -> None:
+        """The full state dict gathered from every partition (collective); rank 0 writes the consolidated
+        checkpoint (weights, config, metrics)."""
+        cfg, spec, engine = self.cfg, self.spec, self.engine
+        state = full_state_dict(engine, cfg.deepspeed.zero_stage)
+        if self.rank != 0:
+            return
+        config = {"method": spec.name, "preset": cfg.preset, "model": self.mcfg.model_dump(mode="json"),
+                  "info": self.info.to_dict(), "targets": self.payload["targets"], "train": self.payload["cfg"]}
+        if self.partial:  # what the weights left out were at the end (a loader checks it rebuilt the same ones)
             config["frozen_sha256"] = frozen_digest(state, spec.persisted_keys(engine.module))
         state = spec.state_to_save(state, engine.module)
-        write_consolidated(payload["final_uri"], state, config, {**metrics, "steps_per_epoch": steps_per_epoch,
-                                                                  "world_size": world}, cfg.s3)
-        log.info(f"consolidated checkpoint: {payload['final_uri']}")
+        write_consolidated(self.payload["final_uri"], state, config,
+                           {**self.metrics, "steps_per_epoch": self.steps_per_epoch, "world_size": self.world}, cfg.s3)
+        log.info(f"consolidated checkpoint: {self.payload['final_uri']}")
