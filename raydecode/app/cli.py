@@ -305,7 +305,16 @@ def build_parser() -> argparse.ArgumentParser:
                                             "--print-config; cluster jobs: jobs/README.md")
     parser.add_argument("--version", action="version", version=f"raydecode {__version__}")
     sub = parser.add_subparsers(dest="stage", required=True, metavar="STAGE")
+    _add_ingest(sub)
+    _add_store_stages(sub)
+    _add_training(sub)
+    _add_evaluation(sub)
+    _add_operations(sub)
+    return parser
 
+
+def _add_ingest(sub) -> None:
+    """The ingest sources."""
     ingest = sub.add_parser("ingest", help="write a store: synthetic NSD, the NSD release, MindEye2's release")
     isub = ingest.add_subparsers(dest="source", required=True, metavar="SOURCE")
     syn = _stage(isub, "synthetic", "synthetic NSD with planted structure (tests, the demo)",
@@ -340,6 +349,9 @@ def build_parser() -> argparse.ArgumentParser:
     me2.add_argument("--coco", metavar="DIR", help="COCO 2017 annotations: categories and captions (needs --nsd)")
     me2.set_defaults(func=stage_ingest_mindeye2)
 
+
+def _add_store_stages(sub) -> None:
+    """Embed and info."""
     embed = _stage(sub, "embed", "frozen image targets (OpenCLIP tokens, VAE latents) of every stimulus, written "
                    "into the store (Ray Data; GPU actors when use_gpu or the cluster can have GPUs)",
                    ("embed.yaml", "embed-nsd.yaml"))
@@ -355,6 +367,9 @@ def build_parser() -> argparse.ArgumentParser:
     _common(info)
     info.set_defaults(func=stage_info)
 
+
+def _add_training(sub) -> None:
+    """Pretrain, sweep, dynadiff."""
     pretrain = _stage(sub, "pretrain", "train a method on Ray Train + DeepSpeed (pretraining or, with init_from, "
                       "fine-tuning); tracked in MLflow", ("pretrain.yaml", "finetune.yaml", "pretrain-nsd.yaml"))
     _common(pretrain)
@@ -375,6 +390,9 @@ def build_parser() -> argparse.ArgumentParser:
     _common(dyn)
     dyn.set_defaults(func=stage_dynadiff)
 
+
+def _add_evaluation(sub) -> None:
+    """Evaluate, compare."""
     ev = _stage(sub, "evaluate", "a model on the store's test split (averaged and single-trial): retrieval, "
                 "reconstruction and semantic metrics, plots; an MLflow evaluation run (Ray Data inference)",
                 ("evaluate.yaml", "evaluate-nsd.yaml"))
@@ -390,6 +408,9 @@ def build_parser() -> argparse.ArgumentParser:
     _common(cmp_)
     cmp_.set_defaults(func=stage_compare)
 
+
+def _add_operations(sub) -> None:
+    """Submit, promote, model-info, demo."""
     sm = _stage(sub, "submit", "run a stage as a Ray job on a cluster (the Ray Job SDK: this checkout as the working "
                 "dir, the config checked first; token authentication); see jobs/README.md")
     sm.add_argument("what", nargs="+", metavar="STAGE", help="e.g. pretrain, sweep, dynadiff, evaluate, ingest synthetic")
@@ -442,7 +463,6 @@ def build_parser() -> argparse.ArgumentParser:
     demo = _stage(sub, "demo", "the whole pipeline on embedded defaults (what 'make demo' runs)")
     _common(demo)
     demo.set_defaults(func=stage_demo)
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -146,6 +146,78 @@ class MindEye2TrialsShard:
         return with_notes(table, self.sources)
 
 
+def _shared_images(release: Release, sources: dict) -> set[int]:
+    """The shared (test) images from ``shared1000.npy``: a boolean mask over NSD's 73k ids."""
+    data, fp = release.read(SHARED, "the shared-image mask")
+    sources[SHARED] = fp
+    try:
+        shared_mask = np.load(io.BytesIO(data))
+    except ValueError as exc:
+        raise SourceError(f"{release.loc(SHARED).uri}: not a .npy file ({exc})") from exc
+    if shared_mask.shape != (73000,) or shared_mask.dtype != bool:
+        raise SourceError(f"{release.loc(SHARED).uri}: {shared_mask.dtype} {shared_mask.shape}, expected bool (73000,)")
+    return set(np.flatnonzero(shared_mask).tolist())
+
+
+def _subject_layout(nsd_release: Release | None, s: int, v: int, betas_uri: str, roi_files: tuple[str, ...],
+                    sources: dict) -> tuple[Layout, dict]:
+    """Voxel coordinates and ROI labels from NSD's nsdgeneral mask (its voxel count must match the betas'), or the
+    release's voxel order on a (V, 1, 1) line without one."""
+    if nsd_release is None:
+        return Layout((v, 1, 1), np.stack([np.arange(v), np.zeros(v, int), np.zeros(v, int)], 1),
+                      ["nsdgeneral"] * v), {}
+    layout_sources: dict = {}
+    layout = read_layout(nsd_release, s, roi_files, layout_sources)
+    if len(layout.coords) != v:
+        raise SourceError(f"{nsd_release.loc(f'nsddata/ppdata/subj{s:02d}/func1pt8mm/roi/nsdgeneral.nii.gz').uri}: "
+                          f"{len(layout.coords)} voxels, but {betas_uri} has {v}")
+    layout_sources = {f"nsd/{k}": x for k, x in layout_sources.items()}
+    sources.update(layout_sources)
+    return layout, layout_sources
+
+
+def _subject_shards(release: Release, nsd_release: Release | None, s: int, shared: set[int],
+                    roi_files: tuple[str, ...], sources: dict):
+    """Subject ``s``'s voxel table and one trials shard per session from its betas file and behav records;
+    returns its :class:`SubjectInfo`, the shards and the image ids its trials show."""
+    rel = betas_path(s)
+    loc = release.loc(rel)
+    if not loc.exists():
+        raise SourceError(f"{loc.uri}: missing (subject {s}'s betas)")
+    with loc.open_input_file() as fobj:
+        f, d = open_hdf5(fobj, loc.uri, "betas", 2)
+        with f:
+            n_rows, v = (int(x) for x in d.shape)
+    behav_sources: dict = {}
+    behav = read_behav(release, s, behav_sources)
+    sources.update(behav_sources)
+    if behav[:, GLOBAL_TRIAL].max() >= n_rows:
+        raise SourceError(f"{loc.uri}: {n_rows} rows, but behav points at row {int(behav[:, GLOBAL_TRIAL].max())}")
+    layout, layout_sources = _subject_layout(nsd_release, s, v, loc.uri, roi_files, sources)
+    ids = behav[:, IMAGE]
+    rep = repetitions(ids)
+    split = np.array(["test" if i in shared else "train" for i in ids.tolist()])
+    sessions = sorted(set(behav[:, SESSION].tolist()))
+    info = SubjectInfo(
+        subject=s, voxels=v, grid_shape=layout.grid_shape, sessions=len(sessions),
+        runs=len({(a, b) for a, b in behav[:, [SESSION, RUN]].tolist()}),
+        trials={sp: int((split == sp).sum()) for sp in ("train", "test")},
+        images={sp: len(set(ids[split == sp].tolist())) for sp in ("train", "test")},
+    )
+    sd = subject_dir(s)
+    shards = [PlannedShard(f"voxels/{sd}.parquet", "voxels", VoxelsShard(layout, layout_sources), info,
+                           {"subject": s})]
+    stat = release.stat(rel, f"subject {s}'s betas")
+    for sess in sessions:
+        sel = behav[:, SESSION] == sess
+        shards.append(PlannedShard(
+            f"trials/{sd}/part-{sess:05d}.parquet", "trials",
+            MindEye2TrialsShard(release, s, sess, behav[sel], rep[sel], split[sel].tolist(), v,
+                                {**behav_sources, rel: stat}),
+            info, {"subject": s, "session": sess}))
+    return info, shards, set(ids.tolist())
+
+
 def mindeye2_plan(
     source: str,
     source_s3: S3Options | None = None,
@@ -165,69 +237,18 @@ def mindeye2_plan(
     if bad:
         raise SourceError(f"subject {', '.join(map(str, bad))}: NSD has subjects 1..8")
     sources: dict[str, dict] = {}
-    data, fp = release.read(SHARED, "the shared-image mask")
-    sources[SHARED] = fp
-    try:
-        shared_mask = np.load(io.BytesIO(data))
-    except ValueError as exc:
-        raise SourceError(f"{release.loc(SHARED).uri}: not a .npy file ({exc})") from exc
-    if shared_mask.shape != (73000,) or shared_mask.dtype != bool:
-        raise SourceError(f"{release.loc(SHARED).uri}: {shared_mask.dtype} {shared_mask.shape}, expected bool (73000,)")
-    shared = set(np.flatnonzero(shared_mask).tolist())
+    shared = _shared_images(release, sources)
     absent = ["timeseries", "trial onsets"]
     shards: list[PlannedShard] = []
     infos: list[SubjectInfo] = []
     seen: set[int] = set()
     large = []
     for s in subjects:
-        rel = betas_path(s)
-        loc = release.loc(rel)
-        if not loc.exists():
-            raise SourceError(f"{loc.uri}: missing (subject {s}'s betas)")
-        with loc.open_input_file() as fobj:
-            f, d = open_hdf5(fobj, loc.uri, "betas", 2)
-            with f:
-                n_rows, v = (int(x) for x in d.shape)
-        large.append(rel)
-        behav_sources: dict = {}
-        behav = read_behav(release, s, behav_sources)
-        sources.update(behav_sources)
-        if behav[:, GLOBAL_TRIAL].max() >= n_rows:
-            raise SourceError(f"{loc.uri}: {n_rows} rows, but behav points at row {int(behav[:, GLOBAL_TRIAL].max())}")
-        layout_sources: dict = {}
-        if nsd_release is not None:
-            layout = read_layout(nsd_release, s, tuple(roi_files), layout_sources)
-            if len(layout.coords) != v:
-                raise SourceError(f"{nsd_release.loc(f'nsddata/ppdata/subj{s:02d}/func1pt8mm/roi/nsdgeneral.nii.gz').uri}: "
-                                  f"{len(layout.coords)} voxels, but {loc.uri} has {v}")
-            layout_sources = {f"nsd/{k}": x for k, x in layout_sources.items()}
-        else:
-            layout = Layout((v, 1, 1), np.stack([np.arange(v), np.zeros(v, int), np.zeros(v, int)], 1),
-                            ["nsdgeneral"] * v)
-        sources.update(layout_sources)
-        ids = behav[:, IMAGE]
-        rep = repetitions(ids)
-        split = np.array(["test" if i in shared else "train" for i in ids.tolist()])
-        seen.update(ids.tolist())
-        sessions = sorted(set(behav[:, SESSION].tolist()))
-        info = SubjectInfo(
-            subject=s, voxels=v, grid_shape=layout.grid_shape, sessions=len(sessions),
-            runs=len({(a, b) for a, b in behav[:, [SESSION, RUN]].tolist()}),
-            trials={sp: int((split == sp).sum()) for sp in ("train", "test")},
-            images={sp: len(set(ids[split == sp].tolist())) for sp in ("train", "test")},
-        )
+        info, planned, ids = _subject_shards(release, nsd_release, s, shared, tuple(roi_files), sources)
         infos.append(info)
-        sd = subject_dir(s)
-        shards.append(PlannedShard(f"voxels/{sd}.parquet", "voxels", VoxelsShard(layout, layout_sources), info,
-                                   {"subject": s}))
-        stat = release.stat(rel, f"subject {s}'s betas")
-        for sess in sessions:
-            sel = behav[:, SESSION] == sess
-            shards.append(PlannedShard(
-                f"trials/{sd}/part-{sess:05d}.parquet", "trials",
-                MindEye2TrialsShard(release, s, sess, behav[sel], rep[sel], split[sel].tolist(), v,
-                                    {**behav_sources, rel: stat}),
-                info, {"subject": s, "session": sess}))
+        shards += planned
+        seen |= ids
+        large.append(betas_path(s))
     if nsd_release is None:
         absent.append("voxel coordinates")
     all_ids = np.array(sorted(seen), np.int64)

@@ -33,6 +33,7 @@ import io
 import json
 import posixpath
 from dataclasses import dataclass, field
+from functools import partial
 
 import numpy as np
 import pyarrow as pa
@@ -625,6 +626,84 @@ def available_sessions(release: Release, subject: int, n_sessions: int) -> list[
     return [s for s in range(1, n_sessions + 1) if f"betas_session{s:02d}.hdf5" in names]
 
 
+def _subjects(release: Release, subjects: list[int] | None) -> list[int]:
+    """The subjects asked for (NSD's 1..8), or every subject whose nsdgeneral mask the release holds."""
+    subjects = list(subjects) if subjects else [s for s in SUBJECTS if release.exists(roi_path(s, "nsdgeneral"))]
+    if not subjects:
+        raise SourceError(f"{release.root.uri}: no subject has {roi_path(1, 'nsdgeneral').replace('01', 'NN')}")
+    bad = [s for s in subjects if s not in SUBJECTS]
+    if bad:
+        raise SourceError(f"subject {', '.join(map(str, bad))}: NSD has subjects 1..8")
+    return subjects
+
+
+def _sessions(release: Release, s: int, sessions: list[int] | None, n_sessions: int) -> list[int]:
+    """The sessions of subject ``s`` to ingest: those asked for (each must be in the release), else all it has."""
+    have = available_sessions(release, s, n_sessions)
+    take = have
+    if sessions:
+        missing = [x for x in sessions if x not in have]
+        if missing:
+            held = f"sessions {have[0]}..{have[-1]}" if have else "no sessions"
+            raise SourceError(f"{release.loc(betas_dir(s)).uri}: subject {s} has no session "
+                              f"{', '.join(map(str, missing))} in this release ({held})")
+        take = sorted(set(sessions))
+    if not take:
+        raise SourceError(f"{release.loc(betas_dir(s)).uri}: no betas_sessionSS.hdf5 for subject {s}")
+    return take
+
+
+def _subject_shards(release: Release, design: ExpDesign, s: int, take: list[int], shared: set[int],
+                    roi_files: tuple[str, ...], normalize: str, timeseries: bool, sources: dict):
+    """Subject ``s``'s voxel table and per-session trials (and time-series) shards; returns its
+    :class:`SubjectInfo`, the shards and the image ids its trials show (``sources`` gains the files read)."""
+    layout_sources: dict = {}
+    layout = read_layout(release, s, roi_files, layout_sources)
+    sources.update(layout_sources)
+    ids, reps = design.image_ids(s), design.repetitions(s)
+    trials = {"train": 0, "test": 0}
+    images: dict[str, set] = {"train": set(), "test": set()}
+    seen: set[int] = set()
+    info_rows = []
+    runs_total = 0
+    for sess in take:
+        g = design.session_trials(sess)
+        run, slot = design.run_and_slot(sess)
+        split = ["test" if i in shared else "train" for i in ids[g].tolist()]
+        for sp, i in zip(split, ids[g].tolist()):
+            trials[sp] += 1
+            images[sp].add(i)
+        seen.update(ids[g].tolist())
+        runs_total += int(run.max())
+        info_rows.append((sess, g, run, slot, split))
+    info = SubjectInfo(subject=s, voxels=len(layout.coords), grid_shape=layout.grid_shape, sessions=len(take),
+                       runs=runs_total, trials=trials, images={k: len(v) for k, v in images.items()})
+    sd = subject_dir(s)
+    common = {k: v for k, v in sources.items() if k == EXPDESIGN or k in layout_sources}
+    shards = [PlannedShard(f"voxels/{sd}.parquet", "voxels", VoxelsShard(layout, layout_sources), info,
+                           {"subject": s})]
+    for sess, g, run, slot, split in info_rows:
+        meta = {"subject": s, "session": sess}
+        shards.append(PlannedShard(
+            f"trials/{sd}/part-{sess:05d}.parquet", "trials",
+            TrialsShard(release, s, sess, layout, ids[g], reps[g], run, slot, split, normalize, common), info, meta))
+        if timeseries:
+            shards.append(PlannedShard(
+                f"timeseries/{sd}/part-{sess:05d}.parquet", "timeseries",
+                TimeseriesShard(release, s, sess, layout, ids[g], run, common), info, meta))
+    return info, shards, seen
+
+
+def _one_tr(release_uri: str, reports: list[dict]) -> dict:
+    """The manifest's TR from the time-series shards' reports: one value across runs, or an error."""
+    trs = [tr for r in reports for tr in r.get("tr_s", [])]
+    if not trs:
+        return {}
+    if max(trs) - min(trs) > 1e-3:
+        raise SourceError(f"{release_uri}: the time series have different TRs ({min(trs):g}..{max(trs):g} s)")
+    return {"tr_s": round(float(np.median(trs)), 6)}
+
+
 def nsd_plan(
     source: str,
     source_s3: S3Options | None = None,
@@ -647,65 +726,19 @@ def nsd_plan(
     data, fp = release.read(EXPDESIGN, "NSD's experiment design")
     sources[EXPDESIGN] = fp
     design = ExpDesign.parse(data, release.loc(EXPDESIGN).uri)
-    subjects = list(subjects) if subjects else [s for s in SUBJECTS if release.exists(roi_path(s, "nsdgeneral"))]
-    if not subjects:
-        raise SourceError(f"{release.root.uri}: no subject has {roi_path(1, 'nsdgeneral').replace('01', 'NN')}")
-    bad = [s for s in subjects if s not in SUBJECTS]
-    if bad:
-        raise SourceError(f"subject {', '.join(map(str, bad))}: NSD has subjects 1..8")
+    subjects = _subjects(release, subjects)
     shared = set(design.shared.tolist())
     shards: list[PlannedShard] = []
     infos: list[SubjectInfo] = []
     chosen: dict[int, list[int]] = {}
     seen_ids: set[int] = set()
     for s in subjects:
-        have = available_sessions(release, s, design.n_sessions)
-        if sessions:
-            missing = [x for x in sessions if x not in have]
-            if missing:
-                held = f"sessions {have[0]}..{have[-1]}" if have else "no sessions"
-                raise SourceError(f"{release.loc(betas_dir(s)).uri}: subject {s} has no session "
-                                  f"{', '.join(map(str, missing))} in this release ({held})")
-            take = sorted(set(sessions))
-        else:
-            take = have
-        if not take:
-            raise SourceError(f"{release.loc(betas_dir(s)).uri}: no betas_sessionSS.hdf5 for subject {s}")
-        chosen[s] = take
-        layout_sources: dict = {}
-        layout = read_layout(release, s, tuple(roi_files), layout_sources)
-        sources.update(layout_sources)
-        ids, reps = design.image_ids(s), design.repetitions(s)
-        trials = {"train": 0, "test": 0}
-        images: dict[str, set] = {"train": set(), "test": set()}
-        info_rows = []
-        runs_total = 0
-        for sess in take:
-            g = design.session_trials(sess)
-            run, slot = design.run_and_slot(sess)
-            split = ["test" if i in shared else "train" for i in ids[g].tolist()]
-            for sp, i in zip(split, ids[g].tolist()):
-                trials[sp] += 1
-                images[sp].add(i)
-            seen_ids.update(ids[g].tolist())
-            runs_total += int(run.max())
-            info_rows.append((sess, g, run, slot, split))
-        info = SubjectInfo(subject=s, voxels=len(layout.coords), grid_shape=layout.grid_shape, sessions=len(take),
-                           runs=runs_total, trials=trials, images={k: len(v) for k, v in images.items()})
+        chosen[s] = _sessions(release, s, sessions, design.n_sessions)
+        info, planned, ids = _subject_shards(release, design, s, chosen[s], shared, tuple(roi_files), normalize,
+                                             timeseries, sources)
         infos.append(info)
-        sd = subject_dir(s)
-        common = {k: v for k, v in sources.items() if k == EXPDESIGN or k in layout_sources}
-        shards.append(PlannedShard(f"voxels/{sd}.parquet", "voxels", VoxelsShard(layout, layout_sources), info,
-                                   {"subject": s}))
-        for sess, g, run, slot, split in info_rows:
-            meta = {"subject": s, "session": sess}
-            shards.append(PlannedShard(
-                f"trials/{sd}/part-{sess:05d}.parquet", "trials",
-                TrialsShard(release, s, sess, layout, ids[g], reps[g], run, slot, split, normalize, common), info, meta))
-            if timeseries:
-                shards.append(PlannedShard(
-                    f"timeseries/{sd}/part-{sess:05d}.parquet", "timeseries",
-                    TimeseriesShard(release, s, sess, layout, ids[g], run, common), info, meta))
+        shards += planned
+        seen_ids |= ids
     all_ids = np.array(sorted(seen_ids), np.int64)
     absent = []
     stim_sources: dict = {}
@@ -721,14 +754,6 @@ def nsd_plan(
     shards += stimuli_shards(release, all_ids, shared, ann, {**stim_sources, STIMULI: brick}, images_per_shard)
     if not timeseries:
         absent.append("timeseries")
-
-    def finish(reports: list[dict]) -> dict:
-        trs = [tr for r in reports for tr in r.get("tr_s", [])]
-        if not trs:
-            return {}
-        if max(trs) - min(trs) > 1e-3:
-            raise SourceError(f"{release.root.uri}: the time series have different TRs ({min(trs):g}..{max(trs):g} s)")
-        return {"tr_s": round(float(np.median(trs)), 6)}
 
     return Plan(
         source="nsd",
@@ -746,6 +771,6 @@ def nsd_plan(
         source_files={rel: source_file(rel, rec) for rel, rec in sources.items()},
         source_root=release.root,
         tasks=tasks,
-        finish=finish,
+        finish=partial(_one_tr, release.root.uri),
         large_files=[STIMULI],
     )

@@ -109,66 +109,84 @@ def validate_table(
             problems.append(f"field 'subject' holds values other than {subject.subject}")
         if session is not None and pc.any(pc.not_equal(table["session"], session)).as_py():
             problems.append(f"field 'session' holds values other than {session}")
-    if kind == "trials":
-        splits = set(table["split"].unique().to_pylist())
-        if not splits <= set(SPLITS):
-            problems.append(f"field 'split' holds {sorted(splits - set(SPLITS))}, allowed: {', '.join(SPLITS)}")
-        flat = table["betas"].combine_chunks().flatten() if table.num_rows else pa.array([], pa.float16())
-        n_bad = _nonfinite(flat)
-        if n_bad:
-            problems.append(f"field 'betas' holds {n_bad} NaN/Inf values")
-        if stimulus_ids is not None:
-            ids = set(table["image_id"].unique().to_pylist())
-            missing = sorted(ids - stimulus_ids)
-            if missing:
-                shown = ", ".join(map(str, missing[:5])) + (" ..." if len(missing) > 5 else "")
-                problems.append(f"field 'image_id' points at {len(missing)} image(s) missing from stimuli: {shown}")
-    elif kind == "timeseries":
-        n_vox = table["n_voxels"].to_numpy()
-        n_tr = table["n_tr"].to_numpy()
-        if (n_vox != subject.voxels).any():
-            problems.append(f"field 'n_voxels' differs from the subject's {subject.voxels} voxels")
-        lengths = pc.list_value_length(table["bold"]).to_numpy()
-        if (lengths != n_vox * n_tr).any():
-            problems.append("field 'bold' length is not n_voxels * n_tr")
-        if (pc.list_value_length(table["design"]).to_numpy() != n_tr).any():
-            problems.append("field 'design' length is not n_tr")
-        flat = table["bold"].combine_chunks().flatten() if table.num_rows else pa.array([], pa.float16())
-        n_bad = _nonfinite(flat)
-        if n_bad:
-            problems.append(f"field 'bold' holds {n_bad} NaN/Inf values")
-    elif kind == "stimuli":
-        ids = table["image_id"].to_numpy()
-        if len(ids) and (np.diff(ids) <= 0).any():
-            problems.append("field 'image_id' is not strictly increasing (shards are sorted by image_id)")
-        cats = table["categories"].combine_chunks().flatten().to_numpy(zero_copy_only=False) if table.num_rows else []
-        if len(cats) and (np.asarray(cats) > 1).any():
-            problems.append(f"field 'categories' is not {N_CATEGORIES}-way multi-hot (values other than 0/1)")
-    elif kind == "embeddings":
-        ids = table["image_id"].to_numpy()
-        if len(ids) and (np.diff(ids) <= 0).any():
-            problems.append("field 'image_id' is not strictly increasing (shards are sorted by image_id)")
-        for name in ("tokens", "pooled"):
-            flat = table[name].combine_chunks().flatten() if table.num_rows else pa.array([], pa.float16())
-            n_bad = _nonfinite(flat)
-            if n_bad:
-                problems.append(f"field '{name}' holds {n_bad} NaN/Inf values")
-        if stimulus_ids is not None:
-            missing = sorted(set(ids.tolist()) - stimulus_ids)
-            if missing:
-                shown = ", ".join(map(str, missing[:5])) + (" ..." if len(missing) > 5 else "")
-                problems.append(f"field 'image_id' holds {len(missing)} id(s) that are not stimuli: {shown}")
-    elif kind == "voxels":
-        assert subject is not None
-        if table.num_rows != subject.voxels:
-            problems.append(f"{table.num_rows} rows, expected one per voxel ({subject.voxels})")
-        elif not np.array_equal(table["voxel"].to_numpy(), np.arange(subject.voxels)):
-            problems.append("field 'voxel' is not 0..voxels-1 in order")
-        for axis, size in zip("ijk", subject.grid_shape):
-            c = table[axis].to_numpy()
-            if len(c) and (c.min() < 0 or c.max() >= size):
-                problems.append(f"field '{axis}' falls outside the grid shape {tuple(subject.grid_shape)}")
+    return problems + _CONTENT_CHECKS[kind](table, subject, stimulus_ids)
+
+
+def _nonfinite_problem(table: pa.Table, name: str) -> list[str]:
+    flat = table[name].combine_chunks().flatten() if table.num_rows else pa.array([], pa.float16())
+    n_bad = _nonfinite(flat)
+    return [f"field '{name}' holds {n_bad} NaN/Inf values"] if n_bad else []
+
+
+def _sorted_ids_problem(ids: np.ndarray) -> list[str]:
+    if len(ids) and (np.diff(ids) <= 0).any():
+        return ["field 'image_id' is not strictly increasing (shards are sorted by image_id)"]
+    return []
+
+
+def _check_trials(table: pa.Table, subject, stimulus_ids) -> list[str]:
+    problems = []
+    splits = set(table["split"].unique().to_pylist())
+    if not splits <= set(SPLITS):
+        problems.append(f"field 'split' holds {sorted(splits - set(SPLITS))}, allowed: {', '.join(SPLITS)}")
+    problems += _nonfinite_problem(table, "betas")
+    if stimulus_ids is not None:
+        missing = sorted(set(table["image_id"].unique().to_pylist()) - stimulus_ids)
+        if missing:
+            shown = ", ".join(map(str, missing[:5])) + (" ..." if len(missing) > 5 else "")
+            problems.append(f"field 'image_id' points at {len(missing)} image(s) missing from stimuli: {shown}")
     return problems
+
+
+def _check_timeseries(table: pa.Table, subject, stimulus_ids) -> list[str]:
+    problems = []
+    n_vox = table["n_voxels"].to_numpy()
+    n_tr = table["n_tr"].to_numpy()
+    if (n_vox != subject.voxels).any():
+        problems.append(f"field 'n_voxels' differs from the subject's {subject.voxels} voxels")
+    if (pc.list_value_length(table["bold"]).to_numpy() != n_vox * n_tr).any():
+        problems.append("field 'bold' length is not n_voxels * n_tr")
+    if (pc.list_value_length(table["design"]).to_numpy() != n_tr).any():
+        problems.append("field 'design' length is not n_tr")
+    return problems + _nonfinite_problem(table, "bold")
+
+
+def _check_stimuli(table: pa.Table, subject, stimulus_ids) -> list[str]:
+    problems = _sorted_ids_problem(table["image_id"].to_numpy())
+    cats = table["categories"].combine_chunks().flatten().to_numpy(zero_copy_only=False) if table.num_rows else []
+    if len(cats) and (np.asarray(cats) > 1).any():
+        problems.append(f"field 'categories' is not {N_CATEGORIES}-way multi-hot (values other than 0/1)")
+    return problems
+
+
+def _check_embeddings(table: pa.Table, subject, stimulus_ids) -> list[str]:
+    ids = table["image_id"].to_numpy()
+    problems = _sorted_ids_problem(ids) + _nonfinite_problem(table, "tokens") + _nonfinite_problem(table, "pooled")
+    if stimulus_ids is not None:
+        missing = sorted(set(ids.tolist()) - stimulus_ids)
+        if missing:
+            shown = ", ".join(map(str, missing[:5])) + (" ..." if len(missing) > 5 else "")
+            problems.append(f"field 'image_id' holds {len(missing)} id(s) that are not stimuli: {shown}")
+    return problems
+
+
+def _check_voxels(table: pa.Table, subject, stimulus_ids) -> list[str]:
+    assert subject is not None
+    problems = []
+    if table.num_rows != subject.voxels:
+        problems.append(f"{table.num_rows} rows, expected one per voxel ({subject.voxels})")
+    elif not np.array_equal(table["voxel"].to_numpy(), np.arange(subject.voxels)):
+        problems.append("field 'voxel' is not 0..voxels-1 in order")
+    for axis, size in zip("ijk", subject.grid_shape):
+        c = table[axis].to_numpy()
+        if len(c) and (c.min() < 0 or c.max() >= size):
+            problems.append(f"field '{axis}' falls outside the grid shape {tuple(subject.grid_shape)}")
+    return problems
+
+
+# what each kind of shard must hold beyond its schema
+_CONTENT_CHECKS = {"trials": _check_trials, "timeseries": _check_timeseries, "stimuli": _check_stimuli,
+                   "embeddings": _check_embeddings, "voxels": _check_voxels}
 
 
 def _parquet_bytes(table: pa.Table) -> bytes:
