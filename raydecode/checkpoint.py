@@ -20,7 +20,7 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 from raydecode.errors import ConfigError, StoreError
-from raydecode.methods.spec import DatasetInfo, MethodSpec, get_method
+from raydecode.methods.spec import Adapts, DatasetInfo, FreezesWeights, MethodSpec, Reconstructs, get_method
 from raydecode.storage import S3Options, resolve
 
 MODEL_FILE = "model.safetensors"  # in a final/ checkpoint and a registered package: every trained weight
@@ -88,8 +88,9 @@ def load_consolidated(uri: str, s3: S3Options | None = None, device: str = "cpu"
     model = spec.build_model(mcfg, info)
     check_rebuilt(model, spec, config, uri)
     missing, unexpected = model.load_state_dict(load_state(uri, s3), strict=False)
-    if spec.persisted_keys is not None:  # frozen weights are rebuilt, not stored
-        keep = spec.persisted_keys(model)
+    frozen = spec.get(FreezesWeights)
+    if frozen is not None:  # frozen weights are rebuilt, not stored
+        keep = frozen.persisted_keys(model)
         missing = [k for k in missing if k in keep]
     if missing or unexpected:
         raise StoreError(f"{uri}: checkpoint does not match method {spec.name!r} "
@@ -101,9 +102,10 @@ def check_rebuilt(model: torch.nn.Module, spec: MethodSpec, config: dict, uri: s
     """Refuse a model whose rebuilt frozen weights (e.g. a diffusion UNet from its path) are not those it was trained
     with."""
     want = config.get("frozen_sha256")
-    if want and spec.persisted_keys is not None:
+    frozen = spec.get(FreezesWeights)
+    if want and frozen is not None:
         state = model.state_dict()
-        if frozen_digest(state, spec.persisted_keys(model)) != want:
+        if frozen_digest(state, frozen.persisted_keys(model)) != want:
             raise StoreError(f"{uri}: the frozen weights rebuilt from model config (e.g. model.unet / model.vae) "
                              "differ from those this checkpoint was trained with")
 
@@ -124,8 +126,9 @@ def adapter_package(checkpoint_uri: str, out_dir: str, s3=None) -> dict:
         with open(os.path.join(out_dir, name), "wb") as f:
             f.write(root.join(name).read_bytes())
     spec = get_method(config["method"])
-    if spec.export is not None:  # e.g. Dynadiff: LoRA in the diffusers format + the brain module
-        spec.export(load_consolidated(checkpoint_uri, s3).model, out_dir)
+    own = spec.get(Reconstructs)
+    if own is not None and own.export is not None:  # e.g. Dynadiff: LoRA in the diffusers format + the brain module
+        own.export(load_consolidated(checkpoint_uri, s3).model, out_dir)
     return config
 
 
@@ -152,7 +155,10 @@ def _load_legacy_package(package_dir: str, s3, device: str):
     base_uri = config["train"].get("init_from")
     if base_uri:
         s3 = s3 or S3Options(**{k: v for k, v in config["train"].get("s3", {}).items() if v is not None})
-        (spec.load_pretrained or (lambda m, st: m.load_state_dict(st, strict=False)))(model, load_state(base_uri, s3))
+        if spec.get(Adapts) is not None:
+            spec.load_pretrained(model, load_state(base_uri, s3))
+        else:
+            model.load_state_dict(load_state(base_uri, s3), strict=False)
     model.load_state_dict(load_file(os.path.join(package_dir, ADAPTER_FILE)), strict=False)
     check_rebuilt(model, spec, config, package_dir)
     return Consolidated(model.to(device).eval(), spec, mcfg, info, config, metrics, package_dir)

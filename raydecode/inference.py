@@ -31,6 +31,7 @@ from raydecode.data.pipeline import trials_dataset
 from raydecode.data.schema import N_CATEGORIES, primary_category
 from raydecode.data.stats import INFO_FILE, StatsResult, class_statistics, load_stats, write_stats
 from raydecode.errors import StoreError, user_errors_from_ray
+from raydecode.methods.spec import Reconstructs
 from raydecode.nn.targets import BatchPreparer
 from raydecode.storage import S3Options, resolve
 
@@ -74,7 +75,7 @@ class ModelRunner:
     @torch.no_grad()
     def test_values(self, batch: dict) -> dict[str, torch.Tensor]:
         """The method's per-row test values (e.g. Dynadiff's denoising losses); none for most methods."""
-        return self.spec.test_metrics(self.model, batch) if self.spec.test_metrics is not None else {}
+        return self.spec.test_values(self.model, batch)
 
     def test_metrics(self, rows: dict[str, np.ndarray], size: int) -> dict[str, float]:
         """``test.*``: the per-row test values averaged over ``rows``, with the method's summary of them."""
@@ -86,7 +87,7 @@ class ModelRunner:
 
     @torch.no_grad()
     def reconstruct(self, batch: dict, seeds: np.ndarray, steps: int | None, guidance: float | None) -> np.ndarray:
-        return self.spec.reconstruct(self.model, batch, seeds, steps, guidance).cpu().numpy()
+        return self.spec.get(Reconstructs).reconstruct(self.model, batch, seeds, steps, guidance).cpu().numpy()
 
 
 # -- class statistics (Duala's source statistics) ------------------------------------------------------------------

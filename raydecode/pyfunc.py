@@ -13,6 +13,7 @@ import warnings
 import mlflow.pyfunc
 
 from raydecode.checkpoint import load_adapted
+from raydecode.methods.spec import Reconstructs
 
 with warnings.catch_warnings():  # mlflow asks for type hints to infer a signature; inputs are dicts of arrays
     warnings.simplefilter("ignore", UserWarning)
@@ -36,10 +37,11 @@ with warnings.catch_warnings():  # mlflow asks for type hints to infer a signatu
                 v = torch.as_tensor(np.asarray(model_input[k]))
                 batch[k] = v.float() if v.is_floating_point() else v.long()
             with torch.no_grad():
-                if spec.reconstruct is not None and params.get("reconstruct", True):
+                own = spec.get(Reconstructs)
+                if own is not None and params.get("reconstruct", True):
                     n = len(batch["subject"])
                     seeds = np.asarray(model_input["seed"]) if "seed" in model_input else np.arange(n)
-                    images = spec.reconstruct(self.decoder, batch, seeds, params.get("steps"), params.get("guidance"))
+                    images = own.reconstruct(self.decoder, batch, seeds, params.get("steps"), params.get("guidance"))
                     return {"image": images.numpy()}
                 out = spec.predict(self.decoder, batch)
             return {k: v.numpy() for k, v in out.items()}

@@ -31,7 +31,7 @@ from raydecode.data.windows import read_windows
 from raydecode.errors import ConfigError, user_errors_from_ray
 from raydecode.evaluate.reconstruction import grid_png, reconstruction_metrics, time_curve_png
 from raydecode.inference import ModelRunner
-from raydecode.methods.spec import get_method
+from raydecode.methods.spec import Reconstructs, get_method
 from raydecode.report import StageResult, table
 from raydecode.runtime import absolute_paths, init_ray, row_seeds
 from raydecode.storage import resolve
@@ -45,10 +45,10 @@ class _Evaluator:
                  device: str):
         self.runner = ModelRunner.load(ckpt_uri, s3, device, store)
         self.c, self.spec, self.opts, self.store, self.s3 = self.runner.loaded, self.runner.spec, opts, store, s3
-        self.window = self.spec.windows(self.c.method_config)
+        self.window = self.spec.window(self.c.method_config)
         if self.window is None:
             raise ConfigError(f"{ckpt_uri}: method {self.spec.name!r} does not decode time-series windows")
-        if self.spec.reconstruct is None:
+        if self.spec.get(Reconstructs) is None:
             raise ConfigError(f"{ckpt_uri}: method {self.spec.name!r} does not reconstruct images")
         targets = self.c.config["targets"]
         self.selection = DataSelection(subjects=subjects or self.c.info.subjects, images=True, categories=False,
@@ -133,8 +133,9 @@ def evaluate_checkpoint(ckpt_uri: str, store: str, s3, opts: ReconstructOptions,
         time_curve_png({"general model": [(p["window_end_s"], p[key]) for p in curve]}, key,
                        os.path.join(tmp, "time_resolved.png"))
         weights = os.path.join(tmp, "weights")
-        if ev.spec.export is not None:
-            ev.spec.export(ev.c.model, weights)
+        own = ev.spec.get(Reconstructs)
+        if own.export is not None:
+            own.export(ev.c.model, weights)
         files = {}
         for root, _, names in os.walk(tmp):
             for name in names:
@@ -212,7 +213,7 @@ def run_dynadiff(cfg: DiffusionDecodeConfig) -> StageResult:
     t0 = time.time()
     cfg = absolute_paths(cfg)
     spec = get_method(cfg.method)
-    if spec.reconstruct is None or spec.windows(spec.config(cfg.preset, cfg.model)) is None:
+    if spec.get(Reconstructs) is None or spec.window(spec.config(cfg.preset, cfg.model)) is None:
         raise ConfigError(f"method {cfg.method!r}: the dynadiff stage needs a method that decodes time-series windows "
                           "into images (e.g. dynadiff)")
     trained = run_training(train_part(cfg), stage="dynadiff")

@@ -16,7 +16,7 @@ from pathlib import Path
 from raydecode.checkpoint import adapter_package
 from raydecode.config import StageConfig
 from raydecode.errors import ConfigError
-from raydecode.methods.spec import get_method
+from raydecode.methods.spec import Reconstructs, get_method
 from raydecode.pyfunc import DecoderModel
 
 
@@ -176,7 +176,7 @@ def promote(name: str, version: str | int, client=None) -> Decision:
 def _signature(config: dict):
     """Inference parameters of models that reconstruct images (``predict(..., params={"steps": 4})``); MLflow drops
     params a signature does not declare. Defaults: the model's own."""
-    if get_method(config["method"]).reconstruct is None:
+    if get_method(config["method"]).get(Reconstructs) is None:
         return None
     from mlflow.models import ModelSignature
     from mlflow.types.schema import ParamSchema, ParamSpec

@@ -19,7 +19,7 @@ from raydecode.data.store import open_store
 from raydecode.config import WindowConfig
 from raydecode.data.windows import clean_run, cosine_drift, count_windows, read_windows
 from raydecode.errors import ConfigError
-from raydecode.methods.spec import DatasetInfo, Progress, count_parameters, get_method
+from raydecode.methods.spec import DatasetInfo, FreezesWeights, Progress, RowMetrics, count_parameters, get_method
 from raydecode.methods.dynadiff import build_unet, load_lora, save_lora
 from raydecode.nn.diffusion import initial_noise
 
@@ -239,7 +239,7 @@ def test_overfitting_a_few_windows_trains_brain_and_lora_only(store, vae_encoder
     assert {n for n, p in model.named_parameters() if p.requires_grad} == set(trained)
 
     model.eval()
-    before = {k: float(v.mean()) for k, v in spec.test_metrics(model, batch).items()}
+    before = {k: float(v.mean()) for k, v in spec.test_values(model, batch).items()}
     opt = torch.optim.AdamW(spec.param_groups(model, cfg, 0.0), lr=3e-3)
     model.train()
     assert not model.vae.training  # the VAE stays in eval mode
@@ -251,12 +251,12 @@ def test_overfitting_a_few_windows_trains_brain_and_lora_only(store, vae_encoder
         loss.backward()
         opt.step()
     model.eval()
-    after = {k: float(v.mean()) for k, v in spec.test_metrics(model, batch).items()}
+    after = {k: float(v.mean()) for k, v in spec.test_values(model, batch).items()}
 
     assert after["diffusion_loss"] < 0.75 * before["diffusion_loss"], (before, after)
     assert abs(after["null_loss"] - before["null_loss"]) < 0.1 * before["null_loss"], (before, after)
     assert after["diffusion_loss"] < 0.8 * after["null_loss"]  # the brain condition, not the null, was learned
-    assert spec.summarize_test(after)["condition_gain"] > 0.2
+    assert spec.get(RowMetrics).summarize(after)["condition_gain"] > 0.2
     params = dict(model.named_parameters())
     unchanged = [n for n, p in frozen.items() if not torch.equal(params[n], p)]
     assert not unchanged, unchanged[:5]
@@ -486,7 +486,7 @@ def test_new_subject_starts_from_a_multi_subject_checkpoint():
     assert set(source.brain.subject_layers) == set(source.brain.timestep_layers) == {"1", "2"}
     assert source.brain.subject_layers["2"].weight.shape[1] == 200
 
-    keys = spec.persisted_keys(source)
+    keys = spec.get(FreezesWeights).persisted_keys(source)
     assert not [k for k in keys if k.startswith("unet.") and "lora_" not in k]
     assert not [k for k in keys if k.startswith("vae.")]
     assert any("lora_" in k for k in keys) and "null.embedding" in keys

@@ -47,7 +47,7 @@ from raydecode.evaluate.retrieval import retrieval_top1
 from raydecode.evaluate.semantic import semantic_metrics
 from raydecode.evaluate.unclip import EmbeddingDecoder, unclip_config
 from raydecode.inference import ModelRunner
-from raydecode.methods.spec import get_method
+from raydecode.methods.spec import EmbedsImages, Reconstructs, get_method
 from raydecode.nn.encoders import FrozenEncoder, encoder_config
 from raydecode.report import StageResult, table
 from raydecode.runtime import Demand, cluster_shape, init_ray, require, row_seeds
@@ -95,9 +95,10 @@ class Predictor:
         targets = self.runner.loaded.config["targets"]
         opts = self.cfg.reconstruct
         self.decoder = self.blur_vae = None
-        can = self.spec.reconstruct is not None or (self.spec.image_embeddings is not None and self.cfg.decoder)
+        self.own = self.spec.get(Reconstructs)  # the method decodes images itself, or an image generator does
+        can = self.own is not None or (self.spec.get(EmbedsImages) is not None and self.cfg.decoder)
         self.reconstructs = bool(opts.enabled and can)
-        if self.reconstructs and self.spec.reconstruct is None:
+        if self.reconstructs and self.own is None:
             self.decoder = EmbeddingDecoder.from_config(unclip_config(self.cfg.decoder)).to(self.device)
             if self.decoder.cfg.blend > 0 and "vae" in targets:  # MindEye2's blurry image, decoded by its VAE
                 self.blur_vae = FrozenEncoder(encoder_config(targets["vae"]["encoder"])).to(self.device)
@@ -109,9 +110,9 @@ class Predictor:
 
     def _reconstruct(self, batch: dict, seeds: np.ndarray) -> np.ndarray:
         opts = self.cfg.reconstruct
-        if self.spec.reconstruct is not None:
+        if self.own is not None:
             return self.runner.reconstruct(batch, seeds, opts.steps, opts.guidance)
-        emb = self.spec.image_embeddings(self.runner.model, batch, seeds)
+        emb = self.spec.get(EmbedsImages).image_embeddings(self.runner.model, batch, seeds)
         blurry = None
         if self.blur_vae is not None and "lowlevel_latents" in emb:
             blurry = self.blur_vae.decode(emb["lowlevel_latents"]).numpy()
@@ -167,7 +168,7 @@ def _tag_protocol(batch: dict[str, np.ndarray], protocol: int) -> dict[str, np.n
 def test_rows(cfg: EvaluateConfig, config: dict, protocol: str):
     """One protocol's test split as a Ray dataset (trials, or time-series windows for methods that read them)."""
     spec = get_method(config["method"])
-    window = spec.windows(spec.config_model(**config["model"]))
+    window = spec.window(spec.config_model(**config["model"]))
     sel = cfg.data.model_copy(update={
         "subjects": cfg.subjects or config["info"]["subjects"], "sessions": None, "images": True, "categories": True,
         "embeddings": sorted(t["encoder"] for t in config["targets"].values() if t["source"] == "store"),
@@ -325,7 +326,7 @@ def run_evaluate(cfg: EvaluateConfig) -> StageResult:
     nets = [MetricNet(**n) for n in cfg.metric_nets] if cfg.metric_nets is not None else list(DEFAULT_NETS)
     spec = get_method(config["method"])
     print(f"[evaluate] {ref.ref} -> {ref.canonical} ({config['method']}, subjects {subjects}), store {cfg.store}")
-    if cfg.decoder is None and spec.reconstruct is None and spec.image_embeddings is not None:
+    if cfg.decoder is None and spec.get(Reconstructs) is None and spec.get(EmbedsImages) is not None:
         print("[evaluate] no `decoder` configured: retrieval only (set decoder to reconstruct images)")
     keys = reconstruct_keys(subjects, list(store.manifest.shared_test_image_ids), cfg.reconstruct.max_images)
     init_ray(cfg.ray_address)

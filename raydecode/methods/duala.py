@@ -27,7 +27,16 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from raydecode.methods.spec import DatasetInfo, MethodSpec, Progress, register
+from raydecode.methods.spec import (
+    Adapts,
+    DatasetInfo,
+    EmbedsImages,
+    EmbedsTargets,
+    MethodSpec,
+    NeedsStatistics,
+    Progress,
+    register,
+)
 from raydecode.nn import mindeye2 as me2
 
 LORA_PARENTS = ("backbone", "to_tokens", "projector")
@@ -220,11 +229,11 @@ SPEC = register(MethodSpec(
     param_groups=me2.param_groups,
     loss=me2.loss,
     predict=me2.predict,
-    image_embeddings=me2.image_embeddings,
     columns=("betas", "subject", "image_id", "categories"),
-    targets=me2.targets,
-    load_pretrained=load_pretrained,
-    init_methods=("mindeye2", "duala"),
-    statistics=statistics,
-    attach_statistics=attach_statistics,
+    capabilities=(
+        EmbedsTargets(me2.targets),
+        Adapts(load_pretrained, from_methods=("mindeye2", "duala")),
+        NeedsStatistics(statistics, attach_statistics),
+        EmbedsImages(me2.image_embeddings),
+    ),
 ))

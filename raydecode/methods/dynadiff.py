@@ -36,7 +36,18 @@ from torch import nn
 
 from raydecode.config import WindowConfig
 from raydecode.errors import ConfigError
-from raydecode.methods.spec import DatasetInfo, MethodSpec, Progress, register
+from raydecode.methods.spec import (
+    Adapts,
+    DatasetInfo,
+    EmbedsTargets,
+    FreezesWeights,
+    MethodSpec,
+    Progress,
+    ReadsWindows,
+    Reconstructs,
+    RowMetrics,
+    register,
+)
 from raydecode.nn.diffusion import (
     SD_SCHEDULER,
     VD_IMAGE_UNET,
@@ -446,12 +457,12 @@ SPEC = register(MethodSpec(
     loss=loss,
     predict=predict,
     columns=("bold", "subject", "image_id"),
-    targets=targets,
-    load_pretrained=load_pretrained,
-    windows=windows,
-    test_metrics=test_metrics,
-    summarize_test=summarize_test,
-    persisted_keys=persisted_keys,
-    reconstruct=reconstruct,
-    export=export,
+    capabilities=(
+        EmbedsTargets(targets),
+        Adapts(load_pretrained),
+        ReadsWindows(windows),
+        RowMetrics(test_metrics, summarize_test),
+        FreezesWeights(persisted_keys),
+        Reconstructs(reconstruct, export=export),
+    ),
 ))

@@ -3,7 +3,7 @@ presets are :mod:`raydecode.nn.mindeye2` (Duala adapts the same model)."""
 
 from __future__ import annotations
 
-from raydecode.methods.spec import MethodSpec, register
+from raydecode.methods.spec import Adapts, EmbedsImages, EmbedsTargets, MethodSpec, register
 from raydecode.nn.mindeye2 import (
                                    PRESETS,
                                    MindEye2Config,
@@ -25,7 +25,9 @@ SPEC = register(MethodSpec(
     loss=loss,
     predict=predict,
     columns=("betas", "subject", "image_id"),
-    targets=targets,
-    load_pretrained=load_pretrained,
-    image_embeddings=image_embeddings,
+    capabilities=(
+        EmbedsTargets(targets),
+        Adapts(load_pretrained),
+        EmbedsImages(image_embeddings),
+    ),
 ))

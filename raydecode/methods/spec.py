@@ -12,7 +12,7 @@ import importlib
 import importlib.metadata
 import pkgutil
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, TypeVar
 
 import torch
 from pydantic import BaseModel, ValidationError
@@ -21,10 +21,85 @@ from raydecode.config import format_validation_error
 from raydecode.errors import ConfigError
 from raydecode.nn.context import DatasetInfo, Progress
 
+# -- capabilities: what a method can do beyond the core, declared by listing them in its spec ------------------
+
+
+@dataclass(frozen=True)
+class EmbedsTargets:
+    """Frozen image encoders whose outputs batches carry as ``<key>_tokens`` / ``<key>_pooled``:
+    ``targets(cfg)`` -> {key: encoder name}, read from the store's embeddings or computed in the loop."""
+
+    targets: Callable[[Any], dict[str, str]]
+
+
+@dataclass(frozen=True)
+class Adapts:
+    """Starts from another run's checkpoint (``init_from``, of a method in ``from_methods``; default its own):
+    ``load_pretrained(model, state)`` loads what applies and returns the keys left at initialisation."""
+
+    load_pretrained: Callable[[torch.nn.Module, dict[str, torch.Tensor]], list[str]]
+    from_methods: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class NeedsStatistics:
+    """Class statistics of the ``init_from`` model over its source subjects (:mod:`raydecode.data.stats`) in the
+    embedding ``spaces(cfg)``; ``attach(model, tensors)`` hands them to the model before training."""
+
+    spaces: Callable[[Any], list[str]]
+    attach: Callable[[torch.nn.Module, dict[str, torch.Tensor]], None]
+
+
+@dataclass(frozen=True)
+class ReadsWindows:
+    """Reads windows of the BOLD time series (batches carry ``bold`` (B, T, width)) instead of betas:
+    ``window(cfg)`` -> a :class:`~raydecode.config.WindowConfig`."""
+
+    window: Callable[[Any], Any]
+
+
+@dataclass(frozen=True)
+class RowMetrics:
+    """Per-row test values (``values(model, batch)``, e.g. denoising losses) averaged over the test split at every
+    evaluation and logged as ``test.<name>``; ``summarize(means)`` may derive more (e.g. gains)."""
+
+    values: Callable[[Any, dict], dict[str, torch.Tensor]]
+    summarize: Callable[[dict[str, float]], dict[str, float]] = field(default=lambda means: means)
+
+
+@dataclass(frozen=True)
+class FreezesWeights:
+    """Checkpoints hold only ``persisted_keys(model)``; the rest (e.g. a pretrained diffusion UNet) is rebuilt by
+    ``build_model`` from the config, and checked against the digest training recorded."""
+
+    persisted_keys: Callable[[torch.nn.Module], set[str]]
+
+
+@dataclass(frozen=True)
+class Reconstructs:
+    """Decodes images itself: ``reconstruct(model, batch, seeds, steps, guidance)`` -> uint8 (B, H, W, 3), one seed
+    per row; ``export(model, out_dir)`` writes its weights in their ecosystem's formats (e.g. diffusers LoRA)."""
+
+    reconstruct: Callable[..., torch.Tensor]
+    export: Callable[[torch.nn.Module, str], list[str]] | None = None
+
+
+@dataclass(frozen=True)
+class EmbedsImages:
+    """Predicts image embeddings an image generator (:mod:`raydecode.evaluate.unclip`) decodes:
+    ``image_embeddings(model, batch, seeds)`` -> ``clip_tokens`` (B, N, D) and optionally ``lowlevel_latents``
+    (a blurry image's VAE latents)."""
+
+    image_embeddings: Callable[..., dict[str, torch.Tensor]]
+
+
+C = TypeVar("C")
+
 
 @dataclass(frozen=True)
 class MethodSpec:
-    """Everything method-specific the generic loop needs.
+    """Everything method-specific the generic loop needs: a small core, plus ``capabilities`` (the classes above)
+    for what only some methods do.
 
     - ``config_model`` / ``presets``: the method's pydantic config and its named sizes (tiny, demo, paper);
     - ``build_model(cfg, info)``: the ``nn.Module`` (all parameters in submodules called through their
@@ -32,23 +107,7 @@ class MethodSpec:
     - ``param_groups(model, cfg, weight_decay)``: trainable parameter groups for the optimizer;
     - ``loss(model, batch, progress)``: ``(loss, metrics)``; ``model`` may be a DeepSpeed engine;
     - ``predict(model, batch)``: tensors evaluation consumes (e.g. ``brain`` and ``image`` retrieval embeddings);
-    - ``columns``: batch columns the model reads; ``targets(cfg)``: frozen encoders whose outputs the batch
-      must carry as ``<key>_tokens`` / ``<key>_pooled``;
-    - ``load_pretrained(model, state)``: start from the ``init_from`` checkpoint (of a method in
-      ``init_methods``); returns the keys left at initialisation;
-    - ``statistics(cfg)``: embedding spaces of the ``init_from`` model whose class statistics over its source
-      subjects (:mod:`raydecode.data.stats`) training needs; ``attach_statistics(model, tensors)`` hands them over;
-    - ``windows(cfg)``: a :class:`~raydecode.data.windows.WindowConfig` for methods that read windows of the BOLD
-      time series (batches carry ``bold`` (B, T, width)) instead of betas; None for betas;
-    - ``test_metrics(model, batch)``: per-row test values (averaged over the test split every evaluation, logged as
-      ``test.<name>``), then ``summarize_test(means)`` may derive more;
-    - ``persisted_keys(model)``: the state-dict keys checkpoints hold (default all; e.g. not a frozen diffusion
-      UNet, which ``build_model`` rebuilds from its path);
-    - ``reconstruct(model, batch, seeds, steps, guidance)``: images (B, H, W, 3) uint8 decoded from the batch,
-      one seed per row; ``export(model, out_dir)``: the method's weights in their ecosystem's formats (files).
-    - ``image_embeddings(model, batch, seeds, steps, guidance)``: CLIP-space methods: the predicted image tokens
-      (``clip_tokens`` (B, N, D)) and optionally ``lowlevel_latents`` (a blurry image's VAE latents) that an
-      image generator (:mod:`raydecode.evaluate.unclip`) turns into reconstructions.
+    - ``columns``: batch columns the model reads.
     """
 
     name: str
@@ -59,32 +118,68 @@ class MethodSpec:
     loss: Callable[[Any, dict, Progress], tuple[torch.Tensor, dict[str, float]]]
     predict: Callable[[Any, dict], dict[str, torch.Tensor]]
     columns: tuple[str, ...]
-    targets: Callable[[Any], dict[str, str]] = field(default=lambda cfg: {})
-    load_pretrained: Callable[[torch.nn.Module, dict[str, torch.Tensor]], list[str]] | None = None
-    init_methods: tuple[str, ...] = ()  # methods whose checkpoints ``init_from`` may name (default: its own)
-    statistics: Callable[[Any], list[str]] = field(default=lambda cfg: [])
-    attach_statistics: Callable[[torch.nn.Module, dict[str, torch.Tensor]], None] | None = None
-    windows: Callable[[Any], Any] = field(default=lambda cfg: None)
-    test_metrics: Callable[[Any, dict], dict[str, torch.Tensor]] | None = None
-    summarize_test: Callable[[dict[str, float]], dict[str, float]] = field(default=lambda means: means)
-    persisted_keys: Callable[[torch.nn.Module], set[str]] | None = None
-    reconstruct: Callable[..., torch.Tensor] | None = None
-    export: Callable[[torch.nn.Module, str], list[str]] | None = None
-    image_embeddings: Callable[..., dict[str, torch.Tensor]] | None = None
+    capabilities: tuple = ()
+
+    def __post_init__(self):
+        kinds = [type(c) for c in self.capabilities]
+        if len(set(kinds)) != len(kinds):
+            raise ValueError(f"method {self.name!r}: a capability is listed twice ({[k.__name__ for k in kinds]})")
+
+    def get(self, kind: type[C]) -> C | None:
+        """The capability of class ``kind``, or None if the method does not have it."""
+        return next((c for c in self.capabilities if isinstance(c, kind)), None)
+
+    # what the generic code asks, with the answer for methods without the capability
+
+    def targets(self, cfg) -> dict[str, str]:
+        cap = self.get(EmbedsTargets)
+        return cap.targets(cfg) if cap else {}
+
+    def window(self, cfg):
+        cap = self.get(ReadsWindows)
+        return cap.window(cfg) if cap else None
+
+    def statistics(self, cfg) -> list[str]:
+        cap = self.get(NeedsStatistics)
+        return cap.spaces(cfg) if cap else []
+
+    @property
+    def init_methods(self) -> tuple[str, ...]:
+        """Methods whose checkpoints ``init_from`` may name."""
+        cap = self.get(Adapts)
+        return (cap.from_methods or (self.name,)) if cap else (self.name,)
+
+    def load_pretrained(self, model: torch.nn.Module, state: dict[str, torch.Tensor]) -> list[str]:
+        cap = self.get(Adapts)
+        if cap is None:
+            model.load_state_dict(state)
+            return []
+        return cap.load_pretrained(model, state)
+
+    @property
+    def partial_checkpoints(self) -> bool:
+        """Checkpoints leave frozen weights out (:class:`FreezesWeights`)."""
+        return self.get(FreezesWeights) is not None
 
     def state_to_save(self, state: dict[str, torch.Tensor], model: torch.nn.Module) -> dict[str, torch.Tensor]:
-        """``state`` restricted to :attr:`persisted_keys`."""
-        if self.persisted_keys is None:
+        """``state`` restricted to what checkpoints hold (:class:`FreezesWeights`)."""
+        cap = self.get(FreezesWeights)
+        if cap is None:
             return state
-        keep = self.persisted_keys(model)
+        keep = cap.persisted_keys(model)
         return {k: v for k, v in state.items() if k in keep}
 
+    def test_values(self, model, batch: dict) -> dict[str, torch.Tensor]:
+        cap = self.get(RowMetrics)
+        return cap.values(model, batch) if cap else {}
+
     def test_summary(self, sums: dict[str, float], rows: int) -> dict[str, float]:
-        """``test.*`` metrics from the per-row :attr:`test_metrics` summed over ``rows`` rows: their means and what
-        :attr:`summarize_test` derives from them (e.g. Dynadiff's condition and image gains)."""
-        if not rows or not sums:
+        """``test.*`` metrics from the per-row :class:`RowMetrics` summed over ``rows`` rows: their means and what
+        the method derives from them (e.g. Dynadiff's condition and image gains)."""
+        cap = self.get(RowMetrics)
+        if cap is None or not rows or not sums:
             return {}
-        return {f"test.{k}": v for k, v in self.summarize_test({k: v / rows for k, v in sums.items()}).items()}
+        return {f"test.{k}": v for k, v in cap.summarize({k: v / rows for k, v in sums.items()}).items()}
 
     def config(self, preset: str, overrides: dict | None = None) -> BaseModel:
         if preset not in self.presets:

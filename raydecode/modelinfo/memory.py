@@ -80,7 +80,7 @@ def fake_batch(spec, mcfg, info: DatasetInfo, batch: int,
         if col == "betas":
             out["betas"] = torch.randn(batch, info.width)
         elif col == "bold":
-            window = spec.windows(mcfg)
+            window = spec.window(mcfg)
             out["bold"] = torch.randn(batch, window.n_samples(info.tr_s), info.width)
         elif col == "categories":
             out["categories"] = (torch.rand(batch, info.n_classes) < 0.1).float()

@@ -71,7 +71,7 @@ def plan_training(cfg: TrainConfig) -> TrainPlan:
                                   f"embeddings for it; run `raydecode embed --encoder {enc.name}` first")
             targets[key] = {"encoder": name, "source": "compute"}
 
-    window = spec.windows(mcfg)
+    window = spec.window(mcfg)
     if window is not None:  # windows of the BOLD time series (e.g. Dynadiff)
         shards = store.manifest.shards_of("timeseries", subjects=subjects, sessions=sessions)
         train_rows = count_windows(store, subjects, sessions, window, "train")

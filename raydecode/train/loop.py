@@ -31,7 +31,7 @@ from raydecode.config import TrainConfig
 from raydecode.data.batches import collate
 from raydecode.data.stats import load_stats
 from raydecode.evaluate.retrieval import retrieval_top1
-from raydecode.methods.spec import DatasetInfo, MethodSpec, Progress, get_method
+from raydecode.methods.spec import DatasetInfo, FreezesWeights, MethodSpec, NeedsStatistics, Progress, get_method
 from raydecode.nn.targets import BatchPreparer
 from raydecode.train.progress import Poster
 
@@ -111,10 +111,10 @@ def evaluate(engine, spec: MethodSpec, batches: list[dict], prepare: BatchPrepar
     rows = 0
     for raw in batches:
         batch = prepare(dict(raw))
-        if spec.test_metrics is not None:
-            for k, v in spec.test_metrics(engine, batch).items():
-                sums[k] = sums.get(k, 0.0) + float(v.float().sum())
-            rows += len(batch["subject"])
+        values = spec.test_values(engine, batch)
+        for k, v in values.items():
+            sums[k] = sums.get(k, 0.0) + float(v.float().sum())
+        rows += len(batch["subject"]) if values else 0
         pred = spec.predict(engine, batch)
         if "brain" in pred and "image" in pred:
             brain.append(pred["brain"].float().cpu())
@@ -182,7 +182,7 @@ class Trainer:
         self.steps_per_epoch = int(payload["steps_per_epoch"])
         self.total_steps = self.steps_per_epoch * cfg.optim.epochs
         # methods with frozen parts (e.g. a diffusion UNet) checkpoint only what they train
-        self.partial = self.spec.persisted_keys is not None
+        self.partial = self.spec.partial_checkpoints
         self.epoch, self.step = 0, 0
         self.metrics: dict[str, float] = {}
 
@@ -221,12 +221,12 @@ class Trainer:
         model = spec.build_model(self.mcfg, self.info)
         if payload.get("init_state_uri"):
             state = load_state(payload["init_state_uri"], cfg.s3)
-            fresh = spec.load_pretrained(model, state) if spec.load_pretrained else model.load_state_dict(state)
+            fresh = spec.load_pretrained(model, state)
             if self.rank == 0:
                 shown = fresh if len(fresh) <= 8 else fresh[:8] + [f"... {len(fresh) - 8} more"]
                 log.info(f"initialised from {payload['init_state_uri']}; left at init: {shown}")
         if payload.get("stats_uri"):
-            spec.attach_statistics(model, load_stats(payload["stats_uri"], cfg.s3)[0])
+            spec.get(NeedsStatistics).attach(model, load_stats(payload["stats_uri"], cfg.s3)[0])
         if self.rank:  # same weights on every rank, but each rank its own dropout masks and noise draws
             torch.manual_seed(cfg.optim.seed + 7919 * self.rank)
         return model
@@ -357,7 +357,7 @@ class Trainer:
         config = {"method": spec.name, "preset": cfg.preset, "model": self.mcfg.model_dump(mode="json"),
                   "info": self.info.to_dict(), "targets": self.payload["targets"], "train": self.payload["cfg"]}
         if self.partial:  # what the weights left out were at the end (a loader checks it rebuilt the same ones)
-            config["frozen_sha256"] = frozen_digest(state, spec.persisted_keys(engine.module))
+            config["frozen_sha256"] = frozen_digest(state, spec.get(FreezesWeights).persisted_keys(engine.module))
         state = spec.state_to_save(state, engine.module)
         write_consolidated(self.payload["final_uri"], state, config,
                            {**self.metrics, "steps_per_epoch": self.steps_per_epoch, "world_size": self.world}, cfg.s3)
