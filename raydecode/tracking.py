@@ -207,7 +207,7 @@ def register_run(run_id: str, checkpoint_uri: str, metrics: dict, metric: str, t
     client = MlflowClient()
     with tempfile.TemporaryDirectory() as tmp:
         config = adapter_package(checkpoint_uri, os.path.join(tmp, "package"), s3)
-        name = name or model_name(config["method"], config["info"]["subjects"])
+        name = name or model_name(get_method(config["method"]).name, config["info"]["subjects"])
 
         with mlflow.start_run(run_id=run_id, nested=mlflow.active_run() is not None):  # e.g. inside a sweep's run
             # raydecode's code travels with the model (MLflow puts code/ on the path when it loads it): the model

@@ -175,7 +175,6 @@ def test_rows(cfg: EvaluateConfig, config: dict, protocol: str):
         "average_test_repeats": protocol == "averaged",
         "single_test_trial_seed": cfg.reconstruct.seed if protocol == "single" else None})
     if window is not None:
-
         return windows_dataset(cfg.store, "test", window, sel, cfg.s3).dataset
     return trials_dataset(cfg.store, "test", sel, cfg.s3).dataset
 
@@ -242,7 +241,6 @@ def protocol_metrics(rows: dict[str, np.ndarray], cfg: EvaluateConfig, nets, spe
             if values:
                 m[f"recon.{net.metric}"] = float(np.mean(values))
     if "logits" in rows and "categories" in rows:
-
         m.update({f"semantic.{k}": v for k, v in semantic_metrics(rows["logits"], rows["categories"]).items()})
     sums = {k[len("test."):]: float(rows[k].sum()) for k in rows if k.startswith("test.")}
     if spec is not None:  # the method's own summary of its test losses (e.g. Dynadiff's condition and image gains)

@@ -219,19 +219,26 @@ def _plugins() -> dict[str, Any]:
 
 
 def get_method(name: str) -> MethodSpec:
-    """The method registered as ``name``, importing its module on first use (``raydecode/methods/<name>.py``, or an
-    installed package's ``raydecode.methods`` entry point)."""
-    if name not in _REGISTRY:
+    """The method registered as ``name``, importing its module on first use: ``raydecode/methods/<name>.py``, an
+    installed package's ``raydecode.methods`` entry point, or ``module:name`` for a method defined in any importable
+    module (e.g. a lab's own package; Ray's workers import it too, so it must be importable there)."""
+    module, _, short = name.rpartition(":")
+    if short not in _REGISTRY:
         builtin, plugins = _builtin(), _plugins()
-        if name in builtin:
-            importlib.import_module(builtin[name])
-        elif name in plugins:
-            plugins[name].load()
+        if module:
+            try:
+                importlib.import_module(module)
+            except ImportError as exc:
+                raise ConfigError(f"method {name!r}: module {module!r} does not import ({exc})") from None
+        elif short in builtin:
+            importlib.import_module(builtin[short])
+        elif short in plugins:
+            plugins[short].load()
         else:
-            raise ConfigError(f"method {name!r}: allowed values: {', '.join(methods())}")
-        if name not in _REGISTRY:
-            raise ConfigError(f"method {name!r}: its module registers no method of that name")
-    return _REGISTRY[name]
+            raise ConfigError(f"method {name!r}: allowed values: {', '.join(methods())} (or module:name)")
+        if short not in _REGISTRY:
+            raise ConfigError(f"method {name!r}: its module registers no method named {short!r}")
+    return _REGISTRY[short]
 
 
 def methods() -> list[str]:

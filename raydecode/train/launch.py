@@ -89,7 +89,7 @@ def plan_training(cfg: TrainConfig) -> TrainPlan:
     if cfg.init_from:
         src = read_json(cfg.init_from, CONFIG_FILE, cfg.s3)
         allowed = spec.init_methods or (cfg.method,)
-        if src["method"] not in allowed:
+        if get_method(src["method"]).name not in allowed:
             raise ConfigError(f"init_from {cfg.init_from}: a {src['method']!r} checkpoint; method {cfg.method!r} "
                               f"starts from {' or '.join(repr(m) for m in allowed)} checkpoints")
         init_state_uri = cfg.init_from

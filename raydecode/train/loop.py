@@ -354,7 +354,8 @@ class Trainer:
         state = full_state_dict(engine, cfg.deepspeed.zero_stage)
         if self.rank != 0:
             return
-        config = {"method": spec.name, "preset": cfg.preset, "model": self.mcfg.model_dump(mode="json"),
+        # the method as configured (a name, or module:name for a method outside raydecode)
+        config = {"method": cfg.method, "preset": cfg.preset, "model": self.mcfg.model_dump(mode="json"),
                   "info": self.info.to_dict(), "targets": self.payload["targets"], "train": self.payload["cfg"]}
         if self.partial:  # what the weights left out were at the end (a loader checks it rebuilt the same ones)
             config["frozen_sha256"] = frozen_digest(state, spec.get(FreezesWeights).persisted_keys(engine.module))
