@@ -6,12 +6,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import SOURCE_SUBJECTS, metric_history, tiny_config
 
 from raydecode.config import EvaluateConfig
 from raydecode.evaluate.suite import run_evaluate
 from raydecode.train.launch import run_training
-
-from conftest import SOURCE_SUBJECTS, metric_history, tiny_config
 
 TOY = "tests.toy_method:toy"
 
