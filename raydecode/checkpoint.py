@@ -78,14 +78,20 @@ def load_state(uri: str, s3: S3Options | None = None) -> dict[str, torch.Tensor]
     return load_safetensors(loc.read_bytes())
 
 
+def rebuild(config: dict):
+    """The method, its config, the dataset info and a freshly built model (random trained weights, frozen parts
+    rebuilt) from a checkpoint's ``config.json``: what every loader starts from."""
+    spec = get_method(config["method"])
+    mcfg = spec.config_model(**config["model"])
+    info = DatasetInfo.from_dict(config["info"])
+    return spec, mcfg, info, spec.build_model(mcfg, info)
+
+
 def load_consolidated(uri: str, s3: S3Options | None = None, device: str = "cpu") -> Consolidated:
     """Rebuild the model of a finished run from its ``final/`` directory (eval mode, on ``device``)."""
     metrics = read_json(uri, METRICS_FILE, s3)
     config = read_json(uri, CONFIG_FILE, s3)
-    spec = get_method(config["method"])
-    mcfg = spec.config_model(**config["model"])
-    info = DatasetInfo.from_dict(config["info"])
-    model = spec.build_model(mcfg, info)
+    spec, mcfg, info, model = rebuild(config)
     check_rebuilt(model, spec, config, uri)
     missing, unexpected = model.load_state_dict(load_state(uri, s3), strict=False)
     frozen = spec.get(FreezesWeights)
@@ -148,10 +154,7 @@ def _load_legacy_package(package_dir: str, s3, device: str):
         config = json.load(f)
     with open(os.path.join(package_dir, METRICS_FILE)) as f:
         metrics = json.load(f)
-    spec = get_method(config["method"])
-    mcfg = spec.config_model(**config["model"])
-    info = DatasetInfo.from_dict(config["info"])
-    model = spec.build_model(mcfg, info)
+    spec, mcfg, info, model = rebuild(config)
     base_uri = config["train"].get("init_from")
     if base_uri:
         s3 = s3 or S3Options(**{k: v for k, v in config["train"].get("s3", {}).items() if v is not None})

@@ -176,15 +176,16 @@ def promote(name: str, version: str | int, client=None) -> Decision:
 def _signature(config: dict):
     """Inference parameters of models that reconstruct images (``predict(..., params={"steps": 4})``); MLflow drops
     params a signature does not declare. Defaults: the model's own."""
-    if get_method(config["method"]).get(Reconstructs) is None:
+    spec = get_method(config["method"])
+    own = spec.get(Reconstructs)
+    if own is None:
         return None
     from mlflow.models import ModelSignature
     from mlflow.types.schema import ParamSchema, ParamSpec
 
-    model = config["model"]
+    steps, guidance = own.defaults(spec.config_model(**config["model"]))
     return ModelSignature(inputs=None, outputs=None, params=ParamSchema([
-        ParamSpec("steps", "long", int(model.get("ddim_steps", 20))),
-        ParamSpec("guidance", "double", float(model.get("guidance", 3.0))),
+        ParamSpec("steps", "long", int(steps)), ParamSpec("guidance", "double", float(guidance)),
         ParamSpec("reconstruct", "boolean", True)]))
 
 

@@ -130,7 +130,7 @@ class Predictor:
         if "brain" in pred and "image" in pred:
             out["brain"] = pred["brain"].float().cpu().numpy().astype(np.float16)
             out["image"] = pred["image"].float().cpu().numpy().astype(np.float16)
-        emb = next((pred[k] for k in ("hidden", "backbone", "brain") if k in pred), None)
+        emb = pred.get("embedding", pred.get("brain"))  # the prediction contract: MethodSpec's docstring
         if emb is not None:
             out["embedding"] = emb.float().flatten(1).cpu().numpy()
         if "logits" in pred:

@@ -463,6 +463,6 @@ SPEC = register(MethodSpec(
         ReadsWindows(windows),
         RowMetrics(test_metrics, summarize_test),
         FreezesWeights(persisted_keys),
-        Reconstructs(reconstruct, export=export),
+        Reconstructs(reconstruct, export=export, defaults=lambda cfg: (cfg.ddim_steps, cfg.guidance)),
     ),
 ))

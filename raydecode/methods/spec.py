@@ -78,10 +78,12 @@ class FreezesWeights:
 @dataclass(frozen=True)
 class Reconstructs:
     """Decodes images itself: ``reconstruct(model, batch, seeds, steps, guidance)`` -> uint8 (B, H, W, 3), one seed
-    per row; ``export(model, out_dir)`` writes its weights in their ecosystem's formats (e.g. diffusers LoRA)."""
+    per row (``None`` steps / guidance: the model's ``defaults(cfg)``); ``export(model, out_dir)`` writes its weights
+    in their ecosystem's formats (e.g. diffusers LoRA)."""
 
     reconstruct: Callable[..., torch.Tensor]
     export: Callable[[torch.nn.Module, str], list[str]] | None = None
+    defaults: Callable[[Any], tuple[int, float]] = field(default=lambda cfg: (20, 3.0))  # (steps, guidance) of cfg
 
 
 @dataclass(frozen=True)
@@ -106,7 +108,9 @@ class MethodSpec:
       ``forward``, so ZeRO-3 can gather them);
     - ``param_groups(model, cfg, weight_decay)``: trainable parameter groups for the optimizer;
     - ``loss(model, batch, progress)``: ``(loss, metrics)``; ``model`` may be a DeepSpeed engine;
-    - ``predict(model, batch)``: tensors evaluation consumes (e.g. ``brain`` and ``image`` retrieval embeddings);
+    - ``predict(model, batch)``: named tensors, one row per batch row; evaluation reads ``brain`` and ``image``
+      (retrieval embeddings), ``embedding`` (the representation its t-SNE maps; default ``brain``) and ``logits``
+      (80-way class scores: the semantic metrics); other names are the method's own (e.g. statistics spaces);
     - ``columns``: batch columns the model reads.
     """
 

@@ -259,7 +259,8 @@ class MindEye2(nn.Module):
 
     def _predict(self, batch: dict) -> dict[str, torch.Tensor]:
         z, h, tokens = self.encode(batch["betas"], batch["subject"])
-        out = {"brain": self.projector(tokens).flatten(1), "backbone": tokens.flatten(1), "latent": z, "hidden": h}
+        out = {"brain": self.projector(tokens).flatten(1), "backbone": tokens.flatten(1), "latent": z, "hidden": h,
+               "embedding": h}  # the representation evaluation maps (t-SNE): the backbone's input latent
         if "clip_tokens" in batch:
             out["image"] = batch["clip_tokens"].flatten(1)
         if self.lowlevel is not None:

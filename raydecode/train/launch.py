@@ -314,47 +314,53 @@ def _check_cluster_fits(cfg: TrainConfig) -> None:
 
 
 def _log_artifacts(cfg: TrainConfig, plan: TrainPlan, run_id: str, artifacts: dict) -> None:
-    """Config, checkpoint reference and the loss / retrieval curves as MLflow artifacts."""
+    """Config, checkpoint reference and the learning curves as MLflow artifacts."""
     import tempfile
 
     import mlflow
-    from mlflow.tracking import MlflowClient
 
-
-    client = MlflowClient()
     with tempfile.TemporaryDirectory() as tmp:
         with open(os.path.join(tmp, "checkpoint.json"), "w") as f:
             json.dump(artifacts, f, indent=2)
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(read_json(plan.final_uri, CONFIG_FILE, cfg.s3), f, indent=2)
-        curves = {k: client.get_metric_history(run_id, k)
-                  for k in ("train.loss", "retrieval.brain_to_image_top1", "retrieval.image_to_brain_top1",
-                            "retrieval.chance", "test.diffusion_loss", "test.null_loss")}
-        if curves["train.loss"]:
-            import matplotlib
-
-            matplotlib.use("Agg")
-            import matplotlib.pyplot as plt
-
-            fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.2))
-            h = curves["train.loss"]
-            a.plot([m.step for m in h], [m.value for m in h], marker="o")
-            a.set(xlabel="epoch", ylabel="train loss", title="loss")
-            for key, label in (("retrieval.brain_to_image_top1", "brain→image"),
-                               ("retrieval.image_to_brain_top1", "image→brain"), ("retrieval.chance", "chance")):
-                h = curves[key]
-                if h:
-                    b.plot([m.step for m in h], [m.value for m in h], marker="o" if key != "retrieval.chance" else None,
-                           linestyle="--" if key == "retrieval.chance" else "-", label=label)
-            if curves["retrieval.brain_to_image_top1"]:
-                b.set(xlabel="epoch", ylabel="top-1", title="test retrieval", ylim=(0, 1))
-            for key, label in (("test.diffusion_loss", "brain condition"), ("test.null_loss", "null condition")):
-                h = curves[key]
-                if h:  # diffusion methods: test denoising error with and without the brain condition
-                    b.plot([m.step for m in h], [m.value for m in h], marker="o", label=label)
-                    b.set(xlabel="epoch", ylabel="denoising MSE", title="test diffusion loss")
-            b.legend()
-            fig.tight_layout()
-            fig.savefig(os.path.join(tmp, "curves.png"), dpi=110)
-            plt.close(fig)
+        _curves_png(run_id, os.path.join(tmp, "curves.png"))
         mlflow.log_artifacts(tmp)
+
+
+RETRIEVAL_CURVES = (("retrieval.brain_to_image_top1", "brain→image"), ("retrieval.image_to_brain_top1", "image→brain"),
+                    ("retrieval.chance", "chance"))
+
+
+def _curves_png(run_id: str, path: str) -> None:
+    """Per epoch: the train loss, test retrieval (methods that predict retrieval embeddings) and the method's own
+    test values (``test.*``, e.g. Dynadiff's denoising losses), one panel each."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    loss = client.get_metric_history(run_id, "train.loss")
+    if not loss:
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    retrieval = {label: client.get_metric_history(run_id, k) for k, label in RETRIEVAL_CURVES}
+    tests = {k: client.get_metric_history(run_id, k) for k in sorted(client.get_run(run_id).data.metrics)
+             if k.startswith("test.")}
+    panels = [p for p in (("loss", {"train loss": loss}), ("test retrieval", retrieval if retrieval["brain→image"]
+                                                             else {}), ("test values", tests)) if p[1]]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.2), squeeze=False)
+    for ax, (title, series) in zip(axes[0], panels):
+        for label, h in series.items():
+            chance = label == "chance"
+            ax.plot([m.step for m in h], [m.value for m in h], marker=None if chance else "o",
+                    linestyle="--" if chance else "-", label=label.removeprefix("test."))
+        ax.set(xlabel="epoch", title=title, **({"ylim": (0, 1), "ylabel": "top-1"} if title == "test retrieval"
+                                               else {}))
+        if len(series) > 1:
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
