@@ -3,7 +3,7 @@ into the method's predictions and test values (eval mode, no gradients, no Ray, 
 
 Every consumer of a trained model runs it through :class:`ModelRunner`: the evaluation suite's Ray Data actors
 (:mod:`raydecode.evaluate.suite`), the class statistics Duala adapts with (:func:`run_class_statistics`, one Ray
-Data actor here) and the Dynadiff stage's reconstructions (:mod:`raydecode.reconstruct`).
+Data actor here) and the Dynadiff stage's reconstructions (:mod:`raydecode.diffusion_decode`).
 """
 
 from __future__ import annotations

@@ -21,8 +21,8 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-
 from conftest import _free_port
+
 from raydecode.runtime import LOCAL_SYSTEM_CONFIG
 
 # `make test` runs these too (about 1.5 minutes); `make test-cluster` runs only these

@@ -35,8 +35,17 @@ S3_OBJECT_ACTIONS = {"s3:GetObject", "s3:PutObject", "s3:DeleteObject"}
 
 
 def _stage_configs() -> dict:
-    from raydecode.config import (DiffusionDecodeConfig, EmbedConfig, EvaluateConfig, IngestMindEye2Config,
-                                  IngestNSDConfig, IngestSyntheticConfig, StageConfig, SweepConfig, TrainConfig)
+    from raydecode.config import (
+        DiffusionDecodeConfig,
+        EmbedConfig,
+        EvaluateConfig,
+        IngestMindEye2Config,
+        IngestNSDConfig,
+        IngestSyntheticConfig,
+        StageConfig,
+        SweepConfig,
+        TrainConfig,
+    )
 
     return {"pretrain": TrainConfig, "sweep": SweepConfig, "dynadiff": DiffusionDecodeConfig,
             "embed": EmbedConfig, "evaluate": EvaluateConfig, "ingest": IngestNSDConfig,
@@ -594,8 +603,8 @@ def test_no_credentials_and_no_disabled_ray_auth_in_deployment_files():
 
 
 def test_submit_sends_only_the_environment_the_user_names_and_never_a_secret(monkeypatch, tmp_path):
-    from raydecode.errors import ConfigError
     from raydecode.app.submit import EXCLUDES, Cluster, job_env, runtime_env
+    from raydecode.errors import ConfigError
 
     remote, local = Cluster("http://ray-head.lab.internal:8265"), Cluster("http://127.0.0.1:8265")
     local._here = True  # a cluster on this machine (tests/test_cluster.py submits to one; the nodes' IPs decide)
@@ -643,8 +652,8 @@ def test_submit_sends_only_the_environment_the_user_names_and_never_a_secret(mon
 
 
 def test_submit_checks_the_stage_and_config_before_uploading(tmp_path):
-    from raydecode.errors import ConfigError
     from raydecode.app.submit import Cluster, entrypoint
+    from raydecode.errors import ConfigError
 
     assert entrypoint(["compare"], str(JOBS / "evaluate.yaml"), [], ROOT).endswith("--config jobs/evaluate.yaml")
     cmd = entrypoint(["pretrain"], str(JOBS / "pretrain-nsd.yaml"), ["optim.epochs=3"], ROOT)

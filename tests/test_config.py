@@ -1,10 +1,10 @@
 from pathlib import Path
 
 import pytest
-
-from raydecode.config import IngestSyntheticConfig, InfoConfig, load_config
-from raydecode.errors import ConfigError
 from conftest import run_cli
+
+from raydecode.config import InfoConfig, IngestSyntheticConfig, load_config
+from raydecode.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -93,12 +93,11 @@ def test_the_cli_explains_itself():
     """Every option has help, no help text shows reStructuredText markup, every stage that has jobs/ examples names
     existing files, --version answers, and --print-config prints a YAML that validates back to the same config."""
     import yaml
+    from conftest import run_main
 
     from raydecode import __version__
     from raydecode.app.cli import build_parser
     from raydecode.config import STAGE_CONFIGS, SweepConfig, load_config
-
-    from conftest import run_main
 
     parser = build_parser()
     commands = dict(_parsers(parser))

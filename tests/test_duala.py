@@ -11,8 +11,8 @@ import torch.nn.functional as F
 
 from raydecode.data.schema import primary_category
 from raydecode.data.stats import class_statistics
-from raydecode.methods.spec import DatasetInfo, Progress, get_method
 from raydecode.methods.duala import primary_class, relational_consistency, semantic_alignment
+from raydecode.methods.spec import DatasetInfo, Progress, get_method
 
 
 def _unit(*rows):

@@ -12,16 +12,15 @@ import numpy as np
 import pytest
 import torch
 
-from raydecode.nn.encoders import FrozenEncoder, encoder_config
+from raydecode.config import DataSelection, WindowConfig
 from raydecode.data.ingest import run_ingest, synthetic_plan
-from raydecode.config import DataSelection
 from raydecode.data.store import open_store
-from raydecode.config import WindowConfig
 from raydecode.data.windows import clean_run, cosine_drift, count_windows, read_windows
 from raydecode.errors import ConfigError
-from raydecode.methods.spec import DatasetInfo, FreezesWeights, Progress, RowMetrics, count_parameters, get_method
 from raydecode.methods.dynadiff import build_unet, load_lora, save_lora
+from raydecode.methods.spec import DatasetInfo, FreezesWeights, Progress, RowMetrics, count_parameters, get_method
 from raydecode.nn.diffusion import initial_noise
+from raydecode.nn.encoders import FrozenEncoder, encoder_config
 
 TR = 1.3
 N_SAMPLES = round(8 / TR)  # Dynadiff's 8 s window: 6 volumes

@@ -11,9 +11,7 @@ import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 
-from raydecode.config import DiffusionDecodeConfig
-from raydecode.config import WindowConfig
-
+from raydecode.config import DiffusionDecodeConfig, WindowConfig
 
 SHIFTS = [-1, 0, 1]
 
@@ -34,7 +32,7 @@ def _config(store: str, workdir, **over) -> DiffusionDecodeConfig:
 
 @pytest.fixture(scope="module")
 def stage(tiny_store, ray_local, tmp_path_factory):
-    from raydecode.reconstruct import run_dynadiff
+    from raydecode.diffusion_decode import run_dynadiff
 
     cfg = _config(tiny_store, tmp_path_factory.mktemp("dynadiff"))
     return cfg, run_dynadiff(cfg)
@@ -108,7 +106,7 @@ def test_the_specialized_model_is_a_child_run_trained_on_its_shifted_window(stag
 
 
 def test_specialized_configs_move_the_window_and_name_the_run(tiny_store, tmp_path):
-    from raydecode.reconstruct import specialized_config
+    from raydecode.diffusion_decode import specialized_config
 
     cfg = _config(tiny_store, tmp_path, model={"window": {"duration_s": 6.5}},
                   time_resolved={"shifts": SHIFTS, "specialized": [-2, 3]})
@@ -120,8 +118,8 @@ def test_specialized_configs_move_the_window_and_name_the_run(tiny_store, tmp_pa
 
 def test_checkpoints_leave_out_the_frozen_unet_and_the_base_weights_are_unchanged(stage):
     cfg, result = stage
-    from raydecode.errors import StoreError
     from raydecode.checkpoint import CONFIG_FILE, MODEL_FILE, load_consolidated, load_state, read_json
+    from raydecode.errors import StoreError
     from raydecode.storage import resolve
 
     ckpt = result.artifacts["checkpoint"]
@@ -174,7 +172,7 @@ json.dump({{"max_diff": int(diff.max()), "ids_match": bool((saved["image_id"] ==
 
 def test_reconstruct_action_evaluates_an_existing_checkpoint(stage, capsys):
     """`raydecode dynadiff reconstruct`: the evaluation alone, in a new MLflow run tagged with the checkpoint."""
-    from raydecode.reconstruct import run_reconstruct_only
+    from raydecode.diffusion_decode import run_reconstruct_only
 
     cfg, result = stage
     again = cfg.model_copy(update={"checkpoint_uri": result.artifacts["checkpoint"],
@@ -193,11 +191,10 @@ def test_reconstruct_action_evaluates_an_existing_checkpoint(stage, capsys):
 def test_bad_dynadiff_configs_fail_with_one_line(tiny_store, tmp_path, capsys):
     """Named, one-line errors before anything starts: a missing UNet directory (through the CLI), a missing
     checkpoint, an invalid window."""
-    from raydecode.config import load_config
-    from raydecode.errors import ConfigError, StoreError
-    from raydecode.reconstruct import run_reconstruct_only
-
     from raydecode.app.cli import main
+    from raydecode.config import load_config
+    from raydecode.diffusion_decode import run_reconstruct_only
+    from raydecode.errors import ConfigError, StoreError
 
     code = main(["dynadiff", "--set", f"store={tiny_store}", "--set", f"workdir={tmp_path}", "--set", "preset=tiny",
                  "--set", f"model.unet={tmp_path}/no-such-unet"])

@@ -13,14 +13,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from conftest import run_main
 
 from raydecode.app import cli
-from raydecode.embed import run_embed
 from raydecode.config import DataSelection
 from raydecode.data.pipeline import read_split, trials_dataset
 from raydecode.data.store import open_store
+from raydecode.embed import run_embed
 from raydecode.errors import StoreError
-from conftest import run_main
 
 ENCODERS = ("openclip-tiny", "vae-tiny")
 

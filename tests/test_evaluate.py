@@ -45,11 +45,11 @@ def evaluated(pretrained, tiny_store, tmp_path_factory):
 def test_evaluate_retrieval_matches_an_in_process_computation_and_beats_chance(evaluated, tiny_store):
     import torch
 
+    from raydecode.checkpoint import load_consolidated
     from raydecode.config import DataSelection
+    from raydecode.data.batches import collate
     from raydecode.data.pipeline import read_split
     from raydecode.evaluate.retrieval import retrieval_top1
-    from raydecode.checkpoint import load_consolidated
-    from raydecode.data.batches import collate
     from raydecode.nn.targets import BatchPreparer
 
     cfg, result, out, _ = evaluated

@@ -94,8 +94,8 @@ def test_weights_load_from_local_files_in_the_real_formats(tmp_path):
     import torch
     import torchvision
 
-    from raydecode.nn.encoders import _register_openclip_configs
     from raydecode.evaluate.feature_metrics import FeatureExtractor
+    from raydecode.nn.encoders import _register_openclip_configs
 
     torch.manual_seed(5)
     torch.save(torchvision.models.alexnet(weights=None).state_dict(), tmp_path / "alexnet.pt")

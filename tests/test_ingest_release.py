@@ -13,10 +13,10 @@ import h5py
 import nibabel as nib
 import numpy as np
 import pytest
-from PIL import Image
-
 from conftest import run_main
 from nsd_release import BETA_SESSIONS, PER_RUN, TR, write_mindeye2, write_nsd
+from PIL import Image
+
 from raydecode.data.ingest import TaskOptions, run_ingest
 from raydecode.data.mindeye2 import mindeye2_plan
 from raydecode.data.nsd import nsd_plan
@@ -370,7 +370,7 @@ def test_ingest_from_an_s3_release_into_an_s3_store(release, s3_server, ray_loca
 def nsd_trained(nsd_store, me2_store, ray_local, tmp_path_factory):
     """MindEye2 pretraining and Dynadiff on the ingested NSD store, unchanged: the same configs as the synthetic."""
     from raydecode.config import DiffusionDecodeConfig, TrainConfig
-    from raydecode.reconstruct import run_dynadiff
+    from raydecode.diffusion_decode import run_dynadiff
     from raydecode.train.launch import run_training
 
     work = tmp_path_factory.mktemp("nsd-train")

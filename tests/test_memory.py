@@ -4,12 +4,11 @@ activations measured from what autograd saves, linear in the batch size."""
 from __future__ import annotations
 
 import pytest
+from conftest import run_main
 
 from raydecode.methods.spec import get_method
 from raydecode.modelinfo.info import dataset_info
-from raydecode.modelinfo.memory import (build_for_measurement, measure_activations, memory_plan, model_states_bytes)
-
-from conftest import run_main
+from raydecode.modelinfo.memory import build_for_measurement, measure_activations, memory_plan, model_states_bytes
 
 
 @pytest.mark.parametrize("gpus", [1, 8, 64])

@@ -15,7 +15,6 @@ from raydecode.modelinfo.info import model_info
 from raydecode.nn.mindeye2 import cosine_anneal, mixco, mixco_nce, soft_clip_loss
 
 
-
 def test_model_info_paper_preset_builds_on_meta_without_memory():
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     info = model_info("mindeye2", "paper")

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from raydecode.evaluate.reconstruction import pixcorr, reconstruction_metrics, ssim
+from raydecode.evaluate.images import pixcorr, reconstruction_metrics, ssim
 from raydecode.evaluate.retrieval import retrieval_top1
 
 

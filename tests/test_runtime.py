@@ -10,12 +10,11 @@ import time
 from contextlib import contextmanager
 
 import pytest
+from conftest import tiny_config
 
 from raydecode.errors import ConfigError
 from raydecode.runtime import Demand, cluster_shape, fits, require
 from raydecode.train.launch import run_training
-
-from conftest import tiny_config
 
 CPU = {"CPU": 1.0}
 GPU_WORKER = {"CPU": 8.0, "GPU": 1.0}

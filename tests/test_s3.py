@@ -4,11 +4,11 @@ an endpoint and credentials."""
 import json
 
 import numpy as np
+from conftest import run_main
 
 from raydecode.config import DataSelection
 from raydecode.data.pipeline import trials_dataset
 from raydecode.data.store import open_store
-from conftest import run_main
 
 
 def _aws_env(opts):

@@ -7,6 +7,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from conftest import run_main
 
 from raydecode.data.ingest import run_ingest, synthetic_plan
 from raydecode.data.pipeline import betas_matrix
@@ -14,7 +15,6 @@ from raydecode.data.schema import SCHEMA_VERSION
 from raydecode.data.store import StoreWriter, open_store
 from raydecode.errors import StoreError
 from raydecode.storage import resolve
-from conftest import run_main
 
 
 def _checksums(uri):

@@ -13,12 +13,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import SOURCE_SUBJECTS, run_main
 
 from raydecode.config import SweepConfig
 from raydecode.errors import ConfigError, StoreError
 from raydecode.sweep import run_sweep
-
-from conftest import SOURCE_SUBJECTS, run_main
 
 NEW_SUBJECTS = [7, 8]
 SETTINGS = [{"ssp": True, "sdp": True}, {"ssp": False, "sdp": False}]  # Duala, plain LoRA
@@ -101,14 +100,14 @@ def test_one_champion_per_subject_chosen_by_image_to_brain_retrieval(sweep):
 
 def _untrained_baseline(cfg, subject: int) -> dict:
     """The pretrained model with the new subject's ridge map at initialisation: what adaptation starts from."""
-    from raydecode.nn.encoders import FrozenEncoder, TargetCache, encoder_config
+    from raydecode.checkpoint import load_state
     from raydecode.config import DataSelection
+    from raydecode.data.batches import collate
     from raydecode.data.pipeline import read_split
     from raydecode.data.store import open_store
     from raydecode.evaluate.retrieval import retrieval_top1
     from raydecode.methods.spec import DatasetInfo, get_method
-    from raydecode.checkpoint import load_state
-    from raydecode.data.batches import collate
+    from raydecode.nn.encoders import FrozenEncoder, TargetCache, encoder_config
 
     spec = get_method("duala")
     mcfg = spec.config("tiny")
@@ -215,9 +214,9 @@ def test_the_registered_champion_loads_in_a_fresh_environment_from_its_own_requi
     import mlflow
     import numpy as np
 
+    from raydecode.checkpoint import load_adapted
     from raydecode.config import DataSelection
     from raydecode.data.pipeline import read_split
-    from raydecode.checkpoint import load_adapted
 
     cfg, _ = sweep
     _, pre = pretrained

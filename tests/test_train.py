@@ -10,11 +10,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import SOURCE_SUBJECTS, STEPS_PER_EPOCH, metric_history, tiny_config
 
 from raydecode.errors import ConfigError
 from raydecode.train.launch import run_training
 
-from conftest import SOURCE_SUBJECTS, STEPS_PER_EPOCH, metric_history, tiny_config
 
 def test_pretrain_learns_and_is_tracked(pretrained):
     cfg, result = pretrained
@@ -78,8 +78,8 @@ def test_fine_tune_from_pretrained_beats_scratch_on_one_session(pretrained, tiny
     ZeRO-3 on local disk: both stages train and checkpoint."""
     from pyarrow import fs as pafs
 
-    from raydecode.storage import resolve
     from raydecode.checkpoint import load_consolidated
+    from raydecode.storage import resolve
 
     cfg, result = pretrained
     store = resolve("s3://nsd/train/store", s3_server)

@@ -8,10 +8,10 @@ import pytest
 import torch
 
 import raydecode.evaluate.unclip as unclip
-from raydecode.nn.encoders import FrozenEncoder, encoder_config
 from raydecode.errors import ConfigError
 from raydecode.evaluate.unclip import EmbeddingDecoder, img2img_timesteps, unclip_config
 from raydecode.nn.diffusion import initial_noise
+from raydecode.nn.encoders import FrozenEncoder, encoder_config
 from raydecode.nn.mindeye2 import PRESETS as MINDEYE2_PRESETS
 from raydecode.nn.mindeye2 import MindEye2Config
 

@@ -16,8 +16,8 @@ import boto3
 import pytest
 import torch
 
-from raydecode.nn.encoders import EncoderConfig, FrozenEncoder, _register_openclip_configs
 from raydecode.errors import ConfigError
+from raydecode.nn.encoders import EncoderConfig, FrozenEncoder, _register_openclip_configs
 from raydecode.weights import cache_root, local_weights
 
 CLIP = EncoderConfig(name="clip", kind="openclip", arch="raydecode-tiny-vit", image_size=32)

@@ -24,7 +24,7 @@ MODULES = [
     "pyarrow.parquet", "pyarrow.fs", "pydantic", "mlflow", "mlflow.pyfunc", "mlflow.tracking", "sklearn.metrics",
     "sklearn.manifold", "scipy.stats", "matplotlib.pyplot", "PIL.Image", "yaml", "tqdm",
     # raydecode itself
-    "raydecode.app.cli", "raydecode.train.loop", "raydecode.train.launch", "raydecode.sweep", "raydecode.reconstruct",
+    "raydecode.app.cli", "raydecode.train.loop", "raydecode.train.launch", "raydecode.sweep", "raydecode.diffusion_decode",
     "raydecode.evaluate.suite", "raydecode.embed", "raydecode.app.submit",
     # release ingests (their Ray tasks read HDF5, NIfTI and MAT files)
     "raydecode.data.nsd", "raydecode.data.mindeye2", "h5py", "nibabel", "scipy.io",

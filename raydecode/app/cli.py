@@ -202,7 +202,7 @@ def stage_sweep(args) -> StageResult:
 
 def stage_dynadiff(args) -> StageResult:
     from raydecode.config import DiffusionDecodeConfig
-    from raydecode.reconstruct import run_dynadiff, run_reconstruct_only
+    from raydecode.diffusion_decode import run_dynadiff, run_reconstruct_only
 
     cfg = load_config(DiffusionDecodeConfig, args.config, args.overrides,
                       **_cli_defaults(checkpoint_uri=args.checkpoint))

@@ -31,9 +31,9 @@ from raydecode.data.info import describe, describe_problems
 from raydecode.data.ingest import run_ingest, synthetic_plan
 from raydecode.data.pipeline import trials_dataset
 from raydecode.data.store import open_store
+from raydecode.diffusion_decode import run_dynadiff
 from raydecode.errors import ConfigError
 from raydecode.evaluate.suite import run_compare, run_evaluate
-from raydecode.reconstruct import run_dynadiff
 from raydecode.report import StageResult, table
 from raydecode.runtime import init_ray, ray_logs_dir
 from raydecode.sweep import run_sweep

@@ -41,8 +41,8 @@ from raydecode.evaluate.feature_metrics import (
     correlation_distance,
     two_way_identification,
 )
+from raydecode.evaluate.images import grid_png, pixcorr, ssim
 from raydecode.evaluate.plots import metrics_table_md, retrieval_png, tsne_png
-from raydecode.evaluate.reconstruction import grid_png, pixcorr, ssim
 from raydecode.evaluate.retrieval import retrieval_top1
 from raydecode.evaluate.semantic import semantic_metrics
 from raydecode.evaluate.unclip import EmbeddingDecoder, unclip_config

@@ -29,7 +29,7 @@ from raydecode.config import DataSelection, DiffusionDecodeConfig, ReconstructOp
 from raydecode.data.store import open_store
 from raydecode.data.windows import read_windows
 from raydecode.errors import ConfigError, user_errors_from_ray
-from raydecode.evaluate.reconstruction import grid_png, reconstruction_metrics, time_curve_png
+from raydecode.evaluate.images import grid_png, reconstruction_metrics, time_curve_png
 from raydecode.inference import ModelRunner
 from raydecode.methods.spec import Reconstructs, get_method
 from raydecode.report import StageResult, table
