@@ -34,6 +34,7 @@ from raydecode.data.schema import COCO_CATEGORIES, Manifest, SourceFile, Subject
 from raydecode.data.store import StoreWriter, write_shard
 from raydecode.data.synthetic import PRESETS, SyntheticNSD
 from raydecode.errors import ConfigError, SourceError, user_error_in
+from raydecode.runtime import cluster_shape
 from raydecode.storage import Location, S3Options, resolve
 
 NOTES_KEY = b"raydecode.ingest"  # parquet key-value metadata of a release shard: {"sources": {...}, "report": {...}}
@@ -186,13 +187,12 @@ def _run_in_ray(plan: Plan, todo: list[PlannedShard], root: Location, bar) -> li
 
 
 def _check_schedulable(opts: TaskOptions, waited_s: float) -> None:
-    """After ``wait_for_nodes_s`` without progress: refuse if no node of the cluster can run one task (instead of
-    waiting forever on a task Ray can never place)."""
-    import ray
-
+    """After ``wait_for_nodes_s`` without progress: refuse if no node the cluster can have (the autoscaler's node
+    types, else the nodes alive now: :func:`raydecode.runtime.cluster_shape`) can run one task, instead of waiting
+    forever on a task Ray can never place."""
     if waited_s < opts.wait_for_nodes_s:
         return
-    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    nodes = cluster_shape().nodes
     memory = (opts.memory_gb or 0) * 2**30
     if any(r.get("CPU", 0) >= opts.num_cpus and r.get("memory", 0) >= memory for r in nodes):
         return  # a node fits: the tasks are slow or queued, not unschedulable
