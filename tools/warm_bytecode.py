@@ -35,7 +35,7 @@ MODULES = [
 # of a fresh clone's test run: without these, its processes compiled 330 MB of source (the suite took 773 s
 # instead of ~590 s).
 TREES = [
-    # raydecode itself (its package is imported before this module turns bytecode writing back on)
+    # raydecode itself (its editable install is found through setuptools' finder, not a sys.path entry)
     "raydecode",
     # Ray's dashboard, agents, job supervisor and CLI on every node, and what they load: gRPC, OpenTelemetry,
     # OpenCensus, Prometheus, aiohttp's CORS, psutil, click
@@ -66,6 +66,8 @@ def _locations(name: str) -> list[str]:
             specs = [importlib.util.find_spec(name)]
         else:  # each sys.path entry on its own (PathFinder also finds namespace packages' portions)
             specs = [importlib.machinery.PathFinder.find_spec(name, [entry]) for entry in dict.fromkeys(sys.path)]
+            if not any(specs):  # an editable install's own finder (raydecode, installed with `pip install -e`)
+                specs = [importlib.util.find_spec(name)]
     except ImportError:
         return []
     found = []
