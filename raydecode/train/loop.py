@@ -48,6 +48,9 @@ def _worker_logging() -> None:
         log.addHandler(handler)
         log.setLevel(logging.INFO)
         log.propagate = False
+    # Ray Train configures its workers' logging after the job's setup hook (runtime.quiet_worker) ran: libraries'
+    # INFO lines on the root logger (open_clip builds an encoder in every worker) stay in the worker's log file
+    logging.getLogger().setLevel(logging.WARNING)
     try:  # Ray Train logs every report at INFO on a logger named by its file path, which LoggingConfig misses
         from ray.train.v2._internal.execution import context as train_context
 
