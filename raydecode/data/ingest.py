@@ -192,9 +192,12 @@ def _check_schedulable(opts: TaskOptions, waited_s: float) -> None:
     forever on a task Ray can never place."""
     if waited_s < opts.wait_for_nodes_s:
         return
-    nodes = cluster_shape().nodes
+    shape = cluster_shape()
+    nodes = shape.nodes
     memory = (opts.memory_gb or 0) * 2**30
-    if any(r.get("CPU", 0) >= opts.num_cpus and r.get("memory", 0) >= memory for r in nodes):
+    # an autoscaler node type that declares no memory is not refused for it (Ray learns it when the node starts)
+    unknown = memory if shape.autoscaling else 0
+    if any(r.get("CPU", 0) >= opts.num_cpus and r.get("memory", unknown) >= memory for r in nodes):
         return  # a node fits: the tasks are slow or queued, not unschedulable
     cpus = max((r.get("CPU", 0) for r in nodes), default=0)
     mem = max((r.get("memory", 0) for r in nodes), default=0) / 2**30
