@@ -88,7 +88,7 @@ def plan_training(cfg: TrainConfig) -> TrainPlan:
     init_state_uri = None
     if cfg.init_from:
         src = read_json(cfg.init_from, CONFIG_FILE, cfg.s3)
-        allowed = spec.init_methods or (cfg.method,)
+        allowed = spec.init_methods
         if get_method(src["method"]).name not in allowed:
             raise ConfigError(f"init_from {cfg.init_from}: a {src['method']!r} checkpoint; method {cfg.method!r} "
                               f"starts from {' or '.join(repr(m) for m in allowed)} checkpoints")
