@@ -9,12 +9,13 @@ message naming the key and, where there is a fixed set, the allowed values.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any, ClassVar, Literal, TypeVar
 
 import numpy as np
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from raydecode.errors import ConfigError
 from raydecode.storage import S3Options
@@ -455,14 +456,16 @@ class ReconstructOptions(BaseModel):
 
 class TimeResolvedOptions(BaseModel):
     """Time-resolved decoding (Dynadiff Sec. 3.1): the trained ("general") model on shifted windows
-    W(t + k*TR, d), and optionally "specialized" models trained at shifted windows."""
+    W(t + k*TR, d) (the evaluation suite's ``shift+k`` protocols), and optionally "specialized" models trained at
+    shifted windows (a sweep over ``model.window.start_s``)."""
 
     model_config = ConfigDict(extra="forbid")
 
     shifts: list[int] = Field(default_factory=lambda: list(range(-3, 4)), description="k, in TRs")
     reconstruct: bool = Field(False, description="also reconstruct at every shift (PixCorr/SSIM per shift); "
                                                  "the test diffusion loss is always measured")
-    specialized: list[int] = Field(default_factory=list, description="train one model per shift k (TRs)")
+    specialized: list[int] = Field(default_factory=list, description="train one model per shift k (TRs): a sweep "
+                                                                     "over model.window.start_s, per subject")
 
 
 class DiffusionDecodeConfig(TrainConfig):
@@ -478,6 +481,10 @@ class DiffusionDecodeConfig(TrainConfig):
     promote: bool = Field(True, description="register the model (raydecode-<method>-subjNN) and apply the gate")
     metric: str = Field("recon.pixcorr", description="what the champion gate compares (higher is better)")
     tie_break: str = "test.image_gain"
+    evaluate: dict[str, Any] = Field(
+        default_factory=dict, description="the evaluation suite's keys for this stage's evaluation (raydecode "
+                                          "evaluate's config, e.g. metric_nets: null for the papers' metric networks, "
+                                          "actors, tsne); by default PixCorr/SSIM and the test losses only")
 
 
 class RetrievalOptions(BaseModel):
@@ -496,6 +503,7 @@ class EvalReconstructOptions(ReconstructOptions):
     enabled: bool = Field(True, description="reconstruct images (methods that generate them, or CLIP-space methods "
                                             "when `decoder` is set)")
     size: int | None = Field(425, ge=8, description="PixCorr / SSIM resolution (MindEye2: 425)")
+    shifted: bool = Field(False, description="also reconstruct in the time-shifted protocols (shift+k)")
 
 
 class EvaluateConfig(StageConfig):
@@ -509,10 +517,12 @@ class EvaluateConfig(StageConfig):
     run_name: str | None = Field(None, description="default: evaluate <model>")
     ray_address: str | None = Field(None, description="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
     subjects: list[int] | None = Field(None, description="default: the model's subjects")
-    protocols: list[Literal["averaged", "single"]] = Field(
+    protocols: list[str] = Field(
         default_factory=lambda: ["averaged", "single"],
         description="averaged: repetitions averaged per image (MindEye2); single: one drawn presentation per image "
-                    "(Dynadiff); metrics of `single` are named <kind>.single.<name>")
+                    "(Dynadiff); shift+K / shift-K: averaged, on windows shifted by K TRs (methods that read "
+                    "time-series windows: time-resolved decoding). Metrics of a protocol other than averaged are "
+                    "named <kind>.<protocol>.<name> (shift+2: shift2, shift-2: shift-2)")
     retrieval: RetrievalOptions = Field(default_factory=RetrievalOptions)
     reconstruct: EvalReconstructOptions = Field(default_factory=EvalReconstructOptions)
     decoder: str | dict[str, Any] | None = Field(
@@ -529,6 +539,30 @@ class EvaluateConfig(StageConfig):
                                                    "(its autoscaler's node types, else its nodes)")
     wait_for_nodes_s: float = Field(600.0, ge=0, description=WAIT_FOR_NODES)
     data: DataSelection = Field(default_factory=DataSelection, description="read_cpus / lookup_cpus of the test read")
+
+    @field_validator("protocols")
+    @classmethod
+    def _known_protocols(cls, value: list[str]) -> list[str]:
+        for p in value:
+            protocol_shift(p)
+        if len(set(value)) != len(value) or not value:
+            raise ValueError(f"give each protocol once, at least one (got {value})")
+        return value
+
+
+def protocol_shift(protocol: str) -> int | None:
+    """The TR shift of a ``shift+K`` / ``shift-K`` protocol (None for ``averaged`` / ``single``)."""
+    if protocol in ("averaged", "single"):
+        return None
+    m = re.fullmatch(r"shift([+-])(\d+)", protocol)
+    if m is None or int(m.group(2)) == 0:
+        raise ValueError(f"protocol {protocol!r}: allowed values: averaged, single, shift+K, shift-K (K > 0 TRs)")
+    return int(m.group(2)) * (1 if m.group(1) == "+" else -1)
+
+
+def protocol_infix(protocol: str) -> str:
+    """The protocol's part of a metric name (MLflow names allow no ``+``): single, shift2, shift-2."""
+    return protocol.replace("+", "")
 
 
 class CompareConfig(StageConfig):

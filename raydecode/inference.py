@@ -2,8 +2,8 @@
 into the method's predictions and test values (eval mode, no gradients, no Ray, no DeepSpeed).
 
 Every consumer of a trained model runs it through :class:`ModelRunner`: the evaluation suite's Ray Data actors
-(:mod:`raydecode.evaluate.suite`), the class statistics Duala adapts with (:func:`run_class_statistics`, one Ray
-Data actor here) and the Dynadiff stage's reconstructions (:mod:`raydecode.diffusion_decode`).
+(:mod:`raydecode.evaluate.suite`, which also scores the Dynadiff stage's models) and the class statistics Duala
+adapts with (:func:`run_class_statistics`, one Ray Data actor here).
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -61,13 +60,6 @@ class ModelRunner:
             return self.prepare(data)
         return {k: v.to(self.device) for k, v in data.items()}
 
-    def batches(self, rows: dict[str, np.ndarray], size: int) -> Iterator[tuple[dict[str, np.ndarray], dict]]:
-        """``rows`` in slices of ``size``: (the numpy slice, its batch)."""
-        n = len(rows["subject"])
-        for start in range(0, n, size):
-            part = {k: v[start: start + size] for k, v in rows.items()}
-            yield part, self.batch(part)
-
     @torch.no_grad()
     def predict(self, batch: dict) -> dict[str, torch.Tensor]:
         return self.spec.predict(self.model, batch)
@@ -76,14 +68,6 @@ class ModelRunner:
     def test_values(self, batch: dict) -> dict[str, torch.Tensor]:
         """The method's per-row test values (e.g. Dynadiff's denoising losses); none for most methods."""
         return self.spec.test_values(self.model, batch)
-
-    def test_metrics(self, rows: dict[str, np.ndarray], size: int) -> dict[str, float]:
-        """``test.*``: the per-row test values averaged over ``rows``, with the method's summary of them."""
-        sums: dict[str, float] = {}
-        for _, batch in self.batches(rows, size):
-            for k, v in self.test_values(batch).items():
-                sums[k] = sums.get(k, 0.0) + float(v.float().sum())
-        return self.spec.test_summary(sums, len(rows["subject"]))
 
     @torch.no_grad()
     def reconstruct(self, batch: dict, seeds: np.ndarray, steps: int | None, guidance: float | None) -> np.ndarray:

@@ -255,7 +255,8 @@ def _plot(rows: list[dict], cfg: SweepConfig, path: str) -> None:
     plt.close(fig)
 
 
-def run_sweep(cfg: SweepConfig) -> StageResult:
+def run_sweep(cfg: SweepConfig, parent_run_id: str | None = None) -> StageResult:
+    """The sweep (its MLflow run a child of ``parent_run_id`` when given, e.g. the Dynadiff stage's general model)."""
     import mlflow
     from mlflow.tracking import MlflowClient
 
@@ -264,7 +265,7 @@ def run_sweep(cfg: SweepConfig) -> StageResult:
     base = check_sweep(cfg)
     store = open_store(cfg.store, cfg.s3)
     tracking_uri = tracking.configure(cfg)
-    with tracking.stage_run(cfg, "sweep", run_name=cfg.run_name, exclude={"space"}, tags={
+    with tracking.stage_run(cfg, "sweep", run_name=cfg.run_name, exclude={"space"}, parent_run_id=parent_run_id, tags={
             "raydecode.method": cfg.method, "raydecode.store": cfg.store}) as parent:
         parent_id, exp_id = parent.info.run_id, parent.info.experiment_id
         tracking.log_params({f"space.{k}": v.model_dump(exclude_none=True) for k, v in cfg.space.items()})

@@ -130,3 +130,25 @@ def test_a_training_stage_without_a_config_asks_for_one():
     assert r.returncode == 2 and r.stderr.strip() == (
         "error: pretrain needs a config: --config jobs/pretrain.yaml (demo scale) or jobs/pretrain-nsd.yaml (NSD on a "
         "GPU cluster); `raydecode pretrain --print-config` lists every key")
+
+
+def test_evaluation_protocols_are_named_and_shifted_ones_need_a_window_reading_model():
+    """`protocols`: averaged, single, shift+K / shift-K; anything else is refused by name; a shifted protocol on a
+    model that reads trials is refused before anything runs; metric names stay valid for MLflow."""
+    from raydecode.config import EvaluateConfig, protocol_shift
+    from raydecode.evaluate.protocols import check_protocols, named
+    from raydecode.methods.spec import get_method
+
+    cfg = load_config(EvaluateConfig, None, ["protocols=[averaged, shift-2, shift+3]"])
+    assert [protocol_shift(p) for p in cfg.protocols] == [None, -2, 3]
+    for bad in ("shift+0", "shift2", "later"):
+        with pytest.raises(ConfigError, match="protocols") as err:
+            load_config(EvaluateConfig, None, [f"protocols=[averaged, {bad}]"])
+        assert bad in str(err.value) and len(str(err.value).splitlines()) == 1
+    assert named({"test.image_gain": 0.1, "rows": 4}, "shift+3") == {"test.shift3.image_gain": 0.1, "shift3.rows": 4}
+    assert named({"recon.ssim": 0.2}, "shift-1") == {"recon.shift-1.ssim": 0.2}
+    me2 = {"method": "mindeye2", "model": get_method("mindeye2").config("tiny").model_dump(mode="json")}
+    with pytest.raises(ConfigError, match="shift-2.*mindeye2.*windows"):
+        check_protocols(cfg, me2)
+    dd = {"method": "dynadiff", "model": get_method("dynadiff").config("tiny").model_dump(mode="json")}
+    check_protocols(cfg, dd)  # a window-reading method: accepted

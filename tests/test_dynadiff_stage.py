@@ -3,6 +3,7 @@ time-resolved decoding, a specialized model, MLflow artifacts, the registry and 
 
 from __future__ import annotations
 
+import glob
 import json
 import subprocess
 import sys
@@ -58,28 +59,34 @@ def test_training_logs_losses_and_the_brain_condition_helps(stage):
 def test_mlflow_holds_the_grid_the_lora_weights_and_the_time_curve(stage, tmp_path):
     cfg, result = stage
     client = _client(cfg)
-    names = {a.path for a in client.list_artifacts(result.mlflow_run_id, "reconstructions")}
-    assert {"reconstructions/reconstructions.png", "reconstructions/time_resolved.png",
-            "reconstructions/time_resolved.json", "reconstructions/test_averaged.npz",
-            "reconstructions/weights"} <= names
-    local = client.download_artifacts(result.mlflow_run_id, "reconstructions", str(tmp_path))
-    from safetensors.torch import load_file
-
-    lora = load_file(f"{local}/weights/lora/pytorch_lora_weights.safetensors")
-    assert lora and all("lora_A" in k or "lora_B" in k for k in lora) and all("attn2" in k for k in lora)
-    brain = load_file(f"{local}/weights/brain_module.safetensors")
-    assert "brain.subject_layers.1.weight" in brain and "null.embedding" in brain
-    recon = np.load(f"{local}/test_averaged.npz")
+    names = {a.path for a in client.list_artifacts(result.mlflow_run_id, "evaluation")}
+    assert {"evaluation/reconstructions_averaged.png", "evaluation/time_resolved.png",
+            "evaluation/time_resolved.json", "evaluation/reconstructions_averaged.npz",
+            "evaluation/time_resolved_specialized.png"} <= names
+    local = client.download_artifacts(result.mlflow_run_id, "evaluation", str(tmp_path))
+    recon = np.load(f"{local}/reconstructions_averaged.npz")
     assert recon["reconstruction"].shape == (8, 32, 32, 3) and recon["reconstruction"].dtype == np.uint8
     from PIL import Image
 
-    assert Image.open(f"{local}/reconstructions.png").size[0] > 200
+    assert Image.open(f"{local}/reconstructions_averaged.png").size[0] > 200
+    # the registered package carries the method's export: the LoRA in the diffusers format and the brain module
+    import mlflow
+    from safetensors.torch import load_file
+
+    mlflow.set_tracking_uri(cfg.resolved_tracking_uri())
+    package = mlflow.artifacts.download_artifacts(artifact_uri=result.artifacts["model"], dst_path=str(tmp_path / "m"))
+    [lora_file] = glob.glob(f"{package}/**/lora/pytorch_lora_weights.safetensors", recursive=True)
+    lora = load_file(lora_file)
+    assert lora and all("lora_A" in k or "lora_B" in k for k in lora) and all("attn2" in k for k in lora)
+    [brain_file] = glob.glob(f"{package}/**/brain_module.safetensors", recursive=True)
+    brain = load_file(brain_file)
+    assert "brain.subject_layers.1.weight" in brain and "null.embedding" in brain
 
 
 def test_time_resolved_curve_has_one_value_per_shift(stage, tmp_path):
     cfg, result = stage
     client = _client(cfg)
-    curve = json.loads(open(client.download_artifacts(result.mlflow_run_id, "reconstructions/time_resolved.json",
+    curve = json.loads(open(client.download_artifacts(result.mlflow_run_id, "evaluation/time_resolved.json",
                                                       str(tmp_path))).read())
     assert [p["shift"] for p in curve] == SHIFTS
     w = WindowConfig()
@@ -91,29 +98,39 @@ def test_time_resolved_curve_has_one_value_per_shift(stage, tmp_path):
     assert losses[-1] != losses[0] and losses[1] != losses[0]
     history = client.get_metric_history(result.mlflow_run_id, "time_resolved.test.image_gain")
     assert len(history) == len(SHIFTS)
+    # the suite's protocol names: shift+1 -> test.shift1.*, shift-1 -> test.shift-1.*
+    assert result.metrics["final.test.shift1.diffusion_loss"] == pytest.approx(losses[1])
+    assert result.metrics["final.test.shift-1.diffusion_loss"] == pytest.approx(losses[-1])
 
 
-def test_the_specialized_model_is_a_child_run_trained_on_its_shifted_window(stage):
+def test_the_specialized_model_is_a_sweep_trial_trained_and_scored_on_its_shifted_window(stage, tmp_path):
     cfg, result = stage
     client = _client(cfg)
-    children = client.search_runs([client.get_run(result.mlflow_run_id).info.experiment_id],
-                                  f"tags.mlflow.parentRunId = '{result.mlflow_run_id}'")
-    assert [c.info.run_name for c in children] == ["dd-tiny-shift+1"]
+    exp = client.get_run(result.mlflow_run_id).info.experiment_id
+    [sweep] = client.search_runs([exp], f"tags.mlflow.parentRunId = '{result.mlflow_run_id}'")
+    assert sweep.info.run_name == "dd-tiny-specialized" and sweep.data.tags["raydecode.stage"] == "sweep"
+    [trial] = client.search_runs([exp], f"tags.mlflow.parentRunId = '{sweep.info.run_id}'")
     from raydecode.checkpoint import CONFIG_FILE, read_json
 
-    child_ckpt = client.get_run(children[0].info.run_id).data.tags["raydecode.checkpoint_uri"]
-    assert read_json(child_ckpt, CONFIG_FILE)["model"]["window"]["start_s"] == pytest.approx(3.0 + 1.3)
+    saved = read_json(trial.data.tags["raydecode.checkpoint_uri"], CONFIG_FILE)
+    assert saved["model"]["window"]["start_s"] == pytest.approx(3.0 + 1.3) and saved["info"]["subjects"] == [1]
+    points = json.loads(open(client.download_artifacts(
+        result.mlflow_run_id, "evaluation/time_resolved_specialized.json", str(tmp_path))).read())
+    assert [p["shift"] for p in points] == [1] and np.isfinite(points[0]["test.image_gain"])
+    assert not [v for v in client.search_model_versions("name = 'raydecode-dynadiff-subj01'")
+                if v.run_id == trial.info.run_id]  # specialized models are not registered
 
 
-def test_specialized_configs_move_the_window_and_name_the_run(tiny_store, tmp_path):
-    from raydecode.diffusion_decode import specialized_config
+def test_the_specialized_sweep_moves_the_window_per_shift(tiny_store, tmp_path):
+    from raydecode.diffusion_decode import specialized_sweep
 
     cfg = _config(tiny_store, tmp_path, model={"window": {"duration_s": 6.5}},
                   time_resolved={"shifts": SHIFTS, "specialized": [-2, 3]})
-    sub = specialized_config(cfg, -2, 1.3)
-    assert sub.run_name == "dd-tiny-shift-2" and sub.time_resolved.specialized == []
-    assert sub.model["window"] == {"duration_s": 6.5, "start_s": pytest.approx(3.0 - 2.6)}
-    assert sub.optim == cfg.optim and sub.data == cfg.data
+    sweep = specialized_sweep(cfg, 1.3, [1, 2])
+    assert sweep.run_name == "dd-tiny-specialized" and sweep.subjects == [1, 2] and not sweep.promote
+    assert sweep.space["model.window.start_s"].grid == [pytest.approx(3.0 - 2.6), pytest.approx(3.0 + 3.9)]
+    assert sweep.model["window"] == {"duration_s": 6.5} and sweep.metric == "test.image_gain"
+    assert sweep.optim == cfg.optim and sweep.data == cfg.data
 
 
 def test_checkpoints_leave_out_the_frozen_unet_and_the_base_weights_are_unchanged(stage):
@@ -144,7 +161,7 @@ def test_registered_model_reconstructs_the_same_images_without_ray(stage):
     cfg, result = stage
     assert result.artifacts["alias"] == "champion" and result.artifacts["model"].startswith(
         "models:/raydecode-dynadiff-subj01/")
-    grid = result.artifacts["reconstructions.test_averaged.npz"]
+    grid = result.artifacts["evaluation.reconstructions_averaged.npz"]
     script = f"""
 import json, sys, mlflow, numpy as np
 mlflow.set_tracking_uri({cfg.resolved_tracking_uri()!r})
@@ -171,20 +188,20 @@ json.dump({{"max_diff": int(diff.max()), "ids_match": bool((saved["image_id"] ==
 
 
 def test_reconstruct_action_evaluates_an_existing_checkpoint(stage, capsys):
-    """`raydecode dynadiff reconstruct`: the evaluation alone, in a new MLflow run tagged with the checkpoint."""
+    """`raydecode dynadiff reconstruct`: the evaluation alone, in a new evaluation run of the checkpoint."""
     from raydecode.diffusion_decode import run_reconstruct_only
 
     cfg, result = stage
     again = cfg.model_copy(update={"checkpoint_uri": result.artifacts["checkpoint"],
                                    "reconstruct": cfg.reconstruct.model_copy(update={"max_images": 4,
                                                                                      "single_trial": False}),
-                                   "time_resolved": cfg.time_resolved.model_copy(update={"shifts": [0]})})
+                                   "time_resolved": cfg.time_resolved.model_copy(update={"shifts": [0, 1]})})
     out = run_reconstruct_only(again)
-    assert out.stage == "reconstruct" and 0 <= out.metrics["recon.ssim"] <= 1
-    # the same checkpoint, windows and seeds: the same test loss as the stage measured
+    assert out.stage == "reconstruct" and 0 <= out.metrics["recon.ssim"] <= 1 and out.metrics["recon.images"] == 4
+    # the same checkpoint, windows and per-row noise: the same test loss as the stage measured
     assert out.metrics["test.diffusion_loss"] == pytest.approx(result.metrics["final.test.diffusion_loss"], rel=1e-5)
     run = _client(cfg).get_run(out.mlflow_run_id)
-    assert run.data.tags["raydecode.checkpoint_uri"] == result.artifacts["checkpoint"]
+    assert run.data.tags["raydecode.model_ref"] == result.artifacts["checkpoint"]
     assert "time-resolved decoding" in capsys.readouterr().out
 
 

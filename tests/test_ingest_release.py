@@ -397,7 +397,7 @@ def test_an_ingested_nsd_store_trains_with_pretrain_and_dynadiff(nsd_trained):
     assert m["retrieval.chance"] == pytest.approx(1 / 8)
     assert m["retrieval.brain_to_image_top1"] >= 0.35 and m["retrieval.image_to_brain_top1"] >= 0.35
     assert dd.status == "ok" and np.isfinite(dd.metrics["final.test.diffusion_loss"])
-    assert Path(dd.artifacts["reconstructions.reconstructions.png"]).is_file()
+    assert Path(dd.artifacts["evaluation.reconstructions_averaged.png"]).is_file()
 
 
 def test_an_ingested_mindeye2_store_trains_with_pretrain(nsd_trained):

@@ -144,7 +144,7 @@ def _dynadiff(cfg: DemoConfig, steps: list[list], promoted: dict):
         dm = dd.metrics
         row[1:] = [dd.status, f"subject 1: test diffusion loss {dm['final.test.diffusion_loss']:.3f} "
                    f"(null {dm['final.test.null_loss']:.3f}), PixCorr {dm['final.recon.pixcorr']:.3f}; grid "
-                   f"{os.path.relpath(dd.artifacts['reconstructions.reconstructions.png'])}"]
+                   f"{os.path.relpath(dd.artifacts['evaluation.reconstructions_averaged.png'])}"]
     if "model" in dd.artifacts:
         promoted[dd.artifacts["model"].split("/")[1]] = f"{dd.artifacts['model']} ({dd.artifacts['alias']})"
     return dd

@@ -297,8 +297,6 @@ def trials_dataset(
 
 
 def _trials_dataset(store: Store | str, split: str, sel: DataSelection, s3: S3Options | None) -> TrialsDataset:
-    from ray.data import ActorPoolStrategy
-
     store, subjects, voxels, shards = _select(store, sel, s3)
     width = max(voxels.values())
     paths = [store.location(s).path for s in shards]
@@ -313,17 +311,22 @@ def _trials_dataset(store: Store | str, split: str, sel: DataSelection, s3: S3Op
     )
     ds = ds.filter(expr=f"split == '{split}'", num_cpus=sel.read_cpus)
     ds = ds.map_batches(_decode_betas, fn_kwargs={"width": width}, batch_format="pyarrow", num_cpus=sel.read_cpus)
-    ds = group_test(ds, sel, split, len(subjects))
-    if sel.categories or sel.images or sel.embeddings:
-        s3_dump = store.s3.model_dump() if store.s3 else None
-        ds = ds.map_batches(
-            StimulusLookup,
-            fn_constructor_args=(store.uri, s3_dump, sel.images, sel.embeddings, sel.stimulus_cache_shards),
-            batch_format="numpy",
-            compute=ActorPoolStrategy(min_size=1, max_size=2),
-            num_cpus=sel.lookup_cpus,
-        )
+    ds = with_stimuli(group_test(ds, sel, split, len(subjects)), store, sel)
     return TrialsDataset(ds, subjects, voxels, width, [s.path for s in shards])
+
+
+def with_stimuli(ds, store: Store, sel: DataSelection):
+    """The selection's stimulus columns (categories, images, embeddings) added by image id through one pool of
+    1-2 :class:`StimulusLookup` actors (``lookup_cpus`` each); ``ds`` unchanged when it asks for none."""
+    from ray.data import ActorPoolStrategy
+
+    if not (sel.categories or sel.images or sel.embeddings):
+        return ds
+    return ds.map_batches(
+        StimulusLookup,
+        fn_constructor_args=(store.uri, store.s3.model_dump() if store.s3 else None, sel.images, sel.embeddings,
+                             sel.stimulus_cache_shards),
+        batch_format="numpy", compute=ActorPoolStrategy(min_size=1, max_size=2), num_cpus=sel.lookup_cpus)
 
 
 def train_datasets(store: Store | str, selection: DataSelection | None = None, s3: S3Options | None = None) -> dict:

@@ -22,13 +22,13 @@ import pyarrow as pa
 
 from raydecode.config import DataSelection, WindowConfig
 from raydecode.data.pipeline import (
-    StimulusLookup,
     TrialsDataset,
     finish_in_memory,
     group_test,
     read_shards,
     small_shuffles,
     test_grouping,
+    with_stimuli,
 )
 from raydecode.data.store import Store, open_store
 from raydecode.errors import ConfigError, StoreError
@@ -147,8 +147,6 @@ def windows_dataset(store: Store | str, split: str, window: WindowConfig, select
 
 
 def _windows_dataset(store, split: str, window: WindowConfig, sel, s3, shift: int):
-    from ray.data import ActorPoolStrategy
-
     if isinstance(store, str):
         store = open_store(store, s3)
     subjects = store.check_subjects(sel.subjects)
@@ -163,13 +161,7 @@ def _windows_dataset(store, split: str, window: WindowConfig, sel, s3, shift: in
     ds = ds.map_batches(windows_of_runs, batch_format="pyarrow", batch_size=1, num_cpus=sel.read_cpus,
                         fn_kwargs={"window": window.model_dump(), "split": split, "test_ids": test_ids,
                                    "width": width, "shift": shift})
-    ds = group_test(ds, sel, split, len(subjects))
-    if sel.categories or sel.images or sel.embeddings:
-        ds = ds.map_batches(
-            StimulusLookup,
-            fn_constructor_args=(store.uri, store.s3.model_dump() if store.s3 else None, sel.images, sel.embeddings,
-                                 sel.stimulus_cache_shards),
-            batch_format="numpy", compute=ActorPoolStrategy(min_size=1, max_size=2), num_cpus=sel.lookup_cpus)
+    ds = with_stimuli(group_test(ds, sel, split, len(subjects)), store, sel)
     return TrialsDataset(ds, subjects, voxels, width, [s.path for s in shards])
 
 

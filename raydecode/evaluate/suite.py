@@ -29,10 +29,9 @@ import numpy as np
 
 from raydecode import tracking
 from raydecode.checkpoint import ModelRef, model_config, resolve_ref
-from raydecode.config import CompareConfig, EvaluateConfig
-from raydecode.data.pipeline import trials_dataset
+from raydecode.config import CompareConfig, EvaluateConfig, protocol_shift
+from raydecode.data.pipeline import with_stimuli
 from raydecode.data.store import open_store
-from raydecode.data.windows import windows_dataset
 from raydecode.errors import ConfigError, StoreError, user_errors_from_ray
 from raydecode.evaluate.feature_metrics import (
     DEFAULT_NETS,
@@ -43,6 +42,16 @@ from raydecode.evaluate.feature_metrics import (
 )
 from raydecode.evaluate.images import grid_png, pixcorr, ssim
 from raydecode.evaluate.plots import metrics_table_md, retrieval_png, tsne_png
+from raydecode.evaluate.protocols import (
+    check_protocols,
+    curve_metric,
+    named,
+    test_rows,
+    test_selection,
+    time_resolved,
+    time_resolved_table,
+    write_time_resolved,
+)
 from raydecode.evaluate.retrieval import retrieval_top1
 from raydecode.evaluate.semantic import semantic_metrics
 from raydecode.evaluate.unclip import EmbeddingDecoder, unclip_config
@@ -98,6 +107,9 @@ class Predictor:
         self.own = self.spec.get(Reconstructs)  # the method decodes images itself, or an image generator does
         can = self.own is not None or (self.spec.get(EmbedsImages) is not None and self.cfg.decoder)
         self.reconstructs = bool(opts.enabled and can)
+        # the protocols whose rows are reconstructed (shifted windows only when asked: one more DDIM pass each)
+        self.recon_protocols = [i for i, p in enumerate(self.cfg.protocols)
+                                if protocol_shift(p) is None or opts.shifted]
         if self.reconstructs and self.own is None:
             self.decoder = EmbeddingDecoder.from_config(unclip_config(self.cfg.decoder)).to(self.device)
             if self.decoder.cfg.blend > 0 and "vae" in targets:  # MindEye2's blurry image, decoded by its VAE
@@ -141,6 +153,8 @@ class Predictor:
             if self.reconstructs and stimuli is not None:
                 keys = rows["subject"].astype(np.int64) * 10**7 + rows["image_id"]
                 mask = np.ones(n, bool) if self.keys is None else np.isin(keys, self.keys)
+                if "protocol" in rows:
+                    mask &= np.isin(rows["protocol"], self.recon_protocols)
                 h, w = stimuli.shape[1:3]
                 recon = np.zeros_like(stimuli)
                 size = self.cfg.reconstruct.size
@@ -153,30 +167,20 @@ class Predictor:
                     recon[idx] = images if images.shape[1:3] == (h, w) else _resize(images, h)
                     out["pixcorr"][idx] = pixcorr(stimuli[idx], recon[idx], size)
                     out["ssim"][idx] = ssim(stimuli[idx], recon[idx], size)
-                for net, ext in self.nets:
-                    fr, fs = ext(recon), ext(stimuli)
-                    out[f"feat.{net.metric}.recon"] = fr.numpy().astype(np.float16)
-                    out[f"feat.{net.metric}.stim"] = fs.numpy().astype(np.float16)
+                idx = np.flatnonzero(mask)
+                some = idx if len(idx) else np.arange(1)  # one row gives the feature shape of a batch without any
+                for net, ext in self.nets:  # features of the reconstructed rows only (zeros elsewhere)
+                    fr, fs = ext(recon[some]).numpy(), ext(stimuli[some]).numpy()
+                    for side, f in (("recon", fr), ("stim", fs)):
+                        full = np.zeros((n, *f.shape[1:]), np.float16)
+                        full[idx] = f[: len(idx)]
+                        out[f"feat.{net.metric}.{side}"] = full
                 out["recon"], out["stimulus"], out["reconstructed"] = recon, stimuli, mask
         return out
 
 
 def _tag_protocol(batch: dict[str, np.ndarray], protocol: int) -> dict[str, np.ndarray]:
     return {**batch, "protocol": np.full(len(batch["subject"]), protocol, np.int8)}
-
-
-def test_rows(cfg: EvaluateConfig, config: dict, protocol: str):
-    """One protocol's test split as a Ray dataset (trials, or time-series windows for methods that read them)."""
-    spec = get_method(config["method"])
-    window = spec.window(spec.config_model(**config["model"]))
-    sel = cfg.data.model_copy(update={
-        "subjects": cfg.subjects or config["info"]["subjects"], "sessions": None, "images": True, "categories": True,
-        "embeddings": sorted(t["encoder"] for t in config["targets"].values() if t["source"] == "store"),
-        "average_test_repeats": protocol == "averaged",
-        "single_test_trial_seed": cfg.reconstruct.seed if protocol == "single" else None})
-    if window is not None:
-        return windows_dataset(cfg.store, "test", window, sel, cfg.s3).dataset
-    return trials_dataset(cfg.store, "test", sel, cfg.s3).dataset
 
 
 def infer(cfg: EvaluateConfig, ref: ModelRef, config: dict, keys: np.ndarray | None,
@@ -189,6 +193,8 @@ def infer(cfg: EvaluateConfig, ref: ModelRef, config: dict, keys: np.ndarray | N
                                                    num_cpus=cfg.data.read_cpus)
              for i, p in enumerate(cfg.protocols)]
     ds = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
+    # one stimulus-lookup pool for every protocol (a pool per protocol would hold CPUs the shuffles need)
+    ds = with_stimuli(ds, open_store(cfg.store, cfg.s3), test_selection(cfg, config, cfg.protocols[0]))
     ds = ds.map_batches(
         Predictor, fn_constructor_args=(asdict(ref), mlflow_uri(), cfg.model_dump(mode="json"), keys, use_gpu),
         compute=ActorPoolStrategy(size=cfg.actors), num_cpus=cfg.cpus_per_actor, num_gpus=1 if use_gpu else 0,
@@ -248,14 +254,6 @@ def protocol_metrics(rows: dict[str, np.ndarray], cfg: EvaluateConfig, nets, spe
     return m
 
 
-def _named(metrics: dict[str, float], protocol: str) -> dict[str, float]:
-    """``averaged`` keeps the names; ``single`` becomes ``<kind>.single.<name>`` (the Dynadiff stage's names)."""
-    if protocol == "averaged":
-        return dict(metrics)
-    return {(f"{k.split('.', 1)[0]}.single.{k.split('.', 1)[1]}" if "." in k else f"single.{k}"): v
-            for k, v in metrics.items()}
-
-
 # -- the stage -----------------------------------------------------------------------------------
 
 
@@ -264,7 +262,10 @@ def _use_gpu(cfg: EvaluateConfig) -> bool:
     pool must fit on what it can have (waiting for nodes on a cluster without an autoscaler)."""
     use_gpu = cluster_shape().has("GPU") if cfg.use_gpu is None else cfg.use_gpu
     actor = {"CPU": cfg.cpus_per_actor, **({"GPU": 1.0} if use_gpu else {})}
-    require(Demand("evaluate", [dict(actor) for _ in range(cfg.actors)], extra=[{"CPU": cfg.data.read_cpus}],
+    # beside the actors: the stimulus lookup, and the averaging shuffle's tasks (Ray Data's sort shuffle: one CPU)
+    averages = any(p != "single" for p in cfg.protocols)
+    extra = [{"CPU": cfg.data.lookup_cpus}, {"CPU": 1.0 if averages else cfg.data.read_cpus}]
+    require(Demand("evaluate", [dict(actor) for _ in range(cfg.actors)], extra=extra,
                    hint="lower actors / cpus_per_actor, set use_gpu to match the nodes, or add nodes"),
             cfg.wait_for_nodes_s)
     return use_gpu
@@ -283,7 +284,7 @@ def _write_outputs(tmp: str, cfg: EvaluateConfig, ref: ModelRef, results: dict[s
     retrieval = {p: {k[len("retrieval."):]: v for k, v in res["metrics"].items() if k.startswith("retrieval.")}
                  for p, res in results.items() if "retrieval.brain_to_image_top1" in res["metrics"]}
     if retrieval:
-        retrieval_png({("averaged repetitions" if p == "averaged" else "single trial"): r
+        retrieval_png({{"averaged": "averaged repetitions", "single": "single trial"}.get(p, p): r
                        for p, r in retrieval.items()}, os.path.join(tmp, "retrieval.png"))
         files.append("retrieval.png")
     for p, res in results.items():
@@ -306,21 +307,40 @@ def _write_outputs(tmp: str, cfg: EvaluateConfig, ref: ModelRef, results: dict[s
     return files
 
 
-def run_evaluate(cfg: EvaluateConfig) -> StageResult:
-    import mlflow
-    from mlflow.tracking import MlflowClient
-
-    t0 = time.time()
+def _model_for(cfg: EvaluateConfig) -> tuple[ModelRef, dict, object, list[int]]:
+    """The model reference resolved, its saved config, the store and the subjects to evaluate (checked)."""
     if not cfg.model:
         raise ConfigError("evaluate needs --model (models:/name@alias, runs:/<id>/model or a checkpoint URI)")
-    tracking_uri = tracking.configure(cfg)
     ref = resolve_ref(cfg.model, cfg.s3)
     config = model_config(ref, cfg.s3)
+    check_protocols(cfg, config)
     store = open_store(cfg.store, cfg.s3)
     subjects = store.check_subjects(cfg.subjects or config["info"]["subjects"])
     missing = sorted(set(subjects) - set(config["info"]["subjects"]))
     if missing:
         raise ConfigError(f"subjects {missing}: model {ref.ref} was trained for subjects {config['info']['subjects']}")
+    return ref, config, store, subjects
+
+
+def _print_summary(cfg: EvaluateConfig, results: dict[str, dict], curve: list[dict], key: str | None) -> None:
+    """The papers' columns (and test values) per protocol, then the time-resolved curve."""
+    main = [p for p in cfg.protocols if protocol_shift(p) is None]
+    measured = {k for p in main for k in results[p]["metrics"]}
+    shown = [k for k in TABLE_COLUMNS if k in measured] + sorted(k for k in measured if k.startswith("test."))
+    if main and shown:
+        print("\n" + table(["metric"] + main, [[k] + [results[p]["metrics"].get(k, float("nan")) for p in main]
+                                              for k in shown]))
+    if curve:
+        print("\n" + time_resolved_table(curve, key))
+
+
+def run_evaluate(cfg: EvaluateConfig) -> StageResult:
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    t0 = time.time()
+    tracking_uri = tracking.configure(cfg)
+    ref, config, store, subjects = _model_for(cfg)
     nets = [MetricNet(**n) for n in cfg.metric_nets] if cfg.metric_nets is not None else list(DEFAULT_NETS)
     spec = get_method(config["method"])
     print(f"[evaluate] {ref.ref} -> {ref.canonical} ({config['method']}, subjects {subjects}), store {cfg.store}")
@@ -342,25 +362,28 @@ def run_evaluate(cfg: EvaluateConfig) -> StageResult:
         for protocol, rows in infer(cfg, ref, config, keys, use_gpu).items():
             m = protocol_metrics(rows, cfg, nets, spec)
             results[protocol] = {"rows": rows, "metrics": m}
-            metrics.update(_named(m, protocol))
+            metrics.update(named(m, protocol))
         metrics["inference_seconds"] = round(time.time() - t1, 1)
         counts = ", ".join(f"{p}: {int(r['metrics']['rows'])} rows" for p, r in results.items())
         print(f"[evaluate] {counts} in {metrics['inference_seconds']} s")
         mlflow.log_metrics({k: float(v) for k, v in metrics.items() if np.isfinite(v)})
+        curve = time_resolved({p: r["metrics"] for p, r in results.items()}, config)
+        key = curve_metric(curve, config["method"])
+        for i, point in enumerate(curve):  # the curve in MLflow's charts: one step per shift, in time order
+            mlflow.log_metrics({f"time_resolved.{k}": float(v) for k, v in point.items()
+                                if k.startswith(("test.", "recon.")) and np.isfinite(v)}, step=i)
         out_dir = os.path.join(cfg.workdir, "evaluations", run_id)
         os.makedirs(out_dir, exist_ok=True)
         files = _write_outputs(out_dir, cfg, ref, results, metrics)
+        if curve:
+            files += write_time_resolved(curve, key, out_dir)
         mlflow.log_artifacts(out_dir, "evaluation")
         if ref.run_id:  # the model's run (and registry version) point to their evaluations
             client.set_tag(ref.run_id, "raydecode.last_evaluation_run_id", run_id)
         if ref.kind == "registry":
             client.set_model_version_tag(ref.name, ref.version, "raydecode.last_evaluation_run_id", run_id)
 
-    shown = [k for k in TABLE_COLUMNS if k in metrics] + sorted(k for k in metrics if k.startswith("test.")
-                                                                 and ".single." not in k)
-    print("\n" + table(["metric"] + list(cfg.protocols),
-                       [[k] + [metrics.get(k if p == "averaged" else k.replace(".", ".single.", 1), float("nan"))
-                               for p in cfg.protocols] for k in shown]))
+    _print_summary(cfg, results, curve, key)
     print(f"\nevaluation run {run_id} ({tracking_uri}); files in {out_dir}: {', '.join(files)}")
     metrics["seconds"] = round(time.time() - t0, 1)
     return StageResult(stage="evaluate", status="ok", mlflow_run_id=run_id, metrics=metrics,

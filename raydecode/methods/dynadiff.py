@@ -57,7 +57,7 @@ from raydecode.nn.diffusion import (
     initial_noise,
 )
 from raydecode.nn.encoders import build_vae, encoder_config, on_meta, requires_weights
-from raydecode.runtime import seeded
+from raydecode.runtime import row_seeds, seeded
 from raydecode.weights import local_weights
 
 LORA_TARGETS = ("attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0")
@@ -268,11 +268,17 @@ class Dynadiff(nn.Module):
     def _latents(self, batch: dict) -> torch.Tensor:
         return batch["latent_tokens"].view(-1, *self.latent_shape)
 
-    def _noised(self, latents: torch.Tensor, t: torch.Tensor, generator: torch.Generator | None = None):
-        noise = torch.randn(latents.shape, generator=generator, device="cpu").to(latents)
+    def _noised(self, latents: torch.Tensor, t: torch.Tensor, generators: list[torch.Generator] | None = None):
+        """Noised latents and the prediction target; ``generators``: one per row (test losses), else the global
+        generator (training)."""
+        def draw(shape):
+            if generators is None:
+                return torch.randn(shape)
+            return torch.stack([torch.randn(shape[1:], generator=g) for g in generators])
+
+        noise = draw(latents.shape).to(latents)
         if self.cfg.offset_noise:  # offset noise: a per-channel constant shift of the noise
-            noise = noise + self.cfg.offset_noise * torch.randn(
-                (*latents.shape[:2], 1, 1), generator=generator, device="cpu").to(latents)
+            noise = noise + self.cfg.offset_noise * draw((*latents.shape[:2], 1, 1)).to(latents)
         sched = self.noise_scheduler
         noisy = sched.add_noise(latents, noise, t)
         target = noise if sched.config.prediction_type == "epsilon" else sched.get_velocity(latents, noise, t)
@@ -301,18 +307,21 @@ class Dynadiff(nn.Module):
     def _test_losses(self, batch: dict) -> dict[str, torch.Tensor]:
         """Denoising error per row at fixed timesteps and noise (comparable across epochs, shifts and runs) with
         the row's brain condition (``cond``), the learned null (``null``) and the condition of another test image
-        of the same subject (``shuffled``: what the condition carries about *this* image)."""
+        of the same subject (``shuffled``: what the condition carries about *this* image). The noise is seeded per
+        (subject, image): a row's values do not depend on how rows are batched (``shuffled`` pairs rows within the
+        batch, so it does)."""
         latents = self._latents(batch)
         n = latents.shape[0]
         total = self.noise_scheduler.config.num_train_timesteps
         steps = torch.linspace(0, total - 1, self.cfg.eval_timesteps).long()
-        gen = torch.Generator().manual_seed(0)
+        gens = [torch.Generator().manual_seed(int(s))
+                for s in row_seeds(0, batch["subject"].tolist(), batch["image_id"].tolist())]
         cond, null = self.condition(batch), self.null(n).to(latents.dtype)
         other = cond[_roll_within(batch["subject"])]
         out = {k: latents.new_zeros(n) for k in ("cond", "null", "shuffled")}
         for s in steps.tolist():
             t = torch.full((n,), s, dtype=torch.long, device=latents.device)
-            noisy, target = self._noised(latents, t, gen)
+            noisy, target = self._noised(latents, t, gens)
             for key, c in (("cond", cond), ("null", null), ("shuffled", other)):
                 pred = self.unet(noisy, t, encoder_hidden_states=c).sample
                 out[key] += (pred.float() - target.float()).pow(2).flatten(1).mean(1) / len(steps)
@@ -461,7 +470,7 @@ SPEC = register(MethodSpec(
         EmbedsTargets(targets),
         Adapts(load_pretrained),
         ReadsWindows(windows),
-        RowMetrics(test_metrics, summarize_test),
+        RowMetrics(test_metrics, summarize_test, headline="image_gain"),
         FreezesWeights(persisted_keys),
         Reconstructs(reconstruct, export=export, defaults=lambda cfg: (cfg.ddim_steps, cfg.guidance)),
     ),

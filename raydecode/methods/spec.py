@@ -65,6 +65,7 @@ class RowMetrics:
 
     values: Callable[[Any, dict], dict[str, torch.Tensor]]
     summarize: Callable[[dict[str, float]], dict[str, float]] = field(default=lambda means: means)
+    headline: str | None = None  # the one a time-resolved curve shows when nothing else is measured (test.<name>)
 
 
 @dataclass(frozen=True)
