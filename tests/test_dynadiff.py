@@ -227,6 +227,7 @@ def test_overfitting_a_few_windows_trains_brain_and_lora_only(store, vae_encoder
     assert images.dtype == torch.uint8 and images.shape == (8, 32, 32, 3)
     batch = {"bold": torch.from_numpy(rows["bold"][idx]),
              "subject": torch.from_numpy(rows["subject"][idx].astype(np.int64)),
+             "image_id": torch.from_numpy(rows["image_id"][idx].astype(np.int64)),
              "latent_tokens": vae_encoder.encode(images)[0].flatten(1)}
 
     spec, cfg, model = _model(dropout=0.0)

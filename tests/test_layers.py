@@ -24,4 +24,6 @@ def test_the_import_contracts_hold():
 def test_every_method_is_in_the_independence_contract():
     contracts = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["importlinter"]["contracts"]
     independent = next(c for c in contracts if c["id"] == "methods")["modules"]
-    assert sorted(m.rsplit(".", 1)[1] for m in independent) == methods()
+    # the library's own methods (a test's toy method, registered from tests/, is not one)
+    assert sorted(m.rsplit(".", 1)[1] for m in independent) == [
+        m for m in methods() if (ROOT / "raydecode" / "methods" / f"{m}.py").exists()]
