@@ -195,6 +195,8 @@ def infer(cfg: EvaluateConfig, ref: ModelRef, config: dict, keys: np.ndarray | N
     ds = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
     # one stimulus-lookup pool for every protocol (a pool per protocol would hold CPUs the shuffles need)
     ds = with_stimuli(ds, open_store(cfg.store, cfg.s3), test_selection(cfg, config, cfg.protocols[0]))
+    # an actor holds its model: Ray Data's "uses N MiB per worker" advice is expected here, not a problem
+    ds.context.issue_detectors_config.high_memory_detector_config.detection_time_interval_s = -1
     ds = ds.map_batches(
         Predictor, fn_constructor_args=(asdict(ref), mlflow_uri(), cfg.model_dump(mode="json"), keys, use_gpu),
         compute=ActorPoolStrategy(size=cfg.actors), num_cpus=cfg.cpus_per_actor, num_gpus=1 if use_gpu else 0,

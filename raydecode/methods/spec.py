@@ -59,6 +59,12 @@ class ReadsWindows:
 
 
 @dataclass(frozen=True)
+class ReadsVolume:
+    """Needs every subject's voxel coordinates (``DatasetInfo.coords``, from the store's voxel tables): the model
+    places betas back on the 3D grid (e.g. MindLink's cubic patches)."""
+
+
+@dataclass(frozen=True)
 class RowMetrics:
     """Per-row test values (``values(model, batch)``, e.g. denoising losses) averaged over the test split at every
     evaluation and logged as ``test.<name>``; ``summarize(means)`` may derive more (e.g. gains)."""

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
+
 
 @dataclass(frozen=True)
 class DatasetInfo:
@@ -14,19 +16,27 @@ class DatasetInfo:
     voxels: dict[int, int]  # voxels per subject (betas are zero-padded to max(voxels))
     n_classes: int = 80
     tr_s: float | None = None  # repetition time of the store's time series (None: the store has none)
+    # each subject's voxel coordinates (n_voxels, 3) on its grid (i, j, k of the store's voxel table), for methods
+    # that read the 3D volume (the capability ReadsVolume); None for the others
+    coords: dict[int, np.ndarray] | None = None
 
     @property
     def width(self) -> int:
         return max(self.voxels.values())
 
     def to_dict(self) -> dict:
-        return {"subjects": list(self.subjects), "voxels": {str(k): v for k, v in self.voxels.items()},
-                "n_classes": self.n_classes, "tr_s": self.tr_s}
+        out = {"subjects": list(self.subjects), "voxels": {str(k): v for k, v in self.voxels.items()},
+               "n_classes": self.n_classes, "tr_s": self.tr_s}
+        if self.coords is not None:  # i0, j0, k0, i1, ... per subject (a checkpoint rebuilds its volume layout)
+            out["coords"] = {str(k): np.asarray(v).reshape(-1).tolist() for k, v in self.coords.items()}
+        return out
 
     @classmethod
     def from_dict(cls, d: dict) -> "DatasetInfo":
+        coords = d.get("coords")
         return cls(list(d["subjects"]), {int(k): int(v) for k, v in d["voxels"].items()}, int(d.get("n_classes", 80)),
-                   d.get("tr_s"))
+                   d.get("tr_s"), {int(k): np.asarray(v, np.int64).reshape(-1, 3) for k, v in coords.items()}
+                   if coords is not None else None)
 
 
 @dataclass(frozen=True)

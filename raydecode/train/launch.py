@@ -13,6 +13,7 @@ import os
 import time
 from dataclasses import dataclass
 
+import numpy as np
 import pyarrow.compute as pc
 
 from raydecode import tracking
@@ -23,7 +24,7 @@ from raydecode.data.store import open_store
 from raydecode.data.windows import count_windows, windows_dataset
 from raydecode.errors import ConfigError, UserError, user_errors_from_ray
 from raydecode.inference import run_class_statistics
-from raydecode.methods.spec import DatasetInfo, count_parameters, get_method
+from raydecode.methods.spec import DatasetInfo, ReadsVolume, count_parameters, get_method
 from raydecode.nn.encoders import encoder_config, requires_weights
 from raydecode.report import StageResult, table
 from raydecode.runtime import Demand, absolute_paths, init_ray, require
@@ -57,8 +58,12 @@ def plan_training(cfg: TrainConfig) -> TrainPlan:
     store = open_store(cfg.store, cfg.s3)
     subjects = store.check_subjects(cfg.data.subjects)
     sessions = store.check_sessions(subjects, cfg.data.sessions)
+    coords = None
+    if spec.get(ReadsVolume) is not None:  # the voxels' i, j, k on each subject's grid
+        coords = {s: np.stack([store.voxel_table(s)[c].to_numpy().astype(np.int64) for c in "ijk"], 1)
+                  for s in subjects}
     info = DatasetInfo(subjects, {s: store.manifest.subject(s).voxels for s in subjects}, len(store.manifest.categories),
-                       store.manifest.tr_s)
+                       store.manifest.tr_s, coords)
 
     targets = {}
     for key, name in spec.targets(mcfg).items():
