@@ -85,12 +85,16 @@ def specialized_sweep(cfg: DiffusionDecodeConfig, tr_s: float, subjects: list[in
     ``time_resolved.specialized``, W(t + k*TR, d)) for every subject, nothing registered."""
     spec = get_method(cfg.method)
     start = spec.window(spec.config(cfg.preset, cfg.model)).start_s
-    headline = spec.get(RowMetrics).headline
+    rows = spec.get(RowMetrics)
+    if rows is None or rows.headline is None:
+        raise ConfigError(f"time_resolved.specialized: method {cfg.method!r} names no headline test value to rank "
+                          "specialized models by (RowMetrics.headline)")
+    metric = f"test.{rows.headline}"
     return SweepConfig.model_validate({
         **cfg.model_dump(mode="json", include=set(TrainConfig.model_fields)),
         "run_name": f"{cfg.run_name}-specialized", "subjects": subjects, "promote": False,
         "space": {"model.window.start_s": {"grid": [round(start + k * tr_s, 6) for k in cfg.time_resolved.specialized]}},
-        "metric": f"test.{headline}", "tie_break": "test.diffusion_loss" if headline != "diffusion_loss" else "epoch"})
+        "metric": metric, "tie_break": metric})
 
 
 def _specialized(cfg: DiffusionDecodeConfig, run_id: str, tr_s: float, subjects: list[int]) -> list[dict]:

@@ -41,6 +41,7 @@ from raydecode.evaluate.feature_metrics import (
     two_way_identification,
 )
 from raydecode.evaluate.images import grid_png, pixcorr, ssim
+from raydecode.evaluate.ipadapter import IPAdapterDecoder
 from raydecode.evaluate.plots import metrics_table_md, retrieval_png, tsne_png
 from raydecode.evaluate.protocols import (
     check_protocols,
@@ -89,6 +90,14 @@ def _resize(images: np.ndarray, size: int) -> np.ndarray:
     return x.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
 
 
+def image_generator(value: str | dict):
+    """The image generator ``decoder`` names: ``{kind: ip-adapter, ...}`` (SD 1.5 + IP-Adapter Plus,
+    :mod:`raydecode.evaluate.ipadapter`), otherwise an unCLIP decoder (:mod:`raydecode.evaluate.unclip`)."""
+    if isinstance(value, dict) and value.get("kind") == "ip-adapter":
+        return IPAdapterDecoder.from_config(value)
+    return EmbeddingDecoder.from_config(unclip_config(value))
+
+
 class Predictor:
     """A Ray Data actor: loads the model once (:class:`~raydecode.inference.ModelRunner`), then test batches ->
     per-row predictions and metrics inputs."""
@@ -111,8 +120,8 @@ class Predictor:
         self.recon_protocols = [i for i, p in enumerate(self.cfg.protocols)
                                 if protocol_shift(p) is None or opts.shifted]
         if self.reconstructs and self.own is None:
-            self.decoder = EmbeddingDecoder.from_config(unclip_config(self.cfg.decoder)).to(self.device)
-            if self.decoder.cfg.blend > 0 and "vae" in targets:  # MindEye2's blurry image, decoded by its VAE
+            self.decoder = image_generator(self.cfg.decoder).to(self.device)
+            if getattr(self.decoder.cfg, "blend", 0) > 0 and "vae" in targets:  # MindEye2's blurry image, decoded by its VAE
                 self.blur_vae = FrozenEncoder(encoder_config(targets["vae"]["encoder"])).to(self.device)
         nets = [MetricNet(**n) for n in self.cfg.metric_nets] if self.cfg.metric_nets is not None else DEFAULT_NETS
         self.nets, extractors = [], {}

@@ -36,6 +36,7 @@ from raydecode.errors import ConfigError
 from raydecode.methods.spec import (
     Adapts,
     DatasetInfo,
+    EmbedsImages,
     EmbedsTargets,
     MethodSpec,
     Progress,
@@ -76,9 +77,9 @@ class MindLinkConfig(BaseModel):
 PRESETS: dict[str, dict] = {
     "paper": {},
     "demo": dict(patch_size=4, dim=96, depth=4, heads=4, decoder_dim=48, proj_depth=2, proj_dim=96,
-                 image_encoder="openclip-demo", image_tokens=(16, 64), dropout=0.0, lambdas=(1.0, 1.0, 1.0, 1.0)),
+                 image_encoder="ipadapter-demo", image_tokens=(16, 64), dropout=0.0, lambdas=(1.0, 1.0, 1.0, 1.0)),
     "tiny": dict(patch_size=4, dim=48, depth=2, heads=4, decoder_dim=24, decoder_depth=1, proj_depth=1, proj_dim=48,
-                 image_encoder="openclip-tiny", image_tokens=(16, 32), dropout=0.0, lambdas=(1.0, 1.0, 1.0, 1.0)),
+                 image_encoder="ipadapter-tiny", image_tokens=(16, 32), dropout=0.0, lambdas=(1.0, 1.0, 1.0, 1.0)),
 }
 
 
@@ -115,6 +116,8 @@ class MindLink(nn.Module):
         self.decoder = nn.Sequential(nn.Linear(cfg.dim, cfg.decoder_dim),
                                      _encoder(cfg.decoder_dim, cfg.decoder_depth, max(1, cfg.heads // 2), 0.0),
                                      nn.Linear(cfg.decoder_dim, cube))
+        nn.init.zeros_(self.decoder[-1].weight)  # reconstructions start at the betas' mean (0: z-scored), so
+        nn.init.zeros_(self.decoder[-1].bias)    # L_rec starts at the masked voxels' variance and falls from there
         self.subject_head = nn.Sequential(GradReverse(cfg.grl_scale), nn.Linear(cfg.dim, cfg.dim), nn.GELU(),
                                           nn.Linear(cfg.dim, cfg.subject_classes))
         n, width = cfg.image_tokens
@@ -177,6 +180,14 @@ def predict(model, batch: dict) -> dict[str, torch.Tensor]:
     return model(batch, predict=True)
 
 
+def image_embeddings(model: MindLink, batch: dict, seeds, steps: int | None = None,
+                     guidance: float | None = None) -> dict[str, torch.Tensor]:
+    """What the image generator decodes (SD 1.5 + IP-Adapter Plus, :mod:`raydecode.evaluate.ipadapter`): the
+    projector's N_I image tokens (deterministic: the seeds are the generator's)."""
+    patches = model.layout.to_patches(batch["betas"], batch["subject"])
+    return {"clip_tokens": model.projector(model.encode(patches)).float()}
+
+
 def load_pretrained(model: MindLink, state: dict[str, torch.Tensor]) -> list[str]:
     """New subjects: every weight (none is per subject); the volume layout is rebuilt from the new run's voxel
     coordinates. Returns the keys left at initialisation (none when the sizes match)."""
@@ -197,6 +208,7 @@ SPEC = register(MethodSpec(
     columns=("betas", "subject", "image_id"),
     capabilities=(
         EmbedsTargets(lambda cfg: {"clip": cfg.image_encoder}),
+        EmbedsImages(image_embeddings),
         Adapts(load_pretrained),
         ReadsVolume(),
     ),

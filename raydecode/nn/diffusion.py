@@ -34,18 +34,27 @@ def ddim_scheduler(noise_scheduler_config, steps: int):
     return sched
 
 
+def _cat(a, b):
+    """Two batches of UNet inputs (tensors, or lists of tensors as IP-Adapter's ``image_embeds``) as one."""
+    return [torch.cat([x, y]) for x, y in zip(a, b)] if isinstance(a, list) else torch.cat([a, b])
+
+
 def ddim_denoise(unet, sched, x: torch.Tensor, cond: torch.Tensor, null: torch.Tensor | None = None,
-                 guidance: float = 1.0, timesteps: torch.Tensor | None = None) -> torch.Tensor:
+                 guidance: float = 1.0, timesteps: torch.Tensor | None = None, added: dict | None = None,
+                 added_null: dict | None = None) -> torch.Tensor:
     """DDIM (eta 0) from the latents ``x`` over ``timesteps`` (default: all of ``sched``'s), the UNet conditioned on
-    ``cond`` through cross-attention. With a ``null`` condition: classifier-free guidance,
+    ``cond`` through cross-attention (and ``added``: its ``added_cond_kwargs``, e.g. IP-Adapter's image tokens).
+    With a ``null`` condition (and ``added_null``): classifier-free guidance,
     ``eps_null + guidance * (eps_cond - eps_null)``, both predictions from one batched UNet call; without: the
     conditional prediction alone."""
     for t in sched.timesteps if timesteps is None else timesteps:
         inp = sched.scale_model_input(x, t)
         if null is None:
-            eps = unet(inp, t, encoder_hidden_states=cond).sample
+            eps = unet(inp, t, encoder_hidden_states=cond, added_cond_kwargs=added).sample
         else:
-            both = unet(torch.cat([inp, inp]), t, encoder_hidden_states=torch.cat([cond, null])).sample
+            both_added = {k: _cat(v, added_null[k]) for k, v in added.items()} if added else None
+            both = unet(torch.cat([inp, inp]), t, encoder_hidden_states=torch.cat([cond, null]),
+                        added_cond_kwargs=both_added).sample
             eps_cond, eps_null = both.chunk(2)
             eps = eps_null + guidance * (eps_cond - eps_null)
         x = sched.step(eps, t, x, eta=0.0).prev_sample

@@ -9,6 +9,9 @@ small with random weights from a fixed seed, so nothing is downloaded.
 - ``openclip``: ``tokens`` = the vision transformer's patch tokens after
   ``ln_post`` (256 x 1664 for ViT-bigG/14 at 224 px, MindEye2's target),
   ``pooled`` = the projected image embedding.
+- ``ipadapter``: ``tokens`` = IP-Adapter Plus's image tokens (16 x 768 for SD 1.5: CLIP ViT-H/14's penultimate
+  hidden states through the adapter's resampler, :mod:`raydecode.nn.ipadapter`; MindLink's target),
+  ``pooled`` = the CLIP vision tower's projected image embedding (1024).
 - ``vae``: ``tokens`` = the scaled posterior mean (4 x 28 x 28 for the SD VAE at
   224 px, MindEye2's low-level target), ``pooled`` = the encoder's mid-block
   feature maps average-pooled to 2 x 2 (the low-level feature target of the
@@ -31,6 +34,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from raydecode.errors import ConfigError
 from raydecode.nn.diffusion import decode_latents
+from raydecode.nn.ipadapter import IP_ADAPTER_FILE, ImageTokens
 from raydecode.runtime import seeded
 from raydecode.weights import local_weights
 
@@ -44,13 +48,16 @@ class EncoderConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str
-    kind: Literal["openclip", "vae"]
-    arch: str = Field(description="openclip: model name (e.g. ViT-bigG-14); vae: 'tiny' or 'pretrained'")
+    kind: Literal["openclip", "vae", "ipadapter"]
+    arch: str = Field(description="openclip: model name (e.g. ViT-bigG-14); vae: 'tiny' or 'pretrained'; "
+                                  "ipadapter: 'pretrained', 'tiny' or 'demo'")
     weights: str | None = Field(None, description="a file or diffusers dir: a local path, s3:// prefix or "
                                                  "hf://ORG/REPO[@REV][/PATH] (raydecode.weights); None = random weights from `seed`")
     image_size: int = Field(224, ge=8)
     seed: int = 0
     tiny_channels: tuple[int, ...] = Field((16, 32, 32), description="vae 'tiny': block widths (downsampling 2^(n-1))")
+    weight_name: str = Field(IP_ADAPTER_FILE, description="ipadapter: the adapter's file in `weights` (a directory "
+                                                          "with image_encoder/ beside it, as h94/IP-Adapter's models/)")
 
 
 # Named encoders a config can refer to by name (a full EncoderConfig mapping also works).
@@ -63,6 +70,9 @@ ENCODERS: dict[str, EncoderConfig] = {
         EncoderConfig(name="vae-tiny", kind="vae", arch="tiny", image_size=32, tiny_channels=(16, 32, 32)),
         EncoderConfig(name="openclip-demo", kind="openclip", arch="raydecode-demo-vit", image_size=64),
         EncoderConfig(name="vae-demo", kind="vae", arch="tiny", image_size=64, tiny_channels=(16, 32, 32)),
+        EncoderConfig(name="ipadapter-plus-sd15", kind="ipadapter", arch="pretrained", image_size=224),
+        EncoderConfig(name="ipadapter-tiny", kind="ipadapter", arch="tiny", image_size=32),
+        EncoderConfig(name="ipadapter-demo", kind="ipadapter", arch="demo", image_size=64),
     )
 }
 
@@ -123,14 +133,17 @@ class FrozenEncoder(torch.nn.Module):
         self.cfg = cfg
         if architecture_only:
             with torch.device("meta"):
-                self.net = self._build_openclip(cfg.model_copy(update={"weights": None}), "meta") \
-                    if cfg.kind == "openclip" else self._vae_architecture(cfg)
+                bare = cfg.model_copy(update={"weights": None})
+                self.net = self._build_openclip(bare, "meta") if cfg.kind == "openclip" else \
+                    ImageTokens.build(cfg.arch, None, cfg.weight_name, cfg.seed, meta=True) \
+                    if cfg.kind == "ipadapter" else self._vae_architecture(cfg)
         else:
             if requires_weights(cfg):
                 raise ConfigError(f"encoder {cfg.name!r} needs `weights` (a local path, s3:// or hf:// reference); "
-                                  "random weights exist only for the raydecode-* architectures")
+                                  "random weights exist only for the tiny / demo (raydecode-*) architectures")
             with seeded(cfg.seed):
-                self.net = self._build_openclip(cfg) if cfg.kind == "openclip" else self._build_vae(cfg)
+                self.net = self._build_openclip(cfg) if cfg.kind == "openclip" else self._build_ipadapter(cfg) \
+                    if cfg.kind == "ipadapter" else self._build_vae(cfg)
         self.net.eval().requires_grad_(False)
         self._mid: torch.Tensor | None = None
         if cfg.kind == "vae":
@@ -152,6 +165,11 @@ class FrozenEncoder(torch.nn.Module):
         visual = model.visual
         visual.output_tokens = True
         return visual
+
+    @staticmethod
+    def _build_ipadapter(cfg: EncoderConfig) -> torch.nn.Module:
+        weights = local_weights(cfg.weights, f"encoder {cfg.name!r}") if cfg.weights is not None else None
+        return ImageTokens.build(cfg.arch, weights, cfg.weight_name, cfg.seed)
 
     @staticmethod
     def _vae_architecture(cfg: EncoderConfig) -> torch.nn.Module:
@@ -186,10 +204,11 @@ class FrozenEncoder(torch.nn.Module):
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = self._pixels(images)
-        if self.cfg.kind == "openclip":
+        if self.cfg.kind in ("openclip", "ipadapter"):
             mean = x.new_tensor(OPENAI_MEAN).view(1, 3, 1, 1)
             std = x.new_tensor(OPENAI_STD).view(1, 3, 1, 1)
-            pooled, tokens = self.net((x - mean) / std)
+            out = self.net((x - mean) / std)
+            tokens, pooled = out if self.cfg.kind == "ipadapter" else out[::-1]
             return tokens.float(), pooled.float()
         posterior = self.net.encode(x * 2 - 1).latent_dist
         latents = posterior.mean * self.net.config.scaling_factor
@@ -239,7 +258,7 @@ def requires_weights(cfg: EncoderConfig) -> bool:
     """True for encoders that exist only as pretrained weights (nothing is downloaded at run time)."""
     if cfg.weights is not None:
         return False
-    return cfg.arch == "pretrained" if cfg.kind == "vae" else not cfg.arch.startswith("raydecode-")
+    return cfg.arch == "pretrained" if cfg.kind != "openclip" else not cfg.arch.startswith("raydecode-")
 
 
 def on_meta() -> bool:
