@@ -30,6 +30,9 @@ class DataSelection(BaseModel):
 
     subjects: list[int] | None = Field(None, description="subject ids (default: all in the store)")
     sessions: list[int] | None = Field(None, description="sessions to read, e.g. [1] for the 1-hour setting")
+    train_trials: int | None = Field(None, ge=1, description="train split: each subject's first N train trials in "
+                                                            "acquisition order (session, run, trial), e.g. MindLink's "
+                                                            "500 / 1,500 / 4,000-sample new-subject settings")
     average_test_repeats: bool = Field(True, description="test split: average the repetitions of each image")
     single_test_trial_seed: int | None = Field(
         None, description="test split without averaging: one presentation per (subject, image), drawn with this "
@@ -526,8 +529,10 @@ class EvaluateConfig(StageConfig):
     retrieval: RetrievalOptions = Field(default_factory=RetrievalOptions)
     reconstruct: EvalReconstructOptions = Field(default_factory=EvalReconstructOptions)
     decoder: str | dict[str, Any] | None = Field(
-        None, description="CLIP-space methods: the image generator (raydecode.evaluate.unclip: a preset name, tiny or "
-                          "demo, or a config with `path` to a diffusers directory); None: no reconstructions")
+        None, description="methods that predict image embeddings: the image generator (raydecode.evaluate.unclip: a "
+                          "preset name, tiny or demo, or a config with `path` to a diffusers directory; "
+                          "{kind: ip-adapter, ...}: SD 1.5 + IP-Adapter Plus, raydecode.evaluate.ipadapter); "
+                          "None: no reconstructions")
     metric_nets: list[dict[str, Any]] | None = Field(
         None, description="metric networks (raydecode.evaluate.feature_metrics.MetricNet); default: the papers' six, "
                           "random weights unless `weights` are given")

@@ -48,7 +48,7 @@ def _stage_configs() -> dict:
     )
 
     return {"pretrain": TrainConfig, "sweep": SweepConfig, "dynadiff": DiffusionDecodeConfig,
-            "embed": EmbedConfig, "evaluate": EvaluateConfig, "ingest": IngestNSDConfig,
+            "embed": EmbedConfig, "evaluate": EvaluateConfig, "ingest": IngestNSDConfig, "ingest-nsd": IngestNSDConfig,
             "ingest-synthetic": IngestSyntheticConfig, "ingest-mindeye2": IngestMindEye2Config,
             "promote": StageConfig}
 
@@ -167,6 +167,15 @@ def _jobs_nsd() -> list[Path]:
     return files
 
 
+def _job_stage(path: Path) -> str:
+    """The stage a job file runs: its first line is the command that submits it (``... raydecode <stage> --config
+    jobs/<file>``)."""
+    first = path.read_text().splitlines()[0]
+    found = re.search(r"raydecode (\w+(?: \w+)?) --config jobs/" + re.escape(path.name), first)
+    assert found, f"{path.name}: its first line must be the command that runs it, not {first!r}"
+    return found.group(1).replace(" ", "-")  # ingest nsd -> ingest-nsd
+
+
 def _jobs_tracking_uris() -> set[str]:
     return {yaml.safe_load(p.read_text()).get("tracking_uri") for p in _jobs_nsd()} - {None}
 
@@ -185,7 +194,7 @@ def test_nsd_jobs_load_and_use_one_data_bucket_and_one_checkpoint_bucket():
 
     buckets = _tf_buckets()
     for path in _jobs_nsd():
-        stage = path.name.removesuffix("-nsd.yaml")
+        stage = _job_stage(path)
         assert stage in configs, f"{path.name}: add its stage's config class to this test"
         cfg = load_config(configs[stage], str(path))
         assert S3_URI.fullmatch(cfg.store).group(1) == buckets["data"], f"{path.name}: store {cfg.store}"
@@ -205,13 +214,14 @@ def test_nsd_jobs_take_every_weight_from_one_weights_root():
         elif isinstance(node, list):
             for v in node:
                 yield from refs(v, key)
-        elif key in ("weights", "unet", "path") and isinstance(node, str):
+        elif key in ("weights", "unet", "path", "ip_adapter") and isinstance(node, str):
             yield node
 
     found = {p.name: list(refs(yaml.safe_load(p.read_text()))) for p in _jobs_nsd()}
     every = [r for rs in found.values() for r in rs]
     assert len(every) >= 10 and {n for n, rs in found.items() if rs} == {"embed-nsd.yaml", "dynadiff-nsd.yaml",
-                                                                         "evaluate-nsd.yaml"}, found
+                                                                         "evaluate-nsd.yaml",
+                                                                         "evaluate-mindlink-nsd.yaml"}, found
     assert all(r.startswith(f"s3://{_tf_buckets()['data']}/weights/") for r in every), every
 
 

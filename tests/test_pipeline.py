@@ -8,7 +8,7 @@ import pytest
 from raydecode.config import DataSelection
 from raydecode.data.pipeline import trials_dataset
 from raydecode.data.store import open_store
-from raydecode.errors import StoreError
+from raydecode.errors import ConfigError, StoreError
 
 
 def _collect(ds):
@@ -17,6 +17,25 @@ def _collect(ds):
         for k, v in batch.items():
             out.setdefault(k, []).append(v)
     return {k: np.concatenate(v) for k, v in out.items()}
+
+
+def test_train_trials_keeps_each_subjects_first_trials_in_acquisition_order(tiny_store, ray_local):
+    """MindLink's new-subject settings (500 / 1,500 / 4,000 samples): the first N train trials of each subject, by
+    (session, run, trial), however the files are shuffled."""
+    store = open_store(tiny_store)
+    every = _collect(trials_dataset(store, "train", DataSelection(subjects=[2, 3], categories=False)).dataset)
+    first = _collect(trials_dataset(store, "train", DataSelection(subjects=[2, 3], categories=False,
+                                                                  train_trials=40)).dataset)
+    for subject in (2, 3):
+        mine = every["subject"] == subject
+        order = np.lexsort((every["trial"][mine], every["run"][mine], every["session"][mine]))
+        expected = sorted(zip(every["session"][mine][order][:40], every["run"][mine][order][:40],
+                              every["trial"][mine][order][:40]))
+        got = first["subject"] == subject
+        assert sorted(zip(first["session"][got], first["run"][got], first["trial"][got])) == expected
+    assert len(every["betas"]) > 80 and len(first["betas"]) == 80
+    with pytest.raises(ConfigError, match=r"data.train_trials 100000: subject 2 has \d+ train trials"):
+        trials_dataset(store, "train", DataSelection(subjects=[2], train_trials=100_000))
 
 
 def test_train_split_first_session_with_images(tiny_store, ray_local):

@@ -2,8 +2,8 @@
 
 Ingest a synthetic NSD, summarise and verify it, stream it through the Ray Data pipeline the trainers use,
 pretrain MindEye2 on 7 subjects (Ray Train + DeepSpeed ZeRO-2, 2 CPU workers) and fine-tune it on one session of
-the 8th, a Duala sweep on subject 8, Dynadiff on subject 1's time series, then evaluate and compare the subject-8
-models. Each stage runs its ``jobs/<stage>.yaml`` on the demo's store, work dir and preset.
+the 8th, a Duala sweep on subject 8, Dynadiff on subject 1's time series, MindLink (one model for subjects 1-7, no
+per-subject parameters), then evaluate and compare the subject-8 models. Each stage runs its ``jobs/<stage>.yaml`` on the demo's store, work dir and preset.
 """
 
 from __future__ import annotations
@@ -51,6 +51,7 @@ def run_demo(cfg: DemoConfig) -> StageResult:
     pre, ft = _train(cfg, steps)
     sw, promoted = _sweep(cfg, pre.artifacts["checkpoint"], steps)
     dd = _dynadiff(cfg, steps, promoted)
+    ml = _mindlink(cfg, steps)
     refs, evals, cmp_ = _evaluate(cfg, ft.artifacts["checkpoint"], promoted, steps)
 
     print("\n" + table(["step", "status", "what", "seconds"], steps))
@@ -68,12 +69,13 @@ def run_demo(cfg: DemoConfig) -> StageResult:
                  **{f"finetune.{k}": v for k, v in fm.items() if k.startswith("retrieval.")},
                  **{f"sweep.{k}": v for k, v in sw.metrics.items() if k != "seconds"},
                  **{f"dynadiff.{k}": v for k, v in dm.items() if k.startswith("final.")},
+                 **{f"mindlink.{k}": v for k, v in ml.metrics.items() if k.startswith("retrieval.")},
                  **{f"evaluate.{r}.{k}": v for r, e in zip(refs, evals) for k, v in e.metrics.items()
                     if k.startswith(("retrieval.", "recon."))},
                  "seconds": round(time.time() - t0, 2)},
         artifacts={"store": store.uri, "pretrained": pre.artifacts["checkpoint"],
                    "finetuned": ft.artifacts["checkpoint"], "sweep_run": sw.artifacts["mlflow_run"],
-                   "dynadiff": dd.artifacts["checkpoint"], "comparison": cmp_.artifacts["table"], **promoted},
+                   "dynadiff": dd.artifacts["checkpoint"], "mindlink": ml.artifacts["checkpoint"], "comparison": cmp_.artifacts["table"], **promoted},
     )
 
 
@@ -148,6 +150,14 @@ def _dynadiff(cfg: DemoConfig, steps: list[list], promoted: dict):
     if "model" in dd.artifacts:
         promoted[dd.artifacts["model"].split("/")[1]] = f"{dd.artifacts['model']} ({dd.artifacts['alias']})"
     return dd
+
+
+def _mindlink(cfg: DemoConfig, steps: list[list]):
+    with _step(steps, "mindlink", "MindLink on subjects 1-7: one model on a shared 3D patch frame, no subject-specific "
+               "parameters (masked voxel modelling, subject adversary, token-level alignment)") as row:
+        ml = run_training(demo_config(cfg, "mindlink", TrainConfig), stage="pretrain")
+        row[1:] = [ml.status, f"retrieval top-1 {_top1(ml.metrics)}"]
+    return ml
 
 
 def _evaluate(cfg: DemoConfig, finetuned: str, promoted: dict, steps: list[list]):

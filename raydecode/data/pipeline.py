@@ -310,9 +310,41 @@ def _trials_dataset(store: Store | str, split: str, sel: DataSelection, s3: S3Op
         num_cpus=sel.read_cpus,
     )
     ds = ds.filter(expr=f"split == '{split}'", num_cpus=sel.read_cpus)
+    if split == "train" and sel.train_trials is not None:
+        ds = ds.map_batches(_keep_first, fn_kwargs={"cutoffs": train_cutoffs(store, shards, sel.train_trials)},
+                            batch_format="pyarrow", num_cpus=sel.read_cpus)
     ds = ds.map_batches(_decode_betas, fn_kwargs={"width": width}, batch_format="pyarrow", num_cpus=sel.read_cpus)
     ds = with_stimuli(group_test(ds, sel, split, len(subjects)), store, sel)
     return TrialsDataset(ds, subjects, voxels, width, [s.path for s in shards])
+
+
+def _acquisition_key(table: pa.Table) -> np.ndarray:
+    """(session, run, trial) packed in one int64 that sorts in acquisition order."""
+    col = lambda name: table[name].to_numpy().astype(np.int64)  # noqa: E731
+    return col("session") * 10**8 + col("run") * 10**4 + col("trial")
+
+
+def train_cutoffs(store: Store, shards: list[ShardInfo], n: int) -> dict[int, int]:
+    """Per subject, the acquisition key of its ``n``-th train trial among ``shards`` (read from the small columns
+    only): keeping the keys up to it keeps the subject's first ``n`` train trials."""
+    keys: dict[int, list[np.ndarray]] = {}
+    for shard in shards:
+        table = store.read_shard(shard, ["session", "run", "trial", "split"])
+        keys.setdefault(shard.subject, []).append(_acquisition_key(table.filter(pc.equal(table["split"], "train"))))
+    cutoffs = {}
+    for subject, parts in sorted(keys.items()):
+        ordered = np.sort(np.concatenate(parts))
+        if len(ordered) < n:
+            raise ConfigError(f"data.train_trials {n}: subject {subject} has {len(ordered)} train trials in the "
+                              "selected sessions")
+        cutoffs[subject] = int(ordered[n - 1])
+    return cutoffs
+
+
+def _keep_first(batch: pa.Table, cutoffs: dict[int, int]) -> pa.Table:
+    subject = batch["subject"].to_numpy()
+    limit = np.array([cutoffs[int(s)] for s in subject], dtype=np.int64)
+    return batch.filter(pa.array(_acquisition_key(batch) <= limit))
 
 
 def with_stimuli(ds, store: Store, sel: DataSelection):

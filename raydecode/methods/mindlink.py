@@ -64,6 +64,7 @@ class MindLinkConfig(BaseModel):
     image_tokens: tuple[int, int] = Field((16, 768), description="(N_I, width) of the image-token target")
     subject_classes: int = Field(8, ge=2, description="outputs of the subject classifier (NSD: 8 subjects)")
     grl_scale: float = Field(1.0, ge=0, description="gradient reversal scale")
+    subject_head_layers: int = Field(2, ge=1, description="layers of the subject classifier (1: linear)")
     lambdas: tuple[float, float, float, float] = Field((1.0, 1.0, 1.0, 1e-2),
                                                        description="weights of L_rec, L_subj, L_align, L_local")
     temperature: float = Field(0.1, gt=0, description="L_local's tau")
@@ -118,8 +119,8 @@ class MindLink(nn.Module):
                                      nn.Linear(cfg.decoder_dim, cube))
         nn.init.zeros_(self.decoder[-1].weight)  # reconstructions start at the betas' mean (0: z-scored), so
         nn.init.zeros_(self.decoder[-1].bias)    # L_rec starts at the masked voxels' variance and falls from there
-        self.subject_head = nn.Sequential(GradReverse(cfg.grl_scale), nn.Linear(cfg.dim, cfg.dim), nn.GELU(),
-                                          nn.Linear(cfg.dim, cfg.subject_classes))
+        hidden = [m for _ in range(cfg.subject_head_layers - 1) for m in (nn.Linear(cfg.dim, cfg.dim), nn.GELU())]
+        self.subject_head = nn.Sequential(GradReverse(cfg.grl_scale), *hidden, nn.Linear(cfg.dim, cfg.subject_classes))
         n, width = cfg.image_tokens
         self.projector = PerceiverResampler(cfg.dim, cfg.proj_dim, cfg.proj_depth, n, max(1, cfg.proj_dim // 64),
                                             dim_head=min(64, cfg.proj_dim), dim_out=width)

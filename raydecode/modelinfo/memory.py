@@ -100,7 +100,12 @@ def build_for_measurement(spec, mcfg, info: DatasetInfo) -> tuple[torch.nn.Modul
         trainable = [p for g in spec.param_groups(model, mcfg, 0.0) for p in g["params"]]
     ids = {id(p) for p in trainable}
     keep = {n for n, p in model.named_parameters() if id(p) in ids}  # by name: to_empty makes new tensors
+    real = {n: b for n, b in model.named_buffers() if not b.is_meta}  # data built for real (e.g. index tables)
     model = model.to_empty(device="cpu")
+    for name, value in real.items():
+        owner, _, attr = name.rpartition(".")
+        model.get_submodule(owner).register_buffer(attr, value, persistent=attr not in
+                                                   model.get_submodule(owner)._non_persistent_buffers_set)
     _materialize_attributes(model)
     named = dict(model.named_parameters())
     for n, p in named.items():

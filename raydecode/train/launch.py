@@ -19,7 +19,7 @@ import pyarrow.compute as pc
 from raydecode import tracking
 from raydecode.checkpoint import CONFIG_FILE, METRICS_FILE, read_json
 from raydecode.config import TrainConfig
-from raydecode.data.pipeline import trials_dataset
+from raydecode.data.pipeline import train_cutoffs, trials_dataset
 from raydecode.data.store import open_store
 from raydecode.data.windows import count_windows, windows_dataset
 from raydecode.errors import ConfigError, UserError, user_errors_from_ray
@@ -77,6 +77,8 @@ def plan_training(cfg: TrainConfig) -> TrainPlan:
             targets[key] = {"encoder": name, "source": "compute"}
 
     window = spec.window(mcfg)
+    if window is not None and cfg.data.train_trials is not None:
+        raise ConfigError("data.train_trials: selects trials, not time-series windows; select sessions instead")
     if window is not None:  # windows of the BOLD time series (e.g. Dynadiff)
         shards = store.manifest.shards_of("timeseries", subjects=subjects, sessions=sessions)
         train_rows = count_windows(store, subjects, sessions, window, "train")
@@ -84,6 +86,8 @@ def plan_training(cfg: TrainConfig) -> TrainPlan:
         shards = store.manifest.shards_of("trials", subjects=subjects, sessions=sessions)
         train_rows = sum(int(pc.sum(pc.equal(store.read_shard(s, ["split"])["split"], "train")).as_py() or 0)
                          for s in shards)
+        if cfg.data.train_trials is not None:  # each subject's first N (checked: every subject has them)
+            train_rows = cfg.data.train_trials * len(train_cutoffs(store, shards, cfg.data.train_trials))
     per_worker = train_rows // cfg.scaling.num_workers
     steps = per_worker // cfg.optim.batch_size
     if steps < 1:
