@@ -131,7 +131,7 @@ class IPAdapterDecoder:
             root = local_weights(cfg.path, "decoder.path")
             unet = UNet2DConditionModel.from_pretrained(root, subfolder="unet")
             vae = AutoencoderKL.from_pretrained(root, subfolder="vae")
-            sched = DDIMScheduler.from_pretrained(root, subfolder="scheduler")
+            sched = DDIMScheduler.from_config(DDIMScheduler.load_config(root, subfolder="scheduler"), clip_sample=False)
         else:
             if not on_meta() and cfg.unet_config.get("block_out_channels") == SD15_UNET["block_out_channels"]:
                 raise ConfigError("decoder.path: the paper preset generates with Stable Diffusion 1.5; set it to a "

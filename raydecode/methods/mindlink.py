@@ -120,7 +120,8 @@ class MindLink(nn.Module):
         nn.init.zeros_(self.decoder[-1].weight)  # reconstructions start at the betas' mean (0: z-scored), so
         nn.init.zeros_(self.decoder[-1].bias)    # L_rec starts at the masked voxels' variance and falls from there
         hidden = [m for _ in range(cfg.subject_head_layers - 1) for m in (nn.Linear(cfg.dim, cfg.dim), nn.GELU())]
-        self.subject_head = nn.Sequential(GradReverse(cfg.grl_scale), *hidden, nn.Linear(cfg.dim, cfg.subject_classes))
+        self.reverse = GradReverse(cfg.grl_scale)
+        self.subject_head = nn.Sequential(*hidden, nn.Linear(cfg.dim, cfg.subject_classes))
         n, width = cfg.image_tokens
         self.projector = PerceiverResampler(cfg.dim, cfg.proj_dim, cfg.proj_depth, n, max(1, cfg.proj_dim // 64),
                                             dim_head=min(64, cfg.proj_dim), dim_out=width)
@@ -148,7 +149,8 @@ class MindLink(nn.Module):
         l_rec = ((recon.float() - patches.float()) ** 2 * real).sum() / real.sum().clamp(min=1)
 
         tokens = self.encode(patches)
-        l_subj = F.cross_entropy(self.subject_head(tokens.mean(1)).float(), batch["subject"] - 1)
+        # one term: the classifier descends it, the encoder (behind the reversal) ascends it
+        l_subj = F.cross_entropy(self.subject_head(self.reverse(tokens.mean(1))).float(), batch["subject"] - 1)
         pred = self.projector(tokens).float()
         target = batch["clip_tokens"].view(b, *cfg.image_tokens).float()
         l_align = F.mse_loss(pred, target)
