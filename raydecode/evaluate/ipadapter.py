@@ -28,16 +28,19 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from raydecode.config import format_validation_error
 from raydecode.errors import ConfigError
 from raydecode.nn.diffusion import (
+    DEMO_UNET,
+    RANDOM_SCHEDULER,
     SD_SCHEDULER,
+    TINY_UNET,
     VD_IMAGE_UNET,
     ddim_denoise,
     ddim_scheduler,
     decode_latents,
     initial_noise,
+    random_unet,
 )
 from raydecode.nn.encoders import OPENAI_MEAN, FrozenEncoder, build_vae, encoder_config, on_meta
 from raydecode.nn.ipadapter import IP_ADAPTER_FILE, random_image_proj, random_ip_layers, read_ip_adapter
-from raydecode.runtime import seeded
 from raydecode.weights import local_weights
 
 # Stable Diffusion 1.5's UNet (text cross-attention 768 wide), the architecture IP-Adapter Plus SD 1.5 plugs into
@@ -65,21 +68,13 @@ class IPAdapterConfig(BaseModel):
     guidance: float = Field(7.5, ge=0, description="classifier-free guidance scale (MindLink: 7.5)")
 
 
-_TINY_UNET = dict(block_out_channels=(32, 64), layers_per_block=1, attention_head_dim=8, norm_num_groups=8,
-                  down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                  up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
-_DEMO_UNET = dict(block_out_channels=(32, 64, 64), layers_per_block=1, attention_head_dim=8, norm_num_groups=8,
-                  down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-                  up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"))
-_RANDOM_SCHEDULE = dict(SD_SCHEDULER, beta_schedule="squaredcos_cap_v2")
-
 # token widths match MindLink's presets (tiny: 16 x 32 from ipadapter-tiny, demo: 16 x 64, paper: 16 x 768)
 PRESETS: dict[str, dict] = {
     "paper": {},
-    "demo": dict(unet_config=dict(_DEMO_UNET, cross_attention_dim=64), vae="vae-demo", image_encoder="ipadapter-demo",
-                 scheduler=_RANDOM_SCHEDULE),
-    "tiny": dict(unet_config=dict(_TINY_UNET, cross_attention_dim=32), vae="vae-tiny", image_encoder="ipadapter-tiny",
-                 scheduler=_RANDOM_SCHEDULE),
+    "demo": dict(unet_config=dict(DEMO_UNET, cross_attention_dim=64), vae="vae-demo", image_encoder="ipadapter-demo",
+                 scheduler=RANDOM_SCHEDULER),
+    "tiny": dict(unet_config=dict(TINY_UNET, cross_attention_dim=32), vae="vae-tiny", image_encoder="ipadapter-tiny",
+                 scheduler=RANDOM_SCHEDULER),
 }
 
 
@@ -138,11 +133,7 @@ class IPAdapterDecoder:
                                   "local diffusers directory (nothing is downloaded at run time)")
             root = None
             enc, vae = build_vae(cfg.vae, "decoder.vae")
-            down = 2 ** (len(vae.config.block_out_channels) - 1)
-            with seeded(cfg.seed):
-                unet = UNet2DConditionModel(**{"in_channels": vae.config.latent_channels,
-                                               "out_channels": vae.config.latent_channels, **cfg.unet_config,
-                                               "sample_size": enc.image_size // down})
+            unet = random_unet(cfg.unet_config, vae, enc.image_size, cfg.seed)
             sched = DDIMScheduler(**cfg.scheduler)
         pipe = StableDiffusionPipeline(vae=vae, text_encoder=None, tokenizer=None, unet=unet, scheduler=sched,
                                        safety_checker=None, feature_extractor=None, image_encoder=None,

@@ -42,15 +42,18 @@ from torch import nn
 
 from raydecode.errors import ConfigError
 from raydecode.nn.diffusion import (
+    DEMO_UNET,
+    RANDOM_SCHEDULER,
     SD_SCHEDULER,
+    TINY_UNET,
     VD_IMAGE_UNET,
     ddim_denoise,
     ddim_scheduler,
     decode_latents,
     initial_noise,
+    random_unet,
 )
 from raydecode.nn.encoders import build_vae, on_meta
-from raydecode.runtime import seeded
 from raydecode.weights import local_weights
 
 # A Stable-Diffusion-1-sized UNet attending to OpenCLIP ViT-bigG/14's 1664-wide image tokens: the architecture of
@@ -77,21 +80,14 @@ class UnclipConfig(BaseModel):
                                                       "from the noised blurry image (1 - MindEye's img2img_strength)")
 
 
-_TINY_UNET = dict(block_out_channels=(32, 64), layers_per_block=1, attention_head_dim=8, norm_num_groups=8,
-                  down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                  up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
-_DEMO_UNET = dict(block_out_channels=(32, 64, 64), layers_per_block=1, attention_head_dim=8, norm_num_groups=8,
-                  down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-                  up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"))
-
 # Token widths match the CLIP tokens of MindEye2's presets (tiny: 16 x 32 from openclip-tiny, demo: 16 x 64 from
 # openclip-demo, paper: 256 x 1664 from ViT-bigG/14); the VAEs are those of its low-level branch.
 PRESETS: dict[str, dict] = {
     "paper": {},
-    "demo": dict(unet_config=dict(_DEMO_UNET, cross_attention_dim=64), vae="vae-demo",
-                 scheduler=dict(SD_SCHEDULER, beta_schedule="squaredcos_cap_v2")),
-    "tiny": dict(unet_config=dict(_TINY_UNET, cross_attention_dim=32), vae="vae-tiny",
-                 scheduler=dict(SD_SCHEDULER, beta_schedule="squaredcos_cap_v2")),
+    "demo": dict(unet_config=dict(DEMO_UNET, cross_attention_dim=64), vae="vae-demo",
+                 scheduler=RANDOM_SCHEDULER),
+    "tiny": dict(unet_config=dict(TINY_UNET, cross_attention_dim=32), vae="vae-tiny",
+                 scheduler=RANDOM_SCHEDULER),
 }
 
 
@@ -168,11 +164,7 @@ class EmbeddingDecoder(nn.Module):
             raise ConfigError("unclip.path: the paper preset generates with a pretrained unCLIP model; set it to a "
                               "local diffusers directory (unet/, vae/); nothing is downloaded at run time")
         enc, vae = build_vae(cfg.vae, "decoder.vae")  # the VAE of the store's targets of that name (same seed, same weights)
-        down = 2 ** (len(vae.config.block_out_channels) - 1)
-        config = {"in_channels": vae.config.latent_channels, "out_channels": vae.config.latent_channels,
-                  **cfg.unet_config, "sample_size": enc.image_size // down}
-        with seeded(cfg.seed):
-            unet = UNet2DConditionModel(**config)
+        unet = random_unet(cfg.unet_config, vae, enc.image_size, cfg.seed)
         return cls(unet, vae, DDPMScheduler(**cfg.scheduler).config, cfg)
 
     def train(self, mode: bool = True):

@@ -7,6 +7,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from raydecode.runtime import seeded
+
 # Versatile Diffusion's image UNet (a Stable-Diffusion-1 UNet with 768-wide cross-attention to 257 CLIP tokens):
 # the architecture paper presets build on the meta device when no weights are named (parameter counts).
 VD_IMAGE_UNET = dict(
@@ -15,8 +17,16 @@ VD_IMAGE_UNET = dict(
     down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
     up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
 )
+# Small random-weight UNets of the tiny / demo image generators (cross_attention_dim set by each preset)
+TINY_UNET = dict(block_out_channels=(32, 64), layers_per_block=1, attention_head_dim=8, norm_num_groups=8,
+                 down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                 up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
+DEMO_UNET = dict(block_out_channels=(32, 64, 64), layers_per_block=1, attention_head_dim=8, norm_num_groups=8,
+                 down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+                 up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"))
 SD_SCHEDULER = dict(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
                     prediction_type="epsilon", clip_sample=False, steps_offset=1)
+RANDOM_SCHEDULER = dict(SD_SCHEDULER, beta_schedule="squaredcos_cap_v2")  # the tiny / demo generators
 
 
 def initial_noise(seeds: np.ndarray | list[int], shape: tuple[int, ...]) -> torch.Tensor:
@@ -65,3 +75,15 @@ def decode_latents(vae, latents: torch.Tensor) -> torch.Tensor:
     """Scaled VAE latents (B, C, h, w) -> uint8 images (B, H, W, 3)."""
     images = vae.decode(latents.to(next(vae.parameters()).dtype) / vae.config.scaling_factor).sample
     return ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1)
+
+
+def random_unet(unet_config: dict, vae, image_size: int, seed: int):
+    """A random-weight ``UNet2DConditionModel`` (``unet_config``) in ``vae``'s latent space for images of
+    ``image_size`` pixels, its weights from ``seed`` (the tiny / demo image generators)."""
+    from diffusers import UNet2DConditionModel
+
+    down = 2 ** (len(vae.config.block_out_channels) - 1)
+    channels = vae.config.latent_channels
+    with seeded(seed):
+        return UNet2DConditionModel(**{"in_channels": channels, "out_channels": channels, **unet_config,
+                                       "sample_size": image_size // down})
