@@ -2,7 +2,7 @@
 
 Ingest a synthetic NSD, summarise and verify it, stream it through the Ray Data pipeline the trainers use,
 pretrain MindEye2 on 7 subjects (Ray Train + DeepSpeed ZeRO-2, 2 CPU workers) and fine-tune it on one session of
-the 8th, a Duala sweep on subject 8, Dynadiff on subject 1's time series, MindLink (one model for subjects 1-7, no
+the 8th, a Duala sweep on subject 8, Dynadiff on subject 1's time series, MindLink (one model for subjects 1-3, no
 per-subject parameters), then evaluate and compare the subject-8 models. Each stage runs its ``jobs/<stage>.yaml`` on the demo's store, work dir and preset.
 """
 
@@ -153,7 +153,7 @@ def _dynadiff(cfg: DemoConfig, steps: list[list], promoted: dict):
 
 
 def _mindlink(cfg: DemoConfig, steps: list[list]):
-    with _step(steps, "mindlink", "MindLink on subjects 1-7: one model on a shared 3D patch frame, no subject-specific "
+    with _step(steps, "mindlink", "MindLink on subjects 1-3: one model on a shared 3D patch frame, no subject-specific "
                "parameters (masked voxel modelling, subject adversary, token-level alignment)") as row:
         ml = run_training(demo_config(cfg, "mindlink", TrainConfig), stage="pretrain")
         row[1:] = [ml.status, f"retrieval top-1 {_top1(ml.metrics)}"]
