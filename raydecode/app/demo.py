@@ -3,7 +3,8 @@
 Ingest a synthetic NSD, summarise and verify it, stream it through the Ray Data pipeline the trainers use,
 pretrain MindEye2 on 7 subjects (Ray Train + DeepSpeed ZeRO-2, 2 CPU workers) and fine-tune it on one session of
 the 8th, a Duala sweep on subject 8, Dynadiff on subject 1's time series, MindLink (one model for subjects 1-3, no
-per-subject parameters), then evaluate and compare the subject-8 models. Each stage runs its ``jobs/<stage>.yaml`` on the demo's store, work dir and preset.
+per-subject parameters), then evaluate and compare the subject-8 models. Each stage runs its ``jobs/<stage>.yaml``
+on the demo's store, work dir and preset.
 """
 
 from __future__ import annotations
@@ -75,7 +76,8 @@ def run_demo(cfg: DemoConfig) -> StageResult:
                  "seconds": round(time.time() - t0, 2)},
         artifacts={"store": store.uri, "pretrained": pre.artifacts["checkpoint"],
                    "finetuned": ft.artifacts["checkpoint"], "sweep_run": sw.artifacts["mlflow_run"],
-                   "dynadiff": dd.artifacts["checkpoint"], "mindlink": ml.artifacts["checkpoint"], "comparison": cmp_.artifacts["table"], **promoted},
+                   "dynadiff": dd.artifacts["checkpoint"], "mindlink": ml.artifacts["checkpoint"],
+                   "comparison": cmp_.artifacts["table"], **promoted},
     )
 
 

@@ -189,8 +189,8 @@ def image_embeddings(model: MindLink, batch: dict, seeds, steps: int | None = No
                      guidance: float | None = None) -> dict[str, torch.Tensor]:
     """What the image generator decodes (SD 1.5 + IP-Adapter Plus, :mod:`raydecode.evaluate.ipadapter`): the
     projector's N_I image tokens (deterministic: the seeds are the generator's)."""
-    patches = model.layout.to_patches(batch["betas"], batch["subject"])
-    return {"clip_tokens": model.projector(model.encode(patches)).float()}
+    brain = predict(model, {"betas": batch["betas"], "subject": batch["subject"]})["brain"]
+    return {"clip_tokens": brain.view(len(brain), *model.cfg.image_tokens).float()}
 
 
 def load_pretrained(model: MindLink, state: dict[str, torch.Tensor]) -> list[str]:
