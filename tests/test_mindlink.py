@@ -23,17 +23,15 @@ def test_the_parameter_count_does_not_depend_on_subjects_or_voxel_counts():
     assert 100e6 < paper["total"] < 250e6, paper["total"]  # paper: ~159 M
 
 
-def test_masked_voxel_modelling_learns_the_volume(tiny_store):
-    """The warm-up's objective alone (L_rec), in one process on the tiny store's betas: the masked patches' voxels
-    are predicted from the visible ones below their variance, on held-out trials (a ridge map from half the voxels
-    to the other half, an easier task, does 20 % better than the variance on this store). (Through Ray Train the
-    warm-up of the runs below is too short on this store to show it: 150 trials per subject.)"""
+def _trials(store_root: str, subjects: list[int]):
+    """Every trial of ``subjects`` in one process: the DatasetInfo (voxel coordinates from the store's voxel tables)
+    and, per split, (betas zero-padded to the widest subject, subject labels)."""
     import torch
 
     from raydecode.data.store import open_store
-    from raydecode.methods.spec import DatasetInfo, get_method
+    from raydecode.methods.spec import DatasetInfo
 
-    store, subjects = open_store(tiny_store), SOURCE_SUBJECTS[:3]
+    store = open_store(store_root)
     coords = {s: np.stack([store.voxel_table(s)[c].to_numpy() for c in "ijk"], 1) for s in subjects}
     info = DatasetInfo(subjects, {s: store.manifest.subject(s).voxels for s in subjects}, coords=coords)
     rows = {"train": ([], []), "test": ([], [])}
@@ -42,7 +40,19 @@ def test_masked_voxel_modelling_learns_the_volume(tiny_store):
         for subject, split, betas in zip(t["subject"], t["split"], t["betas"]):
             rows[split][0].append(np.pad(np.asarray(betas, np.float32), (0, info.width - len(betas))))
             rows[split][1].append(subject)
-    data = {k: (torch.tensor(np.stack(b)), torch.tensor(s)) for k, (b, s) in rows.items()}
+    return info, {k: (torch.tensor(np.stack(b)), torch.tensor(s)) for k, (b, s) in rows.items()}
+
+
+def test_masked_voxel_modelling_learns_the_volume(tiny_store):
+    """The warm-up's objective alone (L_rec), in one process on the tiny store's betas: the masked patches' voxels
+    are predicted from the visible ones below their variance, on held-out trials (a ridge map from half the voxels
+    to the other half, an easier task, does 20 % better than the variance on this store). (Through Ray Train the
+    warm-up of the runs below is too short on this store to show it: 150 trials per subject.)"""
+    import torch
+
+    from raydecode.methods.spec import get_method
+
+    info, data = _trials(tiny_store, SOURCE_SUBJECTS[:3])
     spec = get_method("mindlink")
     cfg = spec.config("tiny", {"lambdas": (1.0, 0.0, 0.0, 0.0)})
     torch.manual_seed(0)
@@ -79,7 +89,7 @@ def test_masked_voxel_modelling_learns_the_volume(tiny_store):
 def mindlink_trained(tiny_store, ray_local, tmp_path_factory):
     work = tmp_path_factory.mktemp("mindlink")
     cfg = tiny_config(tiny_store, work, "mindlink", method="mindlink", data={"subjects": SOURCE_SUBJECTS[:3]},
-                      optim={"epochs": 30, "lr": 3e-3}, deepspeed={"zero_stage": 2})
+                      optim={"epochs": 60, "lr": 3e-3}, deepspeed={"zero_stage": 2})
     return cfg, run_training(cfg, stage="pretrain")
 
 
@@ -152,27 +162,52 @@ def test_never_seen_subjects_are_decoded_with_no_training(mindlink_trained, tiny
 
 
 @pytest.fixture(scope="module")
-def without_reversal(tiny_store, ray_local, tmp_path_factory, mindlink_trained):
-    """The same run with the gradient reversal off (grl_scale 0): the subject classifier still trains on the pooled
-    embedding, the encoder gets no gradient from it."""
+def without_adversary(tiny_store, ray_local, tmp_path_factory, mindlink_trained):
+    """The same run with λ2 = 0: no subject classifier, no adversarial term."""
     cfg, _ = mindlink_trained
-    work = tmp_path_factory.mktemp("mindlink-nogrl")
-    plain = cfg.model_copy(update={"workdir": str(work), "run_name": "mindlink-nogrl", "model": {"grl_scale": 0.0}})
+    work = tmp_path_factory.mktemp("mindlink-plain")
+    plain = cfg.model_copy(update={"workdir": str(work), "run_name": "mindlink-plain",
+                                   "model": {"lambdas": (1.0, 0.0, 1.0, 1.0)}})
     return plain, run_training(plain, stage="pretrain")
 
 
-def test_the_subject_adversary_hides_the_subject_without_losing_retrieval(mindlink_trained, without_reversal):
-    """With the reversal the encoder hides the subject from its classifier (cross-entropy ends above guessing among
-    the trained subjects, ln 3); without it the same classifier reads the subject (each subject fills the patch
-    frame differently). Both still retrieve far above chance. (A linear probe fitted afterwards on the pooled
-    embeddings still reads the subject either way: the reversal hides it from its adversary, not from every probe.)"""
-    final = {}
-    for name, (cfg, result) in (("reversed", mindlink_trained), ("plain", without_reversal)):
-        final[name] = metric_history(cfg, result.mlflow_run_id, "train.subj")[-1][1]
+def subject_probe(checkpoint: str, store_root: str, subjects: list[int]) -> float:
+    """A linear probe's accuracy at reading the subject from the pooled embeddings: logistic regression on
+    standardised embeddings of every trial (train and test), 5-fold cross-validated."""
+    import torch
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import cross_val_score
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    from raydecode.checkpoint import load_consolidated
+    from raydecode.methods.spec import get_method
+
+    model = load_consolidated(checkpoint).model.eval()
+    _, data = _trials(store_root, subjects)
+    betas, subject = (torch.cat([data["train"][i], data["test"][i]]) for i in (0, 1))
+    with torch.no_grad():
+        emb = get_method("mindlink").predict(model, {"betas": betas, "subject": subject})["embedding"].numpy()
+    probe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=5000))
+    return float(cross_val_score(probe, emb, subject.numpy(), cv=5).mean())
+
+
+def test_the_subject_adversary_hides_the_subject_without_losing_retrieval(mindlink_trained, without_adversary,
+                                                                          tiny_store):
+    """Trained with L_subj, the embeddings tell the subjects apart clearly less well than the same model's with
+    λ2 = 0 (a linear probe fitted afterwards; chance 1/3); both still retrieve far above chance. (In-process, three
+    seeds, 600 steps: 0.61 / 0.72 / 0.65 with λ2 = 0, 0.44 / 0.55 / 0.48 with the adversary; the paper's reversal
+    instead left 0.49-0.61 and lowered retrieval: README, MindLink.)"""
+    probe = {}
+    for name, (cfg, result) in (("adversary", mindlink_trained), ("plain", without_adversary)):
         chance = result.metrics["retrieval.chance"]
         assert result.metrics["retrieval.brain_to_image_top1"] >= 3 * chance, (name, result.metrics)
-    guessing = np.log(len(SOURCE_SUBJECTS[:3]))
-    assert final["reversed"] >= guessing and final["reversed"] >= final["plain"] + 0.5, final  # measured 1.96, 0.94
+        probe[name] = subject_probe(result.artifacts["checkpoint"], tiny_store, SOURCE_SUBJECTS[:3])
+    print("subject probe accuracy (chance 0.33):", probe)
+    chance = 1 / 3
+    # at least a fifth of what the probe reads above chance is gone (measured: a third)
+    assert probe["adversary"] - chance <= 0.8 * (probe["plain"] - chance), probe
+    assert probe["adversary"] <= probe["plain"] - 0.05, probe
 
 
 def test_new_subject_adaptation_is_a_sweep_over_the_sample_count(mindlink_trained, tmp_path):

@@ -11,8 +11,8 @@ import torch
 
 from raydecode.nn.volume import (
     GradientReversal,
-    GradReverse,
     PerceiverResampler,
+    SubjectAdversary,
     VolumeLayout,
     local_infonce,
     positional_encoding_3d,
@@ -148,13 +148,47 @@ def test_positional_encodings_are_distinct_per_patch(coords):
 def test_gradient_reversal_flips_and_scales_the_gradient():
     x = torch.randn(4, 3, requires_grad=True)
     w = torch.randn(4, 3)
-    y = GradReverse(0.5)(x)
+    y = GradientReversal.apply(x, 0.5)
     assert torch.equal(y, x)
     (grad,) = torch.autograd.grad((y * w).sum(), x)
     assert torch.allclose(grad, -0.5 * w)
-    (grad,) = torch.autograd.grad((GradientReversal.apply(x, 2.0) ** 2).sum(), x)
-    assert torch.allclose(grad, -2.0 * 2 * x)
-    assert list(GradReverse().parameters()) == []
+
+
+def _adversary_grads(mode: str, z: torch.Tensor, labels: torch.Tensor):
+    torch.manual_seed(0)
+    adv = SubjectAdversary(6, 8, layers=2, mode=mode)
+    z = z.clone().requires_grad_(True)
+    term, ce = adv(z, labels, torch.tensor([0, 2, 5]))
+    term.backward()
+    return adv, z.grad, ce
+
+
+def test_the_subject_adversary_reverses_or_confuses():
+    """Reversal: the embedding's gradient is minus the classifier's own. Confusion: the classifier's weights get only
+    its cross-entropy's gradient, the embedding only the pull to a uniform output over the present classes."""
+    gen = torch.Generator().manual_seed(1)
+    z, labels = torch.randn(16, 6, generator=gen), torch.tensor([0, 2, 5, 0] * 4)
+    rev, z_rev, ce_rev = _adversary_grads("reversal", z, labels)
+    plain = z.clone().requires_grad_(True)
+    torch.nn.functional.cross_entropy(rev.logits(plain), labels).backward()
+    assert torch.allclose(z_rev, -plain.grad, atol=1e-6)
+
+    conf, z_conf, ce = _adversary_grads("confusion", z, labels)
+    assert torch.allclose(ce, ce_rev)  # the same classifier (same seed), the same cross-entropy logged
+    head = {n: p.grad.clone() for n, p in conf.named_parameters()}
+    for p in conf.parameters():
+        p.grad = None
+    torch.nn.functional.cross_entropy(conf.logits(z), labels).backward()
+    for n, p in conf.named_parameters():  # the blinding term adds nothing to the classifier's gradient
+        assert torch.allclose(head[n], p.grad, atol=1e-6), n
+    # descending the embedding's gradient makes the output over present classes more uniform
+    def spread(x):
+        return torch.log_softmax(conf.logits(x)[:, [0, 2, 5]], -1).mean().neg()
+    with torch.no_grad():
+        assert spread(z - 0.05 * z_conf / z_conf.norm()) < spread(z)
+    assert [n for n, _ in conf.named_parameters()] == ["weight0", "bias0", "weight1", "bias1"]
+    with pytest.raises(ValueError, match="'blind'"):
+        SubjectAdversary(6, 8, mode="blind")
 
 
 def test_resampler_output_shape_and_size_do_not_depend_on_input_tokens():

@@ -7,8 +7,9 @@ the tokens; the losses (Eq. 1-6):
 
 - masked voxel modelling, L_rec: a random share of the patches is zeroed (B ⊙ M), a light decoder D reconstructs
   the masked patches' voxels from E_b's tokens (mean squared error over the masked patches' real voxels);
-- subject-adversarial, L_subj: a subject classifier behind a gradient reversal layer on the pooled embedding
-  (cross-entropy of the subject label: the encoder learns to hide the subject);
+- subject-adversarial, L_subj: a subject classifier on the pooled embedding (cross-entropy of the subject label)
+  and the encoder learning to hide the subject from it (:class:`~raydecode.nn.volume.SubjectAdversary`): behind a
+  gradient reversal layer (the paper) or, by default, by blinding it (its output pushed to uniform);
 - alignment: a Perceiver resampler P maps E_b's tokens (of the unmasked volume) to N_I image tokens; L_align is
   their mean squared error to the frozen image tokens (IP-Adapter Plus's projection at paper scale), L_local the
   token-level bidirectional InfoNCE (:func:`~raydecode.nn.volume.local_infonce`, tau 0.1).
@@ -18,13 +19,16 @@ training (paper: 50 of 150 epochs) weights everything but L_rec by 0 (every term
 runs the same graph under ZeRO). The subject classifier has ``subject_classes`` outputs (NSD: 8), fixed whatever
 subjects a run trains on: the parameter count does not depend on the subjects or their voxel counts.
 
-Deviation (documented in README): the paper's light decoder and pooling are not specified; D is a 2-layer
-transformer over the encoder's tokens and the pooled embedding is the mean token.
+Deviations (documented in README): the paper's light decoder and pooling are not specified; D is a 2-layer
+transformer over the encoder's tokens and the pooled embedding is the mean token. The adversary defaults to domain
+confusion with a classifier on batch-standardised embeddings learning 10x faster: with the paper's reversal the
+encoder fools its classifier (which ends confidently wrong) while a fresh linear probe still reads the subject.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import numpy as np
 import torch
@@ -43,7 +47,13 @@ from raydecode.methods.spec import (
     ReadsVolume,
     register,
 )
-from raydecode.nn.volume import GradReverse, PerceiverResampler, VolumeLayout, local_infonce, positional_encoding_3d
+from raydecode.nn.volume import (
+    PerceiverResampler,
+    SubjectAdversary,
+    VolumeLayout,
+    local_infonce,
+    positional_encoding_3d,
+)
 
 
 class MindLinkConfig(BaseModel):
@@ -63,8 +73,14 @@ class MindLinkConfig(BaseModel):
                                                                    "16 x 768 image tokens for SD 1.5)")
     image_tokens: tuple[int, int] = Field((16, 768), description="(N_I, width) of the image-token target")
     subject_classes: int = Field(8, ge=2, description="outputs of the subject classifier (NSD: 8 subjects)")
-    grl_scale: float = Field(1.0, ge=0, description="gradient reversal scale")
+    adversary: Literal["confusion", "reversal"] = Field(
+        "confusion", description="the encoder's side of L_subj: 'reversal' (the paper's gradient reversal) or "
+                                 "'confusion' (blind the classifier: its output made uniform); README, MindLink")
+    adversary_scale: float = Field(1.0, ge=0, description="scale of the encoder's side (the reversal's scale; "
+                                                          "the confusion term's weight)")
     subject_head_layers: int = Field(2, ge=1, description="layers of the subject classifier (1: linear)")
+    subject_head_lr: float = Field(10.0, gt=0, description="the subject classifier's learning rate, in multiples "
+                                                           "of optim.lr (an adversary that keeps up)")
     lambdas: tuple[float, float, float, float] = Field((1.0, 1.0, 1.0, 1e-2),
                                                        description="weights of L_rec, L_subj, L_align, L_local")
     temperature: float = Field(0.1, gt=0, description="L_local's tau")
@@ -112,7 +128,9 @@ class MindLink(nn.Module):
         with torch.device("cpu"):  # index tables are data, built for real even when sizing on the meta device
             self.layout = VolumeLayout({s: coords[s] for s in info.subjects}, cfg.patch_size)
             pos = positional_encoding_3d(self.layout.patch_centers().float(), cfg.dim)
+            present = torch.tensor(sorted(info.subjects)) - 1  # the classes of the subjects trained on
         self.register_buffer("pos", pos, persistent=False)
+        self.register_buffer("present", present, persistent=False)
         cube = cfg.patch_size ** 3
         self.embed = nn.Linear(cube, cfg.dim)
         self.encoder = _encoder(cfg.dim, cfg.depth, cfg.heads, cfg.dropout)
@@ -121,9 +139,8 @@ class MindLink(nn.Module):
                                      nn.Linear(cfg.decoder_dim, cube))
         nn.init.zeros_(self.decoder[-1].weight)  # reconstructions start at the betas' mean (0: z-scored), so
         nn.init.zeros_(self.decoder[-1].bias)    # L_rec starts at the masked voxels' variance and falls from there
-        hidden = [m for _ in range(cfg.subject_head_layers - 1) for m in (nn.Linear(cfg.dim, cfg.dim), nn.GELU())]
-        self.reverse = GradReverse(cfg.grl_scale)
-        self.subject_head = nn.Sequential(*hidden, nn.Linear(cfg.dim, cfg.subject_classes))
+        self.adversary = SubjectAdversary(cfg.dim, cfg.subject_classes, cfg.subject_head_layers, cfg.adversary,
+                                          cfg.adversary_scale)
         n, width = cfg.image_tokens
         self.projector = PerceiverResampler(cfg.dim, cfg.proj_dim, cfg.proj_depth, n, max(1, cfg.proj_dim // 64),
                                             dim_head=min(64, cfg.proj_dim), dim_out=width)
@@ -151,8 +168,7 @@ class MindLink(nn.Module):
         l_rec = ((recon.float() - patches.float()) ** 2 * real).sum() / real.sum().clamp(min=1)
 
         tokens = self.encode(patches)
-        # one term: the classifier descends it, the encoder (behind the reversal) ascends it
-        l_subj = F.cross_entropy(self.subject_head(self.reverse(tokens.mean(1))).float(), batch["subject"] - 1)
+        l_subj, subject_ce = self.adversary(tokens.mean(1), batch["subject"] - 1, self.present)
         pred = self.projector(tokens).float()
         target = batch["clip_tokens"].view(b, *cfg.image_tokens).float()
         l_align = F.mse_loss(pred, target)
@@ -160,7 +176,7 @@ class MindLink(nn.Module):
         warm = progress is not None and progress.fraction < cfg.warmup_fraction
         w = (cfg.lambdas[0], 0.0, 0.0, 0.0) if warm else cfg.lambdas
         loss = w[0] * l_rec + w[1] * l_subj + w[2] * l_align + w[3] * l_local
-        return loss, {"loss": float(loss.detach()), "rec": float(l_rec.detach()), "subj": float(l_subj.detach()),
+        return loss, {"loss": float(loss.detach()), "rec": float(l_rec.detach()), "subj": float(subject_ce.detach()),
                       "align": float(l_align.detach()), "local": float(l_local.detach()), "warmup": float(warm)}
 
 
@@ -169,12 +185,14 @@ def build_model(cfg: MindLinkConfig, info: DatasetInfo) -> MindLink:
 
 
 def param_groups(model: MindLink, cfg: MindLinkConfig, weight_decay: float) -> list[dict]:
-    decay, no_decay = [], []
+    """Weight decay on matrices only; the subject classifier at ``subject_head_lr`` times the learning rate."""
+    groups: dict[tuple[bool, bool], list] = {}
     for name, p in model.named_parameters():
         if p.requires_grad:
-            (no_decay if p.ndim < 2 or "norm" in name else decay).append(p)
-    return [g for g in ({"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0})
-            if g["params"]]
+            groups.setdefault((name.startswith("adversary."), p.ndim >= 2 and "norm" not in name), []).append(p)
+    return [{"params": groups[head, decay], "weight_decay": weight_decay if decay else 0.0,
+             **({"lr_scale": cfg.subject_head_lr} if head else {})}
+            for head, decay in sorted(groups)]  # the encoder's groups first: the logged lr is theirs
 
 
 def loss(model, batch: dict, progress: Progress):

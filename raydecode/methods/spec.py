@@ -113,7 +113,8 @@ class MethodSpec:
     - ``config_model`` / ``presets``: the method's pydantic config and its named sizes (tiny, demo, paper);
     - ``build_model(cfg, info)``: the ``nn.Module`` (all parameters in submodules called through their
       ``forward``, so ZeRO-3 can gather them);
-    - ``param_groups(model, cfg, weight_decay)``: trainable parameter groups for the optimizer;
+    - ``param_groups(model, cfg, weight_decay)``: trainable parameter groups for the optimizer (a group's
+      ``lr_scale`` multiplies ``optim.lr`` for it, under every schedule);
     - ``loss(model, batch, progress)``: ``(loss, metrics)``; ``model`` may be a DeepSpeed engine;
     - ``predict(model, batch)``: named tensors, one row per batch row; evaluation reads ``brain`` and ``image``
       (retrieval embeddings), ``embedding`` (the representation its t-SNE maps; default ``brain``) and ``logits``

@@ -1,6 +1,6 @@
 """Torch parts for decoding from the 3D fMRI volume (MindLink, "Subject-agnostic Cross-Subject Brain Decoding"):
 one patch frame shared by every subject (:class:`VolumeLayout`), fixed 3D positional encodings
-(:func:`positional_encoding_3d`), gradient reversal for the subject-adversarial loss (Eq. 2, :class:`GradReverse`),
+(:func:`positional_encoding_3d`), the subject adversary (Eq. 2, :class:`SubjectAdversary`: gradient reversal or domain confusion),
 a Perceiver resampler to a fixed number of tokens (:class:`PerceiverResampler`) and the token-level alignment loss
 (Eq. 4-5, :func:`local_infonce`). Pure torch: no subject-specific parameters anywhere.
 """
@@ -272,21 +272,53 @@ class GradientReversal(torch.autograd.Function):
         return -ctx.scale * grad, None
 
 
-class GradReverse(nn.Module):
-    """Gradient reversal layer: put it before the subject classifier so the encoder learns to fool it.
+class SubjectAdversary(nn.Module):
+    """The subject classifier S_c on the pooled embedding and the encoder's side of the game (MindLink Eq. 2).
 
-    ``scale`` is a plain attribute (no parameter), so a schedule may change it during training.
+    The classifier reads the batch-standardised embedding (each feature centred and scaled over the batch, as a
+    linear probe fitted afterwards would see it: a subject hidden in a low-variance direction is still found) through
+    ``layers`` linear layers. ``mode`` chooses what the encoder learns:
+
+    - ``"reversal"`` (the paper, Ganin et al. 2016): one cross-entropy term behind a gradient reversal of ``scale``;
+      the classifier descends it, the encoder ascends it. Ascending can make the classifier confidently wrong
+      (swapping subjects) instead of blind, so a fresh probe may still read the subject.
+    - ``"confusion"`` (Tzeng et al. 2015): the classifier descends its cross-entropy on the detached embedding; the
+      encoder descends ``scale`` x the cross-entropy of the (frozen) classifier's output to the uniform distribution
+      over ``present`` classes: blind, not wrong.
+
+    ``forward`` returns ``(term, ce)``: the loss term to add (weighted by λ2) and the classifier's cross-entropy to
+    log. All parameters are this module's own, used only in its ``forward`` (ZeRO-3 gathers them there).
     """
 
-    def __init__(self, scale: float = 1.0):
+    def __init__(self, dim: int, classes: int, layers: int = 2, mode: Literal["reversal", "confusion"] = "confusion",
+                 scale: float = 1.0):
         super().__init__()
-        self.scale = float(scale)
+        if mode not in ("reversal", "confusion"):
+            raise ValueError(f"SubjectAdversary: mode {mode!r} is not 'reversal' or 'confusion'")
+        self.mode, self.scale, self.layers = mode, float(scale), layers
+        for i in range(layers):
+            layer = nn.Linear(dim, classes if i == layers - 1 else dim)  # nn.Linear's initialisation
+            self.register_parameter(f"weight{i}", layer.weight)
+            self.register_parameter(f"bias{i}", layer.bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return GradientReversal.apply(x, self.scale)
+    def logits(self, z: torch.Tensor, frozen: bool = False) -> torch.Tensor:
+        x = (z - z.mean(0)) / (z.std(0, unbiased=False) + 1e-5)
+        for i in range(self.layers):
+            w, b = getattr(self, f"weight{i}"), getattr(self, f"bias{i}")
+            x = F.linear(x, w.detach() if frozen else w, b.detach() if frozen else b)
+            x = F.gelu(x) if i < self.layers - 1 else x
+        return x.float()
+
+    def forward(self, z: torch.Tensor, labels: torch.Tensor, present: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.mode == "reversal":
+            ce = F.cross_entropy(self.logits(GradientReversal.apply(z, self.scale)), labels)
+            return ce, ce
+        ce = F.cross_entropy(self.logits(z.detach()), labels)
+        blind = -F.log_softmax(self.logits(z, frozen=True)[:, present], -1).mean()
+        return ce + self.scale * blind, ce
 
     def extra_repr(self) -> str:
-        return f"scale={self.scale}"
+        return f"mode={self.mode}, scale={self.scale}, layers={self.layers}"
 
 
 # -- Perceiver resampler ------------------------------------------------------------------------------------------

@@ -85,7 +85,8 @@ def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, total_ste
         return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
     # MindEye2: OneCycle, warming up over the first two epochs
     pct = min(0.5, max(0.01, 2.0 / cfg.optim.epochs))
-    return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.optim.lr, total_steps=total_steps + 1,
+    return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=[g["lr"] for g in optimizer.param_groups],
+                                               total_steps=total_steps + 1,
                                                pct_start=pct, final_div_factor=1000)
 
 
@@ -200,8 +201,10 @@ class Trainer:
         device = ray.train.torch.get_device() if self.use_gpu else torch.device("cpu")
         bf16 = cfg.deepspeed.precision == "bf16" or (cfg.deepspeed.precision == "auto" and self.use_gpu)
         model = self.build_model()
-        optimizer = torch.optim.AdamW(self.spec.param_groups(model, self.mcfg, cfg.optim.weight_decay),
-                                      lr=cfg.optim.lr)
+        groups = self.spec.param_groups(model, self.mcfg, cfg.optim.weight_decay)
+        for group in groups:  # a method may scale a group's learning rate (MethodSpec.param_groups)
+            group["lr"] = cfg.optim.lr * group.get("lr_scale", 1.0)
+        optimizer = torch.optim.AdamW(groups, lr=cfg.optim.lr)
         # the engine steps the schedule and keeps its state in its checkpoints
         self.engine, _, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=make_scheduler(optimizer, cfg, self.total_steps),
