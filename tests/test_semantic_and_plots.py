@@ -52,6 +52,7 @@ def test_random_scores_give_chance_auc_and_map_near_the_positive_rate():
     out = semantic_metrics(rng.normal(size=labels.shape), labels)
     assert out["auc"] == pytest.approx(0.5, abs=0.05)
     assert out["map"] == pytest.approx(labels.mean(), abs=0.05)
+    assert out["map"] == pytest.approx(out["chance_map"], abs=0.02)  # the chance level it reports
     assert out["hamming"] == pytest.approx(0.5, abs=0.05)
 
 

@@ -16,7 +16,8 @@ from raydecode.errors import ConfigError
 
 
 def semantic_metrics(scores, labels, threshold: float = 0.5, logits: bool = True) -> dict[str, float]:
-    """Returns map, auc, hamming and classes (how many classes the mAP averages over)."""
+    """Returns map, auc, hamming, classes (how many classes the mAP averages over) and chance_map (the expected mAP
+    of random scores: the mean prevalence of those classes)."""
     from scipy.special import expit
     from sklearn.metrics import average_precision_score, hamming_loss, roc_auc_score
 
@@ -40,4 +41,6 @@ def semantic_metrics(scores, labels, threshold: float = 0.5, logits: bool = True
         "auc": float(roc_auc_score(labels[:, has_both], scores[:, has_both], average="macro")),
         "hamming": float(hamming_loss(labels, predicted.astype(np.int64))),
         "classes": float(has_pos.sum()),
+        # what random scores' mAP comes to in expectation: each class's average precision is then its prevalence
+        "chance_map": float(labels[:, has_pos].mean(0).mean()),
     }

@@ -65,6 +65,20 @@ class ReadsVolume:
 
 
 @dataclass(frozen=True)
+class FitsRoiPCA:
+    """Reduces each ROI of each subject to ``width(cfg)`` dimensions by a PCA fitted before training on the run's
+    train trials only (:mod:`raydecode.data.pca`; test trials never enter it). ``groups(cfg)`` lists the ROI
+    groups, each a list of the store's voxel ``roi`` labels forming one group; ``DatasetInfo.rois`` carries every
+    voxel's label. The driver fits; ``attach(model, tensors)`` hands the model ``<subject>.<group>.mean`` (voxels,)
+    and ``<subject>.<group>.components`` (width, voxels) (rows past the ROI's rank are zero): the model keeps them
+    as buffers, so checkpoints carry them."""
+
+    groups: Callable[[Any], list[list[str]]]
+    width: Callable[[Any], int]
+    attach: Callable[[torch.nn.Module, dict[str, torch.Tensor]], None]
+
+
+@dataclass(frozen=True)
 class RowMetrics:
     """Per-row test values (``values(model, batch)``, e.g. denoising losses) averaged over the test split at every
     evaluation and logged as ``test.<name>``; ``summarize(means)`` may derive more (e.g. gains)."""

@@ -19,6 +19,8 @@ class DatasetInfo:
     # each subject's voxel coordinates (n_voxels, 3) on its grid (i, j, k of the store's voxel table), for methods
     # that read the 3D volume (the capability ReadsVolume); None for the others
     coords: dict[int, np.ndarray] | None = None
+    # each subject's voxel ROI labels (the store's voxel table ``roi``), for methods that read ROIs (FitsRoiPCA)
+    rois: dict[int, list[str]] | None = None
 
     @property
     def width(self) -> int:
@@ -29,14 +31,17 @@ class DatasetInfo:
                "n_classes": self.n_classes, "tr_s": self.tr_s}
         if self.coords is not None:  # i0, j0, k0, i1, ... per subject (a checkpoint rebuilds its volume layout)
             out["coords"] = {str(k): np.asarray(v).reshape(-1).tolist() for k, v in self.coords.items()}
+        if self.rois is not None:
+            out["rois"] = {str(k): list(v) for k, v in self.rois.items()}
         return out
 
     @classmethod
     def from_dict(cls, d: dict) -> "DatasetInfo":
-        coords = d.get("coords")
+        coords, rois = d.get("coords"), d.get("rois")
         return cls(list(d["subjects"]), {int(k): int(v) for k, v in d["voxels"].items()}, int(d.get("n_classes", 80)),
                    d.get("tr_s"), {int(k): np.asarray(v, np.int64).reshape(-1, 3) for k, v in coords.items()}
-                   if coords is not None else None)
+                   if coords is not None else None,
+                   {int(k): list(v) for k, v in rois.items()} if rois is not None else None)
 
 
 @dataclass(frozen=True)

@@ -23,8 +23,9 @@ from raydecode.data.pipeline import train_cutoffs, trials_dataset
 from raydecode.data.store import open_store
 from raydecode.data.windows import count_windows, windows_dataset
 from raydecode.errors import ConfigError, UserError, user_errors_from_ray
+from raydecode.data.pca import fit_roi_pca, write_pca
 from raydecode.inference import run_class_statistics
-from raydecode.methods.spec import DatasetInfo, ReadsVolume, count_parameters, get_method
+from raydecode.methods.spec import DatasetInfo, FitsRoiPCA, ReadsVolume, count_parameters, get_method
 from raydecode.nn.encoders import encoder_config, requires_weights
 from raydecode.report import StageResult, table
 from raydecode.runtime import Demand, absolute_paths, init_ray, require
@@ -62,8 +63,11 @@ def plan_training(cfg: TrainConfig) -> TrainPlan:
     if spec.get(ReadsVolume) is not None:  # the voxels' i, j, k on each subject's grid
         coords = {s: np.stack([store.voxel_table(s)[c].to_numpy().astype(np.int64) for c in "ijk"], 1)
                   for s in subjects}
+    rois = None
+    if spec.get(FitsRoiPCA) is not None:  # every voxel's ROI label
+        rois = {s: store.voxel_table(s)["roi"].to_pylist() for s in subjects}
     info = DatasetInfo(subjects, {s: store.manifest.subject(s).voxels for s in subjects}, len(store.manifest.categories),
-                       store.manifest.tr_s, coords)
+                       store.manifest.tr_s, coords, rois)
 
     targets = {}
     for key, name in spec.targets(mcfg).items():
@@ -152,6 +156,25 @@ def _first_failure(exc: BaseException) -> str:
     return f"{type(err).__name__}: {lines[-1][:300] if lines else ''}"
 
 
+def _fit_roi_pca(cfg: TrainConfig, plan: TrainPlan, spec, stage: str) -> str | None:
+    """The method's per-subject ROI PCA (:class:`FitsRoiPCA`) on this run's train trials, written beside the run;
+    its URI (None for methods without one)."""
+    cap = spec.get(FitsRoiPCA)
+    if cap is None:
+        return None
+    import mlflow
+
+    t0 = time.time()
+    tensors, info = fit_roi_pca(cfg.store, cfg.data, plan.info.rois, cap.groups(plan.method_config),
+                                cap.width(plan.method_config), cfg.s3)
+    uri = write_pca(resolve(cfg.storage_path(), cfg.s3).join(cfg.run_name or "run").uri, tensors, cfg.s3)
+    mlflow.set_tag("raydecode.roi_pca_uri", uri)
+    kept = {s: round(float(np.mean(v)), 3) for s, v in info["explained"].items()}
+    print(f"[{stage}] ROI PCA to {info['width']} components on the train trials {info['trials']}: variance kept "
+          f"(mean over groups) {kept} ({time.time() - t0:.1f} s)")
+    return uri
+
+
 def run_training(cfg: TrainConfig, stage: str = "pretrain", parent_run_id: str | None = None,
                  callbacks: list | None = None) -> StageResult:
     """One training run of ``cfg.method``: plan (store, targets, statistics), an MLflow run (a child of
@@ -185,10 +208,11 @@ def run_training(cfg: TrainConfig, stage: str = "pretrain", parent_run_id: str |
             mlflow.set_tag("raydecode.stats_uri", st.uri)
             print(f"[{stage}] class statistics of {cfg.init_from}: {st.status} {st.uri} "
                   f"({st.info['trials']} trials of subjects {st.info['subjects']}, {st.seconds:.1f} s)")
+        pca_uri = _fit_roi_pca(cfg, plan, spec, stage)
         payload = {
             "cfg": cfg.model_dump(mode="json"), "method_config": plan.method_config.model_dump(mode="json"),
             "info": plan.info.to_dict(), "targets": plan.targets, "steps_per_epoch": plan.steps_per_epoch,
-            "final_uri": plan.final_uri, "init_state_uri": plan.init_state_uri, "stats_uri": stats_uri,
+            "final_uri": plan.final_uri, "init_state_uri": plan.init_state_uri, "stats_uri": stats_uri, "pca_uri": pca_uri,
             "tracking_uri": tracking_uri, "run_id": run_id,
         }
         # a sweep's trials run side by side under Tune's own table: the step bar is for a single run

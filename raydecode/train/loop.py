@@ -29,9 +29,19 @@ import torch
 from raydecode.checkpoint import frozen_digest, load_state, write_consolidated
 from raydecode.config import TrainConfig
 from raydecode.data.batches import collate
+from raydecode.data.pca import load_pca
 from raydecode.data.stats import load_stats
 from raydecode.evaluate.retrieval import retrieval_top1
-from raydecode.methods.spec import DatasetInfo, FreezesWeights, MethodSpec, NeedsStatistics, Progress, get_method
+from raydecode.evaluate.semantic import semantic_metrics
+from raydecode.methods.spec import (
+    DatasetInfo,
+    FitsRoiPCA,
+    FreezesWeights,
+    MethodSpec,
+    NeedsStatistics,
+    Progress,
+    get_method,
+)
 from raydecode.nn.targets import BatchPreparer
 from raydecode.train.progress import Poster
 
@@ -110,7 +120,7 @@ def evaluate(engine, spec: MethodSpec, batches: list[dict], prepare: BatchPrepar
     """Test metrics in eval mode; every rank runs it (ZeRO-3): retrieval (per subject among its test images) when
     the method predicts ``brain`` and ``image`` embeddings, and the method's own ``test_metrics`` averaged over rows."""
     engine.eval()
-    brain, image, subject = [], [], []
+    brain, image, subject, logits, labels = [], [], [], [], []
     sums: dict[str, float] = {}
     rows = 0
     for raw in batches:
@@ -124,9 +134,15 @@ def evaluate(engine, spec: MethodSpec, batches: list[dict], prepare: BatchPrepar
             brain.append(pred["brain"].float().cpu())
             image.append(pred["image"].float().cpu())
             subject.append(batch["subject"].cpu())
+        if "logits" in pred and "categories" in batch:
+            logits.append(pred["logits"].float().cpu())
+            labels.append(batch["categories"].cpu())
     engine.train()
     out = {}
     out.update(spec.test_summary(sums, rows))
+    if logits:  # class scores: the semantic metrics (CLIP-MUSED's mAP, AUC, Hamming)
+        out.update({f"semantic.{k}": v for k, v in
+                    semantic_metrics(torch.cat(logits).numpy(), torch.cat(labels).numpy()).items()})
     if brain:
         r = retrieval_top1(torch.cat(brain), torch.cat(image), torch.cat(subject).numpy(),
                            candidates=cfg.eval.candidates, draws=cfg.eval.draws, seed=cfg.optim.seed)
@@ -233,6 +249,8 @@ class Trainer:
                 log.info(f"initialised from {payload['init_state_uri']}; left at init: {shown}")
         if payload.get("stats_uri"):
             spec.get(NeedsStatistics).attach(model, load_stats(payload["stats_uri"], cfg.s3)[0])
+        if payload.get("pca_uri"):  # fitted by the driver on the train trials (FitsRoiPCA)
+            spec.get(FitsRoiPCA).attach(model, load_pca(payload["pca_uri"], cfg.s3))
         if self.rank:  # same weights on every rank, but each rank its own dropout masks and noise draws
             torch.manual_seed(cfg.optim.seed + 7919 * self.rank)
         return model
