@@ -19,11 +19,11 @@ import pyarrow.compute as pc
 from raydecode import tracking
 from raydecode.checkpoint import CONFIG_FILE, METRICS_FILE, read_json
 from raydecode.config import TrainConfig
+from raydecode.data.pca import fit_roi_pca, write_pca
 from raydecode.data.pipeline import train_cutoffs, trials_dataset
 from raydecode.data.store import open_store
 from raydecode.data.windows import count_windows, windows_dataset
 from raydecode.errors import ConfigError, UserError, user_errors_from_ray
-from raydecode.data.pca import fit_roi_pca, write_pca
 from raydecode.inference import run_class_statistics
 from raydecode.methods.spec import DatasetInfo, FitsRoiPCA, ReadsVolume, count_parameters, get_method
 from raydecode.nn.encoders import encoder_config, requires_weights
