@@ -1,9 +1,10 @@
-"""``raydecode embed``: frozen image targets (OpenCLIP tokens, VAE latents) written into a store.
+"""``raydecode embed``: frozen image targets (OpenCLIP tokens, CLIP feature levels, VAE latents) written into a store.
 
 For each encoder, one ``embeddings/<encoder>/part-NNNNN.parquet`` per stimulus
 shard (same file name, same image ids, sorted), computed in one Ray Data job over
 the stimulus shards: PNG decoding in CPU tasks, then an actor pool holding the
-frozen encoders (:class:`~raydecode.nn.encoders.FrozenEncoder`), one GPU per
+frozen encoders (:class:`~raydecode.nn.encoders.FrozenEncoder`; each image's
+caption goes along for those that read it), one GPU per
 actor where the cluster has GPUs, CPU otherwise. The driver streams the results
 back in order and writes each shard whole as soon as all its images have arrived
 (:class:`~raydecode.data.store.StoreWriter`: validated, atomic), then rewrites
@@ -115,12 +116,13 @@ def _shard_encoder(metadata: pq.FileMetaData) -> EncoderInfo | None:
 
 
 def read_stimuli(batch: dict[str, np.ndarray], filesystem) -> pa.Table:
-    """Stimulus shard paths -> their (image_id, image) rows, read with pyarrow through the store's filesystem."""
+    """Stimulus shard paths -> their (image_id, image, caption) rows, read with pyarrow through the store's
+    filesystem."""
     tables = []
     for path in batch["path"]:
         try:
             with filesystem.open_input_file(path) as f:
-                tables.append(pq.read_table(f, columns=["image_id", "image"]))
+                tables.append(pq.read_table(f, columns=["image_id", "image", "caption"]))
         except Exception as exc:
             raise StoreError(f"{path}: unreadable stimulus shard ({str(exc).splitlines()[0] if str(exc) else exc!r})") from exc
     return pa.concat_tables(tables)
@@ -136,7 +138,7 @@ def decode_images(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     else:
         stacked = np.empty(len(images), dtype=object)
         stacked[:] = images
-    return {"image_id": batch["image_id"], "image": stacked}
+    return {"image_id": batch["image_id"], "image": stacked, "caption": batch["caption"]}
 
 
 def _token_column(name: str) -> str:
@@ -148,7 +150,8 @@ def _pooled_column(name: str) -> str:
 
 
 class EncodeImages:
-    """Ray Data actor: holds the frozen encoders; a batch of images -> float16 tokens and pooled vectors per encoder."""
+    """Ray Data actor: holds the frozen encoders; a batch of images (and their captions) -> float16 tokens and
+    pooled vectors per encoder."""
     def __init__(self, configs: list[dict], device: str, threads: int | None = None):
         import torch
 
@@ -167,7 +170,7 @@ class EncodeImages:
         if self.error is not None:
             raise self.error
 
-        images = batch["image"]
+        images, captions = batch["image"], batch["caption"]
         n = len(batch["image_id"])
         if images.dtype == object:  # images of different sizes: encode each size on its own
             groups: dict[tuple, list[int]] = {}
@@ -181,7 +184,7 @@ class EncodeImages:
             tokens = np.empty((n, *enc.tokens_shape), np.float16)
             pooled = np.empty((n, enc.pooled_dim), np.float16)
             for ix, ims in parts:
-                t, p = enc.encode(torch.from_numpy(np.ascontiguousarray(ims)))
+                t, p = enc.encode(torch.from_numpy(np.ascontiguousarray(ims)), [str(c) for c in captions[ix]])
                 tokens[ix] = t.cpu().numpy().astype(np.float16)
                 pooled[ix] = p.cpu().numpy().astype(np.float16)
             out[_token_column(name)] = tokens
@@ -327,6 +330,10 @@ def run_embed(
             )
         else:
             skipped.append(cfg.name)
+    readers = [c.name for c in todo if c.kind == "clip-levels"]
+    if readers and "captions" in m.absent:
+        raise StoreError(f"store {store.uri} has no captions (its manifest lists them absent); encoder {readers[0]!r} "
+                         "reads them: ingest with --coco DIR (COCO 2017 annotations)")
     stim = m.shards_of("stimuli")
     if not stim:
         raise StoreError(f"store {store.uri} has no stimulus shards to embed")

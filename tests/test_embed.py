@@ -1,6 +1,6 @@
 """The `embed` stage: frozen image targets written to the store's embeddings/<encoder>/ shards.
 
-One real Ray Data embed of the tiny store (openclip-tiny, vae-tiny) through the CLI
+One real Ray Data embed of the tiny store (openclip-tiny, vae-tiny, ipadapter-tiny, clip-levels-tiny) through the CLI
 stage, shared by the module; the other tests damage private copies of it.
 """
 
@@ -22,7 +22,8 @@ from raydecode.data.store import open_store
 from raydecode.embed import run_embed
 from raydecode.errors import StoreError
 
-ENCODERS = ("openclip-tiny", "vae-tiny", "ipadapter-tiny")  # MindEye2's two targets, MindLink's
+# MindEye2's two targets, MindLink's, CLIP-MUSED's (which reads the captions too)
+ENCODERS = ("openclip-tiny", "vae-tiny", "ipadapter-tiny", "clip-levels-tiny")
 
 
 @pytest.fixture(scope="module")
@@ -67,6 +68,8 @@ def test_embed_writes_the_encoders_outputs(embedded):
     stim = store.read_shard(m.shards_of("stimuli")[0])
     images = np.stack([np.asarray(Image.open(io.BytesIO(b)).convert("RGB")) for b in stim["image"].to_pylist()])
     ids = stim["image_id"].to_pylist()
+    captions = stim["caption"].to_pylist()
+    assert len(set(captions)) > 1
     for name in ENCODERS:
         enc = FrozenEncoder(encoder_config(name))
         info = m.embeddings[name]
@@ -78,7 +81,7 @@ def test_embed_writes_the_encoders_outputs(embedded):
         schema = store.read_shard(shard).schema
         assert schema.field("tokens").type == pa.list_(pa.float16(), int(np.prod(enc.tokens_shape)))
         assert schema.field("pooled").type == pa.list_(pa.float16(), enc.pooled_dim)
-        tokens, pooled = enc.encode(torch.from_numpy(images))
+        tokens, pooled = enc.encode(torch.from_numpy(images), captions)  # captions: read by clip-levels only
         stored = _stored(store, name)
         assert sorted(stored) == sorted(ids)
         got_t = np.stack([stored[i][0] for i in ids]).reshape(len(ids), *enc.tokens_shape)

@@ -165,8 +165,9 @@ class StimulusLookup:
             from PIL import Image
 
             cats = np.asarray(table["categories"].combine_chunks().flatten()).reshape(len(ids), -1)
+            captions = table["caption"].to_pylist()
             for n, i in enumerate(ids):
-                row = {"categories": cats[n]}
+                row = {"categories": cats[n], "caption": captions[n]}
                 if self.images:
                     row["image"] = np.asarray(Image.open(io.BytesIO(table["image"][n].as_py())).convert("RGB"))
                 rows[i] = row
@@ -199,6 +200,10 @@ class StimulusLookup:
                 raise StoreError(f"image {i} is missing from the {kind} of store {self.store.uri}")
             out.append(row)
         return out
+
+    def captions(self, image_ids: np.ndarray) -> list[str]:
+        """The stimuli's captions of ``image_ids`` (text-reading target encoders; batches carry no strings)."""
+        return [r["caption"] for r in self._rows_for(self.stim_shards, "stimuli", image_ids)]
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         ids = batch["image_id"]

@@ -1,4 +1,4 @@
-"""Frozen image encoders that produce training targets: OpenCLIP image tokens and VAE latents.
+"""Frozen image encoders that produce training targets: OpenCLIP image tokens, CLIP feature levels, VAE latents.
 
 An encoder maps uint8 images ``(B, H, W, 3)`` to ``tokens`` (a fixed shape per
 encoder) and a ``pooled`` vector. At ``paper`` scale the weights come from a
@@ -9,6 +9,12 @@ small with random weights from a fixed seed, so nothing is downloaded.
 - ``openclip``: ``tokens`` = the vision transformer's patch tokens after
   ``ln_post`` (256 x 1664 for ViT-bigG/14 at 224 px, MindEye2's target),
   ``pooled`` = the projected image embedding.
+- ``clip-levels``: CLIP-MUSED's two feature levels (its sec. 2.2 and appendix) of an image and its
+  caption: ``tokens`` = f_llv, the output of the image encoder's FIRST transformer block, every token with the
+  class token first (50 x 768 for ViT-B/32 at 224 px); ``pooled`` = f_hlv, the mean of the image and the caption's
+  text embedding (CLIP's last layer, projected), each first truncated to [-1.5, 1.5] and L2-normalised to 1 (512).
+  Captions are tokenised with open_clip's tokenizer for the arch; text towers with a smaller vocabulary than the
+  tokenizer's (the tiny / demo ones: 64 ids, 16 positions) get the ids folded into theirs (:func:`fold_tokens`).
 - ``ipadapter``: ``tokens`` = IP-Adapter Plus's image tokens (16 x 768 for SD 1.5: CLIP ViT-H/14's penultimate
   hidden states through the adapter's resampler, :mod:`raydecode.nn.ipadapter`; MindLink's target),
   ``pooled`` = the CLIP vision tower's projected image embedding (1024).
@@ -48,8 +54,9 @@ class EncoderConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str
-    kind: Literal["openclip", "vae", "ipadapter"]
-    arch: str = Field(description="openclip: model name (e.g. ViT-bigG-14); vae: 'tiny' or 'pretrained'; "
+    kind: Literal["openclip", "clip-levels", "vae", "ipadapter"]
+    arch: str = Field(description="openclip, clip-levels: OpenCLIP model name (e.g. ViT-bigG-14); "
+                                  "vae: 'tiny' or 'pretrained'; "
                                   "ipadapter: 'pretrained', 'tiny' or 'demo'")
     weights: str | None = Field(None, description="a file or diffusers dir: a local path, s3:// prefix or "
                                                  "hf://ORG/REPO[@REV][/PATH] (raydecode.weights); None = random weights from `seed`")
@@ -73,6 +80,10 @@ ENCODERS: dict[str, EncoderConfig] = {
         EncoderConfig(name="ipadapter-plus-sd15", kind="ipadapter", arch="pretrained", image_size=224),
         EncoderConfig(name="ipadapter-tiny", kind="ipadapter", arch="tiny", image_size=32),
         EncoderConfig(name="ipadapter-demo", kind="ipadapter", arch="demo", image_size=64),
+        # CLIP-MUSED's targets; the paper's CLIP is OpenAI's ViT-B/32 (weights: its open_clip state dict)
+        EncoderConfig(name="clip-levels-vitb32", kind="clip-levels", arch="ViT-B-32-quickgelu", image_size=224),
+        EncoderConfig(name="clip-levels-tiny", kind="clip-levels", arch="raydecode-tiny-vit", image_size=32),
+        EncoderConfig(name="clip-levels-demo", kind="clip-levels", arch="raydecode-demo-vit", image_size=64),
     )
 }
 
@@ -125,46 +136,62 @@ def sd_vae_architecture(image_size: int) -> torch.nn.Module:
 
 
 class FrozenEncoder(torch.nn.Module):
-    """A frozen image encoder: ``encode(images_uint8) -> (tokens, pooled)`` in float32."""
+    """A frozen image encoder: ``encode(images_uint8, captions) -> (tokens, pooled)`` in float32."""
     def __init__(self, cfg: EncoderConfig, *, architecture_only: bool = False):
         """``architecture_only``: the network on the meta device, its weights never read (output shapes for
         planning: ``tokens_shape`` / ``pooled_dim``), pretrained-only architectures included."""
         super().__init__()
         self.cfg = cfg
+        self.needs_captions = cfg.kind == "clip-levels"
         if architecture_only:
             with torch.device("meta"):
-                bare = cfg.model_copy(update={"weights": None})
-                self.net = self._build_openclip(bare, "meta") if cfg.kind == "openclip" else \
-                    ImageTokens.build(cfg.arch, None, cfg.weight_name, cfg.seed, meta=True) \
-                    if cfg.kind == "ipadapter" else self._vae_architecture(cfg)
+                self.net = self._build(cfg.model_copy(update={"weights": None}), meta=True)
         else:
             if requires_weights(cfg):
                 raise ConfigError(f"encoder {cfg.name!r} needs `weights` (a local path, s3:// or hf:// reference); "
                                   "random weights exist only for the tiny / demo (raydecode-*) architectures")
             with seeded(cfg.seed):
-                self.net = self._build_openclip(cfg) if cfg.kind == "openclip" else self._build_ipadapter(cfg) \
-                    if cfg.kind == "ipadapter" else self._build_vae(cfg)
+                self.net = self._build(cfg)
         self.net.eval().requires_grad_(False)
         self._mid: torch.Tensor | None = None
         if cfg.kind == "vae":
             self.net.encoder.mid_block.register_forward_hook(lambda _m, _i, out: setattr(self, "_mid", out))
+        if cfg.kind == "clip-levels":  # f_llv: the image encoder's first block (batch-first or (T, B, W))
+            import open_clip
+
+            self.tokenizer = open_clip.get_tokenizer(cfg.arch)
+            self.net.visual.transformer.resblocks[0].register_forward_hook(
+                lambda _m, _i, out: setattr(self, "_mid", out if self.net.visual.transformer.batch_first
+                                            else out.transpose(0, 1)))
         with torch.no_grad():
-            tokens, pooled = self.encode(torch.zeros(1, cfg.image_size, cfg.image_size, 3, dtype=torch.uint8))
+            tokens, pooled = self.encode(torch.zeros(1, cfg.image_size, cfg.image_size, 3, dtype=torch.uint8),
+                                         ["a photo"])
         self.tokens_shape = tuple(tokens.shape[1:])
         self.pooled_dim = int(pooled.shape[1])
 
     @staticmethod
-    def _build_openclip(cfg: EncoderConfig, device: str = "cpu") -> torch.nn.Module:
+    def _build(cfg: EncoderConfig, meta: bool = False) -> torch.nn.Module:
+        """The frozen network of ``cfg`` (``meta``: its architecture only, ``cfg`` without weights)."""
+        if cfg.kind in ("openclip", "clip-levels"):
+            model = FrozenEncoder._build_clip(cfg, "meta" if meta else "cpu")
+            if cfg.kind == "clip-levels":
+                return model  # both towers
+            model.visual.output_tokens = True
+            return model.visual
+        if cfg.kind == "ipadapter":
+            return ImageTokens.build(cfg.arch, None, cfg.weight_name, cfg.seed, meta=True) if meta \
+                else FrozenEncoder._build_ipadapter(cfg)
+        return FrozenEncoder._vae_architecture(cfg) if meta else FrozenEncoder._build_vae(cfg)
+
+    @staticmethod
+    def _build_clip(cfg: EncoderConfig, device: str = "cpu") -> torch.nn.Module:
         import open_clip
 
         _register_openclip_configs()
         if cfg.arch not in open_clip.list_models():
             raise ConfigError(f"encoder {cfg.name!r}: unknown OpenCLIP model {cfg.arch!r}")
         weights = str(local_weights(cfg.weights, f"encoder {cfg.name!r}")) if cfg.weights is not None else None
-        model = create_openclip(cfg.arch, weights, device)
-        visual = model.visual
-        visual.output_tokens = True
-        return visual
+        return create_openclip(cfg.arch, weights, device)
 
     @staticmethod
     def _build_ipadapter(cfg: EncoderConfig) -> torch.nn.Module:
@@ -202,18 +229,36 @@ class FrozenEncoder(torch.nn.Module):
         return x
 
     @torch.no_grad()
-    def encode(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def encode(self, images: torch.Tensor, captions: list[str] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """uint8 images (B, H, W, 3) -> (tokens, pooled) float32; ``captions`` (one per image) are read by the
+        ``clip-levels`` kind only, which requires them."""
         x = self._pixels(images)
-        if self.cfg.kind in ("openclip", "ipadapter"):
+        if self.cfg.kind in ("openclip", "ipadapter", "clip-levels"):
             mean = x.new_tensor(OPENAI_MEAN).view(1, 3, 1, 1)
             std = x.new_tensor(OPENAI_STD).view(1, 3, 1, 1)
-            out = self.net((x - mean) / std)
+            x = (x - mean) / std
+            if self.cfg.kind == "clip-levels":
+                return self._clip_levels(x, captions)
+            out = self.net(x)
             tokens, pooled = out if self.cfg.kind == "ipadapter" else out[::-1]
             return tokens.float(), pooled.float()
         posterior = self.net.encode(x * 2 - 1).latent_dist
         latents = posterior.mean * self.net.config.scaling_factor
         pooled = F.adaptive_avg_pool2d(self._mid, 2).flatten(1)
         return latents.float(), pooled.float()
+
+    def _clip_levels(self, x: torch.Tensor, captions: list[str] | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """CLIP-MUSED's (f_llv, f_hlv) of normalised pixels ``x`` and their ``captions``."""
+        if captions is None or len(captions) != len(x):
+            raise ConfigError(f"encoder {self.cfg.name!r} reads the stimuli's captions: give one per image "
+                              f"({len(x)} images, {'no' if captions is None else len(captions)} captions)")
+        text = fold_tokens(self.tokenizer([str(c) for c in captions], context_length=self.net.context_length),
+                           self.net.vocab_size, self.tokenizer)
+        image = self.net.encode_image(x)  # the hook keeps the first block's output
+        text = self.net.encode_text(text.to(x.device))
+        # truncate at 1.5, unit L2 norm, then the mean of the two (the paper's appendix)
+        hlv = (F.normalize(image.clamp(-1.5, 1.5), dim=-1) + F.normalize(text.clamp(-1.5, 1.5), dim=-1)) / 2
+        return self._mid.float(), hlv.float()
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
@@ -230,10 +275,11 @@ class TargetCache:
         self.encoders = encoders
         self.cache: dict[str, dict[int, tuple[torch.Tensor, torch.Tensor]]] = {k: {} for k in encoders}
 
-    def __call__(self, image_ids: torch.Tensor, images: torch.Tensor | None = None,
-                 load_images=None) -> dict[str, torch.Tensor]:
+    def __call__(self, image_ids: torch.Tensor, images: torch.Tensor | None = None, load_images=None,
+                 captions: list[str] | None = None, load_captions=None) -> dict[str, torch.Tensor]:
         """Targets for ``image_ids``; images of uncached ids come from ``images`` (aligned with the ids)
-        or from ``load_images(ids)``."""
+        or from ``load_images(ids)``, their captions (encoders that read them) from ``captions`` or
+        ``load_captions(ids)`` likewise."""
         out: dict[str, torch.Tensor] = {}
         ids = [int(i) for i in image_ids.tolist()]
         for key, enc in self.encoders.items():
@@ -246,7 +292,12 @@ class TargetCache:
                     pixels = load_images(torch.tensor([ids[n] for n in missing]))
                 else:
                     raise ConfigError(f"target {key!r}: no images and no embeddings in the store")
-                tokens, pooled = enc.encode(pixels)
+                texts = None
+                if enc.needs_captions and captions is not None:
+                    texts = [captions[n] for n in missing]
+                elif enc.needs_captions and load_captions is not None:
+                    texts = list(load_captions(torch.tensor([ids[n] for n in missing])))
+                tokens, pooled = enc.encode(pixels, texts)  # no captions: encoders that need them say so
                 for j, n in enumerate(missing):
                     cache[ids[n]] = (tokens[j].cpu(), pooled[j].cpu())
             out[f"{key}_tokens"] = torch.stack([cache[i][0] for i in ids])
@@ -254,11 +305,28 @@ class TargetCache:
         return out
 
 
+def fold_tokens(ids: torch.Tensor, vocab_size: int, tokenizer) -> torch.Tensor:
+    """open_clip token ids (B, L) -> ids a text tower with ``vocab_size`` ids embeds (unchanged when it has the
+    tokenizer's vocabulary). A smaller vocabulary (the tiny / demo towers) gets start -> vocab_size - 2,
+    end -> vocab_size - 1 (the largest id: argmax pooling still reads the end token), padding stays 0, every
+    other id -> 1 + id mod (vocab_size - 3): deterministic and valid (words may share an id: such towers have
+    random weights). The tokenizer already truncates to the tower's context length, keeping the end token."""
+    if ids.max() < vocab_size:
+        return ids
+    sot, eot = tokenizer.sot_token_id, tokenizer.eot_token_id
+    folded = 1 + ids % (vocab_size - 3)
+    folded = torch.where(ids == 0, 0, folded)
+    folded = torch.where(ids == sot, vocab_size - 2, folded)
+    return torch.where(ids == eot, vocab_size - 1, folded)
+
+
 def requires_weights(cfg: EncoderConfig) -> bool:
     """True for encoders that exist only as pretrained weights (nothing is downloaded at run time)."""
     if cfg.weights is not None:
         return False
-    return cfg.arch == "pretrained" if cfg.kind != "openclip" else not cfg.arch.startswith("raydecode-")
+    if cfg.kind in ("openclip", "clip-levels"):
+        return not cfg.arch.startswith("raydecode-")
+    return cfg.arch == "pretrained"
 
 
 def on_meta() -> bool:

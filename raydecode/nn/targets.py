@@ -12,7 +12,7 @@ class BatchPreparer:
     """Adds frozen targets (``<key>_tokens`` / ``<key>_pooled``) and moves a batch to the device and dtype.
 
     Targets come from the store's embedding columns (joined by the pipeline) or are computed here, once
-    per image id: the images of ids not seen yet are read from the store's stimulus shards."""
+    per image id: the images (and captions) of ids not seen yet are read from the store's stimulus shards."""
 
     def __init__(self, targets: dict[str, dict], device: torch.device, dtype: torch.dtype,
                  store_uri: str, s3: dict | None):
@@ -27,12 +27,16 @@ class BatchPreparer:
     def _images(self, ids: torch.Tensor) -> torch.Tensor:
         return torch.from_numpy(self.images({"image_id": ids.numpy()})["image"])
 
+    def _captions(self, ids: torch.Tensor) -> list[str]:
+        return self.images.captions(ids.numpy())
+
     def __call__(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         for key, enc in self.from_store.items():
             for part in ("tokens", "pooled"):
                 batch[f"{key}_{part}"] = batch.pop(self.embedding_column(enc, part))
         if self.cache is not None:
-            batch.update(self.cache(batch["image_id"], batch.get("image"), self._images))
+            batch.update(self.cache(batch["image_id"], batch.get("image"), self._images,
+                                    load_captions=self._captions))
         batch.pop("image", None)
         return {k: (v.to(self.device, self.dtype) if v.is_floating_point() else v.to(self.device))
                 for k, v in batch.items()}
