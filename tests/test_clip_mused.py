@@ -23,6 +23,10 @@ def test_the_parameter_count_grows_with_subjects_only_by_their_two_tokens():
     assert 60e6 < one["total"] < 100e6, one["total"]  # ViT width 512, 24 layers
     shared = model_info("clip_mused", "paper", voxels=[15724] * 8, overrides={"subject_tokens": False})
     assert shared["total"] == one["total"]  # MS-SMODEL: one pair for everyone
+    from raydecode.modelinfo.memory import memory_plan
+
+    plan = memory_plan("clip_mused", "tiny", voxels=[240, 200], gpus=2, gpu_sizes_gb=(24,))
+    assert plan["activations_per_sample_gb_bf16"] > 0 and plan["zero"][0]["max_batch"][24] > 0, plan
 
 
 def _train_rows(store_root: str, subject: int, split: str) -> np.ndarray:

@@ -75,7 +75,7 @@ class ClipMused(nn.Module):
             rois = info.rois or {s: [g[0] for g in cfg.roi_groups for _ in range(max(1, n // len(cfg.roi_groups)))]
                                  for s, n in info.voxels.items()}  # model-info without a store: even groups
             index = {s: group_indices(rois[s], cfg.roi_groups, s) for s in info.subjects}
-        self.pca = RoiPCA(index, cfg.pca_dim)
+            self.pca = RoiPCA(index, cfg.pca_dim)  # buffers only: real on CPU, whatever the device of the rest
         n = len(cfg.roi_groups)
         self.embed = nn.Linear(cfg.pca_dim, cfg.width)
         self.position = nn.Parameter(torch.randn(n + 2, cfg.width) * 0.02)
