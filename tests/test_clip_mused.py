@@ -159,3 +159,21 @@ def test_the_orthogonality_term_separates_the_two_tokens(tiny_store):
         cos[name] = float(torch.nn.functional.cosine_similarity(out["low"], out["high"], dim=-1).abs().mean())
     print("|cos(z_llv, z_hlv)| on test trials:", cos)
     assert cos["orth"] <= 0.5 * cos["none"], cos
+
+
+def test_training_on_a_store_without_captions_is_refused(store_copy, tmp_path):
+    """The high-level target reads each image's caption: a store ingested without them (NSD without --coco) is
+    refused before any worker starts, naming the encoder."""
+    import json
+    import os
+
+    from raydecode.errors import ConfigError
+    from raydecode.train.launch import plan_training
+
+    path = os.path.join(store_copy, "manifest.json")
+    manifest = json.load(open(path))
+    manifest["absent"] = sorted(set(manifest.get("absent", [])) | {"captions"})
+    json.dump(manifest, open(path, "w"))
+    cfg = tiny_config(store_copy, tmp_path, "no-captions", method="clip_mused", data={"subjects": [1, 2]})
+    with pytest.raises(ConfigError, match="'clip-levels-tiny' reads the stimuli's captions"):
+        plan_training(cfg)

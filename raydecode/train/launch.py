@@ -78,6 +78,9 @@ def plan_training(cfg: TrainConfig) -> TrainPlan:
             if requires_weights(enc):
                 raise ConfigError(f"encoder {enc.name!r} needs `weights` (a local path, s3:// or hf:// reference) and the store {store.uri} has no "
                                   f"embeddings for it; run `raydecode embed --encoder {enc.name}` first")
+            if enc.kind == "clip-levels" and "captions" in store.manifest.absent:
+                raise ConfigError(f"encoder {enc.name!r} reads the stimuli's captions and the store {store.uri} has "
+                                  "none (its manifest lists them absent): ingest with --coco DIR")
             targets[key] = {"encoder": name, "source": "compute"}
 
     window = spec.window(mcfg)
