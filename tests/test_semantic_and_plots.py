@@ -56,6 +56,17 @@ def test_random_scores_give_chance_auc_and_map_near_the_positive_rate():
     assert out["hamming"] == pytest.approx(0.5, abs=0.05)
 
 
+def test_chance_map_is_random_scores_expected_map_on_a_small_test_set():
+    """30 images, rare classes: random rankings average the reported chance mAP, far above the mean prevalence."""
+    rng = np.random.default_rng(3)
+    labels = _labels(rng, n=30, c=40, rate=0.06)
+    maps = [semantic_metrics(rng.normal(size=labels.shape), labels)["map"] for _ in range(400)]
+    chance = semantic_metrics(rng.normal(size=labels.shape), labels)["chance_map"]
+    has = labels.sum(0) > 0
+    assert np.mean(maps) == pytest.approx(chance, abs=0.01), (np.mean(maps), chance)
+    assert chance > 1.5 * labels[:, has].mean(), (chance, labels[:, has].mean())
+
+
 def test_semantic_metrics_refuse_mismatched_shapes_and_unscorable_labels():
     with pytest.raises(ConfigError, match=r"\(10, 80\).*\(10, 79\)"):
         semantic_metrics(np.zeros((10, 80)), np.zeros((10, 79)))
