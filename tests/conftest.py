@@ -24,6 +24,12 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 
 
+def pytest_collection_modifyitems(items):
+    """The cluster tests first: they start their own Ray cluster with `ray start`, and a job submitted to it waits
+    forever for nodes once this process holds a local Ray session (``ray_local``, which later tests share)."""
+    items.sort(key=lambda item: item.get_closest_marker("cluster") is None)  # stable: file order otherwise
+
+
 @pytest.fixture(scope="session")
 def tiny_store(tmp_path_factory) -> str:
     """A tiny synthetic store (seed 0), ingested once per session. Tests must not modify it."""
