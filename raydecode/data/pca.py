@@ -43,9 +43,10 @@ def group_indices(labels: list[str], groups: list[list[str]], subject: int) -> l
     return out
 
 
-def top_components(total: np.ndarray, outer: np.ndarray, n: int, width: int) -> tuple[np.ndarray, np.ndarray]:
-    """Mean and (width, voxels) principal axes from the sum ``total`` and cross-product sum ``outer`` of ``n``
-    rows: the covariance's eigenvectors by decreasing variance, rows past min(voxels, n - 1) zero."""
+def top_components(total: np.ndarray, outer: np.ndarray, n: int, width: int) -> tuple[np.ndarray, np.ndarray, float]:
+    """Mean, (width, voxels) principal axes and the share of the variance they keep, from the sum ``total`` and
+    cross-product sum ``outer`` of ``n`` rows: the covariance's eigenvectors by decreasing variance, rows past
+    min(voxels, n - 1) zero."""
     mean = total / n
     cov = outer / n - np.outer(mean, mean)
     values, vectors = np.linalg.eigh(cov)  # ascending
@@ -55,7 +56,9 @@ def top_components(total: np.ndarray, outer: np.ndarray, n: int, width: int) -> 
     axes *= np.sign(axes[np.arange(rank), np.abs(axes).argmax(1)])[:, None]
     comps = np.zeros((width, len(mean)))
     comps[:rank] = axes
-    return mean, comps
+    variance = float(values.sum())
+    kept = float(values[order[:rank]].sum() / variance) if variance > 0 else 0.0
+    return mean, comps, kept
 
 
 class RoiMoments:
@@ -68,8 +71,9 @@ class RoiMoments:
 
     def add(self, subject: int, betas: np.ndarray) -> None:
         """``betas`` (trials, voxels of at least the subject's count; padding past it is ignored)."""
+        betas = np.asarray(betas, np.float64)
         for acc, idx in zip(self.sums[subject], self.index[subject]):
-            x = np.asarray(betas, np.float64)[:, idx]
+            x = betas[:, idx]
             acc[0] += len(x)
             acc[1] += x.sum(0)
             acc[2] += x.T @ x
@@ -82,10 +86,8 @@ class RoiMoments:
                 raise ConfigError(f"subject {s}: {n} train trials in the selection; the ROI PCA needs at least 2")
             info["trials"][s], info["explained"][s] = int(n), []
             for g, (count, total, outer) in enumerate(groups):
-                mean, comps = top_components(total, outer, count, width)
-                cov = outer / count - np.outer(mean, mean)
-                variance = np.trace(cov)
-                info["explained"][s].append(float(((comps @ cov) * comps).sum() / variance) if variance > 0 else 0.0)
+                mean, comps, kept = top_components(total, outer, count, width)
+                info["explained"][s].append(kept)
                 tensors[f"{s}.{g}.mean"] = torch.from_numpy(mean.astype(np.float32))
                 tensors[f"{s}.{g}.components"] = torch.from_numpy(comps.astype(np.float32))
         return tensors, info

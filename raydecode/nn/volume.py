@@ -1,8 +1,8 @@
 """Torch parts for decoding from the 3D fMRI volume (MindLink, "Subject-agnostic Cross-Subject Brain Decoding"):
 one patch frame shared by every subject (:class:`VolumeLayout`), fixed 3D positional encodings
-(:func:`positional_encoding_3d`), the subject adversary (Eq. 2, :class:`SubjectAdversary`: gradient reversal or domain confusion),
-a Perceiver resampler to a fixed number of tokens (:class:`PerceiverResampler`) and the token-level alignment loss
-(Eq. 4-5, :func:`local_infonce`). Pure torch: no subject-specific parameters anywhere.
+(:func:`positional_encoding_3d`), the subject adversary (Eq. 2, :class:`SubjectAdversary`: gradient reversal or
+domain confusion), a Perceiver resampler to a fixed number of tokens (:class:`PerceiverResampler`) and the
+token-level alignment loss (Eq. 4-5, :func:`local_infonce`). Pure torch: no subject-specific parameters anywhere.
 """
 
 from __future__ import annotations

@@ -215,8 +215,8 @@ def run_training(cfg: TrainConfig, stage: str = "pretrain", parent_run_id: str |
         payload = {
             "cfg": cfg.model_dump(mode="json"), "method_config": plan.method_config.model_dump(mode="json"),
             "info": plan.info.to_dict(), "targets": plan.targets, "steps_per_epoch": plan.steps_per_epoch,
-            "final_uri": plan.final_uri, "init_state_uri": plan.init_state_uri, "stats_uri": stats_uri, "pca_uri": pca_uri,
-            "tracking_uri": tracking_uri, "run_id": run_id,
+            "final_uri": plan.final_uri, "init_state_uri": plan.init_state_uri, "stats_uri": stats_uri,
+            "pca_uri": pca_uri, "tracking_uri": tracking_uri, "run_id": run_id,
         }
         # a sweep's trials run side by side under Tune's own table: the step bar is for a single run
         progress = DriverProgress(stage, plan.steps_per_epoch * cfg.optim.epochs, plan.steps_per_epoch,
