@@ -13,6 +13,8 @@ from conftest import SOURCE_SUBJECTS, metric_history, tiny_config
 from raydecode.modelinfo.info import model_info
 from raydecode.train.launch import run_training
 
+NEW_SUBJECTS = [4, 5, 6, 7, 8]  # never trained on: the shared model learns subjects 1-3
+
 
 def test_the_parameter_count_does_not_depend_on_subjects_or_voxel_counts():
     counts = {tuple(v): model_info("mindlink", "tiny", voxels=v)["total"]
@@ -21,6 +23,21 @@ def test_the_parameter_count_does_not_depend_on_subjects_or_voxel_counts():
     paper = model_info("mindlink", "paper", voxels=[15724, 14278, 15226, 13153])
     assert paper["total"] == model_info("mindlink", "paper", voxels=[15724])["total"]
     assert 100e6 < paper["total"] < 250e6, paper["total"]  # paper: ~159 M
+
+
+def test_the_frame_is_fixed_at_launch_by_the_store_or_the_pretrained_model():
+    """The box every subject is stretched onto: the largest ROI bounding box over the store's subjects (so a
+    subject joining later fits unshrunk), or the pretrained model's box when adapting one; a box given is kept."""
+    from raydecode.methods.mindlink import resolve_frame
+    from raydecode.methods.spec import get_method
+
+    cfg = get_method("mindlink").config("tiny", {})
+    store = {1: np.array([[0, 0, 0], [9, 4, 2]]), 2: np.array([[3, 3, 3], [5, 12, 4]]), 7: np.array([[1, 1, 1]])}
+    assert resolve_frame(cfg, store, None).box == (10, 10, 3)
+    assert resolve_frame(cfg, store, {"frame": "box", "box": [6, 7, 8]}).box == (6, 7, 8)
+    assert resolve_frame(cfg, store, {"frame": "corner", "box": None}).box == (10, 10, 3)
+    assert resolve_frame(cfg.model_copy(update={"box": (20, 20, 20)}), store, None).box == (20, 20, 20)
+    assert resolve_frame(cfg.model_copy(update={"frame": "corner"}), store, None).box is None
 
 
 def _trials(store_root: str, subjects: list[int]):
@@ -110,55 +127,136 @@ def test_mindlink_learns_one_model_for_every_subject(mindlink_trained):
     assert result.metrics["retrieval.image_to_brain_top1"] >= 3 * chance, result.metrics
 
 
-def test_never_seen_subjects_are_decoded_with_no_training(mindlink_trained, tiny_store):
-    """Subject-agnostic: the 3-subject model, rebuilt for subjects 4-8 from their voxel coordinates alone (every
-    weight loads: none is per subject) and not trained on them, retrieves their test images well above chance; the
-    same network with random weights does not. (Measured: 0.12 mean top-1 over 5 subjects x 2 directions, chance
-    0.033.)"""
+def _new_subject(store_root: str, subject: int, encoder) -> dict:
+    """One subject read in one process: its DatasetInfo (voxel coordinates from the store), its train trials in
+    acquisition order (betas, image tokens) and its test images with repetitions averaged (the suite's averaged
+    protocol)."""
     import io
 
     import torch
     from PIL import Image
 
-    from raydecode.checkpoint import load_consolidated
     from raydecode.data.store import open_store
+    from raydecode.methods.spec import DatasetInfo
+
+    store = open_store(store_root)
+    stim = store.read_shard(store.manifest.shards_of("stimuli")[0]).to_pydict()
+    images = dict(zip(stim["image_id"], stim["image"]))
+    coords = {subject: np.stack([store.voxel_table(subject)[c].to_numpy() for c in "ijk"], 1)}
+    info = DatasetInfo([subject], {subject: store.manifest.subject(subject).voxels}, coords=coords)
+    train, test = [], {}
+    for shard in store.manifest.shards_of("trials", subjects=[subject]):
+        t = store.read_shard(shard, ["image_id", "split", "betas", "session", "run", "trial"]).to_pydict()
+        for i, split, b, *order in zip(t["image_id"], t["split"], t["betas"], t["session"], t["run"], t["trial"]):
+            if split == "test":
+                test.setdefault(i, []).append(np.asarray(b, np.float32))
+            else:
+                train.append((tuple(order), i, np.asarray(b, np.float32)))
+    train.sort(key=lambda r: r[0])
+
+    def tokens(ids):
+        rgb = np.stack([np.asarray(Image.open(io.BytesIO(images[i])).convert("RGB")) for i in ids])
+        return encoder.encode(torch.from_numpy(rgb))[0].flatten(1)
+
+    ids = sorted(test)
+    return {"info": info,
+            "train": (torch.tensor(np.stack([r[2] for r in train])), tokens([r[1] for r in train])),
+            "test": (torch.tensor(np.stack([np.mean(test[i], 0) for i in ids])), tokens(ids))}
+
+
+def test_never_seen_subjects_are_decoded_with_no_training(mindlink_trained, tiny_store):
+    """Subject-agnostic: the 3-subject model, rebuilt for subjects 4-8 from their voxel coordinates alone (every
+    weight loads: none is per subject) and not trained on them, retrieves their test images well above chance; the
+    same network with random weights does not. (Measured: 0.15 mean top-1 over 5 subjects x 2 directions, chance
+    0.033.)"""
+    import torch
+
+    from raydecode.checkpoint import load_consolidated
     from raydecode.evaluate.retrieval import retrieval_top1
-    from raydecode.methods.spec import DatasetInfo, get_method
+    from raydecode.methods.spec import get_method
     from raydecode.nn.encoders import FrozenEncoder, encoder_config
 
     _, result = mindlink_trained
     shared = load_consolidated(result.artifacts["checkpoint"]).model
-    spec, store, new = get_method("mindlink"), open_store(tiny_store), [4, 5, 6, 7, 8]
-    stim = store.read_shard(store.manifest.shards_of("stimuli")[0]).to_pydict()
-    images = {i: np.asarray(Image.open(io.BytesIO(b)).convert("RGB")) for i, b in zip(stim["image_id"], stim["image"])}
+    spec = get_method("mindlink")
     encoder = FrozenEncoder(encoder_config(shared.cfg.image_encoder))
     top1, chance = {"shared": [], "random": []}, []
-    for subject in new:
-        coords = {subject: np.stack([store.voxel_table(subject)[c].to_numpy() for c in "ijk"], 1)}
-        info = DatasetInfo([subject], {subject: store.manifest.subject(subject).voxels}, coords=coords)
-        trials: dict[int, list] = {}
-        for shard in store.manifest.shards_of("trials", subjects=[subject]):
-            t = store.read_shard(shard, ["image_id", "split", "betas"]).to_pydict()
-            for i, split, b in zip(t["image_id"], t["split"], t["betas"]):
-                if split == "test":
-                    trials.setdefault(i, []).append(np.asarray(b, np.float32))
-        ids = sorted(trials)  # repetitions averaged, as the suite's averaged protocol
-        betas = torch.tensor(np.stack([np.mean(trials[i], 0) for i in ids]))
-        target, _ = encoder.encode(torch.from_numpy(np.stack([images[i] for i in ids])))
+    for subject in NEW_SUBJECTS:
+        data = _new_subject(tiny_store, subject, encoder)
+        betas, target = data["test"]
         for name in top1:
             torch.manual_seed(0)
-            model = spec.build_model(shared.cfg, info)
+            model = spec.build_model(shared.cfg, data["info"])
             if name == "shared":
                 assert spec.load_pretrained(model, shared.state_dict()) == []  # nothing left at initialisation
             with torch.no_grad():
-                brain = spec.predict(model.eval(), {"betas": betas, "subject": torch.full((len(ids),), subject)})["brain"]
-            r = retrieval_top1(brain, target, candidates=len(ids), draws=1)
+                brain = spec.predict(model.eval(), {"betas": betas,
+                                                    "subject": torch.full((len(betas),), subject)})["brain"]
+            r = retrieval_top1(brain, target, candidates=len(betas), draws=1)
             top1[name] += [r["brain_to_image_top1"], r["image_to_brain_top1"]]
             chance.append(r["chance"])
     chance = float(np.mean(chance))
     mean = {k: float(np.mean(v)) for k, v in top1.items()}
     print("never-seen subjects, mean top-1:", mean, "chance", chance)
     assert mean["shared"] >= 2 * chance and mean["shared"] >= mean["random"] + chance, mean
+
+
+def test_a_new_subject_adapted_from_the_shared_model_beats_one_trained_from_scratch(mindlink_trained, tiny_store):
+    """The paper's Table 3 claim: a never-seen subject fine-tuned from the 3-subject model decodes better than the
+    same network trained from scratch on the same trials. Subjects 4-8, each subject's first 8 and 32 train trials
+    (acquisition order), the same recipe for both (every loss from the first step, AdamW + OneCycle at 1e-3, 150
+    steps of 8), scored by two-way identification of the test images' tokens (chance 50 %), averaged over the five
+    subjects. (Over runs of the shared fixture: 8 trials 79.9-83.0 vs 75.8, 32 trials 86.0-86.5 vs 84.4; with the
+    frames only corner-aligned, frame 'corner', in one process: 75.6 vs 70.7 and 78.3 vs 81.7: README, MindLink.)"""
+    import torch
+
+    from raydecode.checkpoint import load_consolidated
+    from raydecode.evaluate.feature_metrics import two_way_identification
+    from raydecode.methods.spec import get_method
+    from raydecode.nn.context import Progress
+    from raydecode.nn.encoders import FrozenEncoder, encoder_config
+
+    _, result = mindlink_trained
+    shared = load_consolidated(result.artifacts["checkpoint"]).model
+    spec, cfg = get_method("mindlink"), shared.cfg.model_copy(update={"warmup_fraction": 0.0})
+    encoder = FrozenEncoder(encoder_config(cfg.image_encoder))
+    steps, batch, lr = 150, 8, 1e-3
+    scores: dict[tuple[str, int], list[float]] = {}
+    for subject in NEW_SUBJECTS:
+        data = _new_subject(tiny_store, subject, encoder)
+        for n in (8, 32):
+            betas, tokens = (x[:n] for x in data["train"])
+            for start in ("adapted", "scratch"):
+                torch.manual_seed(1)
+                model = spec.build_model(cfg, data["info"])
+                if start == "adapted":
+                    spec.load_pretrained(model, shared.state_dict())
+                groups = spec.param_groups(model, cfg, 0.01)
+                for g in groups:
+                    g["lr"] = lr * g.pop("lr_scale", 1.0)
+                opt = torch.optim.AdamW(groups)
+                sched = torch.optim.lr_scheduler.OneCycleLR(opt, [g["lr"] for g in groups], total_steps=steps)
+                gen = torch.Generator().manual_seed(1)
+                model.train()
+                for step in range(steps):
+                    pick = torch.randint(n, (batch,), generator=gen)
+                    loss, _ = spec.loss(model, {"betas": betas[pick], "subject": torch.full((batch,), subject),
+                                                "clip_tokens": tokens[pick]}, Progress(0, 1, step, steps))
+                    opt.zero_grad()
+                    loss.backward()
+                    opt.step()
+                    sched.step()
+                test_betas, test_tokens = data["test"]
+                with torch.no_grad():
+                    brain = spec.predict(model.eval(), {"betas": test_betas,
+                                                        "subject": torch.full((len(test_betas),), subject)})["brain"]
+                scores.setdefault((start, n), []).append(two_way_identification(brain, test_tokens))
+    mean = {f"{start} {n}": round(float(np.mean(v)), 1) for (start, n), v in scores.items()}
+    print("new subjects, two-way identification % (chance 50):", mean)
+    # the head start is largest with the fewest trials (measured +4.1 to +7.2 points at 8, +1.6 to +2.1 at 32 over
+    # runs of the shared fixture; the from-scratch numbers are the same every run)
+    assert mean["adapted 8"] >= mean["scratch 8"] + 2, mean
+    assert mean["adapted 32"] > mean["scratch 32"], mean
 
 
 @pytest.fixture(scope="module")
@@ -205,8 +303,9 @@ def test_the_subject_adversary_hides_the_subject_without_losing_retrieval(mindli
         probe[name] = subject_probe(result.artifacts["checkpoint"], tiny_store, SOURCE_SUBJECTS[:3])
     print("subject probe accuracy (chance 0.33):", probe)
     chance = 1 / 3
-    # at least a fifth of what the probe reads above chance is gone (measured: a third)
-    assert probe["adversary"] - chance <= 0.8 * (probe["plain"] - chance), probe
+    # at least 15 % of what the probe reads above chance is gone (measured 23-40 % over Ray runs; in one process,
+    # three seeds: 23-48 %)
+    assert probe["adversary"] - chance <= 0.85 * (probe["plain"] - chance), probe
     assert probe["adversary"] <= probe["plain"] - 0.05, probe
 
 
@@ -217,6 +316,7 @@ def test_new_subject_adaptation_is_a_sweep_over_the_sample_count(mindlink_traine
     on this store: README, MindLink.)"""
     from mlflow.tracking import MlflowClient
 
+    from raydecode.checkpoint import load_consolidated
     from raydecode.config import SweepConfig
     from raydecode.sweep import run_sweep
 
@@ -236,8 +336,11 @@ def test_new_subject_adaptation_is_a_sweep_over_the_sample_count(mindlink_traine
     children = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{sweep.mlflow_run_id}'")
     adapted = {int(r.data.params["data.train_trials"]): r.data for r in children}
     assert sorted(adapted) == [16, 120], adapted
+    box = load_consolidated(result.artifacts["checkpoint"]).model.cfg.box  # the store's largest ROI bounding box
+    assert box is not None and len(box) == 3
     for n, run in adapted.items():
         assert run.params["data.train_rows"] == str(n) and run.params["init_from"] == result.artifacts["checkpoint"]
+        assert run.params["model.box"] == str(list(box))  # the new subject goes into the pretrained model's frame
     top1 = {n: run.metrics["retrieval.brain_to_image_top1"] for n, run in adapted.items()}
     print("new subject top-1 by training trials:", top1)
     assert top1[120] >= 3 * adapted[120].metrics["retrieval.chance"], top1

@@ -225,3 +225,35 @@ def test_local_infonce_refuses_mismatched_tokens():
         local_infonce(torch.randn(2, 4, 8), torch.randn(3, 4, 8))
     with pytest.raises(ValueError, match="negatives"):
         local_infonce(torch.randn(2, 4, 8), torch.randn(2, 4, 8), negatives="all")
+
+
+def frame_positions(layout: VolumeLayout, subject: int) -> torch.Tensor:
+    """(n_voxels, 3) each voxel's place in the shared frame, read back from the layout's scatter index."""
+    p, index = layout.patch_size, layout.index(subject)
+    corner = layout.patch_centers()[index // p**3] - p / 2
+    r = index % p**3
+    return (corner + torch.stack([r // p**2, (r // p) % p, r % p], 1)).long()
+
+
+def test_the_box_frame_stretches_every_subject_onto_one_box(coords):
+    """frame 'box': each subject's ROI bounding box spans the same voxels, so the same patch means the same
+    relative place (both boxes' extremes land on the box's faces); a subject added later is placed exactly as it
+    would have been from the start, the round trip stays exact, and a box too small to keep voxels apart is
+    refused, naming the subject."""
+    box = (30, 30, 30)  # larger than both bounding boxes (23 x 17 x 30 and 19 x 25 x 12) on every axis
+    layout = VolumeLayout(coords, patch_size=10, box=box)
+    assert layout.shape == box and layout.box == box
+    for s in coords:
+        pos = frame_positions(layout, s)
+        assert pos.min(0).values.tolist() == [0, 0, 0] and pos.max(0).values.tolist() == [29, 29, 29], s
+    corner = VolumeLayout(coords, patch_size=10)
+    assert frame_positions(corner, 2).max(0).values.tolist() == [18, 24, 11]  # unstretched: its own extent
+    betas, subjects = mixed_batch(layout, [1, 2, 2, 1])
+    assert torch.equal(layout.from_patches(layout.to_patches(betas, subjects), subjects), betas)
+    again = VolumeLayout.from_dict(json.loads(json.dumps(layout.to_dict())))
+    assert again.box == box and torch.equal(again.to_patches(betas, subjects), layout.to_patches(betas, subjects))
+    later = VolumeLayout({1: coords[1]}, patch_size=10, box=box).with_subject(2, coords[2], drop_outside=True)
+    kept = later.index(2) < later.n_patches * 1000
+    assert kept.sum() > 0 and torch.equal(frame_positions(later, 2)[kept], frame_positions(layout, 2)[kept])
+    with pytest.raises(ValueError, match="subject 1: its ROI bounding box .* does not fit"):
+        VolumeLayout(coords, patch_size=10, box=(8, 8, 8))

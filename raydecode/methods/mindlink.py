@@ -1,7 +1,8 @@
 """MindLink (subject-agnostic cross-subject decoding): one model for every subject, no per-subject parameters.
 
 Each trial's betas go back on the subject's 3D grid (``DatasetInfo.coords``, from the store's voxel tables), into
-one patch frame shared by all subjects (:class:`~raydecode.nn.volume.VolumeLayout`: cubic patches, those holding an
+one patch frame shared by all subjects (:class:`~raydecode.nn.volume.VolumeLayout`: each subject's ROI bounding box
+stretched onto one box, fixed at launch from the store or the pretrained model; cubic patches, those holding an
 ROI voxel of any subject), each patch a token with a fixed 3D positional encoding. A transformer encoder E_b reads
 the tokens; the losses (Eq. 1-6):
 
@@ -51,6 +52,7 @@ from raydecode.nn.volume import (
     PerceiverResampler,
     SubjectAdversary,
     VolumeLayout,
+    box_of,
     local_infonce,
     positional_encoding_3d,
 )
@@ -60,6 +62,12 @@ class MindLinkConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     patch_size: int = Field(10, ge=1, description="edge of the cubic patches, in voxels (paper: 10)")
+    frame: Literal["box", "corner"] = Field(
+        "box", description="how subjects share one frame: 'box' stretches each subject's ROI bounding box onto "
+                           "`box` voxels per axis, 'corner' only aligns the boxes' corners (the paper does not say)")
+    box: tuple[int, int, int] | None = Field(
+        None, description="the box frame's size in voxels; unset: the pretrained checkpoint's, else the largest ROI "
+                          "bounding box of the store's subjects (resolved at launch, kept in the checkpoint)")
     dim: int = Field(768, ge=6, description="encoder width (a multiple of 6: the 3D positional encoding)")
     depth: int = Field(16, ge=1, description="encoder layers (paper: 16)")
     heads: int = Field(12, ge=1)
@@ -126,7 +134,9 @@ class MindLink(nn.Module):
         self.cfg = cfg
         coords = info.coords or {s: block_coords(n) for s, n in info.voxels.items()}
         with torch.device("cpu"):  # index tables are data, built for real even when sizing on the meta device
-            self.layout = VolumeLayout({s: coords[s] for s in info.subjects}, cfg.patch_size)
+            own = {s: coords[s] for s in info.subjects}
+            box = (cfg.box or box_of(own)) if cfg.frame == "box" else None  # unresolved (no launch): these subjects'
+            self.layout = VolumeLayout(own, cfg.patch_size, box)
             pos = positional_encoding_3d(self.layout.patch_centers().float(), cfg.dim)
             present = torch.tensor(sorted(info.subjects)) - 1  # the classes of the subjects trained on
         self.register_buffer("pos", pos, persistent=False)
@@ -178,6 +188,16 @@ class MindLink(nn.Module):
         loss = w[0] * l_rec + w[1] * l_subj + w[2] * l_align + w[3] * l_local
         return loss, {"loss": float(loss.detach()), "rec": float(l_rec.detach()), "subj": float(subject_ce.detach()),
                       "align": float(l_align.detach()), "local": float(l_local.detach()), "warmup": float(warm)}
+
+
+def resolve_frame(cfg: MindLinkConfig, store_coords: dict, pretrained: dict | None) -> MindLinkConfig:
+    """The box frame's size, fixed at launch so that every run from one store (or one pretrained model) places
+    subjects alike: the pretrained model's box when adapting one, else the largest ROI bounding box over all the
+    store's subjects (a subject joining later fits without shrinking)."""
+    if cfg.frame != "box" or cfg.box is not None:
+        return cfg
+    box = (pretrained or {}).get("box") if (pretrained or {}).get("frame") == "box" else None
+    return cfg.model_copy(update={"box": tuple(box) if box else box_of(store_coords)})
 
 
 def build_model(cfg: MindLinkConfig, info: DatasetInfo) -> MindLink:
@@ -233,6 +253,6 @@ SPEC = register(MethodSpec(
         EmbedsTargets(lambda cfg: {"clip": cfg.image_encoder}),
         EmbedsImages(image_embeddings),
         Adapts(load_pretrained),
-        ReadsVolume(),
+        ReadsVolume(resolve_frame),
     ),
 ))

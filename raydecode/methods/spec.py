@@ -61,7 +61,12 @@ class ReadsWindows:
 @dataclass(frozen=True)
 class ReadsVolume:
     """Needs every subject's voxel coordinates (``DatasetInfo.coords``, from the store's voxel tables): the model
-    places betas back on the 3D grid (e.g. MindLink's cubic patches)."""
+    places betas back on the 3D grid (e.g. MindLink's cubic patches). ``resolve(cfg, store_coords, pretrained)``,
+    when given, fixes what the frame depends on at launch: ``store_coords`` holds every subject of the store (not
+    only the run's), ``pretrained`` the ``init_from`` checkpoint's method config (or None); it returns the config
+    the run (and its checkpoint) keeps."""
+
+    resolve: Callable[[Any, dict[int, Any], dict | None], Any] | None = None
 
 
 @dataclass(frozen=True)

@@ -19,17 +19,18 @@ from torch import nn
 # -- the shared patch frame ---------------------------------------------------------------------------------------
 
 
-def _frame_dict(coords: Mapping[int, Any], patch_size: int) -> dict:
+def _frame_dict(coords: Mapping[int, Any], patch_size: int, box: tuple[int, int, int] | None = None) -> dict:
     """The JSON-safe description of the shared frame (see :class:`VolumeLayout`) built from voxel coordinates."""
     if isinstance(patch_size, bool) or not isinstance(patch_size, int) or patch_size < 1:
         raise ValueError(f"patch_size must be a positive integer, got {patch_size!r}")
     if not coords:
         raise ValueError("VolumeLayout needs the voxel coordinates of at least one subject")
+    box = _check_box(box)
     shifted, origin = {}, {}
     for s in sorted(int(k) for k in coords):
         c = _as_coords(coords[s] if s in coords else coords[str(s)], s)
         origin[s] = c.min(0)
-        shifted[s] = c - origin[s]  # each subject's ROI bounding-box corner at (0, 0, 0)
+        shifted[s] = _place(c, box, s)
     extent = np.max([c.max(0) + 1 for c in shifted.values()], axis=0)
     grid = -(-extent // patch_size)  # patches per axis: the largest extent rounded up to whole patches
     patch_of = {s: _patch_linear(c, grid, patch_size) for s, c in shifted.items()}
@@ -38,7 +39,35 @@ def _frame_dict(coords: Mapping[int, Any], patch_size: int) -> dict:
     for s, c in shifted.items():
         index = np.searchsorted(patch_ids, patch_of[s]) * patch_size**3 + _offset_in_patch(c, patch_size)
         subjects[str(s)] = {"origin": origin[s].tolist(), "index": index.tolist()}
-    return {"patch_size": patch_size, "grid": grid.tolist(), "patch_ids": patch_ids.tolist(), "subjects": subjects}
+    return {"patch_size": patch_size, "grid": grid.tolist(), "patch_ids": patch_ids.tolist(), "subjects": subjects,
+            "box": None if box is None else list(box)}
+
+
+def _check_box(box: Any) -> tuple[int, int, int] | None:
+    if box is None:
+        return None
+    if len(box) != 3 or any(isinstance(b, bool) or int(b) != b or b < 1 for b in box):
+        raise ValueError(f"box must be three positive voxel counts (i, j, k), got {box!r}")
+    return tuple(int(b) for b in box)
+
+
+def box_of(coords: Mapping[int, Any]) -> tuple[int, int, int]:
+    """The largest ROI bounding box (voxels per axis) over subjects: a box frame every subject fits unshrunk."""
+    return tuple(int(x) for x in np.max([np.ptp(np.asarray(c), axis=0) + 1 for c in coords.values()], axis=0))
+
+
+def _place(c: np.ndarray, box: tuple[int, int, int] | None, subject: int) -> np.ndarray:
+    """A subject's voxels in the shared frame: its ROI bounding-box corner at (0, 0, 0) and, with ``box``, the
+    bounding box stretched per axis onto ``box`` voxels (nearest voxel; no registration)."""
+    c = c - c.min(0)
+    if box is None:
+        return c
+    span = c.max(0)
+    placed = np.rint(c * ((np.array(box) - 1) / np.maximum(span, 1))).astype(np.int64)
+    if len(np.unique(placed, axis=0)) != len(placed):
+        raise ValueError(f"subject {subject}: its ROI bounding box {tuple(int(x) for x in span + 1)} voxels does not "
+                         f"fit the frame's box {box} (voxels would merge): give a box at least that large")
+    return placed
 
 
 def _as_coords(c: Any, subject: int) -> np.ndarray:
@@ -69,8 +98,9 @@ class VolumeLayout(nn.Module):
 
     Subjects' native functional grids differ (shape and placement of the ROI), and MindLink has no
     subject-specific parameters, so every subject is put in the same frame: each subject's coordinates are
-    shifted so that its ROI bounding-box minimum is at (0, 0, 0), i.e. the frames align bounding-box corners
-    (no registration). The volume shape is the largest per-axis extent over subjects rounded up to a multiple of
+    shifted so that its ROI bounding-box minimum is at (0, 0, 0) and, given a ``box``, stretched per axis so that
+    its bounding box spans ``box`` voxels (an affine alignment of the ROI boxes, nearest voxel; no registration;
+    without a box only the corners align). The volume shape is the largest per-axis extent over subjects rounded up to a multiple of
     ``patch_size``; it is cut into ``grid`` patches per axis, and the kept patches (``patch_ids``, sorted linear
     indices in C order over the patch grid) are those holding at least one ROI voxel of ANY subject: the same
     P tokens for every subject.
@@ -80,10 +110,11 @@ class VolumeLayout(nn.Module):
     parameters); :meth:`to_dict` / :meth:`from_dict` (JSON-safe lists of ints) rebuild the layout from a config.
     """
 
-    def __init__(self, coords: Mapping[int, Any], patch_size: int = 10):
-        """``coords``: subject -> (n_voxels, 3) int i, j, k indices in that subject's grid (store ``voxels/``)."""
+    def __init__(self, coords: Mapping[int, Any], patch_size: int = 10, box: tuple[int, int, int] | None = None):
+        """``coords``: subject -> (n_voxels, 3) int i, j, k indices in that subject's grid (store ``voxels/``);
+        ``box``: stretch each subject's ROI bounding box onto this many voxels per axis (None: corners only)."""
         super().__init__()
-        self._load(_frame_dict(coords, patch_size))
+        self._load(_frame_dict(coords, patch_size, box))
 
     def _load(self, d: dict) -> None:
         p, grid = int(d["patch_size"]), tuple(int(g) for g in d["grid"])
@@ -91,6 +122,7 @@ class VolumeLayout(nn.Module):
         subjects = sorted(int(s) for s in d["subjects"])
         index = {s: torch.tensor(d["subjects"][str(s)]["index"], dtype=torch.long) for s in subjects}
         self.patch_size, self.grid, self.subjects = p, grid, subjects
+        self.box = _check_box(d.get("box"))
         self.n_patches = len(patch_ids)
         self.n_voxels = {s: len(i) for s, i in index.items()}
         self.origin = {s: tuple(int(x) for x in d["subjects"][str(s)]["origin"]) for s in subjects}
@@ -195,7 +227,7 @@ class VolumeLayout(nn.Module):
         """JSON-safe description (lists of ints) that :meth:`from_dict` rebuilds the identical layout from."""
         subjects = {str(s): {"origin": list(self.origin[s]), "index": self.index(s).tolist()} for s in self.subjects}
         return {"patch_size": self.patch_size, "grid": list(self.grid), "patch_ids": self.patch_ids.tolist(),
-                "subjects": subjects}
+                "subjects": subjects, "box": None if self.box is None else list(self.box)}
 
     @classmethod
     def from_dict(cls, d: dict) -> VolumeLayout:
@@ -207,14 +239,15 @@ class VolumeLayout(nn.Module):
     def with_subject(self, subject: int, coords: Any, drop_outside: bool = False) -> VolumeLayout:
         """This frame (same P patches) plus a new subject, e.g. to adapt a pretrained model to an unseen subject.
 
-        The new subject's bounding-box corner goes to (0, 0, 0) as for the others. Voxels outside the kept
-        patches raise ValueError, or with ``drop_outside`` are left out of the patches (they read back as 0).
+        The new subject is placed as the others were (bounding-box corner at (0, 0, 0), stretched onto the box
+        when the frame has one). Voxels outside the kept patches raise ValueError, or with ``drop_outside`` are
+        left out of the patches (they read back as 0).
         """
         if subject in self.n_voxels:
             raise ValueError(f"subject {subject} is already in this volume layout")
         c = _as_coords(coords, subject)
         origin = c.min(0)
-        c = c - origin
+        c = _place(c, self.box, subject)
         p, grid = self.patch_size, np.array(self.grid)
         inside = (c < grid * p).all(1)
         linear = _patch_linear(np.minimum(c, grid * p - 1), grid, p)

@@ -60,9 +60,15 @@ def plan_training(cfg: TrainConfig) -> TrainPlan:
     subjects = store.check_subjects(cfg.data.subjects)
     sessions = store.check_sessions(subjects, cfg.data.sessions)
     coords = None
-    if spec.get(ReadsVolume) is not None:  # the voxels' i, j, k on each subject's grid
-        coords = {s: np.stack([store.voxel_table(s)[c].to_numpy().astype(np.int64) for c in "ijk"], 1)
-                  for s in subjects}
+    volume = spec.get(ReadsVolume)
+    if volume is not None:  # the voxels' i, j, k on each subject's grid
+        every = list(store.manifest.subject_ids) if volume.resolve else subjects
+        store_coords = {s: np.stack([store.voxel_table(s)[c].to_numpy().astype(np.int64) for c in "ijk"], 1)
+                        for s in every}
+        coords = {s: store_coords[s] for s in subjects}
+        if volume.resolve:
+            pretrained = read_json(cfg.init_from, CONFIG_FILE, cfg.s3)["model"] if cfg.init_from else None
+            mcfg = volume.resolve(mcfg, store_coords, pretrained)
     rois = None
     if spec.get(FitsRoiPCA) is not None:  # every voxel's ROI label
         rois = {s: store.voxel_table(s)["roi"].to_pylist() for s in subjects}
