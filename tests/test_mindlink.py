@@ -203,11 +203,11 @@ def test_never_seen_subjects_are_decoded_with_no_training(mindlink_trained, tiny
 
 def test_a_new_subject_adapted_from_the_shared_model_beats_one_trained_from_scratch(mindlink_trained, tiny_store):
     """The paper's Table 3 claim: a never-seen subject fine-tuned from the 3-subject model decodes better than the
-    same network trained from scratch on the same trials. Subjects 4-8, each subject's first 8 and 32 train trials
-    (acquisition order), the same recipe for both (every loss from the first step, AdamW + OneCycle at 1e-3, 150
-    steps of 8), scored by two-way identification of the test images' tokens (chance 50 %), averaged over the five
-    subjects. (Over runs of the shared fixture: 8 trials 79.9-83.0 vs 75.8, 32 trials 86.0-86.5 vs 84.4; with the
-    frames only corner-aligned, frame 'corner', in one process: 75.6 vs 70.7 and 78.3 vs 81.7: README, MindLink.)"""
+    same network trained from scratch on the same trials. Subjects 4-8, each subject's first 4, 8 and 16 train
+    trials (acquisition order), the same recipe for both (every loss from the first step, AdamW + OneCycle at 1e-3,
+    150 steps of 8), scored by two-way identification of the test images' tokens (chance 50 %), averaged over the
+    five subjects. (Measured 79.7 / 81.7 / 84.3 against 69.6 / 75.8 / 78.3; the head start is nearly gone by 24-32
+    trials, +1.7 / +1.0; with the frames only corner-aligned the shared model falls behind there: README, MindLink.)"""
     import torch
 
     from raydecode.checkpoint import load_consolidated
@@ -221,10 +221,11 @@ def test_a_new_subject_adapted_from_the_shared_model_beats_one_trained_from_scra
     spec, cfg = get_method("mindlink"), shared.cfg.model_copy(update={"warmup_fraction": 0.0})
     encoder = FrozenEncoder(encoder_config(cfg.image_encoder))
     steps, batch, lr = 150, 8, 1e-3
+    sizes = (4, 8, 16)  # of 150 train trials: the paper's 500 / 1,500 / 4,000 of ~27,000 are 2 / 6 / 15 %
     scores: dict[tuple[str, int], list[float]] = {}
     for subject in NEW_SUBJECTS:
         data = _new_subject(tiny_store, subject, encoder)
-        for n in (8, 32):
+        for n in sizes:
             betas, tokens = (x[:n] for x in data["train"])
             for start in ("adapted", "scratch"):
                 torch.manual_seed(1)
@@ -253,10 +254,8 @@ def test_a_new_subject_adapted_from_the_shared_model_beats_one_trained_from_scra
                 scores.setdefault((start, n), []).append(two_way_identification(brain, test_tokens))
     mean = {f"{start} {n}": round(float(np.mean(v)), 1) for (start, n), v in scores.items()}
     print("new subjects, two-way identification % (chance 50):", mean)
-    # the head start is largest with the fewest trials (measured +4.1 to +7.2 points at 8, +1.6 to +2.1 at 32 over
-    # runs of the shared fixture; the from-scratch numbers are the same every run)
-    assert mean["adapted 8"] >= mean["scratch 8"] + 2, mean
-    assert mean["adapted 32"] > mean["scratch 32"], mean
+    for n in sizes:  # measured: +10.1 / +5.9 / +6.0 points (at 8, +4.1 to +7.2 over four runs of the fixture)
+        assert mean[f"adapted {n}"] >= mean[f"scratch {n}"] + 2, mean
 
 
 @pytest.fixture(scope="module")
