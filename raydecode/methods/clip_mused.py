@@ -1,9 +1,12 @@
 """CLIP-MUSED (CLIP-guided multi-subject semantic decoding): 80-way multi-label classification of the seen image's
 COCO categories from ROI tokens, one transformer for every subject.
 
-Input: each visual ROI group of a subject (the store's voxel ``roi`` labels) reduced to ``pca_dim`` by a PCA fitted
-on that subject's train trials only (:class:`~raydecode.methods.spec.FitsRoiPCA`, :mod:`raydecode.data.pca`; kept
-in the checkpoint), one token per group, a shared linear embedding and a learned position per group. Two learnable
+Input: each visual ROI group of a subject (the store's voxel ``roi`` labels), one token per group: with ``tokens:
+pca`` (the paper) reduced to ``pca_dim`` by a PCA fitted on that subject's train trials only
+(:class:`~raydecode.methods.spec.FitsRoiPCA`, :mod:`raydecode.data.pca`; kept in the checkpoint); with ``tokens:
+template`` its voxels averaged into the cells of a ``template_grid``^3 grid over the subject's ROI bounding box
+(:class:`~raydecode.nn.semantic.RoiTemplate`: entries that mean the same place in every subject; README,
+CLIP-MUSED). A shared linear embedding and a learned position per group. Two learnable
 tokens per subject are prepended (a low-level and a high-level token: with the PCA, the only per-subject state);
 a pre-LayerNorm transformer reads them all and their outputs are z_llv and z_hlv. Losses (Eq. 10-16):
 
@@ -20,6 +23,8 @@ MS-SMODEL-ViT is ``subject_tokens: false`` (one low/high pair shared by every su
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
@@ -27,8 +32,9 @@ from torch import nn
 
 from raydecode.data.pca import group_indices
 from raydecode.errors import ConfigError
-from raydecode.methods.spec import DatasetInfo, EmbedsTargets, FitsRoiPCA, MethodSpec, register
-from raydecode.nn.semantic import RoiPCA, orthogonality, rsa_loss
+from raydecode.methods.spec import DatasetInfo, EmbedsTargets, FitsRoiPCA, MethodSpec, ReadsVolume, register
+from raydecode.nn.semantic import RoiPCA, RoiTemplate, orthogonality, rsa_loss
+from raydecode.nn.volume import block_coords
 
 # NSD's visual ROIs (paper: V1-V3, V3ab, hV4, VO, IPS, LO, MT, PHC) as labels of NSD's Kastner2015 atlas, the
 # labels `raydecode ingest` writes for the nsd source (TO1/TO2: MT/MST)
@@ -43,7 +49,11 @@ class ClipMusedConfig(BaseModel):
 
     roi_groups: list[list[str]] = Field(default_factory=lambda: [list(g) for g in NSD_ROI_GROUPS], min_length=1,
                                         description="one token per group of the store's voxel ROI labels")
+    tokens: Literal["pca", "template"] = Field(
+        "pca", description="ROI tokens: 'pca' (the paper: a PCA per subject and ROI) or 'template' (the ROI's "
+                           "voxels averaged on a grid over each subject's ROI bounding box, aligned across subjects)")
     pca_dim: int = Field(268, ge=1, description="components per ROI token (paper: 268, the smallest NSD ROI)")
+    template_grid: int = Field(6, ge=1, description="tokens 'template': cells per axis (token width grid^3)")
     width: int = Field(512, ge=8)
     depth: int = Field(24, ge=1)
     heads: int = Field(8, ge=1)
@@ -62,8 +72,8 @@ _SMALL = dict(roi_groups=[list(g) for g in SYNTHETIC_ROI_GROUPS], width=48, dept
               classifier_hidden=48, lambda_orth=1e-3, lambda_llv=1.0, lambda_hlv=1.0)
 PRESETS: dict[str, dict] = {
     "paper": {},
-    "demo": dict(_SMALL, pca_dim=32, image_encoder="clip-levels-demo"),
-    "tiny": dict(_SMALL, pca_dim=12, image_encoder="clip-levels-tiny"),
+    "demo": dict(_SMALL, tokens="template", template_grid=6, pca_dim=32, image_encoder="clip-levels-demo"),
+    "tiny": dict(_SMALL, tokens="template", template_grid=4, pca_dim=12, image_encoder="clip-levels-tiny"),
 }
 
 
@@ -75,9 +85,13 @@ class ClipMused(nn.Module):
             rois = info.rois or {s: [g[0] for g in cfg.roi_groups for _ in range(max(1, n // len(cfg.roi_groups)))]
                                  for s, n in info.voxels.items()}  # model-info without a store: even groups
             index = {s: group_indices(rois[s], cfg.roi_groups, s) for s in info.subjects}
-            self.pca = RoiPCA(index, cfg.pca_dim)  # buffers only: real on CPU, whatever the device of the rest
+            if cfg.tokens == "pca":  # buffers only: real on CPU, whatever the device of the rest
+                self.pca = RoiPCA(index, cfg.pca_dim)
+            else:
+                coords = info.coords or {s: block_coords(n) for s, n in info.voxels.items()}
+                self.template = RoiTemplate({s: coords[s] for s in info.subjects}, index, cfg.template_grid)
         n = len(cfg.roi_groups)
-        self.embed = nn.Linear(cfg.pca_dim, cfg.width)
+        self.embed = nn.Linear(cfg.pca_dim if cfg.tokens == "pca" else cfg.template_grid**3, cfg.width)
         self.position = nn.Parameter(torch.randn(n + 2, cfg.width) * 0.02)
         pairs = info.subjects if cfg.subject_tokens else [0]
         self.subject_tokens = nn.ParameterDict({str(s): nn.Parameter(torch.randn(2, cfg.width) * 0.02) for s in pairs})
@@ -91,7 +105,8 @@ class ClipMused(nn.Module):
     def tokens(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """(z_llv, z_hlv), each (B, width)."""
         subject = batch["subject"]
-        roi = self.embed(self.pca(batch["betas"], subject))
+        reduce = self.pca if self.cfg.tokens == "pca" else self.template
+        roi = self.embed(reduce(batch["betas"], subject))
         if self.cfg.subject_tokens:
             unknown = sorted(set(subject.tolist()) - {int(s) for s in self.subject_tokens})
             if unknown:
@@ -155,6 +170,8 @@ SPEC = register(MethodSpec(
     columns=("betas", "subject", "image_id", "categories"),
     capabilities=(
         EmbedsTargets(lambda cfg: {"clip": cfg.image_encoder}),
-        FitsRoiPCA(groups=lambda cfg: cfg.roi_groups, width=lambda cfg: cfg.pca_dim, attach=attach_pca),
+        FitsRoiPCA(groups=lambda cfg: cfg.roi_groups, width=lambda cfg: cfg.pca_dim, attach=attach_pca,
+                   enabled=lambda cfg: cfg.tokens == "pca"),
+        ReadsVolume(),  # tokens 'template' place voxels by their coordinates
     ),
 ))

@@ -28,10 +28,8 @@ encoder fools its classifier (which ends confidently wrong) while a fresh linear
 
 from __future__ import annotations
 
-import math
 from typing import Literal
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
@@ -52,6 +50,7 @@ from raydecode.nn.volume import (
     PerceiverResampler,
     SubjectAdversary,
     VolumeLayout,
+    block_coords,
     box_of,
     local_infonce,
     positional_encoding_3d,
@@ -108,14 +107,6 @@ PRESETS: dict[str, dict] = {
     "tiny": dict(patch_size=4, dim=48, depth=2, heads=4, decoder_dim=24, decoder_depth=1, proj_depth=1, proj_dim=48,
                  image_encoder="ipadapter-tiny", image_tokens=(16, 32), dropout=0.0, lambdas=(1.0, 1.0, 1.0, 1.0)),
 }
-
-
-def block_coords(n_voxels: int) -> np.ndarray:
-    """A compact cube of ``n_voxels`` positions: the volume layout of a subject whose grid is unknown (sizing a
-    model with ``raydecode model-info``: the parameter count does not depend on it)."""
-    side = math.ceil(n_voxels ** (1 / 3))
-    grid = np.stack(np.meshgrid(*[np.arange(side)] * 3, indexing="ij"), -1).reshape(-1, 3)
-    return grid[:n_voxels]
 
 
 def _encoder(dim: int, depth: int, heads: int, dropout: float) -> nn.TransformerEncoder:

@@ -76,11 +76,12 @@ class FitsRoiPCA:
     groups, each a list of the store's voxel ``roi`` labels forming one group; ``DatasetInfo.rois`` carries every
     voxel's label. The driver fits; ``attach(model, tensors)`` hands the model ``<subject>.<group>.mean`` (voxels,)
     and ``<subject>.<group>.components`` (width, voxels) (rows past the ROI's rank are zero): the model keeps them
-    as buffers, so checkpoints carry them."""
+    as buffers, so checkpoints carry them. ``enabled(cfg)`` false: this configuration reduces no ROI by PCA."""
 
     groups: Callable[[Any], list[list[str]]]
     width: Callable[[Any], int]
     attach: Callable[[torch.nn.Module, dict[str, torch.Tensor]], None]
+    enabled: Callable[[Any], bool] = lambda cfg: True  # a config may not use the PCA (nothing fitted then)
 
 
 @dataclass(frozen=True)

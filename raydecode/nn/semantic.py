@@ -1,5 +1,6 @@
 """Torch parts for semantic decoding from ROI tokens (CLIP-MUSED, "CLIP-guided Multi-subject Visual Neural
-Information Semantic Decoding"): the per-subject ROI PCA as a module (:class:`RoiPCA`), representational similarity
+Information Semantic Decoding"): the per-subject ROI PCA as a module (:class:`RoiPCA`), ROI tokens on a template
+grid shared by all subjects (:class:`RoiTemplate`), representational similarity
 matrices and the RSA loss (Eq. 10-11, :func:`rsa_loss`) and the orthogonality constraint (Eq. 15,
 :func:`orthogonality`). Pure torch.
 """
@@ -78,3 +79,43 @@ class RoiPCA(nn.Module):
                 comps = getattr(self, self._name(s, g, "components")).to(x.dtype)
                 out[rows, g] = (x[:, idx] - mean) @ comps.T
         return out
+
+
+class RoiTemplate(nn.Module):
+    """Each subject's voxels, group by group, averaged into the cells of one ``grid``^3 template shared by all
+    subjects: ``forward(betas (B, W), subject (B,)) -> (B, groups, grid**3)``.
+
+    A subject's voxel coordinates are mapped to the template by its ROI mask's bounding box (each axis to [0, 1],
+    cut into ``grid`` cells), so the same token entry means the same relative place of the same ROI in every
+    subject (no registration); cells where a subject's group has no voxel read 0. Unlike a per-subject PCA, whose
+    axes differ from subject to subject, the entries line up across subjects, so shared weights can use what one
+    subject taught them on another. Nothing is fitted: the cell of every voxel is rebuilt from the dataset info
+    (non-persistent buffers)."""
+
+    def __init__(self, coords: dict[int, np.ndarray], index: dict[int, list[np.ndarray]], grid: int):
+        super().__init__()
+        self.subjects, self.groups, self.grid = sorted(index), len(next(iter(index.values()))), grid
+        self.width = grid**3
+        dump = self.groups * self.width  # voxels outside every group land in one dropped slot
+        for s in self.subjects:
+            c = np.asarray(coords[s], np.float64)
+            unit = (c - c.min(0)) / np.maximum(c.max(0) - c.min(0), 1)
+            q = np.minimum((unit * grid).astype(np.int64), grid - 1)
+            cell = (q[:, 0] * grid + q[:, 1]) * grid + q[:, 2]
+            slot = np.full(len(c), dump, np.int64)
+            for g, idx in enumerate(index[s]):
+                slot[idx] = g * self.width + cell[idx]
+            count = np.bincount(slot, minlength=dump + 1).astype(np.float32)
+            self.register_buffer(f"s{s}_slot", torch.as_tensor(slot), persistent=False)
+            self.register_buffer(f"s{s}_inv", torch.as_tensor(1.0 / np.maximum(count, 1.0)), persistent=False)
+
+    def forward(self, betas: torch.Tensor, subject: torch.Tensor) -> torch.Tensor:
+        out = betas.new_zeros(len(betas), self.groups * self.width + 1)
+        for s in self.subjects:
+            rows = (subject == s).nonzero().flatten()
+            if not len(rows):
+                continue
+            slot, inv = getattr(self, f"s{s}_slot"), getattr(self, f"s{s}_inv").to(betas.dtype)
+            cells = betas.new_zeros(len(rows), len(inv)).index_add_(1, slot, betas[rows][:, : len(slot)])
+            out[rows] = cells * inv
+        return out[:, :-1].view(len(betas), self.groups, self.width)

@@ -51,6 +51,14 @@ def _check_box(box: Any) -> tuple[int, int, int] | None:
     return tuple(int(b) for b in box)
 
 
+def block_coords(n_voxels: int) -> np.ndarray:
+    """A compact cube of ``n_voxels`` positions: the volume layout of a subject whose grid is unknown (sizing a
+    model with ``raydecode model-info``: parameter counts do not depend on it)."""
+    side = math.ceil(n_voxels ** (1 / 3))
+    grid = np.stack(np.meshgrid(*[np.arange(side)] * 3, indexing="ij"), -1).reshape(-1, 3)
+    return grid[:n_voxels]
+
+
 def box_of(coords: Mapping[int, Any]) -> tuple[int, int, int]:
     """The largest ROI bounding box (voxels per axis) over subjects: a box frame every subject fits unshrunk."""
     return tuple(int(x) for x in np.max([np.ptp(np.asarray(c), axis=0) + 1 for c in coords.values()], axis=0))

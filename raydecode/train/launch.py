@@ -169,7 +169,7 @@ def _fit_roi_pca(cfg: TrainConfig, plan: TrainPlan, spec, stage: str) -> str | N
     """The method's per-subject ROI PCA (:class:`FitsRoiPCA`) on this run's train trials, written beside the run;
     its URI (None for methods without one)."""
     cap = spec.get(FitsRoiPCA)
-    if cap is None:
+    if cap is None or not cap.enabled(plan.method_config):
         return None
     import mlflow
 
