@@ -3,7 +3,7 @@
 Ingest a synthetic NSD, summarise and verify it, stream it through the Ray Data pipeline the trainers use,
 pretrain MindEye2 on 7 subjects (Ray Train + DeepSpeed ZeRO-2, 2 CPU workers) and fine-tune it on one session of
 the 8th, a Duala sweep on subject 8, Dynadiff on subject 1's time series, MindLink (one model for subjects 1-3, no
-per-subject parameters), then evaluate and compare the subject-8 models. Each stage runs its ``jobs/<stage>.yaml``
+per-subject parameters), CLIP-MUSED (semantic decoding of subjects 1-6), then evaluate and compare the subject-8 models. Each stage runs its ``jobs/<stage>.yaml``
 on the demo's store, work dir and preset.
 """
 
@@ -53,6 +53,7 @@ def run_demo(cfg: DemoConfig) -> StageResult:
     sw, promoted = _sweep(cfg, pre.artifacts["checkpoint"], steps)
     dd = _dynadiff(cfg, steps, promoted)
     ml = _mindlink(cfg, steps)
+    cm = _clip_mused(cfg, steps)
     refs, evals, cmp_ = _evaluate(cfg, ft.artifacts["checkpoint"], promoted, steps)
 
     print("\n" + table(["step", "status", "what", "seconds"], steps))
@@ -71,12 +72,14 @@ def run_demo(cfg: DemoConfig) -> StageResult:
                  **{f"sweep.{k}": v for k, v in sw.metrics.items() if k != "seconds"},
                  **{f"dynadiff.{k}": v for k, v in dm.items() if k.startswith("final.")},
                  **{f"mindlink.{k}": v for k, v in ml.metrics.items() if k.startswith("retrieval.")},
+                 **{f"clip_mused.{k}": v for k, v in cm.metrics.items() if k.startswith("semantic.")},
                  **{f"evaluate.{r}.{k}": v for r, e in zip(refs, evals) for k, v in e.metrics.items()
                     if k.startswith(("retrieval.", "recon."))},
                  "seconds": round(time.time() - t0, 2)},
         artifacts={"store": store.uri, "pretrained": pre.artifacts["checkpoint"],
                    "finetuned": ft.artifacts["checkpoint"], "sweep_run": sw.artifacts["mlflow_run"],
                    "dynadiff": dd.artifacts["checkpoint"], "mindlink": ml.artifacts["checkpoint"],
+                   "clip_mused": cm.artifacts["checkpoint"],
                    "comparison": cmp_.artifacts["table"], **promoted},
     )
 
@@ -160,6 +163,16 @@ def _mindlink(cfg: DemoConfig, steps: list[list]):
         ml = run_training(demo_config(cfg, "mindlink", TrainConfig), stage="pretrain")
         row[1:] = [ml.status, f"retrieval top-1 {_top1(ml.metrics)}"]
     return ml
+
+
+def _clip_mused(cfg: DemoConfig, steps: list[list]):
+    with _step(steps, "clip-mused", "CLIP-MUSED on subjects 1-6: the 80 COCO categories from ROI tokens, a low- and "
+               "a high-level token per subject, CLIP-guided RSA") as row:
+        cm = run_training(demo_config(cfg, "clip-mused", TrainConfig), stage="pretrain")
+        m = cm.metrics
+        row[1:] = [cm.status, f"test mAP {m['semantic.map']:.3f} (chance {m['semantic.chance_map']:.3f}), AUC "
+                   f"{m['semantic.auc']:.2f}, Hamming {m['semantic.hamming']:.3f}"]
+    return cm
 
 
 def _evaluate(cfg: DemoConfig, finetuned: str, promoted: dict, steps: list[list]):

@@ -112,7 +112,12 @@ class ClipMused(nn.Module):
             if unknown:
                 raise ConfigError(f"subjects {unknown}: this CLIP-MUSED model has tokens for subjects "
                                   f"{sorted(int(s) for s in self.subject_tokens)}")
-            pair = torch.stack([self.subject_tokens[str(int(s))] for s in subject.tolist()])
+            # every subject's pair enters the graph (gathered from one table), so each rank's gradients cover every
+            # parameter even when its batch holds one subject (ZeRO's bucketed reduction needs the same set)
+            keys = list(self.subject_tokens)
+            table = torch.stack([self.subject_tokens[k] for k in keys])
+            rows = torch.tensor([keys.index(str(int(s))) for s in subject.tolist()], device=table.device)
+            pair = table[rows]
         else:
             pair = self.subject_tokens["0"].expand(len(subject), -1, -1)
         out = self.encoder(torch.cat([pair.to(roi.dtype), roi], 1) + self.position.to(roi.dtype))

@@ -247,10 +247,10 @@ def run_training(cfg: TrainConfig, stage: str = "pretrain", parent_run_id: str |
         artifacts = {"checkpoint": plan.final_uri, "last_ray_checkpoint": ckpt_uri,
                      "mlflow_run": f"runs:/{run_id}"}
         _log_artifacts(cfg, plan, run_id, artifacts)
-        mlflow.log_metrics({f"final.{k}": float(v) for k, v in metrics.items() if k.startswith(("retrieval.", "test."))})
+        mlflow.log_metrics({f"final.{k}": float(v) for k, v in metrics.items() if k.startswith(("retrieval.", "test.", "semantic."))})
 
     rows = [[k, f"{v:.4g}"] for k, v in metrics.items()
-            if k.startswith(("retrieval.", "test.", "train.loss")) or k in ("epoch", "step")]
+            if k.startswith(("retrieval.", "test.", "semantic.", "train.loss")) or k in ("epoch", "step")]
     print("\n" + table(["metric", "value"], rows))
     print(f"\ncheckpoint {plan.final_uri}\nmlflow run {run_id} ({tracking_uri})")
     metrics["seconds"] = round(time.time() - t0, 1)
