@@ -4,6 +4,8 @@ evaluated with the semantic metrics; multi-subject training helps a data-poor su
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -76,22 +78,33 @@ def multi_subject(tiny_store, ray_local, tmp_path_factory):
     return cfg, run_training(cfg, stage="pretrain")
 
 
-def test_clip_mused_is_evaluated_with_the_semantic_metrics(multi_subject, tiny_store):
+def test_clip_mused_is_evaluated_and_compared_beside_mindeye2(multi_subject, pretrained, tiny_store):
     """`raydecode evaluate` fills mAP / AUC / Hamming (and the chance mAP) on subject 1's test images from the
-    method's class scores. (On this store they stay at chance: 50 training images per subject carry too little of
-    the categories; README, CLIP-MUSED.)"""
-    from raydecode.config import EvaluateConfig
-    from raydecode.evaluate.suite import run_evaluate
+    method's class scores and draws the t-SNE of its embeddings (by subject and by class); `raydecode compare` puts
+    the semantic columns beside a MindEye2 model's retrieval. (On this store the numbers stay at chance: 50 training
+    images per subject carry too little of the categories; the demo store decodes them: README, CLIP-MUSED.)"""
+    from raydecode.config import CompareConfig, EvaluateConfig
+    from raydecode.evaluate.suite import run_compare, run_evaluate
 
     cfg, result = multi_subject
-    m = run_evaluate(EvaluateConfig(model=result.artifacts["checkpoint"], store=tiny_store, workdir=cfg.workdir,
-                                    subjects=[1], protocols=["averaged"], cpus_per_actor=0.5, tsne=False,
-                                    data={"read_cpus": 0.25, "lookup_cpus": 0.25},
-                                    reconstruct={"enabled": False})).metrics
+    common = dict(store=tiny_store, workdir=cfg.workdir, subjects=[1], protocols=["averaged"], cpus_per_actor=0.5,
+                  data={"read_cpus": 0.25, "lookup_cpus": 0.25}, reconstruct={"enabled": False})
+    ev = run_evaluate(EvaluateConfig(model=result.artifacts["checkpoint"], tsne=True, **common))
+    m = ev.metrics
     print("subject 1:", {k: v for k, v in m.items() if k.startswith("semantic.")})
     for k in ("semantic.map", "semantic.auc", "semantic.hamming", "semantic.chance_map"):
         assert 0 <= m[k] <= 1, (k, m)
     assert m["semantic.classes"] > 10 and m["rows"] == 30, m  # the 30 shared test images, averaged
+    assert "tsne.png" in ev.artifacts and os.path.getsize(ev.artifacts["tsne.png"]) > 0, ev.artifacts
+
+    _, mindeye2 = pretrained
+    run_evaluate(EvaluateConfig(model=mindeye2.artifacts["checkpoint"], tsne=False, **common))
+    models = [result.artifacts["checkpoint"], mindeye2.artifacts["checkpoint"]]
+    cmp_ = run_compare(CompareConfig(store=tiny_store, workdir=cfg.workdir, models=models))
+    header = next(line for line in open(cmp_.artifacts["table"]) if line.startswith("|"))
+    assert "semantic.map" in header and "retrieval.brain_to_image_top1" in header, header
+    assert cmp_.metrics[f"{models[0]}/semantic.map"] == m["semantic.map"], cmp_.metrics
+    assert f"{models[1]}/retrieval.brain_to_image_top1" in cmp_.metrics, cmp_.metrics
 
 
 def test_rsa_terms_fall_during_training(multi_subject):
