@@ -95,6 +95,9 @@ def test_mindeye2_tiny_forward_backward_and_ridge_per_subject():
         batch["betas"][3:, 20:] = 99.0
         p2 = spec.predict(model, batch)["brain"]
     assert torch.allclose(p1, p2)
+    with torch.no_grad():  # a batch of the narrower subject alone, padded to its own width (evaluating one subject)
+        alone = spec.predict(model, {"betas": batch["betas"][3:, :20], "subject": batch["subject"][3:]})["brain"]
+    assert torch.allclose(alone, p1[3:], atol=1e-6)
     samples = model.prior.sample(model.encode(batch["betas"], batch["subject"])[2], steps=3)
     assert samples.shape == (6, n, d) and torch.isfinite(samples).all()
 

@@ -98,6 +98,9 @@ class RidgeMaps(nn.Module):
 
     def forward(self, betas: torch.Tensor, subject: torch.Tensor) -> torch.Tensor:
         out = betas.new_zeros(betas.shape[0], next(iter(self.maps.values())).out_features)
+        widest = max(self.voxels.values())
+        if betas.shape[1] < widest:  # a batch padded to its own subjects' width (e.g. evaluating one subject)
+            betas = F.pad(betas, (0, widest - betas.shape[1]))
         # every map runs on every rank, in the same order (ZeRO-3 gathers parameters collectively)
         for key, linear in self.maps.items():
             idx = (subject == int(key)).nonzero(as_tuple=True)[0]
