@@ -60,6 +60,28 @@ def _trials(store_root: str, subjects: list[int]):
     return info, {k: (torch.tensor(np.stack(b)), torch.tensor(s)) for k, (b, s) in rows.items()}
 
 
+def _trial_tokens(store_root: str, subjects: list[int], encoder) -> dict:
+    """Per split, the image tokens of every trial of ``subjects`` in :func:`_trials`' row order."""
+    import io
+
+    import torch
+    from PIL import Image
+
+    from raydecode.data.store import open_store
+
+    store = open_store(store_root)
+    stim = store.read_shard(store.manifest.shards_of("stimuli")[0]).to_pydict()
+    ids = {"train": [], "test": []}
+    for shard in store.manifest.shards_of("trials", subjects=subjects):
+        t = store.read_shard(shard, ["split", "image_id"]).to_pydict()
+        for split, i in zip(t["split"], t["image_id"]):
+            ids[split].append(i)
+    rgb = np.stack([np.asarray(Image.open(io.BytesIO(b)).convert("RGB")) for b in stim["image"]])
+    tokens = encoder.encode(torch.from_numpy(rgb))[0].flatten(1)
+    row = {i: n for n, i in enumerate(stim["image_id"])}
+    return {split: tokens[torch.tensor([row[i] for i in v])] for split, v in ids.items()}
+
+
 def test_masked_voxel_modelling_learns_the_volume(tiny_store):
     """The warm-up's objective alone (L_rec), in one process on the tiny store's betas: the masked patches' voxels
     are predicted from the visible ones below their variance, on held-out trials (a ridge map from half the voxels
@@ -258,17 +280,7 @@ def test_a_new_subject_adapted_from_the_shared_model_beats_one_trained_from_scra
         assert mean[f"adapted {n}"] >= mean[f"scratch {n}"] + 2, mean
 
 
-@pytest.fixture(scope="module")
-def without_adversary(tiny_store, ray_local, tmp_path_factory, mindlink_trained):
-    """The same run with λ2 = 0: no subject classifier, no adversarial term."""
-    cfg, _ = mindlink_trained
-    work = tmp_path_factory.mktemp("mindlink-plain")
-    plain = cfg.model_copy(update={"workdir": str(work), "run_name": "mindlink-plain",
-                                   "model": {"lambdas": (1.0, 0.0, 1.0, 1.0)}})
-    return plain, run_training(plain, stage="pretrain")
-
-
-def subject_probe(checkpoint: str, store_root: str, subjects: list[int]) -> float:
+def subject_probe(model, data: dict) -> float:
     """A linear probe's accuracy at reading the subject from the pooled embeddings: logistic regression on
     standardised embeddings of every trial (train and test), 5-fold cross-validated."""
     import torch
@@ -277,35 +289,68 @@ def subject_probe(checkpoint: str, store_root: str, subjects: list[int]) -> floa
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    from raydecode.checkpoint import load_consolidated
     from raydecode.methods.spec import get_method
 
-    model = load_consolidated(checkpoint).model.eval()
-    _, data = _trials(store_root, subjects)
     betas, subject = (torch.cat([data["train"][i], data["test"][i]]) for i in (0, 1))
     with torch.no_grad():
-        emb = get_method("mindlink").predict(model, {"betas": betas, "subject": subject})["embedding"].numpy()
+        emb = get_method("mindlink").predict(model.eval(), {"betas": betas, "subject": subject})["embedding"].numpy()
     probe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=5000))
     return float(cross_val_score(probe, emb, subject.numpy(), cv=5).mean())
 
 
-def test_the_subject_adversary_hides_the_subject_without_losing_retrieval(mindlink_trained, without_adversary,
-                                                                          tiny_store):
-    """Trained with L_subj, the embeddings tell the subjects apart clearly less well than the same model's with
-    λ2 = 0 (a linear probe fitted afterwards; chance 1/3); both still retrieve far above chance. (In-process, three
-    seeds, 600 steps: 0.61 / 0.72 / 0.65 with λ2 = 0, 0.44 / 0.55 / 0.48 with the adversary; the paper's reversal
-    instead left 0.49-0.61 and lowered retrieval: README, MindLink.)"""
-    probe = {}
-    for name, (cfg, result) in (("adversary", mindlink_trained), ("plain", without_adversary)):
-        chance = result.metrics["retrieval.chance"]
-        assert result.metrics["retrieval.brain_to_image_top1"] >= 3 * chance, (name, result.metrics)
-        probe[name] = subject_probe(result.artifacts["checkpoint"], tiny_store, SOURCE_SUBJECTS[:3])
-    print("subject probe accuracy (chance 0.33):", probe)
+def test_the_subject_adversary_hides_the_subject_without_losing_retrieval(mindlink_trained, tiny_store):
+    """Trained with L_subj, the embeddings tell the subjects apart clearly less well than the same model's trained
+    with λ2 = 0 (a linear probe fitted afterwards; chance 1/3), and both still identify the test images.
+
+    In one process with fixed seeds (the test's Ray Train schedule: 420 steps, OneCycle to 3e-3, batches of 64,
+    the subject classifier's group at its own learning rate), because between Ray Train runs the probe moves by
+    up to 0.08 (0.53-0.62 with the adversary, 0.64-0.68 without), as much as the effect. Measured here: 0.54
+    against 0.64, two-way identification of the test trials 82.7 against 84.7 (other seeds and weight decay:
+    0.53-0.61 against 0.68-0.72); the paper's gradient reversal instead left 0.49-0.61 and lowered retrieval:
+    README, MindLink. The Ray-trained model of this file (the adversary on) retrieves far above chance (above)."""
+    import torch
+
+    from raydecode.evaluate.feature_metrics import two_way_identification
+    from raydecode.methods.spec import get_method
+    from raydecode.nn.context import Progress
+    from raydecode.nn.encoders import FrozenEncoder, encoder_config
+
+    cfg, _ = mindlink_trained
+    spec = get_method("mindlink")
+    info, data = _trials(tiny_store, SOURCE_SUBJECTS[:3])
+    encoder = FrozenEncoder(encoder_config(spec.config("tiny").image_encoder))
+    tokens, steps = _trial_tokens(tiny_store, SOURCE_SUBJECTS[:3], encoder), 420
+    probe, two_way = {}, {}
+    for name, lambdas in (("adversary", (1.0, 1.0, 1.0, 1.0)), ("plain", (1.0, 0.0, 1.0, 1.0))):
+        mcfg = spec.config("tiny", {"lambdas": lambdas})
+        torch.manual_seed(0)
+        model = spec.build_model(mcfg, info)
+        groups = spec.param_groups(model, mcfg, cfg.optim.weight_decay)
+        for g in groups:
+            g["lr"] = 3e-3 * g.pop("lr_scale", 1.0)
+        opt = torch.optim.AdamW(groups)
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, [g["lr"] for g in groups], total_steps=steps)
+        gen = torch.Generator().manual_seed(0)
+        betas, subject = data["train"]
+        model.train()
+        for step in range(steps):
+            pick = torch.randint(len(betas), (64,), generator=gen)
+            loss, _ = spec.loss(model, {"betas": betas[pick], "subject": subject[pick],
+                                        "clip_tokens": tokens["train"][pick]}, Progress(0, 1, step, steps))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+        probe[name] = subject_probe(model, data)
+        with torch.no_grad():
+            brain = spec.predict(model.eval(), {"betas": data["test"][0], "subject": data["test"][1]})["brain"]
+        two_way[name] = two_way_identification(brain, tokens["test"])
+    print("subject probe accuracy (chance 0.33):", probe, "two-way identification of test trials:", two_way)
     chance = 1 / 3
-    # at least 15 % of what the probe reads above chance is gone (measured 23-40 % over Ray runs; in one process,
-    # three seeds: 23-48 %)
-    assert probe["adversary"] - chance <= 0.85 * (probe["plain"] - chance), probe
+    # at least a quarter of what the probe reads above chance is gone (measured a third)
+    assert probe["adversary"] - chance <= 0.75 * (probe["plain"] - chance), probe
     assert probe["adversary"] <= probe["plain"] - 0.05, probe
+    assert min(two_way.values()) >= 75 and two_way["adversary"] >= two_way["plain"] - 5, two_way
 
 
 def test_new_subject_adaptation_is_a_sweep_over_the_sample_count(mindlink_trained, tmp_path):
