@@ -7,6 +7,7 @@ Artifacts of a store on S3 go to the same endpoint: :func:`configure` exports th
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -155,13 +156,17 @@ def promote(name: str, version: str | int, client=None) -> Decision:
     except MlflowException:
         current = None
     champ = _evidence(current) if current is not None else None
-    if champ is None:
+    if not math.isfinite(cand["value"]):  # a NaN or infinite score can never be champion
+        alias, reason = CHALLENGER, f"{cand['metric']} is {cand['value']}: not a score that can lead"
+    elif champ is None:
         alias, reason = CHAMPION, "no champion yet"
     elif champ["version"] == cand["version"]:
         alias, reason = CHAMPION, "already the champion"
     elif champ["test_set"] != cand["test_set"] or champ["metric"] != cand["metric"]:
         alias, reason = CHALLENGER, (f"champion v{champ['version']} was measured on another test set or metric "
                                      f"({champ['metric']} on {champ['test_set']}): not comparable")
+    elif champ["value"] is None or not math.isfinite(champ["value"]):  # nor block a real one
+        alias, reason = CHAMPION, f"champion v{champ['version']} has no finite {cand['metric']} ({champ['value']})"
     elif (cand["value"], cand["tie_value"]) > (champ["value"], champ["tie_value"]):
         alias, reason = CHAMPION, (f"{cand['metric']} {cand['value']:.4f} beats champion v{champ['version']} "
                                    f"({champ['value']:.4f})")
