@@ -191,6 +191,27 @@ def test_invalid_manifest_names_field(store_copy):
         open_store(store_copy)
 
 
+@pytest.mark.parametrize("path", ["../../etc/passwd", "/etc/passwd", "trials/../../x.parquet", "s3://other/x",
+                                  "trials//x.parquet", "trials\\..\\x"])
+def test_a_shard_path_outside_the_store_is_refused(store_copy, path):
+    p = os.path.join(store_copy, "manifest.json")
+    m = json.load(open(p))
+    m["shards"][0]["path"] = path
+    json.dump(m, open(p, "w"))
+    with pytest.raises(StoreError, match=r"manifest.json: field 'shards.0.path'.*not a path inside the store"):
+        open_store(store_copy)
+
+
+def test_a_manifest_that_is_not_utf8_is_one_line(store_copy):
+    p = os.path.join(store_copy, "manifest.json")
+    raw = open(p, "rb").read()
+    open(p, "wb").write(raw[:10] + b"\xff\xfe" + raw[10:])
+    with pytest.raises(StoreError, match=r"manifest.json: not UTF-8 text \(byte 10"):
+        open_store(store_copy)
+    proc = run_main("info", store_copy)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr and "not UTF-8 text" in proc.stderr, proc.stderr
+
+
 def test_unlisted_and_missing_files(store_copy):
     os.remove(os.path.join(store_copy, "timeseries/subject=05/part-00001.parquet"))
     open(os.path.join(store_copy, "trials/subject=05/part-00099.parquet"), "wb").write(b"x")

@@ -22,7 +22,7 @@ from typing import Literal
 
 import numpy as np
 import pyarrow as pa
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
@@ -174,6 +174,15 @@ class ShardInfo(_Strict):
     encoder: str | None = None  # embeddings only
     image_id_min: int | None = None  # stimuli/embeddings: shards are sorted by image_id
     image_id_max: int | None = None
+
+    @field_validator("path")
+    @classmethod
+    def _inside_the_store(cls, path: str) -> str:
+        """A manifest names files under its root only: a relative POSIX path without '.', '..' or empty parts."""
+        parts = path.split("/")
+        if path.startswith("/") or "\\" in path or ":" in parts[0] or any(p in ("", ".", "..") for p in parts):
+            raise ValueError(f"{path!r} is not a path inside the store (relative, no '..', '.' or empty parts)")
+        return path
 
 
 class SubjectInfo(_Strict):

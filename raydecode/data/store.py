@@ -407,6 +407,8 @@ def read_manifest(root: Location) -> Manifest | None:
     raw = loc.read_bytes()
     try:
         data = json.loads(raw)
+    except UnicodeDecodeError as exc:
+        raise StoreError(f"{loc.uri}: not UTF-8 text (byte {exc.start}: {raw[exc.start:exc.start + 1]!r})") from exc
     except json.JSONDecodeError as exc:
         raise StoreError(f"{loc.uri}: not valid JSON ({exc})") from exc
     if isinstance(data, dict) and data.get("schema_version") not in (None, SCHEMA_VERSION):
