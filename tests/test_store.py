@@ -212,6 +212,22 @@ def test_a_manifest_that_is_not_utf8_is_one_line(store_copy):
     assert proc.returncode != 0 and "Traceback" not in proc.stderr and "not UTF-8 text" in proc.stderr, proc.stderr
 
 
+@pytest.mark.parametrize("damage, message", [
+    (lambda m: m["subjects"].append(dict(m["subjects"][0])), r"subjects \[1\] are listed more than once"),
+    (lambda m: m["shards"].append(dict(m["shards"][0])), r"are listed more than once"),
+    (lambda m: next(s for s in m["shards"] if s["subject"] is not None).update(subject=42),
+     r"names subject 42, which is not among the manifest's subjects"),
+])
+def test_an_inconsistent_manifest_is_one_line(store_copy, damage, message):
+    p = os.path.join(store_copy, "manifest.json")
+    m = json.load(open(p))
+    damage(m)
+    json.dump(m, open(p, "w"))
+    with pytest.raises(StoreError, match=r"manifest.json: .*" + message) as err:
+        open_store(store_copy)
+    assert "\n" not in str(err.value)
+
+
 def test_unlisted_and_missing_files(store_copy):
     os.remove(os.path.join(store_copy, "timeseries/subject=05/part-00001.parquet"))
     open(os.path.join(store_copy, "trials/subject=05/part-00099.parquet"), "wb").write(b"x")

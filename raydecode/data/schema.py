@@ -22,7 +22,7 @@ from typing import Literal
 
 import numpy as np
 import pyarrow as pa
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
@@ -236,6 +236,22 @@ class Manifest(_Strict):
     source_files: list[SourceFile] = Field(default_factory=list)
     # what the source did not have, e.g. "categories", "captions", "voxel coordinates", "trial onsets"
     absent: list[str] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Manifest:
+        ids = [s.subject for s in self.subjects]
+        twice = sorted({i for i in ids if ids.count(i) > 1})
+        if twice:
+            raise ValueError(f"subjects {twice} are listed more than once")
+        paths = [s.path for s in self.shards]
+        repeated = sorted({p for p in paths if paths.count(p) > 1})
+        if repeated:
+            raise ValueError(f"shards {repeated[:3]} are listed more than once")
+        for shard in self.shards:
+            if shard.subject is not None and shard.subject not in ids:
+                raise ValueError(f"shard {shard.path!r} names subject {shard.subject}, which is not among the "
+                                 f"manifest's subjects {ids}")
+        return self
 
     def subject(self, subject: int) -> SubjectInfo:
         for s in self.subjects:
