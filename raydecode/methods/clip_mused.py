@@ -95,6 +95,10 @@ class ClipMused(nn.Module):
         self.position = nn.Parameter(torch.randn(n + 2, cfg.width) * 0.02)
         pairs = info.subjects if cfg.subject_tokens else [0]
         self.subject_tokens = nn.ParameterDict({str(s): nn.Parameter(torch.randn(2, cfg.width) * 0.02) for s in pairs})
+        with torch.device("cpu"):  # subject number -> its pair's row (-1: none); data, as the index tables above
+            row = torch.full((max(pairs) + 1,), -1, dtype=torch.long)
+            row[torch.tensor(pairs)] = torch.arange(len(pairs))
+        self.register_buffer("token_row", row, persistent=False)
         layer = nn.TransformerEncoderLayer(cfg.width, cfg.heads, 4 * cfg.width, cfg.dropout, activation="gelu",
                                            batch_first=True, norm_first=True)
         self.encoder = nn.TransformerEncoder(layer, cfg.depth, norm=nn.LayerNorm(cfg.width),
@@ -114,10 +118,8 @@ class ClipMused(nn.Module):
                                   f"{sorted(int(s) for s in self.subject_tokens)}")
             # every subject's pair enters the graph (gathered from one table), so each rank's gradients cover every
             # parameter even when its batch holds one subject (ZeRO's bucketed reduction needs the same set)
-            keys = list(self.subject_tokens)
-            table = torch.stack([self.subject_tokens[k] for k in keys])
-            rows = torch.tensor([keys.index(str(int(s))) for s in subject.tolist()], device=table.device)
-            pair = table[rows]
+            table = torch.stack(list(self.subject_tokens.values()))  # insertion order: the rows of token_row
+            pair = table[self.token_row[subject.to(self.token_row.device, torch.long)]]
         else:
             pair = self.subject_tokens["0"].expand(len(subject), -1, -1)
         out = self.encoder(torch.cat([pair.to(roi.dtype), roi], 1) + self.position.to(roi.dtype))

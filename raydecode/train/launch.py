@@ -59,6 +59,7 @@ def plan_training(cfg: TrainConfig) -> TrainPlan:
     store = open_store(cfg.store, cfg.s3)
     subjects = store.check_subjects(cfg.data.subjects)
     sessions = store.check_sessions(subjects, cfg.data.sessions)
+    src = read_json(cfg.init_from, CONFIG_FILE, cfg.s3) if cfg.init_from else None  # the checkpoint's config
     coords = None
     volume = spec.get(ReadsVolume)
     if volume is not None:  # the voxels' i, j, k on each subject's grid
@@ -67,8 +68,7 @@ def plan_training(cfg: TrainConfig) -> TrainPlan:
                         for s in every}
         coords = {s: store_coords[s] for s in subjects}
         if volume.resolve:
-            pretrained = read_json(cfg.init_from, CONFIG_FILE, cfg.s3)["model"] if cfg.init_from else None
-            mcfg = volume.resolve(mcfg, store_coords, pretrained)
+            mcfg = volume.resolve(mcfg, store_coords, src["model"] if src else None)
     rois = None
     if spec.get(FitsRoiPCA) is not None:  # every voxel's ROI label
         rois = {s: store.voxel_table(s)["roi"].to_pylist() for s in subjects}
@@ -108,8 +108,7 @@ def plan_training(cfg: TrainConfig) -> TrainPlan:
                           f"{cfg.scaling.num_workers} workers gets ({train_rows} rows selected)")
 
     init_state_uri = None
-    if cfg.init_from:
-        src = read_json(cfg.init_from, CONFIG_FILE, cfg.s3)
+    if src is not None:
         allowed = spec.init_methods
         if get_method(src["method"]).name not in allowed:
             raise ConfigError(f"init_from {cfg.init_from}: a {src['method']!r} checkpoint; method {cfg.method!r} "
