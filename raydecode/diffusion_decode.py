@@ -169,7 +169,7 @@ def _register(cfg: DiffusionDecodeConfig, run_id: str, ckpt: str, metrics: dict)
     window = spec.window(spec.config(cfg.preset, cfg.model))
     test_set = (f"{store.test_set_digest(subjects)}/windows {window.start_s:g}s+{window.duration_s:g}s/"
                 f"{window.detrend}/ddim {cfg.reconstruct.steps or 'model'}")
-    d = tracking.register_run(run_id, ckpt, metrics, cfg.metric, cfg.tie_break, test_set, store.manifest_sha256(),
+    d = tracking.register_run(run_id, ckpt, cfg.metric, cfg.tie_break, test_set, store.manifest_sha256(),
                               s3=cfg.s3)
     print(f"\nregistry {d.name} v{d.version} -> {d.alias}: {d.reason}")
     return {"model": f"models:/{d.name}/{d.version}", "alias": d.alias}

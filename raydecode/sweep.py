@@ -303,8 +303,7 @@ def run_sweep(cfg: SweepConfig, parent_run_id: str | None = None) -> StageResult
         if cfg.promote:
             for s, row in sorted(best.items()):
                 decisions.append(tracking.register_run(
-                    row["mlflow_run_id"], row["checkpoint_uri"], _final_metrics(client, row["mlflow_run_id"]),
-                    cfg.metric, cfg.tie_break, store.test_set_digest([s]), store.manifest_sha256(),
+                    row["mlflow_run_id"], row["checkpoint_uri"], cfg.metric, cfg.tie_break, store.test_set_digest([s]), store.manifest_sha256(),
                     extra_tags={"raydecode.sweep_run_id": parent_id, "raydecode.subject": s}, s3=cfg.s3))
 
     short = {k: k.split(".")[-1] for k in cfg.space}
@@ -350,7 +349,3 @@ def _shared_statistics(cfg: SweepConfig, base: dict) -> None:
         st = run_class_statistics(cfg.store, init_from, spaces, s3=cfg.s3, cpus=cfg.data.read_cpus)
         print(f"[sweep] class statistics of {init_from}: {st.status} {st.uri}")
 
-
-def _final_metrics(client, run_id: str) -> dict[str, float]:
-    run = client.get_run(run_id)
-    return {k[len("final."):]: v for k, v in run.data.metrics.items() if k.startswith("final.")}

@@ -126,19 +126,81 @@ class Decision:
     champion: dict | None
 
 
-def _evidence(mv) -> dict:
+GATE_LOCK_PREFIX = "raydecode-gate-lock."  # registered models used as locks, one per gated model name
+
+
+def _first_value(client, run_id: str | None, key: str | None) -> float | None:
+    """The first value ``key`` was logged with in run ``run_id``: what the run measured, not what a later
+    ``log_metric`` on the same run may claim."""
+    if not run_id or not key:
+        return None
+    history = client.get_metric_history(run_id, key)
+    return float(min(history, key=lambda m: (m.timestamp, m.step)).value) if history else None
+
+
+def _evidence(client, mv) -> dict:
+    """A version's score as the gate reads it: ``final.<metric>`` (and ``final.<tie_break>``) of the run the
+    version was created from (``mv.run_id``, fixed at registration). Tags hold only which metric and test set
+    :func:`register_run` recorded; a ``metric.*`` tag anyone may write is not read."""
     tags = dict(mv.tags)
     metric, tie = tags.get("raydecode.metric"), tags.get("raydecode.tie_break")
-    return {"version": str(mv.version), "metric": metric, "tie_break": tie,
-            "value": float(tags[f"metric.{metric}"]) if metric and f"metric.{metric}" in tags else None,
-            "tie_value": float(tags[f"metric.{tie}"]) if tie and f"metric.{tie}" in tags else float("-inf"),
+    value = _first_value(client, mv.run_id, metric and f"final.{metric}")
+    tie_value = _first_value(client, mv.run_id, tie and f"final.{tie}")
+    return {"version": str(mv.version), "metric": metric, "tie_break": tie, "value": value,
+            "tie_value": float("-inf") if tie_value is None or not math.isfinite(tie_value) else tie_value,
             "test_set": tags.get("raydecode.test_set"), "run_id": mv.run_id}
+
+
+@contextmanager
+def gate_lock(client, name: str, timeout_s: float = 120.0, lease_s: float = 300.0) -> Iterator[None]:
+    """Promotions of one model name, one at a time. The lock is a registered model ``raydecode-gate-lock.<name>``:
+    the registry creates a name once (a unique key), so exactly one of N concurrent gates holds it. A lock older
+    than ``lease_s`` (its holder died) is taken over; waiting longer than ``timeout_s`` is an error."""
+    import time
+    import uuid
+
+    from mlflow.exceptions import MlflowException
+
+    lock, me, t0 = GATE_LOCK_PREFIX + name, uuid.uuid4().hex, time.time()
+    while True:
+        try:
+            client.create_registered_model(lock, tags={"holder": me, "since": f"{time.time():.3f}"},
+                                           description=f"held while raydecode's gate promotes a version of {name}")
+            break
+        except MlflowException as e:
+            if e.error_code not in ("RESOURCE_ALREADY_EXISTS", "RESOURCE_DOES_NOT_EXIST"):  # the second: the
+                raise  # holder released it while the registry looked up who holds it
+        try:
+            since = float(client.get_registered_model(lock).tags.get("since", "0"))
+        except MlflowException:
+            continue  # released between our two calls
+        if time.time() - since > lease_s:
+            try:
+                client.delete_registered_model(lock)
+            except MlflowException:
+                pass
+            continue
+        if time.time() - t0 > timeout_s:
+            raise ConfigError(f"model {name!r}: another promotion has held the registry lock {lock!r} for "
+                              f"{time.time() - since:.0f} s (waited {timeout_s:.0f} s); if no promotion is running, "
+                              f"delete that registered model")
+        time.sleep(0.05 + 0.1 * (uuid.uuid4().int % 10) / 10)
+    try:
+        yield
+    finally:
+        try:
+            if client.get_registered_model(lock).tags.get("holder") == me:
+                client.delete_registered_model(lock)
+        except MlflowException:
+            pass
 
 
 def promote(name: str, version: str | int, client=None) -> Decision:
     """The registry gate: ``champion`` moves to ``version`` only if it beats the current champion on the same test
-    set and metric (tie-break second); otherwise ``version`` becomes the ``challenger``. The decision and its
-    evidence are written as tags on the version."""
+    set and metric (tie-break second); otherwise ``version`` becomes the ``challenger``. Scores are read from the
+    versions' own runs (:func:`_evidence`); a NaN, infinite or missing score never leads and never blocks a real
+    one. Promotions of one name are serialised (:func:`gate_lock`) and the champion is read inside the lock, so
+    concurrent promotions leave the best version champion. The decision and its evidence are tags on the version."""
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
@@ -147,35 +209,42 @@ def promote(name: str, version: str | int, client=None) -> Decision:
         mv = client.get_model_version(name, str(version))
     except MlflowException:
         raise ConfigError(f"model {name!r} version {version}: not in the registry at {mlflow_uri()}") from None
-    cand = _evidence(mv)
-    if cand["value"] is None:
-        raise ConfigError(f"model {name!r} version {version}: no tag metric.<name> to compare (was it registered "
-                          "by raydecode?)")
-    try:
-        current = client.get_model_version_by_alias(name, CHAMPION)
-    except MlflowException:
-        current = None
-    champ = _evidence(current) if current is not None else None
-    if not math.isfinite(cand["value"]):  # a NaN or infinite score can never be champion
-        alias, reason = CHALLENGER, f"{cand['metric']} is {cand['value']}: not a score that can lead"
-    elif champ is None:
-        alias, reason = CHAMPION, "no champion yet"
-    elif champ["version"] == cand["version"]:
-        alias, reason = CHAMPION, "already the champion"
-    elif champ["test_set"] != cand["test_set"] or champ["metric"] != cand["metric"]:
-        alias, reason = CHALLENGER, (f"champion v{champ['version']} was measured on another test set or metric "
-                                     f"({champ['metric']} on {champ['test_set']}): not comparable")
-    elif champ["value"] is None or not math.isfinite(champ["value"]):  # nor block a real one
-        alias, reason = CHAMPION, f"champion v{champ['version']} has no finite {cand['metric']} ({champ['value']})"
-    elif (cand["value"], cand["tie_value"]) > (champ["value"], champ["tie_value"]):
-        alias, reason = CHAMPION, (f"{cand['metric']} {cand['value']:.4f} beats champion v{champ['version']} "
-                                   f"({champ['value']:.4f})")
-    else:
-        alias, reason = CHALLENGER, (f"{cand['metric']} {cand['value']:.4f} does not beat champion "
-                                     f"v{champ['version']} ({champ['value']:.4f})")
-    client.set_registered_model_alias(name, alias, cand["version"])
-    client.set_model_version_tag(name, cand["version"], "raydecode.decision", f"{alias}: {reason}")
+    if not mv.tags.get("raydecode.metric"):
+        raise ConfigError(f"model {name!r} version {version}: no tag raydecode.metric naming the score to compare "
+                          "(was it registered by raydecode?)")
+    cand = _evidence(client, mv)
+    with gate_lock(client, name):
+        try:
+            current = client.get_model_version_by_alias(name, CHAMPION)
+        except MlflowException:
+            current = None
+        champ = _evidence(client, current) if current is not None else None
+        alias, reason = _decide(cand, champ)
+        client.set_registered_model_alias(name, alias, cand["version"])
+        evidence = f"runs:/{cand['run_id']} final.{cand['metric']}={cand['value']}"
+        client.set_model_version_tag(name, cand["version"], "raydecode.decision", f"{alias}: {reason}")
+        client.set_model_version_tag(name, cand["version"], "raydecode.evidence", evidence)
     return Decision(name, cand["version"], alias, reason, cand, champ)
+
+
+def _decide(cand: dict, champ: dict | None) -> tuple[str, str]:
+    if cand["value"] is None or not math.isfinite(cand["value"]):  # a NaN, infinite or missing score never leads
+        return CHALLENGER, (f"{cand['metric']} is {cand['value']} in run {cand['run_id']}: not a score that can "
+                            "lead")
+    if champ is None:
+        return CHAMPION, "no champion yet"
+    if champ["version"] == cand["version"]:
+        return CHAMPION, "already the champion"
+    if champ["test_set"] != cand["test_set"] or champ["metric"] != cand["metric"]:
+        return CHALLENGER, (f"champion v{champ['version']} was measured on another test set or metric "
+                            f"({champ['metric']} on {champ['test_set']}): not comparable")
+    if champ["value"] is None or not math.isfinite(champ["value"]):  # nor block a real one
+        return CHAMPION, f"champion v{champ['version']} has no finite {cand['metric']} ({champ['value']})"
+    if (cand["value"], cand["tie_value"]) > (champ["value"], champ["tie_value"]):
+        return CHAMPION, (f"{cand['metric']} {cand['value']:.4f} beats champion v{champ['version']} "
+                          f"({champ['value']:.4f})")
+    return CHALLENGER, (f"{cand['metric']} {cand['value']:.4f} does not beat champion v{champ['version']} "
+                        f"({champ['value']:.4f})")
 
 
 def _signature(config: dict):
@@ -200,17 +269,22 @@ def mlflow_uri() -> str:
     return mlflow.get_tracking_uri()
 
 
-def register_run(run_id: str, checkpoint_uri: str, metrics: dict, metric: str, tie_break: str, test_set: str,
+def register_run(run_id: str, checkpoint_uri: str, metric: str, tie_break: str, test_set: str,
                  manifest_sha256: str, extra_tags: dict | None = None, name: str | None = None, s3=None):
     """Log the run's model (an MLflow pyfunc whose artifact is the :func:`adapter_package`) in run ``run_id``,
-    register it as ``name`` (default :func:`model_name`), tag it with its evidence, and pass it through
-    :func:`promote`. Returns the :class:`Decision`."""
+    register it as ``name`` (default :func:`model_name`), tag it with which score and test set the gate compares,
+    and pass it through :func:`promote`, which reads the score from the run's ``final.<metric>``. Returns the
+    :class:`Decision`."""
     import tempfile
 
     import mlflow
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient()
+    metrics = {k[len("final."):]: v for k, v in client.get_run(run_id).data.metrics.items() if k.startswith("final.")}
+    if metric not in metrics:
+        raise ConfigError(f"run {run_id}: no final.{metric} to gate on; measured: "
+                          f"{', '.join(sorted(metrics)) or 'nothing'}")
     with tempfile.TemporaryDirectory() as tmp:
         config = adapter_package(checkpoint_uri, os.path.join(tmp, "package"), s3)
         name = name or model_name(get_method(config["method"]).name, config["info"]["subjects"])
@@ -226,8 +300,9 @@ def register_run(run_id: str, checkpoint_uri: str, metrics: dict, metric: str, t
     tags = {"raydecode.metric": metric, "raydecode.tie_break": tie_break, "raydecode.test_set": test_set,
             "raydecode.store_manifest_sha256": manifest_sha256, "raydecode.checkpoint_uri": checkpoint_uri,
             "raydecode.method": config["method"], **(extra_tags or {})}
+    # for people reading the registry: the gate itself reads the run (see _evidence)
     tags.update({f"metric.{k}": f"{float(v):.6g}" for k, v in metrics.items()
-                 if k.startswith(("retrieval.", "test.", "recon.")) and isinstance(v, (int, float))})
+                 if k.startswith(("retrieval.", "test.", "recon."))})
     for key, value in tags.items():
         client.set_model_version_tag(name, mv.version, key, str(value))
     return promote(name, mv.version, client)

@@ -118,7 +118,7 @@ def test_compare_reads_two_evaluated_models_one_from_the_registry(evaluated, tin
     cfg, result, first, tmp = evaluated
     tracking.configure(cfg)
     store = open_store(tiny_store)
-    decision = tracking.register_run(result.mlflow_run_id, result.artifacts["checkpoint"], result.metrics,
+    decision = tracking.register_run(result.mlflow_run_id, result.artifacts["checkpoint"],
                                      "retrieval.image_to_brain_top1", "retrieval.brain_to_image_top1",
                                      store.test_set_digest([1, 2, 3, 4, 5, 6]), store.manifest_sha256(),
                                      name="eval-mindeye2")

@@ -415,7 +415,7 @@ def test_mindlink_is_evaluated_registered_and_compared_beside_mindeye2(mindlink_
 
     store = open_store(tiny_store)
     tracking.configure(cfg)
-    decision = tracking.register_run(result.mlflow_run_id, result.artifacts["checkpoint"], result.metrics,
+    decision = tracking.register_run(result.mlflow_run_id, result.artifacts["checkpoint"],
                                      "retrieval.brain_to_image_top1", "retrieval.image_to_brain_top1",
                                      store.test_set_digest(SOURCE_SUBJECTS[:3]), store.manifest_sha256(), s3=cfg.s3)
     assert decision.name.startswith("raydecode-mindlink") and decision.alias == tracking.CHAMPION, decision

@@ -156,28 +156,42 @@ def test_the_champion_gate(sweep):
             if k.startswith("final.")}
     assert real[cfg.metric] == pytest.approx(float(best[cfg.metric]))
 
-    def register(metrics):  # the real trial's package and evidence; the scores as given
-        return tracking.register_run(best["mlflow_run_id"], best["checkpoint_uri"], metrics, **evidence)
+    def scored(delta: float) -> str:  # a run that measured the best trial's scores, its metric moved by delta
+        run = client.create_run(client.get_run(best["mlflow_run_id"]).info.experiment_id)
+        for k, v in real.items():
+            client.log_metric(run.info.run_id, f"final.{k}", v + (delta if k == cfg.metric else 0.0))
+        client.set_terminated(run.info.run_id)
+        return run.info.run_id
+
+    def register(delta: float):  # the real trial's package; the gate reads the scores of the run it is logged in
+        return tracking.register_run(scored(delta), best["checkpoint_uri"], **evidence)
 
     # two real trials can score the same (30 test images: top-1 moves in steps of 1/30), so the worse candidate is
-    # the best trial with its metric set lower: the gate reads the tags, not the weights
-    first = register(real)
+    # the best trial's package logged in a run whose metric is lower: the gate reads runs, not weights
+    first = register(0.0)
     assert first.alias == "champion" and first.reason == "no champion yet"
-    second = register({**real, cfg.metric: real[cfg.metric] - 0.1})
+    second = register(-0.1)
     assert second.alias == "challenger" and "does not beat" in second.reason
     assert str(client.get_model_version_by_alias("gate-subj08", "champion").version) == first.version
-    third = register(real)
+    third = register(0.0)
     assert third.alias == "challenger"  # equal is not better
+    # a tag claiming a better score changes nothing: the gate reads the version's run
+    client.set_model_version_tag("gate-subj08", third.version, f"metric.{cfg.metric}", "1.0")
 
-    # by hand: the challenger is refused again; after the champion is demoted by a better-scored version, it moves
+    # by hand: the challenger is refused again; a version registered outside the gate with a better run moves it
     proc = run_main("promote", "--model", "gate-subj08", "--version", second.version,
                    "--set", f"workdir={cfg.workdir}")
     assert proc.returncode == 0, proc.stderr
     assert f"gate-subj08 v{second.version} -> challenger" in proc.stdout and "does not beat" in proc.stdout
-    client.set_model_version_tag("gate-subj08", third.version, f"metric.{cfg.metric}", "1.0")
     proc = run_main("promote", "--model", "gate-subj08", "--version", third.version, "--set", f"workdir={cfg.workdir}")
+    assert proc.returncode == 0 and "-> challenger" in proc.stdout, proc.stdout
+    mv = client.get_model_version("gate-subj08", third.version)
+    fourth = client.create_model_version("gate-subj08", mv.source, run_id=scored(0.1),
+                                         tags={k: v for k, v in mv.tags.items() if k.startswith("raydecode.")
+                                               and k != "raydecode.decision"})
+    proc = run_main("promote", "--model", "gate-subj08", "--version", fourth.version, "--set", f"workdir={cfg.workdir}")
     assert proc.returncode == 0 and "-> champion" in proc.stdout, proc.stdout
-    assert str(client.get_model_version_by_alias("gate-subj08", "champion").version) == third.version
+    assert str(client.get_model_version_by_alias("gate-subj08", "champion").version) == str(fourth.version)
 
 
 def test_the_registered_champion_loads_without_ray(sweep):

@@ -43,7 +43,7 @@ def test_a_method_in_one_outside_file_trains_evaluates_and_registers(toy_trained
 
     store = open_store(tiny_store)
     tracking.configure(cfg)
-    decision = tracking.register_run(result.mlflow_run_id, result.artifacts["checkpoint"], result.metrics,
+    decision = tracking.register_run(result.mlflow_run_id, result.artifacts["checkpoint"],
                                      "retrieval.brain_to_image_top1", "retrieval.image_to_brain_top1",
                                      store.test_set_digest(SOURCE_SUBJECTS[:3]), store.manifest_sha256(), s3=cfg.s3)
     assert decision.name == "raydecode-toy-multi" and decision.alias == tracking.CHAMPION
