@@ -15,10 +15,10 @@ from typing import Any, ClassVar, Literal, TypeVar
 
 import numpy as np
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_serializer, field_validator, model_validator
 
 from raydecode.errors import ConfigError
-from raydecode.storage import S3Options
+from raydecode.storage import S3Options, userinfo, without_userinfo
 
 # -- what a stage reads --------------------------------------------------------------------
 
@@ -93,11 +93,26 @@ class StageConfig(BaseModel):
     run_name: str | None = Field(None, description="MLflow run name; the same name resumes a stage")
     s3: S3Options = Field(default_factory=S3Options)
 
+    @field_serializer("tracking_uri")
+    def _no_password(self, uri: str | None) -> str | None:  # a user:password@ never leaves this object
+        return without_userinfo(uri) if uri else uri
+
+    def export_credentials(self) -> None:
+        """Credentials given in this config go to this process's environment, nowhere else: S3 settings as ``AWS_*``,
+        a tracking URI's ``user:password@`` as ``MLFLOW_TRACKING_USERNAME`` / ``_PASSWORD`` (MLflow's basic auth).
+        A local Ray started after this inherits them; a cluster's nodes bring their own."""
+        env = self.s3.env()  # with the endpoint and region, for tools that read only variables (MLflow's boto3)
+        user, password = userinfo(self.tracking_uri or ENV_TRACKING_URI or "")
+        env.update({k: v for k, v in (("MLFLOW_TRACKING_USERNAME", user), ("MLFLOW_TRACKING_PASSWORD", password))
+                    if v})
+        os.environ.update(env)
+
     def resolved_tracking_uri(self) -> str:
+        """The tracking URI to use, without any ``user:password@`` (see :meth:`export_credentials`)."""
         if self.tracking_uri:
-            return self.tracking_uri
+            return without_userinfo(self.tracking_uri)
         if ENV_TRACKING_URI:  # e.g. a cluster's MLflow server, from its ConfigMap / the job's environment
-            return ENV_TRACKING_URI
+            return without_userinfo(ENV_TRACKING_URI)
         return f"sqlite:///{os.path.abspath(os.path.join(self.workdir, 'mlflow.db'))}"
 
 
@@ -287,9 +302,11 @@ def load_config(schema: type[C], path: str | None = None, overrides: list[str] |
     data.update(flags)
     data = apply_overrides(data, overrides or [])
     try:
-        return schema.model_validate(data)
+        cfg = schema.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(format_validation_error(schema, exc, source)) from exc
+    cfg.export_credentials()  # before any local Ray starts: its workers inherit them, no payload carries them
+    return cfg
 
 
 # -- training (pretrain / fine-tune; Duala and Dynadiff reuse these blocks) -----------------
@@ -588,7 +605,6 @@ STAGE_CONFIGS: dict[tuple[str, ...], type[StageConfig]] = {
     ("dynadiff", "train"): DiffusionDecodeConfig, ("dynadiff", "reconstruct"): DiffusionDecodeConfig,
     ("evaluate",): EvaluateConfig, ("compare",): CompareConfig, ("promote",): StageConfig, ("demo",): DemoConfig,
 }
-_SECRET_FIELD = ("secret", "token", "password", "access_key_id")
 
 
 def commented_yaml(cfg: BaseModel, indent: int = 0) -> str:
@@ -607,9 +623,7 @@ def commented_yaml(cfg: BaseModel, indent: int = 0) -> str:
             lines.append(f"{pad}{name}:")
             lines.append(commented_yaml(value, indent + 2))
             continue
-        shown = dumped[name]
-        if shown is not None and any(s in name for s in _SECRET_FIELD):
-            shown = "***"
+        shown = ("***" if value is not None else None) if field.exclude else dumped[name]  # credentials
         if isinstance(shown, dict) and shown:
             text = yaml.safe_dump({name: shown}, default_flow_style=False, sort_keys=False).rstrip()
         else:

@@ -17,16 +17,22 @@ import posixpath
 import uuid
 from dataclasses import dataclass
 from typing import Iterator
-from urllib.parse import urlparse
+from urllib.parse import urlparse, urlsplit, urlunsplit
 
 import pyarrow.fs as pafs
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
 from raydecode.errors import StorageError
 
+# credentials: never serialised (excluded from every dump: payloads, checkpoints, MLflow params), shown as ***
+_SECRET = dict(exclude=True, repr=False)
+
 
 class S3Options(BaseModel):
-    """How to reach S3. Unset fields fall back to the standard AWS environment variables."""
+    """How to reach S3. Unset fields fall back to the standard AWS environment variables. Credentials set here
+    are never written anywhere: they are left out of every dump, so workers find them in their environment (a
+    local Ray inherits the driver's, where :meth:`raydecode.config.StageConfig.export_credentials` puts them; a
+    cluster's nodes have their own: instance profile, service-account role, a Kubernetes Secret)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -34,9 +40,10 @@ class S3Options(BaseModel):
         None, description="e.g. http://127.0.0.1:5000; default AWS_ENDPOINT_URL_S3 or AWS_ENDPOINT_URL"
     )
     region: str | None = Field(None, description="default AWS_REGION or AWS_DEFAULT_REGION")
-    access_key_id: str | None = Field(None, description="default AWS_ACCESS_KEY_ID (or the instance profile)")
-    secret_access_key: str | None = Field(None, description="default AWS_SECRET_ACCESS_KEY")
-    session_token: str | None = Field(None, description="default AWS_SESSION_TOKEN")
+    access_key_id: SecretStr | None = Field(None, description="default AWS_ACCESS_KEY_ID (or the instance profile)",
+                                            **_SECRET)
+    secret_access_key: SecretStr | None = Field(None, description="default AWS_SECRET_ACCESS_KEY", **_SECRET)
+    session_token: SecretStr | None = Field(None, description="default AWS_SESSION_TOKEN", **_SECRET)
     anonymous: bool = False
     connect_timeout_s: float = Field(5.0, gt=0)
     request_timeout_s: float = Field(60.0, gt=0)
@@ -45,32 +52,58 @@ class S3Options(BaseModel):
     def resolved(self) -> "S3Options":
         """These options with the AWS environment variables filled in where unset."""
         env = os.environ
+
+        def secret(value: SecretStr | None, name: str) -> SecretStr | None:
+            return value or (SecretStr(env[name]) if env.get(name) else None)
+
         return self.model_copy(
             update={
                 "endpoint_url": self.endpoint_url
                 or env.get("AWS_ENDPOINT_URL_S3")
                 or env.get("AWS_ENDPOINT_URL"),
                 "region": self.region or env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION"),
-                "access_key_id": self.access_key_id or env.get("AWS_ACCESS_KEY_ID"),
-                "secret_access_key": self.secret_access_key or env.get("AWS_SECRET_ACCESS_KEY"),
-                "session_token": self.session_token or env.get("AWS_SESSION_TOKEN"),
+                "access_key_id": secret(self.access_key_id, "AWS_ACCESS_KEY_ID"),
+                "secret_access_key": secret(self.secret_access_key, "AWS_SECRET_ACCESS_KEY"),
+                "session_token": secret(self.session_token, "AWS_SESSION_TOKEN"),
             }
         )
 
-    def env(self) -> dict[str, str]:
-        """The same settings as AWS environment variables, for tools that read only those
-        (boto3 in MLflow's artifact store, Ray workers started elsewhere)."""
+    def env(self, secrets: bool = True) -> dict[str, str]:
+        """The same settings as AWS environment variables, for tools that read only those (boto3 in MLflow's
+        artifact store); ``secrets=False``: the endpoint and region alone (what may travel in a Ray runtime env)."""
         o = self.resolved()
         out = {
             "AWS_ENDPOINT_URL_S3": o.endpoint_url,
             "MLFLOW_S3_ENDPOINT_URL": o.endpoint_url,
             "AWS_REGION": o.region,
             "AWS_DEFAULT_REGION": o.region,
-            "AWS_ACCESS_KEY_ID": o.access_key_id,
-            "AWS_SECRET_ACCESS_KEY": o.secret_access_key,
-            "AWS_SESSION_TOKEN": o.session_token,
         }
+        if secrets:
+            out.update({"AWS_ACCESS_KEY_ID": _reveal(o.access_key_id),
+                        "AWS_SECRET_ACCESS_KEY": _reveal(o.secret_access_key),
+                        "AWS_SESSION_TOKEN": _reveal(o.session_token)})
         return {k: v for k, v in out.items() if v}
+
+
+def without_userinfo(uri: str) -> str:
+    """``uri`` without ``user:password@``: what may be printed, logged or serialised."""
+    parts = urlsplit(uri)
+    if "@" not in parts.netloc:
+        return uri
+    return urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]))
+
+
+def userinfo(uri: str) -> tuple[str | None, str | None]:
+    """The ``(user, password)`` of ``uri`` (URL-decoded), or Nones."""
+    from urllib.parse import unquote
+
+    parts = urlsplit(uri)
+    return (unquote(parts.username) if parts.username else None,
+            unquote(parts.password) if parts.password else None)
+
+
+def _reveal(value: SecretStr | None) -> str | None:
+    return value.get_secret_value() if value is not None else None
 
 
 def _s3_filesystem(opts: S3Options) -> pafs.S3FileSystem:
@@ -93,10 +126,10 @@ def _s3_filesystem(opts: S3Options) -> pafs.S3FileSystem:
     if o.anonymous:
         kwargs["anonymous"] = True
     elif o.access_key_id and o.secret_access_key:
-        kwargs["access_key"] = o.access_key_id
-        kwargs["secret_key"] = o.secret_access_key
+        kwargs["access_key"] = _reveal(o.access_key_id)
+        kwargs["secret_key"] = _reveal(o.secret_access_key)
         if o.session_token:
-            kwargs["session_token"] = o.session_token
+            kwargs["session_token"] = _reveal(o.session_token)
     return pafs.S3FileSystem(**kwargs)
 
 

@@ -28,7 +28,7 @@ def configure(cfg: StageConfig) -> str:
     uri = cfg.resolved_tracking_uri()
     if uri.startswith("sqlite:///"):
         os.makedirs(os.path.dirname(uri[len("sqlite:///"):]) or ".", exist_ok=True)
-    os.environ.update(cfg.s3.env())  # config values win; unset ones already came from the environment
+    cfg.export_credentials()  # config values win; unset ones already came from the environment
     mlflow.set_tracking_uri(uri)
     return uri
 
@@ -49,17 +49,14 @@ def experiment(name: str, artifact_location: str | None = None) -> str:
     return mlflow.create_experiment(name, artifact_location=artifact_location)
 
 
-SECRET_KEYS = {"access_key_id", "secret_access_key", "session_token"}  # never logged, whatever block holds them
-
-
 def flatten(d: dict, prefix: str = "") -> dict[str, object]:
-    """A nested config as ``a.b.c`` keys (MLflow params), secrets left out."""
+    """A nested config as ``a.b.c`` keys (MLflow params; credentials are never in a config's dump)."""
     out: dict[str, object] = {}
     for k, v in d.items():
         key = f"{prefix}{k}"
         if isinstance(v, dict) and v:
             out.update(flatten(v, key + "."))
-        elif k not in SECRET_KEYS:
+        else:
             out[key] = v
     return out
 

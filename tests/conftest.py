@@ -18,6 +18,11 @@ from raydecode.config import TrainConfig  # noqa: E402
 from raydecode.data.ingest import run_ingest, synthetic_plan
 from raydecode.storage import S3Options
 
+# the test cluster's own S3 credentials (moto's server takes any), as a node's environment gives them: configs never
+# carry credentials to workers; a test that sets them in a config sees them exported to this process alone
+S3_KEYS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}
+for _k, _v in S3_KEYS.items():
+    os.environ.setdefault(_k, _v)
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("TQDM_DISABLE", "1")
 # Ray Train's controller polls its workers every 2 s (reports, checkpoints, the end of a run): tiny runs poll faster
@@ -85,6 +90,52 @@ def s3_server():
         aws_access_key_id="testing", aws_secret_access_key="testing",
     ).create_bucket(Bucket="nsd")
     yield opts
+    server.stop()
+
+
+class MlflowServer:
+    """A real ``mlflow server`` (sqlite backend; artifacts written by the clients straight to moto's S3) that a
+    test can stop and start again on the same port: a tracking outage."""
+
+    def __init__(self, root: Path, s3: S3Options):
+        self.root, self.port, self.s3 = root, _free_port(), s3
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        import time
+        import urllib.request
+
+        env = {**os.environ, **self.s3.env()}
+        self.proc = subprocess.Popen(
+            [str(Path(sys.executable).with_name("mlflow")), "server", "--host", "127.0.0.1", "--port", str(self.port),
+             "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}", "--no-serve-artifacts",
+             "--default-artifact-root", "s3://nsd/mlflow-server", "--workers", "1"],
+            env=env, stdout=open(self.root / "server.log", "ab"), stderr=subprocess.STDOUT, start_new_session=True)
+        for _ in range(240):
+            try:
+                urllib.request.urlopen(self.url + "/health", timeout=1).read()
+                return
+            except OSError:
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"mlflow server exited: {(self.root / 'server.log').read_text()[-2000:]}")
+                time.sleep(0.25)
+        raise RuntimeError("mlflow server did not answer in 60 s")
+
+    def stop(self) -> None:
+        import signal
+
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            self.proc.wait(30)
+        self.proc = None
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(s3_server, tmp_path_factory):
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow-server"), s3_server)
+    server.start()
+    yield server
     server.stop()
 
 

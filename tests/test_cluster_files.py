@@ -12,6 +12,7 @@ import copy
 import functools
 import importlib.util
 import json
+import os
 import re
 import shlex
 import shutil
@@ -661,7 +662,7 @@ def test_submit_sends_only_the_environment_the_user_names_and_never_a_secret(mon
     assert runtime_env(other)["pip"] != env["pip"]
 
 
-def test_submit_checks_the_stage_and_config_before_uploading(tmp_path):
+def test_submit_checks_the_stage_and_config_before_uploading(tmp_path, monkeypatch):
     from raydecode.app.submit import Cluster, entrypoint
     from raydecode.errors import ConfigError
 
@@ -671,6 +672,7 @@ def test_submit_checks_the_stage_and_config_before_uploading(tmp_path):
                                 "optim.epochs=3"]
     outside = tmp_path / "p.yaml"
     outside.write_text((JOBS / "pretrain.yaml").read_text())
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", os.environ["AWS_SECRET_ACCESS_KEY"])  # load_config exports the key
     for stage, config, sets, words in [
         (["pretrian"], None, [], "stage 'pretrian': allowed values"),
         (["pretrain"], str(outside), [], "outside the working directory"),
@@ -679,6 +681,8 @@ def test_submit_checks_the_stage_and_config_before_uploading(tmp_path):
         (["pretrain"], str(JOBS / "pretrain.yaml"), ["tracking_uri=http://127.0.0.1:5000"],
          "tracking_uri=http://127.0.0.1:5000 points at this machine"),
         (["info"], None, ["s3.endpoint_url=http://localhost:9000"], "s3.endpoint_url=http://localhost:9000 points at"),
+        (["pretrain"], str(JOBS / "pretrain.yaml"), ["s3.secret_access_key=" + "k" * 40],
+         "s3.secret_access_key is set in the config: a submitted job's config and command line are readable"),
     ]:
         with pytest.raises(ConfigError, match=re.escape(words)):
             entrypoint(stage, config, sets, ROOT, Cluster("http://ray-head.lab.internal:8265"))

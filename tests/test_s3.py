@@ -14,8 +14,8 @@ from raydecode.data.store import open_store
 def _aws_env(opts):
     return {
         "AWS_ENDPOINT_URL_S3": opts.endpoint_url,
-        "AWS_ACCESS_KEY_ID": opts.access_key_id,
-        "AWS_SECRET_ACCESS_KEY": opts.secret_access_key,
+        "AWS_ACCESS_KEY_ID": opts.access_key_id.get_secret_value(),
+        "AWS_SECRET_ACCESS_KEY": opts.secret_access_key.get_secret_value(),
         "AWS_DEFAULT_REGION": "us-east-1",
     }
 

@@ -66,6 +66,12 @@ def entrypoint(stage: list[str], config: str | None, overrides: list[str], root:
                               "read it") from None
         parts += ["--config", rel.as_posix()]
     cfg = load_config(schema, config, overrides)  # fail here, before anything is uploaded
+    s3 = getattr(cfg, "s3", None)
+    given = [k for k in ("access_key_id", "secret_access_key", "session_token") if s3 and getattr(s3, k)]
+    if given:
+        raise ConfigError(f"s3.{given[0]} is set in the config: a submitted job's config and command line are "
+                          "readable by anyone who can list the cluster's jobs; give credentials to the nodes "
+                          "(instance profile, service-account role, a Kubernetes Secret in the pod spec)")
     for what, value in (("tracking_uri", getattr(cfg, "tracking_uri", None)),
                         ("s3.endpoint_url", getattr(getattr(cfg, "s3", None), "endpoint_url", None))):
         if value and cluster is not None:

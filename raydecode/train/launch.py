@@ -329,7 +329,8 @@ def _trainer(cfg: TrainConfig, plan: TrainPlan, payload: dict, callbacks: list |
             callbacks=callbacks,
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.num_to_keep),
             logging_config=LoggingConfig(log_level="WARNING"),  # Ray Train's per-report INFO lines
-            worker_runtime_env={"env_vars": cfg.s3.env()} if cfg.s3.env() else None,
+            # the endpoint and region only: a runtime env is readable by anyone who can list the cluster's actors
+            worker_runtime_env={"env_vars": cfg.s3.env(secrets=False)} if cfg.s3.env(secrets=False) else None,
         ),
     )
 
