@@ -37,7 +37,10 @@ class DataSelection(BaseModel):
     single_test_trial_seed: int | None = Field(
         None, description="test split without averaging: one presentation per (subject, image), drawn with this "
                           "seed (Dynadiff's single-trial protocol); None: every presentation")
-    shuffle: bool = Field(True, description="train split: new file order every epoch (plus the loop's local shuffle)")
+    shuffle: bool = Field(True, description="train split: files in a seeded random order (`seed`), rows mixed by the "
+                                            "loop's local shuffle, seeded by optim.seed and the epoch")
+    seed: int = Field(0, description="the train split's file order: with optim.seed and the epoch it fixes the data "
+                                     "order, so a resumed run reads exactly the rows it had left")
     categories: bool = Field(True, description="join each image's 80-way multi-hot categories")
     images: bool = Field(False, description="join stimulus images (uint8 HxWx3)")
     embeddings: list[str] = Field(default_factory=list, description="join these encoders' frozen embeddings from the store")

@@ -217,6 +217,7 @@ def run_ingest(plan: Plan, out: str, s3: S3Options | None = None, progress: bool
     writer = StoreWriter(root, plan.source, plan.source_params)
     if writer.status == "complete":
         return IngestResult(writer.existing, "unchanged", 0, len(plan.shards), time.time() - t0)
+    writer.begin()
     resumed = writer.status == "partial"
     notes: list[dict] = []
     todo: list[PlannedShard] = []
@@ -281,6 +282,10 @@ def synthetic_plan(preset: str, seed: int, timeseries: bool = True, subjects: li
     world = SyntheticNSD(PRESETS[preset], seed)
     p = world.preset
     subjects = subjects or list(range(1, p.n_subjects + 1))
+    bad = [s for s in subjects if not 1 <= s <= p.n_subjects]
+    if bad or len(set(subjects)) != len(subjects):
+        what = f"subject {', '.join(map(str, bad))}:" if bad else f"subjects {subjects}: a subject listed twice;"
+        raise SourceError(f"{what} the synthetic {preset} preset has subjects 1..{p.n_subjects}")
     shards: list[PlannedShard] = []
     for n, ids in enumerate(world.stimulus_shards()):
         shards.append(

@@ -236,6 +236,8 @@ def mindeye2_plan(
     bad = [s for s in subjects if s not in SUBJECTS]
     if bad:
         raise SourceError(f"subject {', '.join(map(str, bad))}: NSD has subjects 1..8")
+    if len(set(subjects)) != len(subjects):
+        raise SourceError(f"subjects {subjects}: a subject listed twice")
     sources: dict[str, dict] = {}
     shared = _shared_images(release, sources)
     absent = ["timeseries", "trial onsets"]

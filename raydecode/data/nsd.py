@@ -634,6 +634,8 @@ def _subjects(release: Release, subjects: list[int] | None) -> list[int]:
     bad = [s for s in subjects if s not in SUBJECTS]
     if bad:
         raise SourceError(f"subject {', '.join(map(str, bad))}: NSD has subjects 1..8")
+    if len(set(subjects)) != len(subjects):
+        raise SourceError(f"subjects {subjects}: a subject listed twice")
     return subjects
 
 

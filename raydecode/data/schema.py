@@ -26,6 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
+BEGUN = ".ingest-begun.json"  # an ingest in progress: its source and parameters, until the manifest is written
 SPLITS = ("train", "test")
 SOURCES = ("synthetic", "nsd", "mindeye2")
 SHARD_KINDS = ("voxels", "trials", "timeseries", "stimuli", "embeddings")

@@ -25,6 +25,7 @@ from pydantic import ValidationError
 
 import raydecode
 from raydecode.data.schema import (
+    BEGUN,
     MANIFEST,
     N_CATEGORIES,
     SCHEMA_VERSION,
@@ -316,6 +317,8 @@ class Store:
         stimulus_ids: set[int] = set()
         embedded: dict[str, set[int]] = {}  # encoder -> image ids its shards hold
         unread: set[str | None] = set()  # encoders with a shard that could not be read (reported already)
+        trial_keys: dict[int, set[tuple[int, int, int]]] = {}  # subject -> (session, run, trial) seen
+        split_images: dict[str, set[int]] = {"train": set(), "test": set()}
         # stimuli first, so trials and embeddings can be checked against them
         ordered = sorted(shards, key=lambda s: (s.kind != "stimuli", s.kind != "voxels", s.path))
         it = progress(ordered) if progress else ordered
@@ -356,6 +359,9 @@ class Store:
                 except KeyError:
                     problems.append(Problem(loc.uri, f"subject {shard.subject} is not in the manifest"))
                     continue
+            if shard.kind == "trials" and shard.subject is not None and not (
+                    {"session", "run", "trial", "split", "image_id"} - set(table.column_names)):
+                problems += _trial_problems(loc.uri, table, trial_keys.setdefault(shard.subject, set()), split_images)
             for msg in validate_table(
                 shard.kind,
                 table,
@@ -367,6 +373,11 @@ class Store:
                 problems.append(Problem(loc.uri, msg))
         # every encoder in the manifest covers exactly the stimulus images
         manifest_uri = self.root.join(MANIFEST).uri
+        leaked = split_images["train"] & split_images["test"]
+        if leaked:
+            shown = ", ".join(map(str, sorted(leaked)[:5])) + (" ..." if len(leaked) > 5 else "")
+            problems.append(Problem(manifest_uri, f"{len(leaked)} image(s) shown in both the train and the test split "
+                                                  f"(test images leak into training): {shown}"))
         for name in self.manifest.embeddings:
             if not self.manifest.shards_of("embeddings", encoder=name):
                 problems.append(Problem(manifest_uri, f"encoder {name!r} is listed in 'embeddings' but has no shards"))
@@ -466,6 +477,21 @@ def write_shard(
 # ---------------------------------------------------------------------------------------
 
 
+def _trial_problems(uri: str, table: pa.Table, seen: set[tuple[int, int, int]],
+                    split_images: dict[str, set[int]]) -> list[Problem]:
+    """A trials shard's rows against the subject's rows already read: each (session, run, trial) once; the
+    images of each split collected (a test image must never be a train image, whichever subject saw it)."""
+    keys = list(zip(*(table[c].to_pylist() for c in ("session", "run", "trial"))))
+    repeated = len(keys) - len(set(keys)) + len(set(keys) & seen)
+    seen.update(keys)
+    for split, ids in split_images.items():
+        mask = pc.equal(table["split"], split)
+        ids.update(pc.filter(table["image_id"], mask).to_pylist())
+    if not repeated:
+        return []
+    return [Problem(uri, f"{repeated} trial row(s) repeat a (session, run, trial) of their subject")]
+
+
 class StoreWriter:
     """Writes a store's shards, then its manifest.
 
@@ -495,6 +521,30 @@ class StoreWriter:
         else:
             self.existing = None
             self.status = "partial" if any(True for _ in root.list_files()) else "new"
+            begun = self._begun()
+            if self.status == "partial" and begun is not None and begun != {"source": source,
+                                                                            "source_params": source_params}:
+                raise StoreError(
+                    f"{root.join(BEGUN).uri}: an interrupted ingest of a {begun.get('source')} store made with "
+                    f"{begun.get('source_params')} is here; refusing to complete it with {source} {source_params} "
+                    "(re-run with the same parameters, or choose another output)")
+
+    def _begun(self) -> dict | None:
+        loc = self.root.join(BEGUN)
+        if not loc.exists():
+            return None
+        try:
+            return json.loads(loc.read_bytes())
+        except (ValueError, UnicodeDecodeError):
+            raise StoreError(f"{loc.uri}: not the JSON an interrupted ingest leaves; delete it if the store's "
+                             "shards are from the same source parameters") from None
+
+    def begin(self) -> None:
+        """Record what this store is made from before its first shard (kept until the manifest is written), so an
+        interrupted ingest is completed only with the same source and parameters."""
+        if self.status in ("new", "partial") and self._begun() is None:
+            self.root.join(BEGUN).write_bytes_atomic(
+                json.dumps({"source": self.source, "source_params": self.source_params}, indent=1).encode())
 
     @classmethod
     def extending(cls, store: Store) -> "StoreWriter":
@@ -560,7 +610,9 @@ class StoreWriter:
             shards=sorted(self.shards, key=lambda s: s.path),
             **fields,
         )
-        return self._write_manifest(manifest)
+        manifest = self._write_manifest(manifest)
+        self.root.join(BEGUN).delete()
+        return manifest
 
     def commit(self, embeddings: dict[str, EncoderInfo] | None = None) -> Manifest:
         """Extending writer: rewrite the manifest (last) with the store's shards plus the ones

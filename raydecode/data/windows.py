@@ -23,6 +23,7 @@ import pyarrow as pa
 from raydecode.config import DataSelection, WindowConfig
 from raydecode.data.pipeline import (
     TrialsDataset,
+    file_order,
     finish_in_memory,
     group_test,
     read_shards,
@@ -156,7 +157,7 @@ def _windows_dataset(store, split: str, window: WindowConfig, sel, s3, shift: in
     width = max(voxels.values())
     test_ids = np.asarray(store.manifest.shared_test_image_ids, np.int64)
     ds = read_shards([store.location(s).path for s in shards], store.root.fs, columns=list(RUN_COLUMNS),
-                     partitioning=None, shuffle="files" if (sel.shuffle and split == "train") else None,
+                     partitioning=None, shuffle=file_order(sel, split),
                      num_cpus=sel.read_cpus)
     ds = ds.map_batches(windows_of_runs, batch_format="pyarrow", batch_size=1, num_cpus=sel.read_cpus,
                         fn_kwargs={"window": window.model_dump(), "split": split, "test_ids": test_ids,

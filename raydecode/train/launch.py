@@ -303,9 +303,22 @@ def _datasets(cfg: TrainConfig, plan: TrainPlan) -> dict:
     if materialize is None:
         materialize = plan.train_bytes < MATERIALIZE_BELOW
     # small selections: one read, then every epoch splits blocks already in the object store (streaming
-    # re-reads the store each epoch: seconds per epoch of start-up on small data)
+    # re-reads the store each epoch: seconds per epoch of start-up on small data); either way the blocks come in
+    # read order (see _in_order): two runs of one config read the same rows in the same order
+    train.dataset.context.execution_options.preserve_order = True
     return {"train": train.dataset.materialize() if materialize else train.dataset,
             "test": test.dataset.materialize()}
+
+
+def _in_order():
+    """Ray Train's ingest options with ``preserve_order``: blocks reach the split in read order and each worker gets
+    the same rows in the same order on every run of an epoch, so the data order is a function of the seeds and the
+    epoch (a resumed run skips exactly what it trained; Ray Data otherwise yields blocks as tasks finish)."""
+    from ray.train import DataConfig
+
+    options = DataConfig.default_ingest_options()
+    options.preserve_order = True
+    return options
 
 
 def _trainer(cfg: TrainConfig, plan: TrainPlan, payload: dict, callbacks: list | None):
@@ -322,7 +335,7 @@ def _trainer(cfg: TrainConfig, plan: TrainPlan, payload: dict, callbacks: list |
                                      placement_strategy=cfg.scaling.placement_strategy,
                                      resources_per_worker=resources),
         datasets=_datasets(cfg, plan),
-        dataset_config=DataConfig(datasets_to_split=["train"]),
+        dataset_config=DataConfig(datasets_to_split=["train"], execution_options={"train": _in_order()}),
         run_config=RunConfig(
             name=cfg.run_name, storage_path=storage_path, storage_filesystem=storage_fs,
             failure_config=FailureConfig(max_failures=cfg.checkpoint.max_failures),

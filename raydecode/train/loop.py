@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import random
 import resource
 import sys
 import tempfile
@@ -174,6 +175,39 @@ class Tracker:
 # -- the loop ------------------------------------------------------------------------------
 
 
+def _rng_file(directory: str, rank: int) -> str:
+    return os.path.join(directory, f"rng_rank{rank:04d}.pt")
+
+
+def save_rng(directory: str, rank: int) -> None:
+    """This rank's random state (torch CPU and CUDA, numpy's global, Python's), beside DeepSpeed's files: with the
+    data order a function of the seeds and the epoch, a resumed run draws the same dropout masks and noise as an
+    uninterrupted one."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos,
+                                                       has_gauss, gauss],
+             "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    torch.save(state, _rng_file(directory, rank))
+
+
+def restore_rng(directory: str, rank: int) -> bool:
+    """:func:`save_rng`'s state for ``rank``, if the checkpoint has it (one written with another world size or
+    before random states were saved does not)."""
+    path = _rng_file(directory, rank)
+    if not os.path.exists(path):
+        return False
+    state = torch.load(path, weights_only=True)  # tensors, ints and tuples only: no code runs on load
+    torch.set_rng_state(state["torch"])
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    return True
+
+
 def train_loop_per_worker(payload: dict) -> None:
     """Ray Train's entry point on every worker."""
     Trainer(payload).run()
@@ -263,9 +297,12 @@ class Trainer:
         if checkpoint:
             with checkpoint.as_directory() as d:
                 _, client = self.engine.load_checkpoint(d, tag=CHECKPOINT_TAG, load_module_strict=not self.partial)
+                restored = restore_rng(d, self.rank)
             self.epoch, self.step = int(client["epoch"]), int(client["step"])
             if self.rank == 0:
-                log.info(f"resumed from checkpoint at epoch {self.epoch}, step {self.step}")
+                log.info(f"resumed from checkpoint at epoch {self.epoch}, step {self.step}"
+                         + ("" if restored else " (no random state for this rank: dropout and noise draws differ "
+                                                "from an uninterrupted run)"))
 
     # -- training --------------------------------------------------------------------------------------------------
 
@@ -365,6 +402,7 @@ class Trainer:
             self.engine.save_checkpoint(tmp, tag=CHECKPOINT_TAG,
                                         client_state={"epoch": epoch_next, "step": self.step},
                                         exclude_frozen_parameters=self.partial)
+            save_rng(tmp, self.rank)
             if self.rank == 0:
                 with open(os.path.join(tmp, "progress.json"), "w") as f:
                     json.dump({"epoch": epoch_next, "step": self.step, "metrics": metrics}, f)
