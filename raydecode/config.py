@@ -46,7 +46,7 @@ class DataSelection(BaseModel):
     embeddings: list[str] = Field(default_factory=list, description="join these encoders' frozen embeddings from the store")
     stimulus_cache_shards: int = Field(4, ge=1, description="stimulus shards each lookup actor keeps in memory")
     read_cpus: float = Field(1.0, gt=0, description="CPUs per Ray Data read/decode task")
-    lookup_cpus: float = Field(0.5, gt=0, description="CPUs per stimulus-lookup actor (I/O bound)")
+    lookup_cpus: float = Field(0.25, gt=0, description="CPUs per stimulus-lookup actor (I/O bound)")
     materialize: bool | None = Field(
         None, description="training: read the selected train trials once into Ray's object store instead of "
                           "re-reading the store every epoch (default: when their shards total under 2 GiB)")
@@ -337,7 +337,9 @@ class ScalingConfig(BaseModel):
 
     num_workers: int = Field(2, ge=1)
     use_gpu: bool = False
-    cpus_per_worker: float = Field(1.0, gt=0)
+    cpus_per_worker: float = Field(0.25, gt=0, description="CPUs Ray reserves per worker (default: two workers, "
+                                                            "the data reads and the lookup fit a 2-core laptop; a "
+                                                            "GPU node's CPUs / GPUs on a cluster)")
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
         "PACK", description="Ray placement of the workers' bundles (STRICT_SPREAD: one worker per node)")
     wait_for_nodes_s: float = Field(600.0, ge=0, description=WAIT_FOR_NODES)
@@ -559,7 +561,8 @@ class EvaluateConfig(StageConfig):
     tsne: bool = Field(True, description="t-SNE of the backbone embeddings, by subject and by class")
     batch_size: int = Field(32, ge=1, description="rows per inference batch")
     actors: int = Field(1, ge=1, description="inference actors (one model each)")
-    cpus_per_actor: float = Field(1.0, gt=0)
+    cpus_per_actor: float = Field(0.5, gt=0, description="CPUs Ray reserves per inference actor (default fits a "
+                                                         "2-core laptop beside the reads)")
     use_gpu: bool | None = Field(None, description="one GPU per actor; default: when the cluster can have GPUs "
                                                    "(its autoscaler's node types, else its nodes)")
     wait_for_nodes_s: float = Field(600.0, ge=0, description=WAIT_FOR_NODES)

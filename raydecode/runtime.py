@@ -76,6 +76,18 @@ class ClusterShape:
         return f"{what} " + ", ".join(f"{c} x {k}" for k, c in kinds.items())
 
 
+def started_here() -> bool:
+    """Whether this process started the Ray it is connected to (``ray.init()`` without an address: a machine's
+    local Ray, which never gains nodes) rather than joining a cluster."""
+    try:
+        import ray._private.worker as worker
+
+        node = worker._global_node  # a private Ray attribute: the head node object of a Ray this process started
+        return node is not None and bool(node.is_head())
+    except Exception:  # noqa: BLE001 - another Ray version: assume a cluster that may grow (the bounded wait)
+        return False
+
+
 def cluster_shape() -> ClusterShape:
     """The connected Ray cluster's possible nodes: the autoscaler's node types (as Ray Train's own check reads them)
     when the GCS holds an autoscaler config, else the nodes alive now."""
@@ -145,6 +157,9 @@ def require(demand: Demand, wait_for_nodes_s: float, *, say: Callable[[str], Non
     if shape.autoscaling:
         raise ConfigError(f"{demand.what} needs {demand.describe()}: no combination of the autoscaler's "
                           f"{shape.describe()} can ever hold it; {demand.hint}")
+    if started_here():
+        raise ConfigError(f"{demand.what} needs {demand.describe()}: the Ray this process started on this machine "
+                          f"has {shape.describe()} and no node will join it; {demand.hint}")
     t0 = time.time()
     _request_nodes(demand)
     try:

@@ -71,7 +71,11 @@ def test_an_autoscaling_cluster_is_judged_by_its_node_types_not_its_current_node
     assert not cluster_shape().autoscaling  # back to this machine's single node
 
 
-def test_a_static_cluster_waits_for_nodes_then_refuses_with_one_line(ray_local):
+def test_a_static_cluster_waits_for_nodes_then_refuses_with_one_line(ray_local, monkeypatch):
+    """A cluster without an autoscaler that this process joined: nodes may still join (``ray start``)."""
+    from raydecode import runtime
+
+    monkeypatch.setattr(runtime, "started_here", lambda: False)
     said: list[str] = []
     t0 = time.time()
     with pytest.raises(ConfigError) as err:
@@ -87,10 +91,28 @@ def test_a_training_job_that_no_node_can_hold_names_the_settings_to_change(ray_l
     cfg = tiny_config(tiny_store, tmp_path, "too-wide", scaling={"num_workers": 2, "cpus_per_worker": 1.5,
                                                                  "placement_strategy": "STRICT_SPREAD",
                                                                  "wait_for_nodes_s": 1})
-    with pytest.raises(ConfigError, match=r"training needs 2 x \{1\.5 CPU\} \+ 1 x \{1 CPU\} \+ 1 x \{0\.25 CPU\}; "
-                                          r".*lower scaling\.num_workers"):
+    t0 = time.time()
+    with pytest.raises(ConfigError, match=r"training needs 2 x \{1\.5 CPU\} \+ 1 x \{1 CPU\} \+ 1 x \{0\.25 CPU\}: "
+                                          r"the Ray this process started on this machine has nodes 1 x \{2 CPU.*; "
+                                          r"lower scaling\.num_workers"):
         run_training(cfg)
+    assert time.time() - t0 < 60  # at once: a machine's own Ray never gains nodes
     assert not (tmp_path / "runs" / "too-wide" / "final").exists()
+
+
+def test_every_stage_s_defaults_fit_a_two_core_laptop():
+    """``raydecode evaluate --model M --store S`` with no config waited forever on 2 CPUs (1 CPU predictor + 0.5
+    CPU lookup + the averaging shuffle's 1 CPU): each stage's default request now fits one 2-CPU node."""
+    from raydecode.config import EvaluateConfig, TrainConfig
+    from raydecode.evaluate.suite import evaluate_demand
+    from raydecode.runtime import fits
+    from raydecode.train.launch import train_demand
+
+    laptop = [{"CPU": 2.0, "memory": 8 * 2**30}]
+    for demand in (train_demand(TrainConfig()), train_demand(TrainConfig(), "a sweep trial"),
+                   evaluate_demand(EvaluateConfig(model="m"), use_gpu=False),
+                   evaluate_demand(EvaluateConfig(model="m", protocols=["single"]), use_gpu=False)):
+        assert fits(demand, laptop), (demand.what, demand.describe())
 
 
 def test_ray_runs_only_with_token_authentication(monkeypatch):

@@ -272,14 +272,19 @@ def _use_gpu(cfg: EvaluateConfig) -> bool:
     """``use_gpu``, else whether the cluster can have GPUs (its autoscaler's node types, else its nodes); the actor
     pool must fit on what it can have (waiting for nodes on a cluster without an autoscaler)."""
     use_gpu = cluster_shape().has("GPU") if cfg.use_gpu is None else cfg.use_gpu
+    require(evaluate_demand(cfg, use_gpu), cfg.wait_for_nodes_s)
+    return use_gpu
+
+
+def evaluate_demand(cfg: EvaluateConfig, use_gpu: bool) -> Demand:
+    """What an evaluation holds at once: its inference actors, the stimulus lookup and the averaging shuffle's
+    tasks (Ray Data's sort shuffle: one CPU) beside them."""
     actor = {"CPU": cfg.cpus_per_actor, **({"GPU": 1.0} if use_gpu else {})}
-    # beside the actors: the stimulus lookup, and the averaging shuffle's tasks (Ray Data's sort shuffle: one CPU)
     averages = any(p != "single" for p in cfg.protocols)
     extra = [{"CPU": cfg.data.lookup_cpus}, {"CPU": 1.0 if averages else cfg.data.read_cpus}]
-    require(Demand("evaluate", [dict(actor) for _ in range(cfg.actors)], extra=extra,
-                   hint="lower actors / cpus_per_actor, set use_gpu to match the nodes, or add nodes"),
-            cfg.wait_for_nodes_s)
-    return use_gpu
+    return Demand("evaluate", [dict(actor) for _ in range(cfg.actors)], extra=extra,
+                  hint="lower actors / cpus_per_actor / data.lookup_cpus, set use_gpu to match the nodes, "
+                       "or add nodes")
 
 
 def _write_outputs(tmp: str, cfg: EvaluateConfig, ref: ModelRef, results: dict[str, dict],
