@@ -457,6 +457,9 @@ class SweepConfig(TrainConfig):
     max_concurrent_trials: int | None = Field(None, ge=1, description="default: as many as the cluster's possible "
                                                                       "nodes fit (its autoscaler's node types, else "
                                                                       "its nodes)")
+    trial_retries: int = Field(1, ge=0, description="a failed trial (a lost node, a worker health check) starts "
+                                                    "again up to this many times, from its training run's last "
+                                                    "checkpoint")
     metric: str = Field("retrieval.image_to_brain_top1", description="selects the best trial per subject")
     tie_break: str = "retrieval.brain_to_image_top1"
     promote: bool = Field(True, description="register the best trial per subject and apply the champion gate")

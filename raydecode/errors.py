@@ -38,6 +38,18 @@ class SourceError(UserError):
     exit_code = 5
 
 
+class TrackingUnavailable(UserError):
+    """The MLflow tracking server or model registry does not answer."""
+
+    exit_code = 6
+
+
+class Diverged(UserError):
+    """Training produced a non-finite loss: the run stops; its last good checkpoint stays."""
+
+    exit_code = 7
+
+
 def user_error_in(exc: BaseException) -> UserError | None:
     """The :class:`UserError` behind an exception Ray raised for a failed task, actor or training worker.
 

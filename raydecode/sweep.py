@@ -192,7 +192,9 @@ def _tuners(cfg: SweepConfig, base: dict, parent_run_id: str, storage: tuple[str
                                   max_t=cfg.optim.epochs + 1, grace_period=cfg.asha.grace_period,
                                   reduction_factor=cfg.asha.reduction_factor)
     run_config = tune.RunConfig(name=f"{cfg.run_name or 'sweep'}-{time.strftime('%Y%m%d-%H%M%S')}",
-                                storage_path=storage[0], storage_filesystem=storage[1], verbose=1)
+                                storage_path=storage[0], storage_filesystem=storage[1], verbose=1,
+                                # a retried trial keeps its id, so its training run (same name) resumes
+                                failure_config=tune.FailureConfig(max_failures=cfg.trial_retries))
     if cfg.search == "optuna":  # a search algorithm per subject (grid_search does not mix with them)
         return [tune.Tuner(trainable, param_space={**_param_space(cfg), SUBJECT: s},
                            tune_config=tune.TuneConfig(search_alg=optuna_search(cfg), scheduler=scheduler,

@@ -16,15 +16,46 @@ from pathlib import Path
 
 from raydecode.checkpoint import adapter_package
 from raydecode.config import StageConfig
-from raydecode.errors import ConfigError
+from raydecode.errors import ConfigError, TrackingUnavailable
 from raydecode.methods.spec import Reconstructs, get_method
 from raydecode.pyfunc import DecoderModel
 
+# MLflow's HTTP client waits 120 s per request and retries 7 times with a doubling backoff (minutes per call on a
+# dead server); raydecode's defaults: a short timeout and a few retries. MLflow's own variables win when set.
+HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_TIMEOUT": "15", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3",
+                 "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
+
+
+def bounded_http() -> None:
+    """MLflow calls of this process fail within about a minute on an unreachable server (:data:`HTTP_DEFAULTS`)."""
+    for k, v in HTTP_DEFAULTS.items():
+        os.environ.setdefault(k, v)
+
+
+def check_reachable(uri: str) -> None:
+    """Fail with one line, before anything is claimed or started, when the tracking server does not answer."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    from mlflow.tracking import MlflowClient
+
+    try:
+        MlflowClient(uri).search_experiments(max_results=1)
+    except Exception as exc:  # noqa: BLE001 - any failure to answer is the same news for the user
+        raise TrackingUnavailable(f"MLflow tracking server {uri} does not answer ({_first_line(exc)}); nothing was "
+                                  "started (check tracking_uri / MLFLOW_TRACKING_URI and the server)") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:200] if text else type(exc).__name__
+
 
 def configure(cfg: StageConfig) -> str:
-    """Point MLflow at the stage's tracking URI and S3 endpoint; returns the tracking URI."""
+    """Point MLflow at the stage's tracking URI and S3 endpoint, with bounded HTTP retries; returns the tracking
+    URI (without credentials)."""
     import mlflow
 
+    bounded_http()
     uri = cfg.resolved_tracking_uri()
     if uri.startswith("sqlite:///"):
         os.makedirs(os.path.dirname(uri[len("sqlite:///"):]) or ".", exist_ok=True)
@@ -69,25 +100,37 @@ def log_params(params: dict) -> None:
 
 @contextmanager
 def stage_run(cfg: StageConfig, stage: str, *, run_name: str | None = None, tags: dict | None = None,
-              parent_run_id: str | None = None, exclude: set[str] | None = None) -> Iterator:
-    """One stage's MLflow run in ``cfg.experiment``: tagged ``raydecode.stage``, the flattened config (secrets and
-    ``exclude`` left out) as params; it ends FINISHED, or FAILED when the block raises. A sweep trial its scheduler
-    stopped may already be KILLED: that status stays."""
+              parent_run_id: str | None = None, exclude: set[str] | None = None,
+              resume_run_id: str | None = None) -> Iterator:
+    """One stage's MLflow run in ``cfg.experiment``: tagged ``raydecode.stage``, the flattened config (``exclude``
+    left out) as params; it ends FINISHED, or FAILED when the block raises. A sweep trial its scheduler stopped
+    may already be KILLED: that status stays. ``resume_run_id``: go on logging in that run (a resumed training run)
+    if the tracking store still has it."""
     import mlflow
+    from mlflow.exceptions import MlflowException
 
     all_tags = {"raydecode.stage": stage, **(tags or {})}
     if parent_run_id:
         all_tags["mlflow.parentRunId"] = parent_run_id
-    run = mlflow.start_run(experiment_id=experiment(cfg.experiment), run_name=run_name, tags=all_tags)
+    run = None
+    if resume_run_id:
+        try:
+            mlflow.MlflowClient().get_run(resume_run_id)
+            run = mlflow.start_run(run_id=resume_run_id, tags=all_tags)
+        except MlflowException as exc:
+            if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
+                raise
+    if run is None:
+        run = mlflow.start_run(experiment_id=experiment(cfg.experiment), run_name=run_name, tags=all_tags)
     try:
         log_params(flatten(cfg.model_dump(mode="json", exclude=exclude)))
         yield run
     except BaseException:
-        try:
+        try:  # the tracking store's own trouble (a server gone) must not hide the error above
             killed = mlflow.MlflowClient().get_run(run.info.run_id).info.status == "KILLED"
-        except Exception:  # noqa: BLE001 - the tracking store's own trouble must not hide the error above
-            killed = False
-        mlflow.end_run(status="KILLED" if killed else "FAILED")
+            mlflow.end_run(status="KILLED" if killed else "FAILED")
+        except Exception:  # noqa: BLE001 - end_run leaves the active run first: nothing is left dangling
+            pass
         raise
     mlflow.end_run()
 
@@ -204,8 +247,11 @@ def promote(name: str, version: str | int, client=None) -> Decision:
     client = client or MlflowClient()
     try:
         mv = client.get_model_version(name, str(version))
-    except MlflowException:
-        raise ConfigError(f"model {name!r} version {version}: not in the registry at {mlflow_uri()}") from None
+    except MlflowException as exc:
+        if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+            raise ConfigError(f"model {name!r} version {version}: not in the registry at {mlflow_uri()}") from None
+        raise TrackingUnavailable(f"the model registry at {mlflow_uri()} does not answer: {_first_line(exc)}") \
+            from None
     if not mv.tags.get("raydecode.metric"):
         raise ConfigError(f"model {name!r} version {version}: no tag raydecode.metric naming the score to compare "
                           "(was it registered by raydecode?)")

@@ -29,6 +29,19 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 
 
+# the fault matrix: (fault, what happened, data lost), one row per fault test (tests/test_faults.py and the fault
+# injected into other tests' fixtures), printed at the end of the session
+FAULTS: list[tuple[str, str, str]] = []
+
+
+def pytest_terminal_summary(terminalreporter):
+    if FAULTS:
+        width = max(len(f) for f, _, _ in FAULTS)
+        terminalreporter.write_sep("-", "fault matrix")
+        for fault, outcome, lost in FAULTS:
+            terminalreporter.write_line(f"{fault.ljust(width)}  {outcome}; data lost: {lost}")
+
+
 def pytest_collection_modifyitems(items):
     """The cluster tests first: they start their own Ray cluster with `ray start`, and a job submitted to it waits
     forever for nodes once this process holds a local Ray session (``ray_local``, which later tests share)."""

@@ -1,22 +1,12 @@
 """Faults injected into real components (Ray Train workers, the MLflow server, moto's S3, the registry, the disk):
-what each one costs. Every test adds its row to the matrix printed at the end of the module."""
+what each one costs. Every test adds its row to the fault matrix printed at the end of the session (conftest)."""
 
+
+from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_config
-
-MATRIX: list[tuple[str, str, str]] = []  # (fault, what happened, data lost)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def fault_matrix():
-    yield
-    if MATRIX:
-        width = max(len(f) for f, _, _ in MATRIX)
-        lines = [f"{'fault'.ljust(width)}  outcome / data lost"] + [
-            f"{f.ljust(width)}  {outcome}; data lost: {lost}" for f, outcome, lost in MATRIX]
-        print("\n\nfault matrix\n" + "\n".join(lines))
+from conftest import FAULTS, tiny_config
 
 
 def _weights(uri: str) -> dict[str, torch.Tensor]:
@@ -58,6 +48,83 @@ def test_a_worker_killed_mid_epoch_resumes_to_the_same_weights_as_an_uninterrupt
           f"(largest weight {scale:.2f})")
     assert diff < 1e-5, diff
     assert killed.metrics["retrieval.brain_to_image_top1"] == whole.metrics["retrieval.brain_to_image_top1"]
-    MATRIX.append(("worker killed mid-epoch (rank 1, every_steps checkpoint)",
+    FAULTS.append(("worker killed mid-epoch (rank 1, every_steps checkpoint)",
                    f"group restarted from step {steps + 5}, final weights equal to an uninterrupted run's "
                    f"(max |diff| {diff:.1e})", "none"))
+
+
+def test_mlflow_down_at_start_fails_fast_with_one_line_and_claims_nothing(tiny_store, tmp_path):
+    """A tracking server that does not answer: one line within seconds (MLflow's own client would retry for
+    minutes), exit code 6, and no run claimed under ``runs/`` (a rerun, or another config, starts cleanly)."""
+    import socket
+    import time
+
+    from conftest import run_main
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{s.getsockname()[1]}"
+    t0 = time.time()
+    r = run_main("pretrain", "--config", str(Path(__file__).parents[1] / "jobs" / "pretrain.yaml"), "--set", f"store={tiny_store}",
+                 "--set", f"workdir={tmp_path}", "--set", f"tracking_uri={dead}", "--set", "data.subjects=[1]")
+    took = time.time() - t0
+    assert r.returncode == 6, (r.returncode, r.stderr)
+    assert r.stderr.strip().splitlines() == [r.stderr.strip()] and f"MLflow tracking server {dead} does not answer" \
+        in r.stderr and "nothing was started" in r.stderr, r.stderr
+    assert took < 60, took
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").rglob("raydecode_run.json"))
+    FAULTS.append(("MLflow down at start", f"one line in {took:.0f} s, exit 6, nothing claimed", "none"))
+
+
+def test_mlflow_down_mid_run_the_run_goes_on_and_its_metrics_arrive_later(tiny_store, ray_local, mlflow_server,
+                                                                          s3_server, tmp_path):
+    """The tracking server stops after epoch 1's checkpoint and comes back after epoch 3's: training does not wait
+    for it, rank 0 keeps the metrics it could not send and sends them when it answers; the run's history is
+    complete and the run FINISHED."""
+    import threading
+    import time
+
+    from mlflow.tracking import MlflowClient
+
+    from raydecode.train.launch import run_training
+
+    epochs = 5
+    cfg = tiny_config(tiny_store, tmp_path, "outage", data={"subjects": [1, 2, 3]},
+                      optim={"epochs": epochs, "batch_size": 16, "lr": 1e-3}, tracking_uri=mlflow_server.url,
+                      s3=s3_server.model_dump(), experiment="outage")
+    runs = tmp_path / "runs" / "outage"
+    events: list[str] = []
+
+    def outage():
+        def wait_for(epoch: int) -> bool:
+            for _ in range(1200):
+                if any(runs.glob(f"checkpoint_epoch={epoch:04d}_*")):
+                    return True
+                time.sleep(0.1)
+            return False
+
+        if wait_for(1):
+            mlflow_server.stop()
+            events.append("stopped")
+            wait_for(3)
+            events.append("restarting")
+        mlflow_server.start()
+        events.append("started")
+
+    watcher = threading.Thread(target=outage)
+    watcher.start()
+    try:
+        result = run_training(cfg)
+    finally:
+        watcher.join(300)
+        if mlflow_server.proc is None:
+            mlflow_server.start()
+    assert events == ["stopped", "restarting", "started"], events
+    client = MlflowClient(mlflow_server.url)
+    run = client.get_run(result.mlflow_run_id)
+    assert run.info.status == "FINISHED"
+    history = client.get_metric_history(result.mlflow_run_id, "train.loss")
+    assert sorted(m.step for m in history) == list(range(1, epochs + 1)), history
+    assert history[-1].value < history[0].value  # and it learned
+    FAULTS.append(("MLflow down mid-run (epochs 2-3)",
+                   f"training went on; {epochs} of {epochs} epochs' metrics in MLflow, run FINISHED", "none"))

@@ -29,7 +29,7 @@ from raydecode.methods.spec import DatasetInfo, FitsRoiPCA, ReadsVolume, count_p
 from raydecode.nn.encoders import encoder_config, requires_weights
 from raydecode.report import StageResult, table
 from raydecode.runtime import Demand, absolute_paths, init_ray, require
-from raydecode.storage import resolve, train_storage
+from raydecode.storage import Location, resolve, train_storage
 from raydecode.train.loop import train_loop_per_worker
 from raydecode.train.progress import DriverProgress
 
@@ -129,24 +129,46 @@ _RUN_IDENTITY = ("method", "preset", "model", "store", "data", "init_from", "opt
                  "deepspeed.zero_stage")
 
 
-def _claim_run_name(cfg: TrainConfig) -> bool:
+@dataclass
+class RunClaim:
+    """A run's identity file under ``<storage>/<run_name>/``: the config keys that decide its checkpoints and the
+    MLflow run logging it (a resumed run goes on logging there)."""
+
+    loc: Location
+    identity: dict
+    resumed: bool
+    mlflow_run_id: str | None = None
+
+    def record(self, run_id: str) -> None:
+        if run_id != self.mlflow_run_id:
+            self.mlflow_run_id = run_id
+            self.loc.write_bytes_atomic(json.dumps({"identity": self.identity, "mlflow_run_id": run_id},
+                                                   sort_keys=True, indent=1).encode())
+
+
+def _claim_run_name(cfg: TrainConfig) -> RunClaim:
     """Record the run's identity under ``<storage>/<run_name>/``; a relaunch with the same identity resumes from the
-    run's last checkpoint (Ray Train restores by name), a different one is refused. Returns True on a resume."""
+    run's last checkpoint (Ray Train restores by name) and its MLflow run, a different one is refused while that
+    run has checkpoints (a claim nothing was checkpointed under is replaced)."""
     flat = tracking.flatten(cfg.model_dump(mode="json"))
     ident = {k: v for k, v in flat.items() if any(k == key or k.startswith(key + ".") for key in _RUN_IDENTITY)}
     ident = json.loads(json.dumps(ident, sort_keys=True))
-    loc = resolve(cfg.storage_path(), cfg.s3).join(cfg.run_name or "run", RUN_FILE)
+    run_dir = resolve(cfg.storage_path(), cfg.s3).join(cfg.run_name or "run")
+    loc = run_dir.join(RUN_FILE)
     if loc.exists():
         old = json.loads(loc.read_bytes())
-        changed = sorted(k for k in set(old) | set(ident) if old.get(k) != ident.get(k))
-        if changed:
-            diff = ", ".join(f"{k} {old.get(k)!r} -> {ident.get(k)!r}" for k in changed[:4])
+        old_ident, run_id = (old["identity"], old.get("mlflow_run_id")) if "identity" in old else (old, None)
+        changed = sorted(k for k in set(old_ident) | set(ident) if old_ident.get(k) != ident.get(k))
+        if not changed:
+            return RunClaim(loc, ident, True, run_id)
+        base = run_dir.path.rstrip("/") + "/"
+        if any(f.path.removeprefix(base).startswith("checkpoint_") for f in run_dir.list_files()):
+            diff = ", ".join(f"{k} {old_ident.get(k)!r} -> {ident.get(k)!r}" for k in changed[:4])
             raise ConfigError(f"run_name {cfg.run_name!r} already names a run with another config at {loc.uri} "
                               f"({diff}{', ...' if len(changed) > 4 else ''}); it would resume from that run's "
                               "checkpoints: pick a new --run-name or delete that directory")
-        return True
-    loc.write_bytes_atomic(json.dumps(ident, sort_keys=True, indent=1).encode())
-    return False
+    loc.write_bytes_atomic(json.dumps({"identity": ident}, sort_keys=True, indent=1).encode())
+    return RunClaim(loc, ident, False)
 
 
 def _first_failure(exc: BaseException) -> str:
@@ -195,13 +217,17 @@ def run_training(cfg: TrainConfig, stage: str = "pretrain", parent_run_id: str |
     plan = plan_training(cfg)
     spec = get_method(cfg.method)
     counts = _describe(cfg, plan, stage)
-    if _claim_run_name(cfg):
-        print(f"[{stage}] run {cfg.run_name!r} exists with this config: resuming from its last checkpoint")
     tracking_uri = tracking.configure(cfg)
+    tracking.check_reachable(tracking_uri)  # before anything is claimed or started
+    claim = _claim_run_name(cfg)
+    if claim.resumed:
+        print(f"[{stage}] run {cfg.run_name!r} exists with this config: resuming from its last checkpoint"
+              + (f" in MLflow run {claim.mlflow_run_id}" if claim.mlflow_run_id else ""))
     with tracking.stage_run(cfg, stage, run_name=cfg.run_name, parent_run_id=parent_run_id, tags={
             "raydecode.method": cfg.method, "raydecode.store": cfg.store,
-            "raydecode.checkpoint_uri": plan.final_uri}) as run:
+            "raydecode.checkpoint_uri": plan.final_uri}, resume_run_id=claim.mlflow_run_id) as run:
         run_id = run.info.run_id
+        claim.record(run_id)
         tracking.log_params({f"model.{k}": v for k, v in plan.method_config.model_dump(mode="json").items()
                              if k not in cfg.model})
         tracking.log_params({"params.total": counts["total"], "data.train_rows": plan.train_rows,

@@ -32,6 +32,7 @@ from raydecode.config import TrainConfig
 from raydecode.data.batches import collate
 from raydecode.data.pca import load_pca
 from raydecode.data.stats import load_stats
+from raydecode.errors import Diverged
 from raydecode.evaluate.retrieval import retrieval_top1
 from raydecode.evaluate.semantic import semantic_metrics
 from raydecode.methods.spec import (
@@ -44,6 +45,7 @@ from raydecode.methods.spec import (
     get_method,
 )
 from raydecode.nn.targets import BatchPreparer
+from raydecode.tracking import bounded_http
 from raydecode.train.progress import Poster
 
 CHECKPOINT_TAG = "state"
@@ -155,11 +157,15 @@ def evaluate(engine, spec: MethodSpec, batches: list[dict], prepare: BatchPrepar
 
 
 class Tracker:
+    """Rank 0's metrics to the MLflow run. A tracking server that stops answering does not stop training: the
+    metrics wait in memory and go with the next call that gets through (the run's history ends up complete)."""
+
     def __init__(self, tracking_uri: str | None, run_id: str | None, enabled: bool):
-        self.client = None
+        self.client, self.pending, self.down_since = None, [], None
         if enabled and tracking_uri and run_id:
             from mlflow.tracking import MlflowClient
 
+            bounded_http()  # a worker on another node did not inherit the driver's settings
             self.client, self.run_id = MlflowClient(tracking_uri), run_id
 
     def log(self, metrics: dict[str, float], step: int) -> None:
@@ -168,8 +174,28 @@ class Tracker:
         from mlflow.entities import Metric
 
         ts = int(time.time() * 1000)
-        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), ts, step) for k, v in metrics.items()
-                                                    if np.isfinite(v)])
+        self.pending += [Metric(k, float(v), ts, step) for k, v in metrics.items() if np.isfinite(v)]
+        self.flush()
+
+    def flush(self) -> bool:
+        """Send what waits (MLflow takes up to 1,000 metrics a call); False while the server does not answer."""
+        if self.client is None:
+            return True
+        try:
+            while self.pending:
+                self.client.log_batch(self.run_id, metrics=self.pending[:1000])
+                self.pending = self.pending[1000:]
+        except Exception as exc:  # noqa: BLE001 - any failure to reach the server: keep the metrics, go on
+            if self.down_since is None:
+                self.down_since = time.time()
+                log.warning(f"MLflow does not answer ({str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__}); "
+                            "training goes on, its metrics wait and are sent when it answers again")
+            return False
+        if self.down_since is not None:
+            log.warning(f"MLflow answers again after {time.time() - self.down_since:.0f} s: its waiting metrics "
+                        "were sent")
+            self.down_since = None
+        return True
 
 
 # -- the loop ------------------------------------------------------------------------------
@@ -346,6 +372,10 @@ class Trainer:
         batch = self.prepare(raw)
         loss, parts = self.spec.loss(self.engine, batch,
                                      Progress(self.epoch, self.cfg.optim.epochs, self.step, self.total_steps))
+        if not torch.isfinite(loss.detach()).all():  # before the update: the weights and checkpoints stay good
+            raise Diverged(f"the loss is {loss.item()} at epoch {self.epoch + 1}, step {self.step + 1} (rank "
+                           f"{self.rank}, lr {self.scheduler.get_last_lr()[0]:.3g}); the run stopped, its last "
+                           "checkpoint is from before: lower optim.lr or check the data")
         self.engine.backward(loss)
         self.engine.step()
         self.step += 1
@@ -413,6 +443,13 @@ class Trainer:
         """The full state dict gathered from every partition (collective); rank 0 writes the consolidated
         checkpoint (weights, config, metrics)."""
         cfg, spec, engine = self.cfg, self.spec, self.engine
+        for wait in (0, 5, 10, 20, 30):  # the metrics that waited for MLflow: a last minute for it to come back
+            time.sleep(wait)
+            if self.tracker.flush():
+                break
+        else:
+            log.warning(f"MLflow did not come back: {len(self.tracker.pending)} metric values were not logged "
+                        "(the final ones are in the checkpoint's metrics.json)")
         state = full_state_dict(engine, cfg.deepspeed.zero_stage)
         if self.rank != 0:
             return
