@@ -16,11 +16,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from pydantic import ValidationError
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 from raydecode.errors import ConfigError, StoreError
 from raydecode.methods.spec import Adapts, DatasetInfo, FreezesWeights, MethodSpec, Reconstructs, get_method
+from raydecode.report import filter_literal
 from raydecode.storage import S3Options, resolve
 
 MODEL_FILE = "model.safetensors"  # in a final/ checkpoint and a registered package: every trained weight
@@ -68,7 +70,13 @@ def read_json(uri: str, name: str, s3: S3Options | None = None) -> dict:
     loc = resolve(uri, s3).join(name)
     if not loc.exists():
         raise StoreError(f"{loc.uri} does not exist: not a complete raydecode checkpoint")
-    return json.loads(loc.read_bytes())
+    try:
+        data = json.loads(loc.read_bytes())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise StoreError(f"{loc.uri}: not valid JSON ({str(exc).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise StoreError(f"{loc.uri}: expected a JSON object, found {type(data).__name__}")
+    return data
 
 
 def load_state(uri: str, s3: S3Options | None = None) -> dict[str, torch.Tensor]:
@@ -81,9 +89,17 @@ def load_state(uri: str, s3: S3Options | None = None) -> dict[str, torch.Tensor]
 def rebuild(config: dict):
     """The method, its config, the dataset info and a freshly built model (random trained weights, frozen parts
     rebuilt) from a checkpoint's ``config.json``: what every loader starts from."""
+    missing = [k for k in ("method", "model", "info") if k not in config]
+    if missing:
+        raise StoreError(f"{CONFIG_FILE}: no {missing[0]!r}: not a raydecode checkpoint's config")
     spec = get_method(config["method"])
-    mcfg = spec.config_model(**config["model"])
-    info = DatasetInfo.from_dict(config["info"])
+    try:
+        mcfg = spec.config_model(**config["model"])
+        info = DatasetInfo.from_dict(config["info"])
+    except (ValidationError, TypeError, KeyError, ValueError) as exc:
+        first = str(exc).strip().splitlines()
+        raise StoreError(f"{CONFIG_FILE}: its 'model' / 'info' do not describe a {spec.name} model "
+                         f"({first[0][:200] if first else type(exc).__name__})") from None
     return spec, mcfg, info, spec.build_model(mcfg, info)
 
 
@@ -209,7 +225,7 @@ def resolve_ref(ref: str, s3=None) -> ModelRef:
     read_json(ref, CONFIG_FILE, s3)  # a StoreError naming the missing file
     runs = client.search_runs(
         [e.experiment_id for e in client.search_experiments()],
-        filter_string=f"tags.`raydecode.checkpoint_uri` = '{ref}'", order_by=["attributes.start_time DESC"],
+        filter_string=f"tags.`raydecode.checkpoint_uri` = {filter_literal(ref)}", order_by=["attributes.start_time DESC"],
         max_results=1)
     return ModelRef(ref, "checkpoint", ref, runs[0].info.run_id if runs else None)
 

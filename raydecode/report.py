@@ -9,6 +9,8 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
+from raydecode.errors import ConfigError
+
 
 class StageResult(BaseModel):
     stage: str
@@ -25,6 +27,15 @@ class StageResult(BaseModel):
         with open(tmp, "w") as f:
             json.dump(self.model_dump(), f, indent=1)
         os.replace(tmp, path)
+
+
+def filter_literal(value: str) -> str:
+    """``value`` as a string literal of an MLflow search filter (a path may hold ``'``: then it is double-quoted)."""
+    if "'" not in value:
+        return f"'{value}'"
+    if '"' not in value:
+        return f'"{value}"'
+    raise ConfigError(f"{value!r}: holds both ' and \", which MLflow's search filters cannot quote; rename it")
 
 
 def human_bytes(n: float) -> str:

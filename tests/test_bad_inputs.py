@@ -94,3 +94,55 @@ def test_a_clean_store_verifies(tiny_store):
     """The checks above find nothing in a store as ingest writes it."""
     r = run_main("info", tiny_store, "--verify")
     assert r.returncode == 0 and "problem" not in r.stdout.lower(), r.stdout
+
+
+def test_a_model_directory_with_a_bad_config_is_one_line(tmp_path, tiny_store):
+    from raydecode.checkpoint import rebuild
+    from raydecode.errors import StoreError
+
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{not json")
+    (model / "metrics.json").write_text("{}")
+    r = run_main("evaluate", "--model", str(model), "--store", tiny_store, "--set", f"workdir={tmp_path}")
+    errors = [line for line in r.stderr.splitlines() if "error" in line.lower() or "Traceback" in line]
+    assert r.returncode == 4 and errors == [f"error: {model}/config.json: not valid JSON (Expecting property name "
+                                            "enclosed in double quotes: line 1 column 2 (char 1))"], r.stderr
+    for config, words in [({}, "config.json: no 'method'"),
+                          ({"method": "mindeye2", "model": {"hiden": 3}, "info": {}}, "do not describe a mindeye2")]:
+        with pytest.raises(StoreError, match=words):
+            rebuild(config)
+
+
+def test_a_model_path_with_a_quote_is_looked_up_not_a_filter_syntax_error(pretrained, tmp_path):
+    """MLflow's search filters are strings: a checkpoint path with ``'`` broke the filter (a traceback)."""
+    import shutil
+
+    import mlflow
+
+    from raydecode.checkpoint import resolve_ref
+    from raydecode.evaluate.suite import evaluation_run
+    from raydecode.report import filter_literal
+
+    _, result = pretrained
+    odd = tmp_path / "it's here" / "final"
+    shutil.copytree(result.artifacts["checkpoint"], odd)
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    try:
+        ref = resolve_ref(str(odd))
+        assert ref.kind == "checkpoint" and ref.run_id is None  # no run logged this copy
+        assert evaluation_run(ref, "raydecode-evaluate") is None
+    finally:
+        mlflow.set_tracking_uri(None)
+    assert filter_literal("it's") == '"it\'s"'
+    with pytest.raises(Exception, match="holds both"):
+        filter_literal("it's \"odd\"")
+
+
+@pytest.mark.parametrize("where", ["missing-dir/summary.json", "a-directory"])
+def test_a_summary_that_cannot_be_written_is_refused_before_the_stage_runs(tiny_store, tmp_path, where):
+    (tmp_path / "a-directory").mkdir()
+    target = tmp_path / where
+    r = run_main("info", tiny_store, "--summary", str(target))
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [r.stderr.strip()], r.stderr
+    assert f"--summary {target}" in r.stderr and "subjects" not in r.stdout  # the stage never ran

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import SOURCE_SUBJECTS, run_main
+from conftest import FAULTS, SOURCE_SUBJECTS, run_main
 
 from raydecode.config import SweepConfig
 from raydecode.errors import ConfigError, StoreError
@@ -40,7 +40,10 @@ def sweep(pretrained, tiny_store, tmp_path_factory):
     _, pre = pretrained
     work = tmp_path_factory.mktemp("sweep")
     store = shutil.copytree(tiny_store, work / "store")  # the sweep adds the source statistics under stats/
-    cfg = sweep_config(str(store), work, pre.artifacts["checkpoint"])
+    # one trial's worker dies in epoch 2 (the first trial to get there): Tune retries the trial, whose training run
+    # resumes from its epoch-1 checkpoint and goes on logging in its MLflow run
+    cfg = sweep_config(str(store), work, pre.artifacts["checkpoint"],
+                       fault_injection={"rank": 0, "at_step": 8, "marker": str(work / "trial-killed"), "delay_s": 1.0})
     return cfg, run_sweep(cfg)
 
 
@@ -74,6 +77,10 @@ def test_sweep_leaves_one_parent_run_and_a_child_run_per_trial(sweep):
     rows = _results(cfg, client, result.mlflow_run_id)
     assert len(rows) == 2 and {r["status"] for r in rows} == {"ok"}
     assert result.metrics["trials_ok"] == 2
+    # the killed trial was retried: still one child run per trial, each with every epoch logged once (above)
+    assert Path(cfg.fault_injection.marker).exists()
+    FAULTS.append(("a sweep trial's worker killed (epoch 2)", "Tune retried the trial; its training run resumed "
+                   "from its checkpoint in the same MLflow run; every trial ok", "none"))
     # the source statistics were computed once, over the pretrained model's subjects, under the store's stats/
     (stats,) = (Path(cfg.store) / "stats").iterdir()
     info = json.loads((stats / "stats.json").read_text())

@@ -465,10 +465,22 @@ def _add_operations(sub) -> None:
     demo.set_defaults(func=stage_demo)
 
 
+def _check_writable(path: str, what: str) -> None:
+    """Before the stage runs: a result that cannot be written would be lost after the work is done."""
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise ConfigError(f"{what} {path}: directory {parent} does not exist")
+    if os.path.isdir(path) or not os.access(parent, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
+        raise ConfigError(f"{what} {path}: not a file this user can write")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    t0 = time.time()
+    t0, summary = time.time(), None
     try:
+        if getattr(args, "summary", None):
+            _check_writable(args.summary, "--summary")
+            summary = args.summary
         if getattr(args, "print_config", False):
             from raydecode.config import STAGE_CONFIGS, commented_yaml
 
@@ -485,8 +497,8 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         msg = str(exc)
         print(f"error: {msg}", file=sys.stderr)
-        if args.summary:
-            StageResult(stage=args.stage, status="error", artifacts={}, metrics={}).write(args.summary)
+        if summary:
+            StageResult(stage=args.stage, status="error", artifacts={}, metrics={}).write(summary)
         return exc.exit_code
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)

@@ -59,7 +59,7 @@ from raydecode.evaluate.unclip import EmbeddingDecoder, unclip_config
 from raydecode.inference import ModelRunner
 from raydecode.methods.spec import EmbedsImages, Reconstructs, get_method
 from raydecode.nn.encoders import FrozenEncoder, encoder_config
-from raydecode.report import StageResult, table
+from raydecode.report import StageResult, filter_literal, table
 from raydecode.runtime import Demand, cluster_shape, init_ray, require, row_seeds
 from raydecode.tracking import mlflow_uri
 
@@ -416,7 +416,8 @@ def evaluation_run(ref: ModelRef, experiment: str):
     if exp is None:
         return None
     runs = MlflowClient().search_runs(
-        [exp.experiment_id], filter_string=f"tags.`{EVALUATES_TAG}` = '{ref.canonical}' and status = 'FINISHED'",
+        [exp.experiment_id], filter_string=f"tags.`{EVALUATES_TAG}` = {filter_literal(ref.canonical)} and "
+                                           "status = 'FINISHED'",
         order_by=["attributes.start_time DESC"], max_results=1)
     return runs[0] if runs else None
 
