@@ -196,7 +196,8 @@ def test_the_champion_gate(sweep):
     fourth = client.create_model_version("gate-subj08", mv.source, run_id=scored(0.1),
                                          tags={k: v for k, v in mv.tags.items() if k.startswith("raydecode.")
                                                and k != "raydecode.decision"})
-    proc = run_main("promote", "--model", "gate-subj08", "--version", fourth.version, "--set", f"workdir={cfg.workdir}")
+    proc = run_main("promote", "--model", "gate-subj08", "--version", str(fourth.version),
+                    "--set", f"workdir={cfg.workdir}")
     assert proc.returncode == 0 and "-> champion" in proc.stdout, proc.stdout
     assert str(client.get_model_version_by_alias("gate-subj08", "champion").version) == str(fourth.version)
 
