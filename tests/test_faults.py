@@ -2,6 +2,7 @@
 what each one costs. Every test adds its row to the fault matrix printed at the end of the session (conftest)."""
 
 
+import os
 from pathlib import Path
 
 import pytest
@@ -128,3 +129,34 @@ def test_mlflow_down_mid_run_the_run_goes_on_and_its_metrics_arrive_later(tiny_s
     assert history[-1].value < history[0].value  # and it learned
     FAULTS.append(("MLflow down mid-run (epochs 2-3)",
                    f"training went on; {epochs} of {epochs} epochs' metrics in MLflow, run FINISHED", "none"))
+
+
+class _Payload:  # what a tampered checkpoint would hold: a pickle that runs a command when loaded
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_tampered_checkpoint_file_is_refused_not_run(twin_runs, tmp_path):
+    """Checkpoints live where other jobs can write. DeepSpeed's own loader (``weights_only=False``) would run a
+    pickle's code; raydecode's reads DeepSpeed's files with ``weights_only=True`` (its three state classes
+    allowed): the real files of the killed run load, a file naming ``os.system`` is refused and nothing runs."""
+    from raydecode.errors import StoreError
+    from raydecode.train.state import WeightsOnlyLoads
+
+    _, killed, _, _, work = twin_runs
+    states = sorted((work / "killed" / "runs" / "killed").glob("checkpoint_*/state/*.pt"))
+    assert any("optim_states" in p.name for p in states) and any("model_states" in p.name for p in states)
+    loads = WeightsOnlyLoads(None)
+    for path in states:
+        assert isinstance(loads.load(str(path)), dict)
+    marker = tmp_path / "code-ran"
+    bad = tmp_path / "mp_rank_00_model_states.pt"
+    torch.save({"module": {}, "client_state": _Payload(str(marker))}, bad)
+    with pytest.raises(StoreError, match=r"refused: the checkpoint file names code to run when loaded .*system"):
+        loads.load(str(bad))
+    assert not marker.exists()
+    FAULTS.append(("a checkpoint file replaced by a pickle that runs code", "refused on load, naming the file; "
+                   "nothing ran", "none (the run stops)"))

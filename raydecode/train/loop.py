@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import random
 import resource
 import sys
 import tempfile
@@ -47,6 +46,7 @@ from raydecode.methods.spec import (
 from raydecode.nn.targets import BatchPreparer
 from raydecode.tracking import bounded_http
 from raydecode.train.progress import Poster
+from raydecode.train.state import WeightsOnlyLoads, restore_rng, save_rng
 
 CHECKPOINT_TAG = "state"
 log = logging.getLogger("raydecode.train")
@@ -201,39 +201,6 @@ class Tracker:
 # -- the loop ------------------------------------------------------------------------------
 
 
-def _rng_file(directory: str, rank: int) -> str:
-    return os.path.join(directory, f"rng_rank{rank:04d}.pt")
-
-
-def save_rng(directory: str, rank: int) -> None:
-    """This rank's random state (torch CPU and CUDA, numpy's global, Python's), beside DeepSpeed's files: with the
-    data order a function of the seeds and the epoch, a resumed run draws the same dropout masks and noise as an
-    uninterrupted one."""
-    kind, keys, pos, has_gauss, gauss = np.random.get_state()
-    state = {"torch": torch.get_rng_state(), "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos,
-                                                       has_gauss, gauss],
-             "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    torch.save(state, _rng_file(directory, rank))
-
-
-def restore_rng(directory: str, rank: int) -> bool:
-    """:func:`save_rng`'s state for ``rank``, if the checkpoint has it (one written with another world size or
-    before random states were saved does not)."""
-    path = _rng_file(directory, rank)
-    if not os.path.exists(path):
-        return False
-    state = torch.load(path, weights_only=True)  # tensors, ints and tuples only: no code runs on load
-    torch.set_rng_state(state["torch"])
-    kind, keys, pos, has_gauss, gauss = state["numpy"]
-    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-    return True
-
-
 def train_loop_per_worker(payload: dict) -> None:
     """Ray Train's entry point on every worker."""
     Trainer(payload).run()
@@ -285,6 +252,9 @@ class Trainer:
         self.engine, _, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=make_scheduler(optimizer, cfg, self.total_steps),
             config=deepspeed_config(cfg, bf16), dist_init_required=False)
+        # resuming reads the checkpoint from storage other jobs can write: no pickle code runs on load
+        if self.engine.checkpoint_engine is not None:
+            self.engine.checkpoint_engine = WeightsOnlyLoads(self.engine.checkpoint_engine)
         self.prepare = BatchPreparer(self.payload["targets"], device, torch.bfloat16 if bf16 else torch.float32,
                                      cfg.store, cfg.s3.model_dump())
         self.tracker = Tracker(self.payload.get("tracking_uri"), self.payload.get("run_id"), self.rank == 0)
