@@ -9,6 +9,7 @@ parsed with python-hcl2, the KubeRay manifests with PyYAML, and the names that m
 from __future__ import annotations
 
 import copy
+import fnmatch
 import functools
 import importlib.util
 import json
@@ -156,7 +157,7 @@ def _one(x):
 
 @functools.lru_cache(maxsize=None)
 def _tf_buckets() -> dict[str, str]:
-    """Bucket key (data, checkpoints, mlflow) -> default bucket name."""
+    """Bucket key (data, checkpoints, mlflow, code) -> default bucket name."""
     body = _tf_block("resource", "aws_s3_bucket", "this")
     assert body["for_each"] == "${local.buckets}" and body["bucket"] == "${each.value}"
     return {k: _resolve(v) for k, v in _tf_locals()["buckets"].items()}
@@ -228,14 +229,14 @@ def test_nsd_jobs_take_every_weight_from_one_weights_root():
 
 def test_terraform_buckets_are_the_buckets_the_jobs_and_mlflow_name():
     buckets = _tf_buckets()
-    assert set(buckets) == {"data", "checkpoints", "mlflow"}
+    assert set(buckets) == {"data", "checkpoints", "mlflow", "code"}
     in_jobs = {m.group(1) for p in _jobs_nsd() for m in S3_URI.finditer(p.read_text())}  # comments included
     # besides the lab's two buckets, the ingests read NSD's public bucket (anonymously, never written)
     assert in_jobs == {buckets["data"], buckets["checkpoints"], NSD_PUBLIC_BUCKET}, in_jobs
     server_files = (MLFLOW / "k8s.yaml").read_text() + (MLFLOW / "mlflow.service").read_text()
     mlflow_dest = {m.group(1) for m in S3_URI.finditer(server_files)}
     assert mlflow_dest == {buckets["mlflow"]}, mlflow_dest
-    # every s3:// URI in a deployment file names one of the three buckets
+    # every s3:// URI in a deployment file names one of the four buckets
     for path in [*CLUSTER.rglob("*"), *(ROOT / "infra").rglob("*")]:
         if path.is_file() and "local" not in path.relative_to(ROOT).parts[:2]:
             for m in S3_URI.finditer(path.read_text(errors="replace")):
@@ -274,8 +275,8 @@ def _statement_buckets(doc_for_each, statement) -> set[tuple[str, bool]]:
     return out
 
 
-def test_iam_s3_policies_name_only_the_three_buckets_and_four_actions():
-    allowed: dict[str, set] = {}
+def test_iam_s3_policies_name_only_the_four_buckets_and_four_actions():
+    grants: dict[str, dict[str, set]] = {}
     for typ, name, body in _tf_blocks("data"):
         if typ != "aws_iam_policy_document":
             continue
@@ -290,16 +291,187 @@ def test_iam_s3_policies_name_only_the_three_buckets_and_four_actions():
             assert s3 <= {"s3:ListBucket"} | S3_OBJECT_ACTIONS, f"{name}: {sorted(s3)}"
             for key, is_object in _statement_buckets(body.get("for_each"), st):
                 assert is_object == (s3 != {"s3:ListBucket"}), f"{name}: {sorted(s3)} on {key} (objects: {is_object})"
-                allowed.setdefault(name, set()).add(key)
-            if s3 != {"s3:ListBucket"}:
-                assert s3 == S3_OBJECT_ACTIONS, f"{name}: {sorted(s3)}"
-    assert allowed == {"ray_s3": {"data", "checkpoints"}, "mlflow_s3": {"mlflow"}}, allowed
+                grants.setdefault(name, {}).setdefault(key, set()).update(s3)
+    read_write = {"s3:ListBucket"} | S3_OBJECT_ACTIONS
+    # the Ray nodes read the code bucket and never write it; only the publisher (CI / maintainers) uploads there
+    assert grants == {"ray_s3": {"data": read_write, "checkpoints": read_write,
+                                 "code": {"s3:ListBucket", "s3:GetObject"}},
+                      "mlflow_s3": {"mlflow": read_write},
+                      "code_publisher": {"code": {"s3:ListBucket", "s3:GetObject", "s3:PutObject"}}}, grants
     # the policies are attached as they are: no AWS managed policy (e.g. AmazonS3FullAccess) anywhere
     for typ, name, body in _tf_blocks("resource"):
         if typ == "aws_iam_role_policy_attachment":
             assert re.fullmatch(r"\$\{aws_iam_policy\.(ray_s3|mlflow_s3)\.arn\}", body["policy_arn"]), (name, body)
         if typ in ("aws_iam_policy", "aws_iam_role_policy"):
             assert body["policy"].startswith("${data.aws_iam_policy_document."), (name, body["policy"])
+
+
+def _doc_statements(body: dict) -> list[dict]:
+    """The statements of an aws_iam_policy_document, those of its dynamic "statement" blocks included."""
+    out = list(_as_list(body.get("statement", [])))
+    for dyn in _as_list(body.get("dynamic", [])):
+        if "statement" in dyn:
+            out += _as_list(_one(_as_list(dyn["statement"]))["content"])
+    return out
+
+
+def _allows(actions, action: str) -> bool:
+    """Whether one of a statement's action patterns (s3:*, s3:Put*, *) covers `action`."""
+    return any(fnmatch.fnmatchcase(action.lower(), a.lower()) for a in _as_list(actions))
+
+
+def _s3_resource_buckets(res: str, doc_for_each) -> set[str]:
+    """The bucket keys whose objects or bucket an IAM resource string covers ("*" covers them all)."""
+    names = _tf_buckets()
+    if res in ("*", "arn:aws:s3:::*"):
+        return set(names)
+    m = re.match(r'\$\{aws_s3_bucket\.this\["(\w+)"\]\.arn\}', res)
+    if m:
+        return {m.group(1)}
+    if res.startswith("${each.value.arn}") and doc_for_each == "${aws_s3_bucket.this}":
+        return set(names)
+    m = re.match(r"arn:[^:]+:s3:::([^/]+)", res)
+    return {k for k, b in names.items() if m and fnmatch.fnmatchcase(b, m.group(1))}
+
+
+# the Terraform roles that run Ray code (the launcher's nodes, the KubeRay pods)
+RAY_ROLES = {"ray_head", "ray_worker", "ray_irsa"}
+
+
+def _ray_role_policy_docs() -> dict[str, set[str]]:
+    """Terraform role -> the aws_iam_policy_document names attached to it (managed and inline), for the roles
+    that run Ray code."""
+    policies = {n: b for t, n, b in _tf_blocks("resource") if t == "aws_iam_policy"}
+    role_ref = re.compile(r"\$\{aws_iam_role\.(\w+)(?:\[0\])?\.(?:name|id)\}")
+    doc_ref = re.compile(r"\$\{data\.aws_iam_policy_document\.(\w+)(?:\[0\])?\.json\}")
+    out: dict[str, set[str]] = {}
+    for typ, name, body in _tf_blocks("resource"):
+        if typ == "aws_iam_role_policy_attachment":
+            policy = re.fullmatch(r"\$\{aws_iam_policy\.(\w+)\.arn\}", body["policy_arn"]).group(1)
+            doc_expr = policies[policy]["policy"]
+        elif typ == "aws_iam_role_policy":
+            doc_expr = body["policy"]
+        else:
+            continue
+        role = role_ref.fullmatch(body["role"]).group(1)
+        out.setdefault(role, set()).add(doc_ref.fullmatch(doc_expr).group(1))
+    return {role: docs for role, docs in out.items() if role in RAY_ROLES}
+
+
+def test_rayjobs_run_code_from_a_bucket_no_ray_role_can_write():
+    """A job that could write where jobs fetch their code from could replace the code every later job runs: the
+    RayJobs' working_dir is in the code bucket, no Ray role may put or delete objects there (no Allow, and the
+    bucket policy denies it), and only the publisher policy for CI / maintainers uploads."""
+    buckets = _tf_buckets()
+    dirs = {f: yaml.safe_load(d["spec"]["runtimeEnvYAML"])["working_dir"] for f, d in _kind("RayJob")}
+    assert len(dirs) == 2, dirs
+    for f, uri in dirs.items():
+        assert S3_URI.fullmatch(uri).group(1) == buckets["code"], f"{f}: working_dir {uri}"
+    assert buckets["code"] not in {buckets[k] for k in ("data", "checkpoints", "mlflow")}
+
+    docs = {n: b for t, n, b in _tf_blocks("data") if t == "aws_iam_policy_document"}
+    attached = _ray_role_policy_docs()
+    assert set(attached) == RAY_ROLES and {"ray_s3", "ray_autoscaler"} <= attached["ray_head"], attached
+    for role, names in attached.items():
+        for name in names:
+            for st in _doc_statements(docs[name]):
+                if st.get("effect", "Allow") != "Allow":
+                    continue
+                writes = [a for a in ("s3:PutObject", "s3:DeleteObject") if _allows(st["actions"], a)]
+                covered = set().union(*(_s3_resource_buckets(r, docs[name].get("for_each"))
+                                        for r in _as_list(st["resources"])))
+                assert not (writes and "code" in covered), f"{role} ({name}): {writes} on the code bucket"
+    assert any(_allows(st["actions"], "s3:GetObject") and "code" in set().union(
+        *(_s3_resource_buckets(r, None) for r in _as_list(st["resources"]))) for st in _doc_statements(docs["ray_s3"]))
+
+    # the publisher uploads to the code bucket and is attached to no role here (CI / maintainers attach it)
+    publish = [st for st in _doc_statements(docs["code_publisher"]) if _allows(st["actions"], "s3:PutObject")]
+    assert publish and all(set().union(*(_s3_resource_buckets(r, None) for r in _as_list(st["resources"])))
+                           == {"code"} for st in publish), publish
+    assert _tf_block("resource", "aws_iam_policy", "code_publisher")["policy"] == \
+        "${data.aws_iam_policy_document.code_publisher.json}"
+    assert not any("code_publisher" in json.dumps(b) for t, _, b in _tf_blocks("resource")
+                   if t in ("aws_iam_role_policy_attachment", "aws_iam_role_policy", "aws_iam_policy_attachment"))
+    outputs = {n: b for block in _tf()["output"] for n, b in block.items()}
+    assert outputs["code_publisher_policy_arn"]["value"] == "${aws_iam_policy.code_publisher.arn}"
+    assert outputs["code_bucket"]["value"] == '${aws_s3_bucket.this["code"].bucket}'
+
+    # the code bucket's policy denies every Ray role any object write, whatever is attached to them later
+    bucket_doc = docs["tls_only"]
+    assert _tf_block("resource", "aws_s3_bucket_policy", "tls_only")["policy"] == \
+        "${data.aws_iam_policy_document.tls_only[each.key].json}"
+    (dyn,) = [_one(_as_list(d["statement"])) for d in _as_list(bucket_doc.get("dynamic", [])) if "statement" in d]
+    assert re.search(r'each\.key == "code"', dyn["for_each"]), dyn["for_each"]
+    (deny,) = _as_list(dyn["content"])
+    assert deny["effect"] == "Deny" and _as_list(deny["resources"]) == ["${each.value.arn}/*"], deny
+    assert all(_allows(deny["actions"], a) for a in ("s3:PutObject", "s3:DeleteObject", "s3:DeleteObjectVersion"))
+    (cond,) = _as_list(deny["condition"])
+    assert (cond["test"], cond["variable"]) == ("ArnEquals", "aws:PrincipalArn"), cond
+    assert cond["values"] == "${local.ray_role_arns}", cond
+    named = set(re.findall(r"aws_iam_role\.(\w+)(?:\[\*\]|\[0\])?\.arn", _tf_locals()["ray_role_arns"]))
+    assert named == RAY_ROLES, named
+
+
+EC2_READ_ACTIONS = ("ec2:describe", "ec2:get", "ec2:list")
+
+
+def _ec2_write_on_everything(st: dict) -> list[str]:
+    """The EC2 write actions (anything but Describe/Get/List, wildcards included) an Allow statement grants on
+    "*" without a condition."""
+    if st.get("effect", "Allow") != "Allow" or st.get("condition"):
+        return []
+    if "*" not in _as_list(st.get("resources", [])):
+        return []
+    return [a for a in _as_list(st["actions"])
+            if (a == "*" or a.lower().startswith("ec2:")) and not a.lower().startswith(EC2_READ_ACTIONS)]
+
+
+def test_no_iam_statement_allows_ec2_writes_on_everything_without_a_condition():
+    from ray.autoscaler.tags import TAG_RAY_CLUSTER_NAME
+
+    # the check itself catches what it is for
+    assert _ec2_write_on_everything({"effect": "Allow", "actions": ["ec2:RunInstances"], "resources": ["*"]})
+    assert _ec2_write_on_everything({"actions": ["ec2:*"], "resources": ["*"]})
+    assert not _ec2_write_on_everything({"actions": ["ec2:DescribeInstances"], "resources": ["*"]})
+    for typ, name, body in _tf_blocks("data"):
+        if typ == "aws_iam_policy_document":
+            for st in _doc_statements(body):
+                assert not _ec2_write_on_everything(st), f"{name}: {st.get('sid')} {_ec2_write_on_everything(st)}"
+
+    # RunInstances, resource by resource: the instance only with this cluster's tag in the request, and no other
+    # kind of resource wholesale without a condition (but the volumes, which a launch can only create)
+    doc = _tf_block("data", "aws_iam_policy_document", "ray_autoscaler")
+    launches = [st for st in _as_list(doc["statement"]) if _allows(st["actions"], "ec2:RunInstances")]
+    kinds: dict[str, dict] = {}
+    for st in launches:
+        assert _as_list(st["actions"]) == ["ec2:RunInstances"], st
+        for res in _as_list(st["resources"]):
+            if res == "${local.instance_arn}":
+                kind, ident = "instance", "*"
+            elif res == "${aws_security_group.ray[0].arn}":
+                kind, ident = "security-group", "sg-ray"
+            else:
+                kind, ident = re.search(r":([a-z-]+)/([^/:]+)$", res).groups()
+            kinds[kind] = st
+            if ident == "*" and kind != "volume":
+                assert st.get("condition"), f"{st['sid']}: RunInstances on every {kind} without a condition"
+    assert {"instance", "subnet", "network-interface", "security-group", "image", "volume"} <= set(kinds), kinds
+    assert _tf_locals()["instance_arn"].endswith(":instance/*")
+    (tag,) = _as_list(kinds["instance"]["condition"])
+    assert (tag["test"], tag["variable"], tag["values"]) == (
+        "StringEquals", f"aws:RequestTag/{TAG_RAY_CLUSTER_NAME}", ["${var.ray_cluster_name}"]), tag
+    for kind in ("subnet", "network-interface"):
+        (vpc,) = _as_list(kinds[kind]["condition"])
+        assert vpc["variable"] == "ec2:Vpc" and _as_list(vpc["values"])[0].endswith("vpc/${var.vpc_id}"), vpc
+    (owner,) = _as_list(kinds["image"]["condition"])
+    assert (owner["variable"], owner["values"]) == ("ec2:Owner", "${var.gpu_ami_owners}"), owner
+    assert _tf_block("data", "aws_ami", "gpu")["owners"] == "${var.gpu_ami_owners}"
+    # Ray's node provider puts the ray-cluster-name tag into the launch request (TagSpecifications of the
+    # instance), which is what aws:RequestTag sees
+    provider = Path(importlib.util.find_spec("ray").origin).parent / "autoscaler/_private/aws/node_provider.py"
+    create = re.search(r"def _create_node\(.*?(?=\n    def )", provider.read_text(), re.S).group(0)
+    assert re.search(r'"Key":\s*TAG_RAY_CLUSTER_NAME', create) and '"ResourceType": "instance"' in create
+    assert re.search(r'"TagSpecifications":\s*tag_specs', create) and "create_instances(**conf)" in create
 
 
 def test_autoscaler_policy_is_limited_to_its_own_cluster():
@@ -338,7 +510,7 @@ def test_terraform_outputs_and_formatting():
     outputs = {name for block in _tf()["output"] for name in block}
     assert {"ray_head_instance_profile_arn", "ray_worker_instance_profile_arn", "ray_head_role_arn",
             "ray_worker_role_arn", "ray_irsa_role_arn", "mlflow_role_arn", "data_bucket", "checkpoint_bucket",
-            "mlflow_bucket", "ray_security_group_id"} <= outputs
+            "mlflow_bucket", "ray_security_group_id", "code_bucket", "code_publisher_policy_arn"} <= outputs
     if shutil.which("terraform") is None:
         pytest.skip("terraform is not installed: parsed with python-hcl2 only")
     proc = subprocess.run(["terraform", "fmt", "-check", "-diff", "."], cwd=TERRAFORM, capture_output=True, text=True,
@@ -434,7 +606,7 @@ def test_rayjobs_run_a_stage_config_and_clean_up():
         assert args.stage == stage
         load_config(configs[stage], str(ROOT / args.config))
         env = yaml.safe_load(spec["runtimeEnvYAML"])
-        assert S3_URI.fullmatch(env["working_dir"]).group(1) == _tf_buckets()["data"], env
+        assert S3_URI.fullmatch(env["working_dir"]).group(1) == _tf_buckets()["code"], env
         assert env["working_dir"].endswith(".zip"), env
 
 
@@ -521,6 +693,49 @@ def test_mlflow_server_is_where_the_jobs_log():
     spec = _pyproject_mlflow_spec()
     for path in (MLFLOW / "Dockerfile", MLFLOW / "README.md"):
         assert f'"{spec}"' in path.read_text().replace(" ", ""), f"{path.name} does not pin {spec}"
+
+
+# KubeRay's label on every Ray pod it creates (ray-operator/controllers/ray/utils/constant.go: RayNodeLabelKey)
+KUBERAY_NODE_LABEL = {"ray.io/is-ray-node": "yes"}
+MLFLOW_CREDENTIALS = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
+
+
+def test_mlflow_server_admits_only_the_ray_pods():
+    """The server has no authentication of its own: a NetworkPolicy selects its pod and admits only the Ray pods
+    of the KubeRay namespace, on the server's port; MLflow credentials, if ever given to the Ray pods, come from a
+    Secret."""
+    (deploy,) = [d for d in _mlflow_k8s() if d["kind"] == "Deployment"]
+    pod_labels = deploy["spec"]["template"]["metadata"]["labels"]
+    (container,) = deploy["spec"]["template"]["spec"]["containers"]
+    ports = {p["containerPort"] for p in container["ports"]} | {p["name"] for p in container["ports"]}
+    (kuberay_ns,) = [d["metadata"]["name"] for _, d in _kind("Namespace")]
+    policies = [d for d in _mlflow_k8s() if d["kind"] == "NetworkPolicy"]
+    selecting = [p for p in policies if p["metadata"]["namespace"] == deploy["metadata"]["namespace"]
+                 and p["spec"]["podSelector"].get("matchLabels")
+                 and p["spec"]["podSelector"]["matchLabels"].items() <= pod_labels.items()]
+    assert len(selecting) == 1 and len(policies) == 1, "one NetworkPolicy, selecting the MLflow pod"
+    spec = selecting[0]["spec"]
+    assert "matchExpressions" not in spec["podSelector"]
+    assert "Ingress" in spec["policyTypes"] and spec["ingress"], spec
+    for rule in spec["ingress"]:
+        # an ingress rule without `from` (or with an empty peer) admits every source
+        assert rule.get("from") and rule.get("ports"), rule
+        assert all(p.get("protocol", "TCP") == "TCP" and p["port"] in ports and "endPort" not in p
+                   for p in rule["ports"]), rule["ports"]
+        for peer in rule["from"]:
+            assert set(peer) == {"namespaceSelector", "podSelector"}, f"not only the Ray pods: {peer}"
+            assert peer["namespaceSelector"] == {"matchLabels": {"kubernetes.io/metadata.name": kuberay_ns}}, peer
+            assert peer["podSelector"] == {"matchLabels": KUBERAY_NODE_LABEL}, peer
+    # the Ray pods' MLflow credentials (MLflow basic auth), if any: from a Secret, never a literal or in the URI
+    for f, spec in _cluster_specs():
+        for pod in _pod_specs(spec):
+            for c in pod["containers"]:
+                for e in c.get("env", []):
+                    if e["name"] in MLFLOW_CREDENTIALS:
+                        assert "secretKeyRef" in e.get("valueFrom", {}) and "value" not in e, f"{f}: {e}"
+    for _, cm in _kind("ConfigMap"):
+        assert not set(cm["data"]) & set(MLFLOW_CREDENTIALS), cm["data"]
+        assert "@" not in cm["data"]["MLFLOW_TRACKING_URI"], "credentials in the tracking URI"
 
 
 # -- environment variables and secrets ---------------------------------------------------------------------------------

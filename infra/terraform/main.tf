@@ -1,17 +1,19 @@
-# raydecode on AWS: three private buckets, the identities that reach them, and the network boundary of
+# raydecode on AWS: four private buckets, the identities that reach them, and the network boundary of
 # the cluster-launcher cluster.
 #
-#   buckets          lab-nsd (store), lab-nsd-checkpoints (Ray Train/Tune storage), lab-nsd-mlflow (MLflow artifacts):
-#                    versioned, public access blocked, SSE-S3, TLS only
+#   buckets          lab-nsd (store), lab-nsd-checkpoints (Ray Train/Tune storage), lab-nsd-mlflow (MLflow artifacts),
+#                    lab-nsd-code (the RayJobs' working_dir zips): versioned, public access blocked, SSE-S3, TLS only
 #   Ray nodes        EC2 roles + instance profiles for cluster/aws-gpu.yaml (head: also the autoscaler's EC2 calls)
 #                    and an IRSA role for the KubeRay pods' service account (cluster/kuberay/01-serviceaccount.yaml)
+#   code publisher   a policy for CI / maintainers (attached by you, to no Ray role): uploads the code zips
 #   MLflow server    an EC2 role + instance profile (systemd host) and an IRSA role (infra/mlflow/k8s.yaml)
 #   security groups  Ray nodes: all traffic between members, SSH from admin_cidr only (the dashboard and job API are
 #                    reached through `ray dashboard`'s SSH tunnel); MLflow: port 5000 from the Ray nodes only
 #
 # S3 access is least privilege: s3:ListBucket on the buckets and s3:GetObject/PutObject/DeleteObject on their
 # objects, nothing else. The Ray nodes get the store and checkpoint buckets; the MLflow server alone gets the
-# artifact bucket (clients upload artifacts through the server: `mlflow server --serve-artifacts`).
+# artifact bucket (clients upload artifacts through the server: `mlflow server --serve-artifacts`). The code
+# bucket is read-only to the Ray nodes: a job that could write it could replace the code every later job runs.
 
 provider "aws" {
   region = var.region
@@ -30,6 +32,7 @@ locals {
     data        = var.data_bucket
     checkpoints = var.checkpoint_bucket
     mlflow      = var.mlflow_bucket
+    code        = var.code_bucket
   }
 
   irsa        = var.eks_oidc_provider_arn != ""
@@ -40,7 +43,12 @@ locals {
   }
 
   with_vpc     = var.vpc_id != ""
-  instance_arn = "arn:${data.aws_partition.current.partition}:ec2:${var.region}:${data.aws_caller_identity.current.account_id}:instance/*"
+  ec2_arn      = "arn:${data.aws_partition.current.partition}:ec2:${var.region}:${data.aws_caller_identity.current.account_id}"
+  instance_arn = "${local.ec2_arn}:instance/*"
+
+  # Every identity that runs Ray code: none of them may write the code bucket (its bucket policy denies it even if
+  # a broader policy is attached to one of them later).
+  ray_role_arns = concat([aws_iam_role.ray_head.arn, aws_iam_role.ray_worker.arn], aws_iam_role.ray_irsa[*].arn)
 }
 
 # -- buckets -------------------------------------------------------------------------------------------------------
@@ -130,6 +138,28 @@ data "aws_iam_policy_document" "tls_only" {
       values   = ["false"]
     }
   }
+
+  # The code bucket only: the Ray roles never write or delete the code that jobs run, whatever policy they are
+  # given later (an explicit Deny wins over any Allow).
+  dynamic "statement" {
+    for_each = each.key == "code" ? [each.key] : []
+
+    content {
+      sid       = "DenyRayRolesWritingCode"
+      effect    = "Deny"
+      actions   = ["s3:PutObject*", "s3:DeleteObject*"]
+      resources = ["${each.value.arn}/*"]
+      principals {
+        type        = "*"
+        identifiers = ["*"]
+      }
+      condition {
+        test     = "ArnEquals"
+        variable = "aws:PrincipalArn"
+        values   = local.ray_role_arns
+      }
+    }
+  }
 }
 
 resource "aws_s3_bucket_policy" "tls_only" {
@@ -145,10 +175,10 @@ resource "aws_s3_bucket_policy" "tls_only" {
 
 data "aws_iam_policy_document" "ray_s3" {
   statement {
-    sid       = "ListStoreAndCheckpointBuckets"
+    sid       = "ListStoreCheckpointAndCodeBuckets"
     effect    = "Allow"
     actions   = ["s3:ListBucket"]
-    resources = [aws_s3_bucket.this["data"].arn, aws_s3_bucket.this["checkpoints"].arn]
+    resources = [aws_s3_bucket.this["data"].arn, aws_s3_bucket.this["checkpoints"].arn, aws_s3_bucket.this["code"].arn]
   }
 
   statement {
@@ -156,6 +186,33 @@ data "aws_iam_policy_document" "ray_s3" {
     effect    = "Allow"
     actions   = ["s3:GetObject", "s3:PutObject", "s3:DeleteObject"]
     resources = ["${aws_s3_bucket.this["data"].arn}/*", "${aws_s3_bucket.this["checkpoints"].arn}/*"]
+  }
+
+  # The RayJobs' runtime_env working_dir: read, never written (the zips are published with code_publisher).
+  statement {
+    sid       = "ReadCodeObjects"
+    effect    = "Allow"
+    actions   = ["s3:GetObject"]
+    resources = ["${aws_s3_bucket.this["code"].arn}/*"]
+  }
+}
+
+# For the CI job or maintainer that publishes a release's zip (cluster/README.md): list, upload and read back in the
+# code bucket. No delete: a published version stays (Ray caches a working_dir by its URI, so every release gets a
+# new name), and versioning keeps what an upload replaced.
+data "aws_iam_policy_document" "code_publisher" {
+  statement {
+    sid       = "ListCodeBucket"
+    effect    = "Allow"
+    actions   = ["s3:ListBucket"]
+    resources = [aws_s3_bucket.this["code"].arn]
+  }
+
+  statement {
+    sid       = "PublishCodeObjects"
+    effect    = "Allow"
+    actions   = ["s3:GetObject", "s3:PutObject"]
+    resources = ["${aws_s3_bucket.this["code"].arn}/*"]
   }
 }
 
@@ -175,10 +232,18 @@ data "aws_iam_policy_document" "mlflow_s3" {
   }
 }
 
+# Also reads the code bucket. The description stays as it was: changing it (ForceNew) would replace the attached policy.
 resource "aws_iam_policy" "ray_s3" {
   name        = "${var.name_prefix}-ray-s3"
   description = "Ray nodes: list, read, write and delete in the store and checkpoint buckets, nothing else"
   policy      = data.aws_iam_policy_document.ray_s3.json
+}
+
+# Not attached here: attach it to the CI role or the maintainers' group that publishes releases, never to a Ray role.
+resource "aws_iam_policy" "code_publisher" {
+  name        = "${var.name_prefix}-code-publisher"
+  description = "CI / maintainers: upload the RayJobs' code zips to the code bucket; never for a Ray role"
+  policy      = data.aws_iam_policy_document.code_publisher.json
 }
 
 resource "aws_iam_policy" "mlflow_s3" {
@@ -224,8 +289,17 @@ resource "aws_iam_role_policy_attachment" "ray_worker_s3" {
 
 # What the autoscaler on the head calls (ray/autoscaler/_private/aws/node_provider.py): launch workers with the
 # worker instance profile, tag them, terminate them when idle (provider.cache_stopped_nodes: false, so no
-# stop/start). Tagging and terminating are limited to instances of this cluster.
+# stop/start). Launching, tagging and terminating are limited to instances of this cluster. Only with vpc_id: the
+# launcher's nodes need the Ray security group, and the launches are limited to its VPC.
+#
+# RunInstances is authorized on every resource a launch touches, one statement per kind so that each has its own
+# limit: the instance only when the request tags it with this cluster's name (_create_node puts ray-cluster-name
+# into TagSpecifications), subnets and network interfaces in the cluster's VPC, the Ray security group, images of
+# gpu_ami_owners, the volumes the launch creates, and the launcher's default key pairs (ray-autoscaler_<region>,
+# ray-autoscaler_<i>_<region>: config.py key_pair).
 data "aws_iam_policy_document" "ray_autoscaler" {
+  count = local.with_vpc ? 1 : 0
+
   statement {
     sid       = "DescribeForAutoscaler"
     effect    = "Allow"
@@ -234,10 +308,54 @@ data "aws_iam_policy_document" "ray_autoscaler" {
   }
 
   statement {
-    sid       = "LaunchWorkers"
+    sid       = "LaunchOnlyInstancesTaggedForThisCluster"
     effect    = "Allow"
     actions   = ["ec2:RunInstances"]
-    resources = ["*"]
+    resources = [local.instance_arn]
+    condition {
+      test     = "StringEquals"
+      variable = "aws:RequestTag/ray-cluster-name"
+      values   = [var.ray_cluster_name]
+    }
+  }
+
+  statement {
+    sid       = "LaunchIntoTheClusterVpc"
+    effect    = "Allow"
+    actions   = ["ec2:RunInstances"]
+    resources = ["${local.ec2_arn}:subnet/*", "${local.ec2_arn}:network-interface/*"]
+    condition {
+      test     = "ArnEquals"
+      variable = "ec2:Vpc"
+      values   = ["${local.ec2_arn}:vpc/${var.vpc_id}"]
+    }
+  }
+
+  statement {
+    sid       = "LaunchWithTheRaySecurityGroup"
+    effect    = "Allow"
+    actions   = ["ec2:RunInstances"]
+    resources = [aws_security_group.ray[0].arn]
+  }
+
+  statement {
+    sid       = "LaunchFromTheGpuAmiOwners"
+    effect    = "Allow"
+    actions   = ["ec2:RunInstances"]
+    resources = ["arn:${data.aws_partition.current.partition}:ec2:${var.region}::image/*"]
+    condition {
+      test     = "StringEquals"
+      variable = "ec2:Owner"
+      values   = var.gpu_ami_owners
+    }
+  }
+
+  # RunInstances cannot attach an existing volume: these are the ones the launch creates (BlockDeviceMappings).
+  statement {
+    sid       = "LaunchWithNewVolumesAndTheLauncherKeyPair"
+    effect    = "Allow"
+    actions   = ["ec2:RunInstances"]
+    resources = ["${local.ec2_arn}:volume/*", "${local.ec2_arn}:key-pair/ray-autoscaler_*"]
   }
 
   statement {
@@ -278,9 +396,11 @@ data "aws_iam_policy_document" "ray_autoscaler" {
 }
 
 resource "aws_iam_role_policy" "ray_head_autoscaler" {
+  count = local.with_vpc ? 1 : 0
+
   name   = "${var.name_prefix}-ray-autoscaler"
   role   = aws_iam_role.ray_head.id
-  policy = data.aws_iam_policy_document.ray_autoscaler.json
+  policy = data.aws_iam_policy_document.ray_autoscaler[0].json
 }
 
 resource "aws_iam_instance_profile" "ray_head" {
@@ -460,7 +580,7 @@ data "aws_ami" "gpu" {
   count = var.gpu_ami_name_filter != "" ? 1 : 0
 
   most_recent = true
-  owners      = ["amazon"]
+  owners      = var.gpu_ami_owners
 
   filter {
     name   = "name"

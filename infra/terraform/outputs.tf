@@ -15,6 +15,16 @@ output "mlflow_bucket" {
   value       = aws_s3_bucket.this["mlflow"].bucket
 }
 
+output "code_bucket" {
+  description = "The RayJobs' working_dir: s3://<this>/raydecode-<version>.zip (cluster/README.md)"
+  value       = aws_s3_bucket.this["code"].bucket
+}
+
+output "code_publisher_policy_arn" {
+  description = "Attach to the CI role / maintainers that upload the code zips (never to a Ray role)"
+  value       = aws_iam_policy.code_publisher.arn
+}
+
 output "ray_head_instance_profile_arn" {
   description = "cluster/aws-gpu.yaml: the head node type's IamInstanceProfile.Arn"
   value       = aws_iam_instance_profile.ray_head.arn

@@ -31,6 +31,12 @@ variable "mlflow_bucket" {
   default     = "lab-nsd-mlflow"
 }
 
+variable "code_bucket" {
+  description = "The RayJobs' working_dir zips (cluster/kuberay/jobs/rayjob-*.yaml `working_dir: s3://lab-nsd-code/raydecode-<version>.zip`): read-only to the Ray roles, written with the code_publisher policy."
+  type        = string
+  default     = "lab-nsd-code"
+}
+
 variable "force_destroy" {
   description = "Allow `terraform destroy` to delete non-empty buckets. Leave false for real data."
   type        = bool
@@ -100,6 +106,12 @@ variable "gpu_ami_name_filter" {
   description = "Name filter of the AMI for cluster/aws-gpu.yaml (NVIDIA driver + Docker + NVIDIA container toolkit; Amazon-owned). Empty: no lookup."
   type        = string
   default     = "Deep Learning Base OSS Nvidia Driver GPU AMI (Ubuntu 22.04) *"
+}
+
+variable "gpu_ami_owners" {
+  description = "Owners of the AMI for cluster/aws-gpu.yaml: the gpu_ami lookup searches only these, and the head's autoscaler may launch only their images (ec2:Owner). Add your account id for an AMI of your own."
+  type        = list(string)
+  default     = ["amazon"]
 }
 
 variable "tags" {
