@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import posixpath
+import time
 import uuid
 from dataclasses import dataclass
 from typing import Iterator
@@ -47,7 +48,8 @@ class S3Options(BaseModel):
     anonymous: bool = False
     connect_timeout_s: float = Field(5.0, gt=0)
     request_timeout_s: float = Field(60.0, gt=0)
-    max_attempts: int = Field(3, ge=1, le=20)
+    max_attempts: int = Field(8, ge=1, le=20, description="attempts per request on transient errors (throttling, "
+                                                          "5xx, timeouts), with AWS's exponential backoff")
 
     def resolved(self) -> "S3Options":
         """These options with the AWS environment variables filled in where unset."""
@@ -77,6 +79,9 @@ class S3Options(BaseModel):
             "MLFLOW_S3_ENDPOINT_URL": o.endpoint_url,
             "AWS_REGION": o.region,
             "AWS_DEFAULT_REGION": o.region,
+            # boto3 (MLflow's artifact uploads) retries like pyarrow here: standard mode, the same attempts
+            "AWS_RETRY_MODE": os.environ.get("AWS_RETRY_MODE", "standard"),
+            "AWS_MAX_ATTEMPTS": os.environ.get("AWS_MAX_ATTEMPTS", str(o.max_attempts)),
         }
         if secrets:
             out.update({"AWS_ACCESS_KEY_ID": _reveal(o.access_key_id),
@@ -100,6 +105,17 @@ def userinfo(uri: str) -> tuple[str | None, str | None]:
     parts = urlsplit(uri)
     return (unquote(parts.username) if parts.username else None,
             unquote(parts.password) if parts.password else None)
+
+
+WHOLE_WRITE_ATTEMPTS = 5
+_TRANSIENT = ("slow_down", "slowdown", "service_unavailable", "internal_failure", "throttl", "network_connection",
+              "timeout", "request_time_too_skewed", "503", "500")
+
+
+def _transient(message: str) -> bool:
+    """An S3 error worth trying again: throttling, 5xx, a dropped or slow connection."""
+    low = message.lower()
+    return any(t in low for t in _TRANSIENT)
 
 
 def _reveal(value: SecretStr | None) -> str | None:
@@ -228,8 +244,17 @@ class Location:
                     if self.fs.get_file_info(tmp).type != pafs.FileType.NotFound:
                         self.fs.delete_file(tmp)
             else:
-                with self.fs.open_output_stream(self.path) as f:
-                    f.write(data)
+                for attempt in range(WHOLE_WRITE_ATTEMPTS):
+                    try:
+                        with self.fs.open_output_stream(self.path) as f:
+                            f.write(data)
+                        break
+                    except OSError as exc:  # each request was retried by the SDK already; a multipart upload's
+                        # completion error embedded in a 200 reply gets only Arrow's own two tries: the whole
+                        # object again (the write is idempotent)
+                        if attempt + 1 == WHOLE_WRITE_ATTEMPTS or not _transient(str(exc)):
+                            raise
+                        time.sleep(0.2 * 2**attempt)
         except StorageError:
             raise
         except Exception as exc:

@@ -160,3 +160,109 @@ def test_a_tampered_checkpoint_file_is_refused_not_run(twin_runs, tmp_path):
     assert not marker.exists()
     FAULTS.append(("a checkpoint file replaced by a pickle that runs code", "refused on load, naming the file; "
                    "nothing ran", "none (the run stops)"))
+
+
+class FlakyS3:
+    """A proxy in front of moto's S3 that answers every ``every``-th request with 503 SlowDown (S3's throttling
+    reply) instead of forwarding it: a flapping endpoint."""
+
+    def __init__(self, upstream: str, every: int = 3, status: int = 503, code: str = "SlowDown"):
+        import http.client
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+        from urllib.parse import urlsplit
+
+        up = urlsplit(upstream)
+        self.every, self.requests, self.failed = every, 0, 0
+        lock, proxy = threading.Lock(), self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def _any(self):
+                if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+                    body = b""
+                    while True:
+                        size = int(self.rfile.readline().split(b";")[0], 16)
+                        chunk = self.rfile.read(size + 2)[:size]
+                        if not size:
+                            break
+                        body += chunk
+                else:
+                    body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                with lock:
+                    proxy.requests += 1
+                    fail = proxy.requests % proxy.every == 0
+                    proxy.failed += fail
+                if fail:
+                    reply = (f"<?xml version='1.0' encoding='UTF-8'?><Error><Code>{code}</Code>"
+                             "<Message>injected by the test</Message></Error>").encode()
+                    self.send_response(status)
+                    self.send_header("Content-Type", "application/xml")
+                    self.send_header("Content-Length", str(len(reply)))
+                    self.end_headers()
+                    self.wfile.write(reply)
+                    return
+                headers = {k: v for k, v in self.headers.items() if k.lower() != "transfer-encoding"}
+                headers["Content-Length"] = str(len(body))
+                conn = http.client.HTTPConnection(up.hostname, up.port, timeout=60)
+                conn.request(self.command, self.path, body=body, headers=headers)
+                resp = conn.getresponse()
+                data = resp.read()
+                self.send_response(resp.status)
+                for k, v in resp.getheaders():
+                    if k.lower() not in ("transfer-encoding", "content-length", "connection"):
+                        self.send_header(k, v)
+                # a HEAD reply has no body but tells the object's size
+                self.send_header("Content-Length", resp.getheader("Content-Length", "0") if self.command == "HEAD"
+                                 else str(len(data)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(data)
+                conn.close()
+
+            do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _any
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+
+
+def test_a_flapping_s3_endpoint_costs_retries_not_data(s3_server, ray_local):
+    """Every third S3 request answered 503 SlowDown: a store is ingested into it, verified shard by shard and read
+    by Ray Data through it (the AWS SDK's standard retries with backoff, ``s3.max_attempts``, and a whole-object
+    retry of a write); with one attempt per request the same reads fail with one line naming the file."""
+    import secrets
+
+    from raydecode.config import DataSelection
+    from raydecode.data.ingest import run_ingest, synthetic_plan
+    from raydecode.data.pipeline import trials_dataset
+    from raydecode.data.store import open_store
+    from raydecode.errors import StorageError, StoreError
+
+    flaky = FlakyS3(s3_server.endpoint_url)
+    try:
+        opts = s3_server.model_copy(update={"endpoint_url": flaky.url})
+        uri = f"s3://nsd/flaky-{secrets.token_hex(4)}/store"
+        run_ingest(synthetic_plan("tiny", 0, timeseries=False, subjects=[1, 2]), uri, opts, progress=False)
+        store = open_store(uri, opts)
+        assert store.verify() == []
+        rows = trials_dataset(store, "train", DataSelection(read_cpus=0.25)).dataset.count()
+        assert rows == 2 * 150
+        assert flaky.failed > 20, (flaky.requests, flaky.failed)
+        once = opts.model_copy(update={"max_attempts": 1})
+        with pytest.raises((StorageError, StoreError)) as err:
+            for _ in range(3):  # one request in three fails: a verify meets one
+                open_store(uri, once).verify()
+        assert "\n" not in str(err.value) and uri.removeprefix("s3://") in str(err.value), err.value
+    finally:
+        flaky.close()
+    FAULTS.append(("S3 answering every third request 503 SlowDown",
+                   f"{flaky.failed} of {flaky.requests} requests failed and were retried; a store ingested, verified "
+                   "and read whole", "none"))
