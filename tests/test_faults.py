@@ -160,6 +160,11 @@ def test_a_tampered_checkpoint_file_is_refused_not_run(twin_runs, tmp_path):
     assert not marker.exists()
     FAULTS.append(("a checkpoint file replaced by a pickle that runs code", "refused on load, naming the file; "
                    "nothing ran", "none (the run stops)"))
+    torn = tmp_path / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    torn.write_bytes(next(p for p in states if "optim_states" in p.name).read_bytes()[:4096])
+    with pytest.raises(StoreError, match=r"unreadable checkpoint file .*delete this checkpoint directory"):
+        loads.load(str(torn))
+    FAULTS.append(("a truncated checkpoint file", "one line naming the file and what to delete", "none"))
 
 
 class FlakyS3:
@@ -307,3 +312,35 @@ def test_a_killed_driver_rerun_with_the_same_name_resumes_its_checkpoint_and_mlf
     FAULTS.append(("driver killed (with its local Ray) after epoch 1, rerun",
                    "the rerun resumed from the epoch-1 checkpoint in the same MLflow run; 4 of 4 epochs logged",
                    "the killed epoch's partial progress (recomputed)"))
+
+
+def test_a_full_disk_while_ingesting_leaves_no_store_and_the_rerun_completes_it(tmp_path):
+    """The disk fills (simulated: the ingest process may write no file over 64 KiB, so a write fails as on a full
+    disk): one line naming the file, exit code 3, no manifest (readers see no store); once there is room the same
+    command completes the store and keeps the shards already written."""
+    import json
+    import resource
+    import signal
+    import subprocess
+    import sys
+
+    out = tmp_path / "store"
+    cmd = [str(Path(sys.executable).with_name("raydecode")), "ingest", "synthetic", "--out", str(out),
+           "--set", "timeseries=false"]
+
+    def small_files():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails (EFBIG) instead of a kill
+        resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, 64 * 1024))
+
+    full = subprocess.run(cmd, capture_output=True, text=True, timeout=300, preexec_fn=small_files)
+    assert full.returncode == 3, (full.returncode, full.stderr[-1500:])
+    errors = [ln for ln in full.stderr.splitlines() if ln.startswith("error:") or "Traceback" in ln]
+    assert len(errors) == 1 and "cannot write" in errors[0] and str(out) in errors[0], full.stderr[-1500:]
+    assert not (out / "manifest.json").exists()
+    kept = len(list(out.rglob("*.parquet")))
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-1500:]
+    assert "completed an interrupted ingest" in again.stdout and f"kept {kept}" in again.stdout, again.stdout
+    assert json.loads((out / "manifest.json").read_text())["source_params"]["seed"] == 0
+    FAULTS.append(("disk full while ingesting", f"one line, exit 3, no manifest; the rerun kept {kept} shards and "
+                   "completed the store", "none"))

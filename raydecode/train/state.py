@@ -82,3 +82,6 @@ class WeightsOnlyLoads:
             raise StoreError(f"{path}: refused: the checkpoint file names code to run when loaded "
                              f"({named.group(1) if named else str(exc).splitlines()[0]}); this training run did not "
                              "write it") from None
+        except (RuntimeError, EOFError, OSError) as exc:  # torch's zip reader on a truncated or garbled file
+            raise StoreError(f"{path}: unreadable checkpoint file ({str(exc).strip().splitlines()[0][:160]}); "
+                             "delete this checkpoint directory to resume from the one before") from None
