@@ -368,7 +368,8 @@ class CheckpointConfig(BaseModel):
 
 
 class FaultInjection(BaseModel):
-    """Testing fault tolerance: kill one worker once, at a step (a marker file makes it happen only once)."""
+    """Testing fault tolerance: kill one worker once, at a step (a marker file makes it happen only once), or make
+    its loss NaN at that step."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -376,6 +377,8 @@ class FaultInjection(BaseModel):
     at_step: int = Field(ge=1)
     marker: str
     delay_s: float = Field(3.0, ge=0, description="the worker dies this long after reaching at_step")
+    kind: Literal["kill", "nan_loss"] = Field("kill", description="kill: the worker process exits; nan_loss: the "
+                                                                  "step's loss is NaN (a diverging run)")
 
 
 class EvalConfig(BaseModel):

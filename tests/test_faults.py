@@ -344,3 +344,27 @@ def test_a_full_disk_while_ingesting_leaves_no_store_and_the_rerun_completes_it(
     assert json.loads((out / "manifest.json").read_text())["source_params"]["seed"] == 0
     FAULTS.append(("disk full while ingesting", f"one line, exit 3, no manifest; the rerun kept {kept} shards and "
                    "completed the store", "none"))
+
+
+def test_a_diverging_run_stops_with_one_line_and_keeps_its_last_good_checkpoint(tiny_store, ray_local, tmp_path):
+    """A NaN loss in epoch 2 (injected on rank 1): the run stops before that update with one line naming the step,
+    the epoch-1 checkpoint stays, no final checkpoint is written, the MLflow run is FAILED."""
+    from mlflow.tracking import MlflowClient
+
+    from raydecode.errors import Diverged
+    from raydecode.train.launch import run_training
+
+    cfg = tiny_config(tiny_store, tmp_path, "diverge", data={"subjects": [1, 2, 3]},
+                      optim={"epochs": 3, "batch_size": 16, "lr": 1e-3},
+                      fault_injection={"rank": 1, "at_step": 17, "marker": str(tmp_path / "nan"), "kind": "nan_loss"})
+    with pytest.raises(Diverged) as err:
+        run_training(cfg)
+    msg = str(err.value)
+    assert "\n" not in msg and "the loss is nan at epoch 2, step 17 (rank 1" in msg and "lower optim.lr" in msg, msg
+    runs = tmp_path / "runs" / "diverge"
+    assert any(runs.glob("checkpoint_epoch=0001_*")) and not (runs / "final").exists()
+    client = MlflowClient(cfg.resolved_tracking_uri())
+    (run,) = client.search_runs([client.get_experiment_by_name(cfg.experiment).experiment_id])
+    assert run.info.status == "FAILED"
+    FAULTS.append(("a NaN loss in epoch 2", "the run stopped before the update, one line (exit 7); the epoch-1 "
+                   "checkpoint kept, MLflow run FAILED", "the diverged step"))

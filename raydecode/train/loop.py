@@ -342,6 +342,9 @@ class Trainer:
         batch = self.prepare(raw)
         loss, parts = self.spec.loss(self.engine, batch,
                                      Progress(self.epoch, self.cfg.optim.epochs, self.step, self.total_steps))
+        fault = self.cfg.fault_injection
+        if fault and fault.kind == "nan_loss" and self.rank == fault.rank and self.step + 1 == fault.at_step:
+            loss = loss * float("nan")
         if not torch.isfinite(loss.detach()).all():  # before the update: the weights and checkpoints stay good
             raise Diverged(f"the loss is {loss.item()} at epoch {self.epoch + 1}, step {self.step + 1} (rank "
                            f"{self.rank}, lr {self.scheduler.get_last_lr()[0]:.3g}); the run stopped, its last "
@@ -383,7 +386,8 @@ class Trainer:
 
     def _inject_fault(self) -> None:
         fault = self.cfg.fault_injection
-        if fault and self.rank == fault.rank and self.step == fault.at_step and not os.path.exists(fault.marker):
+        if fault and fault.kind == "kill" and self.rank == fault.rank and self.step == fault.at_step \
+                and not os.path.exists(fault.marker):
             open(fault.marker, "w").write(f"killed rank {self.rank} at step {self.step}\n")
             log.info(f"fault injection: killing rank {self.rank} at step {self.step} in {fault.delay_s:g} s")
             # Ray Train's controller records a reported checkpoint when it next polls the workers: a worker
