@@ -29,8 +29,8 @@ from raydecode.inference import run_class_statistics
 from raydecode.methods.spec import get_method
 from raydecode.report import StageResult, table
 from raydecode.runtime import absolute_paths, init_ray, require
-from raydecode.storage import train_storage
-from raydecode.train.launch import plan_training, run_training, train_demand
+from raydecode.storage import resolve, train_storage
+from raydecode.train.launch import claim_run, plan_training, run_training, train_demand
 
 SWEEP_ONLY = set(SweepConfig.model_fields) - set(TrainConfig.model_fields)
 SUBJECT = "subject"
@@ -178,7 +178,12 @@ def optuna_search(cfg: SweepConfig):
                         points_to_evaluate=[dict(p) for p in cfg.points_to_evaluate] or None)
 
 
-def _tuners(cfg: SweepConfig, base: dict, parent_run_id: str, storage: tuple[str, Any], concurrency: int) -> list:
+def _tuners(cfg: SweepConfig, base: dict, parent_run_id: str, storage: tuple[str, Any], concurrency: int,
+            resume: bool) -> list:
+    """One Tuner (grid / random: every subject in one; Optuna: one per subject, each its own experiment), named
+    after the sweep's ``run_name`` under ``<storage>/tune/``. ``resume``: a Tune experiment already there is
+    restored: its finished trials are kept, unfinished and failed ones start again with their trial ids (so their
+    training runs resume from their checkpoints)."""
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
@@ -191,21 +196,45 @@ def _tuners(cfg: SweepConfig, base: dict, parent_run_id: str, storage: tuple[str
                                   # one more than the epochs: the trial's final report must not count as a stop
                                   max_t=cfg.optim.epochs + 1, grace_period=cfg.asha.grace_period,
                                   reduction_factor=cfg.asha.reduction_factor)
-    run_config = tune.RunConfig(name=f"{cfg.run_name or 'sweep'}-{time.strftime('%Y%m%d-%H%M%S')}",
-                                storage_path=storage[0], storage_filesystem=storage[1], verbose=1,
-                                # a retried trial keeps its id, so its training run (same name) resumes
-                                failure_config=tune.FailureConfig(max_failures=cfg.trial_retries))
+
+    def tuner(name: str, space: dict, search_alg=None):
+        path = f"{storage[0].rstrip('/')}/{name}"
+        if resume and tune.Tuner.can_restore(path, storage_filesystem=storage[1]):
+            print(f"[sweep] restoring the Tune experiment {name}: finished trials are kept")
+            return tune.Tuner.restore(path, trainable, resume_unfinished=True, restart_errored=True,
+                                      param_space=space, storage_filesystem=storage[1])
+        run_config = tune.RunConfig(name=name, storage_path=storage[0], storage_filesystem=storage[1], verbose=1,
+                                    # a retried trial keeps its id, so its training run (same name) resumes
+                                    failure_config=tune.FailureConfig(max_failures=cfg.trial_retries))
+        return tune.Tuner(trainable, param_space=space, run_config=run_config, tune_config=tune.TuneConfig(
+            search_alg=search_alg, scheduler=scheduler, num_samples=cfg.num_samples,
+            max_concurrent_trials=concurrency))
+
+    name = cfg.run_name or "sweep"
     if cfg.search == "optuna":  # a search algorithm per subject (grid_search does not mix with them)
-        return [tune.Tuner(trainable, param_space={**_param_space(cfg), SUBJECT: s},
-                           tune_config=tune.TuneConfig(search_alg=optuna_search(cfg), scheduler=scheduler,
-                                                       num_samples=cfg.num_samples, max_concurrent_trials=concurrency),
-                           run_config=run_config)
+        return [tuner(f"{name}-subj{s:02d}", {**_param_space(cfg), SUBJECT: s}, optuna_search(cfg))
                 for s in cfg.subjects]
-    space = {**_param_space(cfg), SUBJECT: tune.grid_search(cfg.subjects)}
-    return [tune.Tuner(trainable, param_space=space,
-                       tune_config=tune.TuneConfig(scheduler=scheduler, num_samples=cfg.num_samples,
-                                                   max_concurrent_trials=concurrency),
-                       run_config=run_config)]
+    return [tuner(name, {**_param_space(cfg), SUBJECT: tune.grid_search(cfg.subjects)})]
+
+
+# what may change between a sweep and its re-run (how it is run, not what it trains or how it picks)
+_SWEEP_VOLATILE = ("run_name", "ray_address", "tracking_uri", "workdir", "promote", "max_concurrent_trials",
+                   "trial_retries", "fault_injection", "scaling.wait_for_nodes_s")
+
+
+def _claim_sweep(cfg: SweepConfig, tune_uri: str):
+    """The sweep's claim, ``<storage>/<run_name>/raydecode_run.json`` as a training run's: the same config resumes
+    (its Tune experiments under ``<storage>/tune/``, its MLflow run); another is refused while a Tune experiment of
+    that name exists."""
+    from ray import tune
+
+    flat = tracking.flatten(cfg.model_dump(mode="json"))
+    ident = {k: v for k, v in flat.items() if not any(k == key or k.startswith(key + ".") for key in _SWEEP_VOLATILE)}
+    tune_root = resolve(tune_uri, cfg.s3)
+    name = cfg.run_name or "sweep"
+    names = [f"{name}-subj{s:02d}" for s in cfg.subjects] if cfg.search == "optuna" else [name]
+    return claim_run(resolve(cfg.storage_path(), cfg.s3).join(name), ident, f"sweep run_name {name!r}", lambda: any(
+        tune.Tuner.can_restore(f"{tune_root.path.rstrip('/')}/{n}", storage_filesystem=tune_root.fs) for n in names))
 
 
 def _rows(results, cfg: SweepConfig) -> list[dict]:
@@ -267,15 +296,22 @@ def run_sweep(cfg: SweepConfig, parent_run_id: str | None = None) -> StageResult
     base = check_sweep(cfg)
     store = open_store(cfg.store, cfg.s3)
     tracking_uri = tracking.configure(cfg)
+    tracking.check_reachable(tracking_uri)
+    tune_uri = os.path.join(cfg.storage_path(), "tune")
+    claim = _claim_sweep(cfg, tune_uri)
+    if claim.resumed:
+        print(f"[sweep] sweep {cfg.run_name or 'sweep'!r} exists with this config: resuming it"
+              + (f" in MLflow run {claim.mlflow_run_id}" if claim.mlflow_run_id else ""))
     with tracking.stage_run(cfg, "sweep", run_name=cfg.run_name, exclude={"space"}, parent_run_id=parent_run_id, tags={
-            "raydecode.method": cfg.method, "raydecode.store": cfg.store}) as parent:
+            "raydecode.method": cfg.method, "raydecode.store": cfg.store},
+            resume_run_id=claim.mlflow_run_id) as parent:
         parent_id, exp_id = parent.info.run_id, parent.info.experiment_id
+        claim.record(parent_id)
         tracking.log_params({f"space.{k}": v.model_dump(exclude_none=True) for k, v in cfg.space.items()})
         init_ray(cfg.ray_address)
         concurrency = _concurrency(cfg)
         _shared_statistics(cfg, base)
-        tuners = _tuners(cfg, base, parent_id, train_storage(os.path.join(cfg.storage_path(), "tune"), cfg.s3),
-                         concurrency)
+        tuners = _tuners(cfg, base, parent_id, train_storage(tune_uri, cfg.s3), concurrency, claim.resumed)
         n_trials = len(cfg.subjects) * cfg.num_samples * math.prod(len(p.grid) for p in cfg.space.values() if p.grid)
         print(f"[sweep] {cfg.method} on subjects {cfg.subjects}: {n_trials} trials, "
               f"{concurrency} at a time; parent run {parent_id}")

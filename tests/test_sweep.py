@@ -368,3 +368,27 @@ def test_bad_optuna_configs_fail_before_any_trial(pretrained, tiny_store, tmp_pa
     with pytest.raises(ConfigError, match="only with search 'optuna'"):
         run_sweep(sweep_config(tiny_store, tmp_path, ck, points_to_evaluate=[{"model": {}}]))
 
+
+
+def test_a_sweep_run_again_with_its_name_keeps_its_finished_trials(sweep):
+    """The same sweep config again (here after it finished; a driver that died mid-sweep is the same case): Tune's
+    experiment is restored by name, its finished trials are kept rather than redone, and it logs on in its MLflow
+    run. Another config under the same name is refused, naming what changed."""
+    cfg, result = sweep
+    client = _client(cfg)
+    exp = client.get_experiment_by_name(cfg.experiment)
+
+    def children():
+        return {c.info.run_id: [m.step for m in client.get_metric_history(c.info.run_id, cfg.metric)]
+                for c in client.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{result.mlflow_run_id}'")}
+
+    before = children()
+    again = run_sweep(cfg.model_copy(update={"promote": False}))
+    assert again.mlflow_run_id == result.mlflow_run_id and again.metrics["trials_ok"] == 2
+    assert children() == before  # no trial trained again: the same runs, each epoch logged once
+    for s in NEW_SUBJECTS:
+        key = f"best.subj{s:02d}.{cfg.metric}"
+        assert again.metrics[key] == pytest.approx(result.metrics[key])
+    with pytest.raises(ConfigError, match=r"sweep run_name 'sweep-tiny' already names a run with another config .*"
+                                          r"optim\.lr 0\.001 -> 0\.002"):
+        run_sweep(cfg.model_copy(update={"optim": cfg.optim.model_copy(update={"lr": 2e-3})}))

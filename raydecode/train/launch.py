@@ -146,29 +146,35 @@ class RunClaim:
                                                    sort_keys=True, indent=1).encode())
 
 
-def _claim_run_name(cfg: TrainConfig) -> RunClaim:
-    """Record the run's identity under ``<storage>/<run_name>/``; a relaunch with the same identity resumes from the
-    run's last checkpoint (Ray Train restores by name) and its MLflow run, a different one is refused while that
-    run has checkpoints (a claim nothing was checkpointed under is replaced)."""
-    flat = tracking.flatten(cfg.model_dump(mode="json"))
-    ident = {k: v for k, v in flat.items() if any(k == key or k.startswith(key + ".") for key in _RUN_IDENTITY)}
-    ident = json.loads(json.dumps(ident, sort_keys=True))
-    run_dir = resolve(cfg.storage_path(), cfg.s3).join(cfg.run_name or "run")
+def claim_run(run_dir: Location, identity: dict, what: str, has_progress) -> RunClaim:
+    """Record ``identity`` in ``run_dir``'s :data:`RUN_FILE`; a relaunch with the same identity resumes (Ray Train
+    and Tune restore by name) in the recorded MLflow run, a different one is refused while ``has_progress()``
+    (a claim nothing was saved under is replaced). ``what``: the config key that names the run, for the error."""
+    identity = json.loads(json.dumps(identity, sort_keys=True))
     loc = run_dir.join(RUN_FILE)
     if loc.exists():
         old = json.loads(loc.read_bytes())
         old_ident, run_id = (old["identity"], old.get("mlflow_run_id")) if "identity" in old else (old, None)
-        changed = sorted(k for k in set(old_ident) | set(ident) if old_ident.get(k) != ident.get(k))
+        changed = sorted(k for k in set(old_ident) | set(identity) if old_ident.get(k) != identity.get(k))
         if not changed:
-            return RunClaim(loc, ident, True, run_id)
-        base = run_dir.path.rstrip("/") + "/"
-        if any(f.path.removeprefix(base).startswith("checkpoint_") for f in run_dir.list_files()):
-            diff = ", ".join(f"{k} {old_ident.get(k)!r} -> {ident.get(k)!r}" for k in changed[:4])
-            raise ConfigError(f"run_name {cfg.run_name!r} already names a run with another config at {loc.uri} "
+            return RunClaim(loc, identity, True, run_id)
+        if has_progress():
+            diff = ", ".join(f"{k} {old_ident.get(k)!r} -> {identity.get(k)!r}" for k in changed[:4])
+            raise ConfigError(f"{what} already names a run with another config at {loc.uri} "
                               f"({diff}{', ...' if len(changed) > 4 else ''}); it would resume from that run's "
                               "checkpoints: pick a new --run-name or delete that directory")
-    loc.write_bytes_atomic(json.dumps({"identity": ident}, sort_keys=True, indent=1).encode())
-    return RunClaim(loc, ident, False)
+    loc.write_bytes_atomic(json.dumps({"identity": identity}, sort_keys=True, indent=1).encode())
+    return RunClaim(loc, identity, False)
+
+
+def _claim_run_name(cfg: TrainConfig) -> RunClaim:
+    """The training run's claim: the config keys that decide its checkpoints (:data:`_RUN_IDENTITY`)."""
+    flat = tracking.flatten(cfg.model_dump(mode="json"))
+    ident = {k: v for k, v in flat.items() if any(k == key or k.startswith(key + ".") for key in _RUN_IDENTITY)}
+    run_dir = resolve(cfg.storage_path(), cfg.s3).join(cfg.run_name or "run")
+    base = run_dir.path.rstrip("/") + "/"
+    return claim_run(run_dir, ident, f"run_name {cfg.run_name!r}",
+                     lambda: any(f.path.removeprefix(base).startswith("checkpoint_") for f in run_dir.list_files()))
 
 
 def _first_failure(exc: BaseException) -> str:
