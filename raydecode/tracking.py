@@ -120,10 +120,16 @@ def stage_run(cfg: StageConfig, stage: str, *, run_name: str | None = None, tags
         except MlflowException as exc:
             if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
                 raise
+    params = {k: str(v)[:500] for k, v in flatten(cfg.model_dump(mode="json", exclude=exclude)).items()}
     if run is None:
         run = mlflow.start_run(experiment_id=experiment(cfg.experiment), run_name=run_name, tags=all_tags)
+    else:  # a param is logged once: what a resumed run was started with stays; a changed key (how it is run,
+        # e.g. `promote`: the identity of a resumed run is the same) is recorded as a tag
+        logged = mlflow.MlflowClient().get_run(run.info.run_id).data.params
+        mlflow.set_tags({f"raydecode.resumed_with.{k}": v for k, v in params.items() if k in logged and logged[k] != v})
+        params = {k: v for k, v in params.items() if k not in logged}
     try:
-        log_params(flatten(cfg.model_dump(mode="json", exclude=exclude)))
+        log_params(params)
         yield run
     except BaseException:
         try:  # the tracking store's own trouble (a server gone) must not hide the error above

@@ -287,7 +287,9 @@ def test_a_killed_driver_rerun_with_the_same_name_resumes_its_checkpoint_and_mlf
     cmd = [str(Path(sys.executable).with_name("raydecode")), "pretrain", "--config",
            str(Path(__file__).parents[1] / "jobs" / "pretrain.yaml"), "--set", f"store={tiny_store}",
            "--set", f"workdir={tmp_path}", "--set", "run_name=driver-kill", "--set", "preset=tiny",
-           "--set", "data.subjects=[1,2,3]", "--set", "optim.epochs=4", "--set", "optim.batch_size=16"]
+           "--set", "data.subjects=[1,2,3]", "--set", "optim.epochs=4", "--set", "optim.batch_size=16",
+           # explicit: an earlier test's mlflow.set_tracking_uri() leaves MLFLOW_TRACKING_URI in this environment
+           "--set", f"tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}"]
     runs = tmp_path / "runs" / "driver-kill"
     first = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:

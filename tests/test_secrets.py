@@ -72,6 +72,7 @@ def test_credentials_reach_no_file_run_registry_ray_state_or_log(s3_server, mlfl
         "checkpoint": {"storage_path": f"s3://nsd/{prefix}/runs"}}))
 
     outputs = []
+    work.mkdir()
     ingest = run_main("ingest", "synthetic", "--config", str(ingest_config), "--summary",
                       str(work / "ingest.json"))
     outputs.append(ingest)
