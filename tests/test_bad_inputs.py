@@ -139,10 +139,14 @@ def test_a_model_path_with_a_quote_is_looked_up_not_a_filter_syntax_error(pretra
         filter_literal("it's \"odd\"")
 
 
-@pytest.mark.parametrize("where", ["missing-dir/summary.json", "a-directory"])
+@pytest.mark.parametrize("where", ["a-file/summary.json", "a-directory"])
 def test_a_summary_that_cannot_be_written_is_refused_before_the_stage_runs(tiny_store, tmp_path, where):
+    """(A missing directory is made: `make demo` writes its summary into a workdir that does not exist yet.)"""
     (tmp_path / "a-directory").mkdir()
+    (tmp_path / "a-file").write_text("not a directory")
     target = tmp_path / where
     r = run_main("info", tiny_store, "--summary", str(target))
     assert r.returncode == 2 and r.stderr.strip().splitlines() == [r.stderr.strip()], r.stderr
     assert f"--summary {target}" in r.stderr and "subjects" not in r.stdout  # the stage never ran
+    made = tmp_path / "new" / "dir" / "summary.json"
+    assert run_main("info", tiny_store, "--summary", str(made)).returncode == 0 and made.exists()

@@ -370,3 +370,43 @@ def test_a_diverging_run_stops_with_one_line_and_keeps_its_last_good_checkpoint(
     assert run.info.status == "FAILED"
     FAULTS.append(("a NaN loss in epoch 2", "the run stopped before the update, one line (exit 7); the epoch-1 "
                    "checkpoint kept, MLflow run FAILED", "the diverged step"))
+
+
+def test_a_sweep_with_a_failed_trial_run_again_finishes_it_and_keeps_the_rest(tiny_store, ray_local, tmp_path):
+    """A trial fails for good (its worker killed in epoch 2, no retries left); running the same sweep again
+    restores its Tune experiment: the finished trial is kept as it was, the failed one starts again under its id
+    and its training run resumes from its epoch-1 checkpoint, in the same MLflow run."""
+    from mlflow.tracking import MlflowClient
+
+    from raydecode.config import SweepConfig
+    from raydecode.sweep import run_sweep
+
+    cfg = SweepConfig.model_validate({
+        "store": tiny_store, "workdir": str(tmp_path), "run_name": "crashy", "method": "mindeye2", "preset": "tiny",
+        "subjects": [1], "space": {"optim.lr": {"grid": [1e-3, 2e-3]}}, "search": "grid", "promote": False,
+        "max_concurrent_trials": 1, "trial_retries": 0,
+        "data": {"sessions": [1], "categories": False, "read_cpus": 0.25, "lookup_cpus": 0.25},
+        "optim": {"epochs": 3, "batch_size": 8}, "scaling": {"num_workers": 1, "cpus_per_worker": 0.25},
+        "deepspeed": {"zero_stage": 0},
+        "fault_injection": {"rank": 0, "at_step": 8, "marker": str(tmp_path / "killed"), "delay_s": 1.0}})
+    first = run_sweep(cfg)
+    assert first.metrics["trials_ok"] == 1 and (tmp_path / "killed").exists(), first.metrics
+    client = MlflowClient(cfg.resolved_tracking_uri())
+
+    def children():
+        exp = client.get_experiment_by_name(cfg.experiment)
+        return {c.info.run_name: (c.info.run_id, c.info.status,
+                                  sorted(m.step for m in client.get_metric_history(c.info.run_id, "train.loss")))
+                for c in client.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{first.mlflow_run_id}'")}
+
+    before = children()
+    (done,) = [k for k, v in before.items() if v[1] == "FINISHED"]
+    (failed,) = [k for k, v in before.items() if v[1] != "FINISHED"]
+    again = run_sweep(cfg)
+    after = children()
+    assert again.mlflow_run_id == first.mlflow_run_id and again.metrics["trials_ok"] == 2, again.metrics
+    assert after[done] == before[done]  # kept, not trained again
+    assert after[failed][0] == before[failed][0] and after[failed][1] == "FINISHED"  # the same MLflow run, resumed
+    assert set(after[failed][2]) == {1, 2, 3}, after[failed]
+    FAULTS.append(("a sweep trial failed for good, the sweep run again", "the Tune experiment restored: the finished "
+                   "trial kept, the failed one resumed from its checkpoint in its MLflow run", "none"))

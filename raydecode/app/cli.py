@@ -468,8 +468,10 @@ def _add_operations(sub) -> None:
 def _check_writable(path: str, what: str) -> None:
     """Before the stage runs: a result that cannot be written would be lost after the work is done."""
     parent = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(parent):
-        raise ConfigError(f"{what} {path}: directory {parent} does not exist")
+    try:
+        os.makedirs(parent, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"{what} {path}: cannot make its directory {parent} ({exc.strerror})") from None
     if os.path.isdir(path) or not os.access(parent, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
         raise ConfigError(f"{what} {path}: not a file this user can write")
 
