@@ -201,7 +201,7 @@ def _tuners(cfg: SweepConfig, base: dict, parent_run_id: str, storage: tuple[str
         path = f"{storage[0].rstrip('/')}/{name}"
         if resume and tune.Tuner.can_restore(path, storage_filesystem=storage[1]):
             print(f"[sweep] restoring the Tune experiment {name}: finished trials are kept")
-            return tune.Tuner.restore(path, trainable, resume_unfinished=True, restart_errored=True,
+            return tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=True,
                                       param_space=space, storage_filesystem=storage[1])
         run_config = tune.RunConfig(name=name, storage_path=storage[0], storage_filesystem=storage[1], verbose=1,
                                     # a retried trial keeps its id, so its training run (same name) resumes
