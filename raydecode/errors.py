@@ -50,6 +50,12 @@ class Diverged(UserError):
     exit_code = 7
 
 
+def first_line(exc: BaseException, limit: int = 200) -> str:
+    """An exception's first line (or its type's name), for one-line messages."""
+    text = str(exc).strip()
+    return text.splitlines()[0][:limit] if text else type(exc).__name__
+
+
 def user_error_in(exc: BaseException) -> UserError | None:
     """The :class:`UserError` behind an exception Ray raised for a failed task, actor or training worker.
 

@@ -18,7 +18,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from typing import Iterator
-from urllib.parse import urlparse, urlsplit, urlunsplit
+from urllib.parse import unquote, urlparse, urlsplit, urlunsplit
 
 import pyarrow.fs as pafs
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
@@ -100,8 +100,6 @@ def without_userinfo(uri: str) -> str:
 
 def userinfo(uri: str) -> tuple[str | None, str | None]:
     """The ``(user, password)`` of ``uri`` (URL-decoded), or Nones."""
-    from urllib.parse import unquote
-
     parts = urlsplit(uri)
     return (unquote(parts.username) if parts.username else None,
             unquote(parts.password) if parts.password else None)

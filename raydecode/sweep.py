@@ -210,11 +210,17 @@ def _tuners(cfg: SweepConfig, base: dict, parent_run_id: str, storage: tuple[str
             search_alg=search_alg, scheduler=scheduler, num_samples=cfg.num_samples,
             max_concurrent_trials=concurrency))
 
-    name = cfg.run_name or "sweep"
+    names = _experiment_names(cfg)
     if cfg.search == "optuna":  # a search algorithm per subject (grid_search does not mix with them)
-        return [tuner(f"{name}-subj{s:02d}", {**_param_space(cfg), SUBJECT: s}, optuna_search(cfg))
-                for s in cfg.subjects]
-    return [tuner(name, {**_param_space(cfg), SUBJECT: tune.grid_search(cfg.subjects)})]
+        return [tuner(n, {**_param_space(cfg), SUBJECT: s}, optuna_search(cfg)) for n, s in zip(names, cfg.subjects)]
+    return [tuner(names[0], {**_param_space(cfg), SUBJECT: tune.grid_search(cfg.subjects)})]
+
+
+def _experiment_names(cfg: SweepConfig) -> list[str]:
+    """The sweep's Tune experiments under ``<storage>/tune/``: ``<run_name>``, or ``<run_name>-subjNN`` per subject
+    with Optuna (a search algorithm per subject)."""
+    name = cfg.run_name or "sweep"
+    return [f"{name}-subj{s:02d}" for s in cfg.subjects] if cfg.search == "optuna" else [name]
 
 
 # what may change between a sweep and its re-run (how it is run, not what it trains or how it picks)
@@ -232,9 +238,9 @@ def _claim_sweep(cfg: SweepConfig, tune_uri: str):
     ident = {k: v for k, v in flat.items() if not any(k == key or k.startswith(key + ".") for key in _SWEEP_VOLATILE)}
     tune_root = resolve(tune_uri, cfg.s3)
     name = cfg.run_name or "sweep"
-    names = [f"{name}-subj{s:02d}" for s in cfg.subjects] if cfg.search == "optuna" else [name]
     return claim_run(resolve(cfg.storage_path(), cfg.s3).join(name), ident, f"sweep run_name {name!r}", lambda: any(
-        tune.Tuner.can_restore(f"{tune_root.path.rstrip('/')}/{n}", storage_filesystem=tune_root.fs) for n in names))
+        tune.Tuner.can_restore(f"{tune_root.path.rstrip('/')}/{n}", storage_filesystem=tune_root.fs)
+        for n in _experiment_names(cfg)))
 
 
 def _rows(results, cfg: SweepConfig) -> list[dict]:
@@ -341,7 +347,8 @@ def run_sweep(cfg: SweepConfig, parent_run_id: str | None = None) -> StageResult
         if cfg.promote:
             for s, row in sorted(best.items()):
                 decisions.append(tracking.register_run(
-                    row["mlflow_run_id"], row["checkpoint_uri"], cfg.metric, cfg.tie_break, store.test_set_digest([s]), store.manifest_sha256(),
+                    row["mlflow_run_id"], row["checkpoint_uri"], cfg.metric, cfg.tie_break,
+                    store.test_set_digest([s]), store.manifest_sha256(),
                     extra_tags={"raydecode.sweep_run_id": parent_id, "raydecode.subject": s}, s3=cfg.s3))
 
     short = {k: k.split(".")[-1] for k in cfg.space}

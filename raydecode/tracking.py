@@ -16,7 +16,7 @@ from pathlib import Path
 
 from raydecode.checkpoint import adapter_package
 from raydecode.config import StageConfig
-from raydecode.errors import ConfigError, TrackingUnavailable
+from raydecode.errors import ConfigError, TrackingUnavailable, first_line
 from raydecode.methods.spec import Reconstructs, get_method
 from raydecode.pyfunc import DecoderModel
 
@@ -41,13 +41,8 @@ def check_reachable(uri: str) -> None:
     try:
         MlflowClient(uri).search_experiments(max_results=1)
     except Exception as exc:  # noqa: BLE001 - any failure to answer is the same news for the user
-        raise TrackingUnavailable(f"MLflow tracking server {uri} does not answer ({_first_line(exc)}); nothing was "
+        raise TrackingUnavailable(f"MLflow tracking server {uri} does not answer ({first_line(exc)}); nothing was "
                                   "started (check tracking_uri / MLFLOW_TRACKING_URI and the server)") from None
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0][:200] if text else type(exc).__name__
 
 
 def configure(cfg: StageConfig) -> str:
@@ -256,7 +251,7 @@ def promote(name: str, version: str | int, client=None) -> Decision:
     except MlflowException as exc:
         if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
             raise ConfigError(f"model {name!r} version {version}: not in the registry at {mlflow_uri()}") from None
-        raise TrackingUnavailable(f"the model registry at {mlflow_uri()} does not answer: {_first_line(exc)}") \
+        raise TrackingUnavailable(f"the model registry at {mlflow_uri()} does not answer: {first_line(exc)}") \
             from None
     if not mv.tags.get("raydecode.metric"):
         raise ConfigError(f"model {name!r} version {version}: no tag raydecode.metric naming the score to compare "

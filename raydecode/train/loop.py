@@ -31,7 +31,7 @@ from raydecode.config import TrainConfig
 from raydecode.data.batches import collate
 from raydecode.data.pca import load_pca
 from raydecode.data.stats import load_stats
-from raydecode.errors import Diverged
+from raydecode.errors import Diverged, first_line
 from raydecode.evaluate.retrieval import retrieval_top1
 from raydecode.evaluate.semantic import semantic_metrics
 from raydecode.methods.spec import (
@@ -188,8 +188,8 @@ class Tracker:
         except Exception as exc:  # noqa: BLE001 - any failure to reach the server: keep the metrics, go on
             if self.down_since is None:
                 self.down_since = time.time()
-                log.warning(f"MLflow does not answer ({str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__}); "
-                            "training goes on, its metrics wait and are sent when it answers again")
+                log.warning(f"MLflow does not answer ({first_line(exc, 160)}); training goes on, its metrics wait "
+                            "and are sent when it answers again")
             return False
         if self.down_since is not None:
             log.warning(f"MLflow answers again after {time.time() - self.down_since:.0f} s: its waiting metrics "

@@ -17,7 +17,7 @@ import re
 import numpy as np
 import torch
 
-from raydecode.errors import StoreError
+from raydecode.errors import StoreError, first_line
 
 
 def deepspeed_state_classes() -> list[type]:
@@ -80,8 +80,8 @@ class WeightsOnlyLoads:
         except pickle.UnpicklingError as exc:
             named = re.search(r"GLOBAL ([\w.]+)", str(exc))
             raise StoreError(f"{path}: refused: the checkpoint file names code to run when loaded "
-                             f"({named.group(1) if named else str(exc).splitlines()[0]}); this training run did not "
+                             f"({named.group(1) if named else first_line(exc)}); this training run did not "
                              "write it") from None
         except (RuntimeError, EOFError, OSError) as exc:  # torch's zip reader on a truncated or garbled file
-            raise StoreError(f"{path}: unreadable checkpoint file ({str(exc).strip().splitlines()[0][:160]}); "
+            raise StoreError(f"{path}: unreadable checkpoint file ({first_line(exc, 160)}); "
                              "delete this checkpoint directory to resume from the one before") from None
