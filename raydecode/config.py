@@ -28,7 +28,10 @@ class DataSelection(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    subjects: list[int] | None = Field(None, description="subject ids (default: all in the store)")
+    subjects: list[int] | None = Field(None, description="subject ids (default: all in the store but hold_out)")
+    hold_out: list[int] = Field(default_factory=list, description="subjects never read: leave-one-subject-out "
+                                                                "pretraining, e.g. [1] to pretrain the model Duala / "
+                                                                "MindEye2 then adapt to subject 1")
     sessions: list[int] | None = Field(None, description="sessions to read, e.g. [1] for the 1-hour setting")
     train_trials: int | None = Field(None, ge=1, description="train split: each subject's first N train trials in "
                                                             "acquisition order (session, run, trial), e.g. MindLink's "
@@ -399,7 +402,12 @@ class TrainConfig(StageConfig):
     preset: Literal["tiny", "demo", "paper"] = "demo"
     model: dict[str, Any] = Field(default_factory=dict, description="overrides of the method preset's fields")
     data: DataSelection = Field(default_factory=DataSelection)
-    init_from: str | None = Field(None, description="fine-tune: a consolidated checkpoint (final/ dir URI) to start from")
+    init_from: str | None = Field(None, description="fine-tune: a consolidated checkpoint (final/ dir URI) to start from; "
+                                                   "in a sweep, `{subject}` in it is each trial's subject (e.g. "
+                                                   "runs/pretrain-wo{subject:02d}/final, a leave-one-out model each)")
+    allow_seen_subjects: bool = Field(False, description="init_from may have been trained on this run's subjects "
+                                                         "(continued training; its numbers are not a new-subject "
+                                                         "result). Default: refused, naming them")
     optim: OptimConfig = Field(default_factory=OptimConfig)
     scaling: ScalingConfig = Field(default_factory=ScalingConfig)
     deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig)

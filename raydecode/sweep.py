@@ -41,6 +41,8 @@ def trial_config(base: dict, params: dict, name: str) -> TrainConfig:
     subject and sampled values set."""
     d = copy.deepcopy(base)
     d.setdefault("data", {})["subjects"] = [int(params[SUBJECT])]
+    if d.get("init_from"):  # one leave-one-out model per subject: runs/pretrain-wo{subject:02d}/final
+        d["init_from"] = d["init_from"].format(subject=int(params[SUBJECT]))
     for key, value in params.items():
         if key != SUBJECT:
             # a grid of settings, e.g. model: [{ssp: false, sdp: false}], updates the section
@@ -384,13 +386,20 @@ def _shared_statistics(cfg: SweepConfig, base: dict) -> None:
     when some trial's model needs them (a plain-LoRA sweep of Duala does not)."""
 
     spaces: list[str] = []
-    init_from = None
     for setting in _model_settings(cfg):
         probe = trial_config(base, {SUBJECT: cfg.subjects[0], **setting}, "probe")
         spec = get_method(probe.method)
         spaces += [s for s in spec.statistics(spec.config(probe.preset, probe.model)) if s not in spaces]
-        init_from = probe.init_from
-    if spaces and init_from:
-        st = run_class_statistics(cfg.store, init_from, spaces, s3=cfg.s3, cpus=cfg.data.read_cpus)
-        print(f"[sweep] class statistics of {init_from}: {st.status} {st.uri}")
+    if not spaces:
+        return
+    done = set()
+    for subject in cfg.subjects:  # each subject's init_from, over its source subjects (never the subject itself)
+        plan = plan_training(trial_config(base, {**_first_values(cfg), SUBJECT: subject}, "probe"))
+        key = (plan.init_state_uri, tuple(plan.source_subjects or ()))
+        if plan.init_state_uri and key not in done:
+            done.add(key)
+            st = run_class_statistics(cfg.store, plan.init_state_uri, spaces, plan.source_subjects, s3=cfg.s3,
+                                      cpus=cfg.data.read_cpus)
+            print(f"[sweep] class statistics of {plan.init_state_uri} (subjects {plan.source_subjects}): "
+                  f"{st.status} {st.uri}")
 

@@ -147,3 +147,48 @@ def test_class_statistics_from_sums():
     assert torch.allclose(st["class_mean"][2], protos[0, 2])  # the only subject with the class
     assert torch.allclose(st["deviation"][1, 2], torch.zeros(2))
     assert torch.allclose(st["deviation_scale"][0], torch.tensor([0.1, 0.1]))
+
+
+# -- leave-one-subject-out -----------------------------------------------------------------
+
+
+def test_pretraining_holds_out_a_subject_and_adapting_to_a_seen_one_is_refused(pretrained, tiny_store, tmp_path):
+    """Duala's protocol: the new subject's model never saw it. A pretrain with ``hold_out`` reads every other
+    subject; an adaptation whose ``init_from`` was trained on its subject is refused, naming both, so the target's
+    own ridge map and statistics can never come from the pretrained model; continued training says so explicitly,
+    and even then the source statistics leave the run's subject out."""
+    from conftest import SOURCE_SUBJECTS, tiny_config
+
+    from raydecode.errors import ConfigError
+    from raydecode.sweep import SWEEP_ONLY, check_sweep, trial_config
+    from raydecode.train.launch import plan_training
+
+    plan = plan_training(tiny_config(tiny_store, tmp_path, "wo7", data={"subjects": None, "hold_out": [7]}))
+    assert plan.info.subjects == [1, 2, 3, 4, 5, 6, 8]
+    with pytest.raises(ConfigError, match="both name subject 7"):
+        plan_training(tiny_config(tiny_store, tmp_path, "x", data={"subjects": [6, 7], "hold_out": [7]}))
+
+    _, pre = pretrained  # trained on SOURCE_SUBJECTS: 7 and 8 never seen
+    ckpt = pre.artifacts["checkpoint"]
+    adapt = dict(method="duala", init_from=ckpt, data={"subjects": [3], "sessions": [1]},
+                 optim={"epochs": 1, "batch_size": 8}, scaling={"num_workers": 1})
+    with pytest.raises(ConfigError) as err:
+        plan_training(tiny_config(tiny_store, tmp_path, "leak", **adapt))
+    assert f"init_from {ckpt}: trained on subject 3" in str(err.value) and "hold_out: [3]" in str(err.value)
+    continued = plan_training(tiny_config(tiny_store, tmp_path, "cont", allow_seen_subjects=True, **adapt))
+    assert continued.source_subjects == [s for s in SOURCE_SUBJECTS if s != 3]
+    new = plan_training(tiny_config(tiny_store, tmp_path, "new", **{**adapt, "data": {"subjects": [8], "sessions": [1]}}))
+    assert new.source_subjects == SOURCE_SUBJECTS and new.init_state_uri == ckpt
+
+    # a sweep names one leave-one-out model per subject: {subject} is the trial's
+    from raydecode.config import SweepConfig
+
+    template = ckpt.replace("pretrain-tiny", "pretrain-wo{subject:02d}")
+    base = SweepConfig.model_validate({"store": tiny_store, "workdir": str(tmp_path), "preset": "tiny",
+                                       "init_from": template, "subjects": [7, 8]}).model_dump(mode="json", exclude=SWEEP_ONLY)
+    assert trial_config(base, {"subject": 8}, "t").init_from == ckpt.replace("pretrain-tiny", "pretrain-wo08")
+    leaky = SweepConfig.model_validate({"store": tiny_store, "workdir": str(tmp_path), "preset": "tiny",
+                                        "init_from": ckpt, "subjects": [8, 2], "data": {"sessions": [1]},
+                                        "optim": {"batch_size": 8}})
+    with pytest.raises(ConfigError, match="trained on subject 2"):
+        check_sweep(leaky)  # refused before any trial starts

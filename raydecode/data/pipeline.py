@@ -288,7 +288,7 @@ def _select(store: Store | str, sel: DataSelection, s3: S3Options | None):
     """Open the store and check a selection against its manifest -> (store, subjects, voxels, trial shards)."""
     if isinstance(store, str):
         store = open_store(store, s3)
-    subjects = store.check_subjects(sel.subjects)
+    subjects = store.check_subjects(sel.subjects, sel.hold_out)
     sessions = store.check_sessions(subjects, sel.sessions)
     check_embeddings(store, sel.embeddings)
     shards = store.manifest.shards_of("trials", subjects=subjects, sessions=sessions)

@@ -36,7 +36,7 @@ from raydecode.data.schema import (
     SubjectInfo,
     schema_for,
 )
-from raydecode.errors import StorageError, StoreError
+from raydecode.errors import ConfigError, StorageError, StoreError
 from raydecode.storage import Location, S3Options, resolve
 
 
@@ -216,19 +216,26 @@ class Store:
     def location(self, shard: ShardInfo | str) -> Location:
         return self.root.join(shard.path if isinstance(shard, ShardInfo) else shard)
 
-    def check_subjects(self, subjects: Iterable[int] | None) -> list[int]:
-        """The requested subjects, or all; an unknown id is an error naming it."""
+    def check_subjects(self, subjects: Iterable[int] | None, hold_out: Iterable[int] = ()) -> list[int]:
+        """The requested subjects, or all but ``hold_out``; an unknown id, or a subject both requested and held
+        out, is an error naming it."""
         known = self.manifest.subject_ids
-        if subjects is None:
-            return list(known)
-        subjects = [int(s) for s in subjects]
-        unknown = [s for s in subjects if s not in known]
+        hold_out = [int(s) for s in hold_out]
+        requested = [int(s) for s in subjects] if subjects is not None else None
+        unknown = [s for s in (requested or []) + hold_out if s not in known]
         if unknown:
             raise StoreError(
                 f"unknown subject {', '.join(map(str, unknown))} in store {self.uri}; "
                 f"available: {', '.join(map(str, known))}"
             )
-        return subjects
+        if requested is None:
+            requested = [s for s in known if s not in hold_out]
+            if not requested:
+                raise ConfigError(f"data.hold_out {hold_out}: holds out every subject of store {self.uri}")
+        both = [s for s in requested if s in hold_out]
+        if both:
+            raise ConfigError(f"data.subjects and data.hold_out both name subject {', '.join(map(str, both))}")
+        return requested
 
     def sessions_of(self, subject: int) -> list[int]:
         """The session numbers the store holds for ``subject`` (NSD's numbering: an ingest of a subset keeps it)."""

@@ -150,7 +150,7 @@ def windows_dataset(store: Store | str, split: str, window: WindowConfig, select
 def _windows_dataset(store, split: str, window: WindowConfig, sel, s3, shift: int):
     if isinstance(store, str):
         store = open_store(store, s3)
-    subjects = store.check_subjects(sel.subjects)
+    subjects = store.check_subjects(sel.subjects, sel.hold_out)
     sessions = store.check_sessions(subjects, sel.sessions)
     shards = _check(store, subjects, sessions)
     voxels = {s: store.manifest.subject(s).voxels for s in subjects}
@@ -172,7 +172,7 @@ def read_windows(store: Store | str, split: str, window: WindowConfig, selection
     sel = selection or DataSelection()
     if isinstance(store, str):
         store = open_store(store, s3)
-    subjects = store.check_subjects(sel.subjects)
+    subjects = store.check_subjects(sel.subjects, sel.hold_out)
     sessions = store.check_sessions(subjects, sel.sessions)
     width = max(store.manifest.subject(s).voxels for s in subjects)
     test_ids = np.asarray(store.manifest.shared_test_image_ids, np.int64)

@@ -51,13 +51,14 @@ class TrainPlan:
     init_state_uri: str | None
     train_bytes: int = 0  # the selected trial (or time-series) shards, on disk
     window: object = None  # WindowConfig when the method reads time-series windows
+    source_subjects: list[int] | None = None  # init_from's subjects but this run's: its source statistics
 
 
 def plan_training(cfg: TrainConfig) -> TrainPlan:
     spec = get_method(cfg.method)
     mcfg = spec.config(cfg.preset, cfg.model)
     store = open_store(cfg.store, cfg.s3)
-    subjects = store.check_subjects(cfg.data.subjects)
+    subjects = store.check_subjects(cfg.data.subjects, cfg.data.hold_out)
     sessions = store.check_sessions(subjects, cfg.data.sessions)
     src = read_json(cfg.init_from, CONFIG_FILE, cfg.s3) if cfg.init_from else None  # the checkpoint's config
     coords = None
@@ -107,19 +108,37 @@ def plan_training(cfg: TrainConfig) -> TrainPlan:
         raise ConfigError(f"optim.batch_size {cfg.optim.batch_size}: larger than the {per_worker} train rows each of "
                           f"{cfg.scaling.num_workers} workers gets ({train_rows} rows selected)")
 
-    init_state_uri = None
+    init_state_uri = source = None
     if src is not None:
         allowed = spec.init_methods
         if get_method(src["method"]).name not in allowed:
             raise ConfigError(f"init_from {cfg.init_from}: a {src['method']!r} checkpoint; method {cfg.method!r} "
                               f"starts from {' or '.join(repr(m) for m in allowed)} checkpoints")
         init_state_uri = cfg.init_from
+        source = check_unseen(cfg, src, subjects)
     if spec.statistics(mcfg) and not cfg.init_from:
         raise ConfigError(f"method {cfg.method!r} adapts a pretrained model: set init_from to a checkpoint "
                           f"(a final/ directory of a {' or '.join(spec.init_methods)} run)")
+    if spec.statistics(mcfg) and not source:
+        raise ConfigError(f"init_from {cfg.init_from}: trained only on subjects {subjects}, this run's own: "
+                          "no source subjects left for the class statistics")
     final_uri = resolve(cfg.storage_path(), cfg.s3).join(cfg.run_name or "run", "final").uri
     return TrainPlan(info, mcfg, targets, train_rows, steps, final_uri, init_state_uri,
-                     sum(s.bytes for s in shards), window)
+                     sum(s.bytes for s in shards), window, source)
+
+
+def check_unseen(cfg: TrainConfig, src: dict, subjects: list[int]) -> list[int]:
+    """An adaptation starts from a model that never saw its subjects (leave-one-subject-out: otherwise the
+    target's own ridge map and statistics come from the pretrained model and a "new subject" result is not one),
+    unless ``allow_seen_subjects``. Returns the checkpoint's other subjects: the source of its statistics."""
+    trained = [int(s) for s in src["info"]["subjects"]]
+    seen = [s for s in subjects if s in trained]
+    if seen and not cfg.allow_seen_subjects:
+        raise ConfigError(
+            f"init_from {cfg.init_from}: trained on subject {', '.join(map(str, seen))} (its subjects: {trained}), "
+            f"which this run adapts to; start from a model pretrained with data.hold_out: {seen}, or set "
+            "allow_seen_subjects: true to continue training on them")
+    return [s for s in trained if s not in subjects]
 
 
 RUN_FILE = "raydecode_run.json"
@@ -242,8 +261,8 @@ def run_training(cfg: TrainConfig, stage: str = "pretrain", parent_run_id: str |
         _check_cluster_fits(cfg)
         stats_uri = None
         if spec.statistics(plan.method_config):  # e.g. Duala's source statistics, once per pretrained checkpoint
-            st = run_class_statistics(cfg.store, cfg.init_from, spec.statistics(plan.method_config), s3=cfg.s3,
-                                      cpus=cfg.data.read_cpus)
+            st = run_class_statistics(cfg.store, cfg.init_from, spec.statistics(plan.method_config),
+                                      plan.source_subjects, s3=cfg.s3, cpus=cfg.data.read_cpus)
             stats_uri = st.uri
             mlflow.set_tag("raydecode.stats_uri", st.uri)
             print(f"[{stage}] class statistics of {cfg.init_from}: {st.status} {st.uri} "
