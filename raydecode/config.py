@@ -485,8 +485,8 @@ class ReconstructOptions(BaseModel):
     guidance: float | None = Field(None, ge=0, description="classifier-free guidance (default: the model's, 3)")
     seed: int = Field(0, description="initial noise: one seed per (subject, image) derived from this")
     batch_size: int = Field(32, ge=1)
-    size: int | None = Field(None, ge=8, description="images resized to this for PixCorr/SSIM (paper: 224; "
-                                                     "default: the stimulus size)")
+    size: int | None = Field(None, ge=8, description="images resized to this for PixCorr/SSIM (default: the "
+                                                     "method's paper: Dynadiff 224, MindEye2 425)")
     grid_images: int = Field(16, ge=1, description="stimulus/reconstruction pairs in the grid PNG")
     max_images: int | None = Field(None, ge=1, description="reconstruct at most this many test images (the first by "
                                                           "subject and image id; metrics on them); None: all")
@@ -541,7 +541,6 @@ class EvalReconstructOptions(ReconstructOptions):
 
     enabled: bool = Field(True, description="reconstruct images (methods that generate them, or CLIP-space methods "
                                             "when `decoder` is set)")
-    size: int | None = Field(425, ge=8, description="PixCorr / SSIM resolution (MindEye2: 425)")
     shifted: bool = Field(False, description="also reconstruct in the time-shifted protocols (shift+k)")
 
 
@@ -570,8 +569,11 @@ class EvaluateConfig(StageConfig):
                           "{kind: ip-adapter, ...}: SD 1.5 + IP-Adapter Plus, raydecode.evaluate.ipadapter); "
                           "None: no reconstructions")
     metric_nets: list[dict[str, Any]] | None = Field(
-        None, description="metric networks (raydecode.evaluate.feature_metrics.MetricNet); default: the papers' six, "
-                          "random weights unless `weights` are given")
+        None, description="metric networks (raydecode.evaluate.feature_metrics.MetricNet); default: the method's "
+                          "paper's (MindEye2's six; Dynadiff's at 224 px with CLIP-12), random unless `weights`")
+    allow_random_weights: bool = Field(False, description="evaluate a paper-preset model with metric networks "
+                                                          "that have no weights (their numbers mean nothing; the run "
+                                                          "is tagged raydecode.random_metric_nets). Default: refused")
     tsne: bool = Field(True, description="t-SNE of the backbone embeddings, by subject and by class")
     batch_size: int = Field(32, ge=1, description="rows per inference batch")
     actors: int = Field(1, ge=1, description="inference actors (one model each)")

@@ -107,6 +107,32 @@ def test_the_evaluation_run_holds_the_table_and_plots_and_links_the_model(evalua
         assert Image.open(out["artifacts"][name]).size[0] > 100
     md = open(out["artifacts"]["metrics.md"]).read()
     assert "recon.alexnet2" in md and "| averaged" in md.replace("|  averaged", "| averaged")
+    # which of its numbers came from random networks is on the run (all of them here: CPU test weights)
+    assert run.data.tags["raydecode.random_metric_nets"].split(",") == [n["metric"] for n in SMALL_NETS]
+    assert "recon.clip12" in run.data.metrics  # Dynadiff's CLIP-12: a transformer block's output
+
+
+def test_a_paper_model_is_not_scored_by_random_metric_networks(evaluated, tiny_store, tmp_path, capsys):
+    """A paper-preset model's numbers are compared with the papers': networks without weights are refused,
+    naming them, before anything runs (allow_random_weights lets a smoke test through)."""
+    import shutil
+
+    from raydecode.config import EvaluateConfig
+    from raydecode.evaluate.feature_metrics import DYNADIFF_NETS, paper_protocol
+
+    cfg, result, _, tmp = evaluated
+    paper = shutil.copytree(result.artifacts["checkpoint"], tmp_path / "paper" / "final")
+    config = json.loads((paper / "config.json").read_text())
+    (paper / "config.json").write_text(json.dumps({**config, "preset": "paper"}))
+    capsys.readouterr()
+    assert main(["evaluate", "--model", str(paper), *_args(cfg, tiny_store, _config(tmp))]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: metric_nets: alexnet2, alexnet5, inception, clip, clip12") and "\n" not in err
+    assert "allow_random_weights" in err
+    # the papers' own protocols: MindEye2's sizes per network at 425 px PixCorr/SSIM, Dynadiff's 224 and CLIP-12
+    assert paper_protocol("mindeye2").pixel_size == 425 and paper_protocol("dynadiff").pixel_size == 224
+    assert {n.size for n in DYNADIFF_NETS} == {224} and "clip12" in {n.metric for n in DYNADIFF_NETS}
+    assert EvaluateConfig().reconstruct.size is None  # the method's paper decides
 
 
 def test_compare_reads_two_evaluated_models_one_from_the_registry(evaluated, tiny_store, capsys):

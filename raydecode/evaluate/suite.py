@@ -34,10 +34,10 @@ from raydecode.data.pipeline import with_stimuli
 from raydecode.data.store import open_store
 from raydecode.errors import ConfigError, StoreError, user_errors_from_ray
 from raydecode.evaluate.feature_metrics import (
-    DEFAULT_NETS,
     FeatureExtractor,
     MetricNet,
     correlation_distance,
+    paper_protocol,
     two_way_identification,
 )
 from raydecode.evaluate.images import grid_png, pixcorr, ssim
@@ -123,7 +123,9 @@ class Predictor:
             self.decoder = image_generator(self.cfg.decoder).to(self.device)
             if getattr(self.decoder.cfg, "blend", 0) > 0 and "vae" in targets:  # MindEye2's blurry image, decoded by its VAE
                 self.blur_vae = FrozenEncoder(encoder_config(targets["vae"]["encoder"])).to(self.device)
-        nets = [MetricNet(**n) for n in self.cfg.metric_nets] if self.cfg.metric_nets is not None else DEFAULT_NETS
+        paper = paper_protocol(self.spec.name)
+        self.pixel_size = self.cfg.reconstruct.size or paper.pixel_size
+        nets = metric_nets(self.cfg, self.spec.name)
         self.nets, extractors = [], {}
         for net in nets if self.reconstructs else []:
             key = (net.arch, net.kind, net.layer, net.weights, net.seed, net.size)
@@ -166,7 +168,7 @@ class Predictor:
                     mask &= np.isin(rows["protocol"], self.recon_protocols)
                 h, w = stimuli.shape[1:3]
                 recon = np.zeros_like(stimuli)
-                size = self.cfg.reconstruct.size
+                size = self.pixel_size
                 out["pixcorr"], out["ssim"] = np.zeros(n, np.float32), np.zeros(n, np.float32)
                 if mask.any():
                     idx = np.flatnonzero(mask)
@@ -323,6 +325,13 @@ def _write_outputs(tmp: str, cfg: EvaluateConfig, ref: ModelRef, results: dict[s
     return files
 
 
+def metric_nets(cfg: EvaluateConfig, method: str) -> list[MetricNet]:
+    """The configured metric networks, else the method's paper's."""
+    if cfg.metric_nets is not None:
+        return [MetricNet(**n) for n in cfg.metric_nets]
+    return list(paper_protocol(method).nets)
+
+
 def _model_for(cfg: EvaluateConfig) -> tuple[ModelRef, dict, object, list[int]]:
     """The model reference resolved, its saved config, the store and the subjects to evaluate (checked)."""
     if not cfg.model:
@@ -357,8 +366,15 @@ def run_evaluate(cfg: EvaluateConfig) -> StageResult:
     t0 = time.time()
     tracking_uri = tracking.configure(cfg)
     ref, config, store, subjects = _model_for(cfg)
-    nets = [MetricNet(**n) for n in cfg.metric_nets] if cfg.metric_nets is not None else list(DEFAULT_NETS)
     spec = get_method(config["method"])
+    nets = metric_nets(cfg, spec.name)
+    reconstructs = cfg.reconstruct.enabled and (spec.get(Reconstructs) is not None
+                                                 or (spec.get(EmbedsImages) is not None and bool(cfg.decoder)))
+    random_nets = [n.metric for n in nets if n.random] if reconstructs else []
+    if random_nets and config.get("preset") == "paper" and not cfg.allow_random_weights:
+        raise ConfigError(f"metric_nets: {', '.join(random_nets)} have no weights (random networks) and {ref.ref} is a "
+                          "paper-preset model: give their `weights` (jobs/evaluate-nsd.yaml) or set "
+                          "allow_random_weights: true")
     print(f"[evaluate] {ref.ref} -> {ref.canonical} ({config['method']}, subjects {subjects}), store {cfg.store}")
     if cfg.decoder is None and spec.get(Reconstructs) is None and spec.get(EmbedsImages) is not None:
         print("[evaluate] no `decoder` configured: retrieval only (set decoder to reconstruct images)")
@@ -371,7 +387,8 @@ def run_evaluate(cfg: EvaluateConfig) -> StageResult:
     with tracking.stage_run(cfg, "evaluate", run_name=cfg.run_name or f"evaluate {ref.ref}", tags={
             "raydecode.model_ref": ref.ref, EVALUATES_TAG: ref.canonical, "raydecode.model_run_id": ref.run_id or "",
             "raydecode.method": config["method"], "raydecode.store": cfg.store,
-            "raydecode.test_set": store.test_set_digest(subjects)}) as run:
+            "raydecode.test_set": store.test_set_digest(subjects),
+            "raydecode.random_metric_nets": ",".join(random_nets) or "none"}) as run:
         run_id = run.info.run_id
         results, metrics = {}, {}
         t1 = time.time()
