@@ -324,6 +324,11 @@ class OptimConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     epochs: int = Field(10, ge=1)
+    samples_per_epoch: int | None = Field(
+        None, ge=1, description="an epoch is this many samples, as MindEye2's reference counts them (30,000: 750 "
+                                "trials x 40 sessions, whatever the subjects): the run makes epochs x "
+                                "samples_per_epoch / train rows passes over the data (at least 1), warming up over "
+                                "the first two epochs' samples. None: an epoch is one pass")
     batch_size: int = Field(32, ge=2, description="per worker (DeepSpeed micro-batch)")
     lr: float = Field(3e-4, gt=0, description="max lr of the OneCycle schedule")
     weight_decay: float = Field(1e-2, ge=0)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import resource
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -57,8 +58,25 @@ def test_contrastive_losses_prefer_the_true_pairing():
     shuffled = image[torch.randperm(16)]
     assert soft_clip_loss(image, image, 0.05) < soft_clip_loss(shuffled, image, 0.05)
     lam = torch.ones(16)
-    perm = torch.arange(16)
+    perm = torch.arange(16).roll(1)  # unmixed (lam 1): all the weight on the own image
     assert mixco_nce(image, image, 0.05, perm, lam) < mixco_nce(shuffled, image, 0.05, perm, lam)
+
+
+def test_bimixco_targets_are_the_references_also_when_a_sample_is_its_own_partner():
+    """MindEye2's utils.mixco_nce: ``probs = diag(betas); probs[arange, perm] = 1 - betas`` (the partner's weight
+    overwrites the diagonal where ``perm[i] == i``), both directions averaged."""
+    torch.manual_seed(1)
+    brain, image = F.normalize(torch.randn(8, 16), dim=-1), F.normalize(torch.randn(8, 16), dim=-1)
+    perm = torch.tensor([0, 2, 1, 3, 5, 4, 7, 6])  # samples 0 and 3 are their own partners
+    lam = torch.tensor([0.3, 0.6, 0.9, 1.0, 0.2, 0.5, 0.7, 0.4])
+    logits = brain @ image.T / 0.05
+    probs = np.zeros((8, 8))
+    for i in range(8):
+        probs[i, i] = lam[i]
+        probs[i, perm[i]] = 1 - lam[i]
+    probs = torch.from_numpy(probs).float()
+    expected = (-(logits.log_softmax(-1) * probs).sum(-1).mean() - (logits.T.log_softmax(-1) * probs.T).sum(-1).mean()) / 2
+    assert mixco_nce(brain, image, 0.05, perm, lam).item() == pytest.approx(expected.item(), rel=1e-6)
     assert cosine_anneal(0.004, 0.0075, 0) == pytest.approx(0.004)
     assert cosine_anneal(0.004, 0.0075, 1) == pytest.approx(0.0075)
 
@@ -114,3 +132,28 @@ def test_methods_are_found_by_file_name_and_a_name_is_registered_once():
         register(dataclasses.replace(spec))
     with pytest.raises(ConfigError, match="method 'nope': allowed values: .*mindeye2"):
         get_method("nope")
+
+
+def test_the_prior_drops_its_image_input_while_training_and_samples_without_guidance_by_default():
+    """MindEye2's prior (DALLE2-pytorch's): the noised image is swapped for a learned null with
+    ``prior_image_drop`` (0.2) as the brain condition is with ``prior_cond_drop``; sampling uses cond_scale 1 (one
+    conditional pass per step); other guidance values mix in the pass with both nulled."""
+    from raydecode.nn.mindeye2 import DiffusionPrior, MindEye2Config
+
+    cfg = MindEye2Config()
+    assert (cfg.prior_cond_drop, cfg.prior_image_drop, cfg.prior_guidance, cfg.blurry_dropout) == (0.2, 0.2, 1.0, 0.3)
+    torch.manual_seed(0)
+    prior = DiffusionPrior(tokens=4, width=8, depth=1, heads=2, timesteps=10)
+    cond, target = torch.randn(3, 4, 8), torch.randn(3, 4, 8)
+    prior.loss(cond, target, cond_drop=0.0, image_drop=1.0).backward()
+    assert prior.null_image.grad.abs().sum() > 0 and prior.null_cond.grad.abs().sum() == 0
+    prior.zero_grad(set_to_none=True)
+    prior.loss(cond, target, cond_drop=0.0, image_drop=0.0).backward()
+    assert prior.null_image.grad.abs().sum() == 0
+    calls = []
+    prior.register_forward_hook(lambda m, i, o: calls.append(1))
+    noise = torch.randn(3, 4, 8)
+    plain = prior.sample(cond, steps=4, noise=noise)
+    assert len(calls) == 4
+    guided = prior.sample(cond, steps=4, guidance=3.0, noise=noise)
+    assert len(calls) == 4 + 8 and not torch.allclose(plain, guided)

@@ -9,7 +9,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 from conftest import SOURCE_SUBJECTS, STEPS_PER_EPOCH, metric_history, tiny_config
 
 from raydecode.errors import ConfigError
@@ -150,6 +152,29 @@ def test_bad_training_configs_fail_before_any_worker_starts(tiny_store, tmp_path
         run_training(tiny_config(tiny_store, tmp_path, "x", model={"hiden": 3}))
     with pytest.raises(ConfigError, match="needs `weights`"):
         run_training(tiny_config(tiny_store, tmp_path, "x", model={"clip_encoder": "openclip-bigg"}))
+
+
+def test_an_epoch_can_be_counted_in_samples_as_mindeye2s_reference_does(tiny_store, tmp_path):
+    """optim.samples_per_epoch: 150 epochs of 30,000 samples on NSD's 7 x ~24.5k train trials are ~26 passes, not
+    150; here 6 epochs of 300 samples over the 900 train trials of 6 subjects are 2 passes, and the OneCycle
+    warm-up still spans the first two (nominal) epochs: a third of the steps."""
+    from raydecode.train.launch import plan_training
+    from raydecode.train.loop import make_scheduler
+
+    plain = plan_training(tiny_config(tiny_store, tmp_path, "x"))
+    assert (plain.train_rows, plain.passes) == (900, 6)
+    cfg = tiny_config(tiny_store, tmp_path, "x", optim={"samples_per_epoch": 300})
+    plan = plan_training(cfg)
+    assert plan.passes == 2 and plan.steps_per_epoch == plain.steps_per_epoch
+    total = plan.passes * plan.steps_per_epoch
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
+    sched = make_scheduler(opt, cfg, total)
+    lrs = []
+    for _ in range(total):
+        lrs.append(sched.get_last_lr()[0])
+        opt.step()
+        sched.step()
+    assert int(np.argmax(lrs)) == round(total / 3)  # the peak after 2 of 6 epochs' samples
 
 
 def test_a_store_error_inside_a_worker_reaches_the_user_as_itself(store_copy, ray_local, tmp_path):

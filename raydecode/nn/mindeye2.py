@@ -44,7 +44,10 @@ class MindEye2Config(BaseModel):
     prior_depth: int = 6
     prior_heads: int = 32  # 1664 / 32 = 52-dim heads
     prior_timesteps: int = 100
-    prior_cond_drop: float = 0.2
+    prior_cond_drop: float = Field(0.2, description="brain-condition dropout (to a learned null) while training")
+    prior_image_drop: float = Field(0.2, description="noised-image dropout (to a learned null) while training, as "
+                                                     "the reference's prior (DALLE2-pytorch's image_cond_drop_prob)")
+    prior_guidance: float = Field(1.0, description="classifier-free guidance when sampling (reference: 1, none)")
     lowlevel: bool = True
     vae_encoder: str = Field("sd-vae", description="frozen VAE-latent target encoder")
     vae_latents: tuple[int, int, int] = (4, 28, 28)
@@ -53,6 +56,7 @@ class MindEye2Config(BaseModel):
     decoder_channels: tuple[int, ...] = (32, 64, 128)
     decoder_norm_groups: int = 32
     lowlevel_feature_dim: int = Field(2048, description="aux target: VAE mid-block features pooled to 2x2")
+    blurry_dropout: float = Field(0.3, description="dropout on the low-level branch's input maps (reference: 0.3)")
     # loss (MindEye2 paper: 30, 1, 0.5)
     prior_scale: float = 30.0
     clip_scale: float = 1.0
@@ -147,9 +151,9 @@ class DiffusionPrior(nn.Module):
         self.cond_pos = nn.Parameter(torch.zeros(1, tokens, width))
         self.image_pos = nn.Parameter(torch.zeros(1, tokens, width))
         self.null_cond = nn.Parameter(torch.zeros(1, tokens, width))
-        nn.init.normal_(self.cond_pos, std=0.02)
-        nn.init.normal_(self.image_pos, std=0.02)
-        nn.init.normal_(self.null_cond, std=0.02)
+        self.null_image = nn.Parameter(torch.zeros(1, tokens, width))
+        for p in (self.cond_pos, self.image_pos, self.null_cond, self.null_image):
+            nn.init.normal_(p, std=0.02)
         self.time_mlp = nn.Sequential(nn.Linear(width, width), nn.SiLU(), nn.Linear(width, width))
         layer = nn.TransformerEncoderLayer(width, heads, 4 * width, dropout=0.0, activation="gelu",
                                            batch_first=True, norm_first=True)
@@ -169,27 +173,31 @@ class DiffusionPrior(nn.Module):
         return emb.to(dtype)
 
     def forward(self, cond: torch.Tensor, noised: torch.Tensor, t: torch.Tensor,
-                drop: torch.Tensor | None = None) -> torch.Tensor:
+                drop: torch.Tensor | None = None, drop_image: torch.Tensor | None = None) -> torch.Tensor:
         if drop is not None:
             cond = torch.where(drop[:, None, None], self.null_cond.to(cond.dtype).expand_as(cond), cond)
+        if drop_image is not None:
+            noised = torch.where(drop_image[:, None, None], self.null_image.to(noised.dtype).expand_as(noised), noised)
         time = self.time_mlp(self._time_embedding(t, cond.dtype))[:, None]
         x = torch.cat([cond + self.cond_pos, time, noised + self.image_pos], 1)
         x = self.transformer(x)
         return self.out(x[:, -noised.shape[1]:])
 
-    def loss(self, cond: torch.Tensor, target: torch.Tensor, cond_drop: float) -> torch.Tensor:
+    def loss(self, cond: torch.Tensor, target: torch.Tensor, cond_drop: float, image_drop: float = 0.0) -> torch.Tensor:
         b = target.shape[0]
         t = torch.randint(0, self.scheduler.config.num_train_timesteps, (b,), device=target.device)
         noise = torch.randn_like(target)
         noised = self.scheduler.add_noise(target, noise, t)
         drop = torch.rand(b, device=target.device) < cond_drop
-        return F.mse_loss(self(cond, noised, t, drop), target)
+        drop_image = torch.rand(b, device=target.device) < image_drop
+        return F.mse_loss(self(cond, noised, t, drop, drop_image), target)
 
     @torch.no_grad()
-    def sample(self, cond: torch.Tensor, steps: int = 20, guidance: float = 3.5,
+    def sample(self, cond: torch.Tensor, steps: int = 20, guidance: float = 1.0,
                generator: torch.Generator | None = None, noise: torch.Tensor | None = None) -> torch.Tensor:
-        """DDIM sampling with classifier-free guidance against the learned null condition; ``noise``: the initial
-        tokens (default: standard normal from ``generator``)."""
+        """DDIM sampling; with ``guidance`` other than 1, classifier-free guidance against the learned null
+        condition and null image (as the reference's ``forward_with_cond_scale``); ``noise``: the initial tokens
+        (default: standard normal from ``generator``)."""
         from diffusers import DDIMScheduler
 
         sched = DDIMScheduler.from_config(self.scheduler.config)
@@ -199,9 +207,11 @@ class DiffusionPrior(nn.Module):
         null = torch.ones(cond.shape[0], dtype=torch.bool, device=cond.device)
         for t in sched.timesteps:
             tt = t.expand(cond.shape[0]).to(cond.device)
-            pred_c = self(cond, x, tt)
-            pred_u = self(cond, x, tt, drop=null)
-            x = sched.step(pred_u + guidance * (pred_c - pred_u), t, x).prev_sample
+            pred = self(cond, x, tt)
+            if guidance != 1:
+                pred_u = self(cond, x, tt, drop=null, drop_image=null)
+                pred = pred_u + guidance * (pred - pred_u)
+            x = sched.step(pred, t, x).prev_sample
         return x
 
 
@@ -216,7 +226,7 @@ class LowLevel(nn.Module):
         c, s = cfg.lowlevel_channels, cfg.lowlevel_size
         self.shape = (c, s, s)
         self.linear = nn.Linear(cfg.hidden, c * s * s)
-        self.dropout = nn.Dropout(0.5)
+        self.dropout = nn.Dropout(cfg.blurry_dropout)
         self.norm = nn.GroupNorm(1, c)
         n = len(cfg.decoder_channels)
         self.decoder = Decoder(in_channels=c, out_channels=cfg.vae_latents[0], up_block_types=("UpDecoderBlock2D",) * n,
@@ -296,7 +306,7 @@ class MindEye2(nn.Module):
         loss = cfg.clip_scale * loss_clip
         metrics = {"loss_clip": loss_clip.detach()}
         if self.prior is not None:
-            loss_prior = self.prior.loss(tokens, target, cfg.prior_cond_drop)
+            loss_prior = self.prior.loss(tokens, target, cfg.prior_cond_drop, cfg.prior_image_drop)
             loss = loss + cfg.prior_scale * loss_prior
             metrics["loss_prior"] = loss_prior.detach()
         if self.lowlevel is not None:
@@ -328,12 +338,13 @@ def mixco(betas: torch.Tensor, subject: torch.Tensor, beta: float, select: float
 
 def mixco_nce(brain: torch.Tensor, image: torch.Tensor, temperature: float, perm: torch.Tensor,
               lam: torch.Tensor) -> torch.Tensor:
-    """BiMixCo: bidirectional InfoNCE with soft targets lam on the own image and 1 - lam on the partner."""
+    """BiMixCo: bidirectional InfoNCE with soft targets lam on the own image and 1 - lam on the partner. As the
+    reference (``utils.mixco_nce``) the partner's weight is written over the diagonal, so a sample mixed with
+    itself (``perm[i] == i``) has target 1 - lam on its own image, not 1."""
     logits = brain @ image.T / temperature
     b = brain.shape[0]
-    probs = torch.zeros(b, b, device=brain.device, dtype=logits.dtype)
-    probs[torch.arange(b), torch.arange(b)] = lam.to(logits.dtype)
-    probs[torch.arange(b), perm] += (1 - lam).to(logits.dtype)
+    probs = torch.diag(lam.to(logits.dtype))
+    probs[torch.arange(b), perm] = (1 - lam).to(logits.dtype)
     loss_b2i = -(logits.log_softmax(-1) * probs).sum(-1).mean()
     loss_i2b = -(logits.T.log_softmax(-1) * probs.T).sum(-1).mean()
     return (loss_b2i + loss_i2b) / 2
@@ -395,7 +406,8 @@ def image_embeddings(model: MindEye2, batch: dict, seeds, steps: int | None = No
         raise ConfigError("image reconstructions need the diffusion prior: this model was trained with prior: false")
     _, h, tokens = model.encode(batch["betas"], batch["subject"])
     noise = initial_noise(seeds, tuple(tokens.shape[1:]))
-    out = {"clip_tokens": model.prior.sample(tokens, steps or 20, 3.5 if guidance is None else guidance, noise=noise)}
+    guidance = model.cfg.prior_guidance if guidance is None else guidance
+    out = {"clip_tokens": model.prior.sample(tokens, steps or 20, guidance, noise=noise)}
     if model.lowlevel is not None:
         out["lowlevel_latents"] = model.lowlevel(h)[0]
     return out

@@ -52,6 +52,7 @@ class TrainPlan:
     train_bytes: int = 0  # the selected trial (or time-series) shards, on disk
     window: object = None  # WindowConfig when the method reads time-series windows
     source_subjects: list[int] | None = None  # init_from's subjects but this run's: its source statistics
+    passes: int = 0  # passes over the train rows (optim.epochs, or what optim.samples_per_epoch makes of them)
 
 
 def plan_training(cfg: TrainConfig) -> TrainPlan:
@@ -124,7 +125,14 @@ def plan_training(cfg: TrainConfig) -> TrainPlan:
                           "no source subjects left for the class statistics")
     final_uri = resolve(cfg.storage_path(), cfg.s3).join(cfg.run_name or "run", "final").uri
     return TrainPlan(info, mcfg, targets, train_rows, steps, final_uri, init_state_uri,
-                     sum(s.bytes for s in shards), window, source)
+                     sum(s.bytes for s in shards), window, source, passes(cfg, train_rows))
+
+
+def passes(cfg: TrainConfig, train_rows: int) -> int:
+    """Passes over the train rows: ``optim.epochs``, or epochs of ``optim.samples_per_epoch`` samples each."""
+    if cfg.optim.samples_per_epoch is None:
+        return cfg.optim.epochs
+    return max(1, round(cfg.optim.epochs * cfg.optim.samples_per_epoch / train_rows))
 
 
 def check_unseen(cfg: TrainConfig, src: dict, subjects: list[int]) -> list[int]:
@@ -256,7 +264,7 @@ def run_training(cfg: TrainConfig, stage: str = "pretrain", parent_run_id: str |
         tracking.log_params({f"model.{k}": v for k, v in plan.method_config.model_dump(mode="json").items()
                              if k not in cfg.model})
         tracking.log_params({"params.total": counts["total"], "data.train_rows": plan.train_rows,
-                             "steps_per_epoch": plan.steps_per_epoch})
+                             "steps_per_epoch": plan.steps_per_epoch, "passes": plan.passes})
         init_ray(cfg.ray_address)
         _check_cluster_fits(cfg)
         stats_uri = None
@@ -271,12 +279,13 @@ def run_training(cfg: TrainConfig, stage: str = "pretrain", parent_run_id: str |
         payload = {
             "cfg": cfg.model_dump(mode="json"), "method_config": plan.method_config.model_dump(mode="json"),
             "info": plan.info.to_dict(), "targets": plan.targets, "steps_per_epoch": plan.steps_per_epoch,
+            "epochs": plan.passes,
             "final_uri": plan.final_uri, "init_state_uri": plan.init_state_uri, "stats_uri": stats_uri,
             "pca_uri": pca_uri, "tracking_uri": tracking_uri, "run_id": run_id,
         }
         # a sweep's trials run side by side under Tune's own table: the step bar is for a single run
-        progress = DriverProgress(stage, plan.steps_per_epoch * cfg.optim.epochs, plan.steps_per_epoch,
-                                  cfg.optim.epochs, enabled=parent_run_id is None)
+        progress = DriverProgress(stage, plan.steps_per_epoch * plan.passes, plan.steps_per_epoch,
+                                  plan.passes, enabled=parent_run_id is None)
         payload["progress_board"] = progress.board
         trainer = _trainer(cfg, plan, payload, callbacks)
         try:  # a worker's UserError (bad store, bad weights) reaches the user as itself
@@ -317,7 +326,9 @@ def _describe(cfg: TrainConfig, plan: TrainPlan, stage: str) -> dict[str, int]:
     print(f"[{stage}] {cfg.method} ({cfg.preset}): {counts['total'] / 1e6:.2f} M parameters "
           f"({counts['trainable'] / 1e6:.2f} M trainable); "
           f"subjects {plan.info.subjects}; {plan.train_rows} train trials; {cfg.scaling.num_workers} workers x "
-          f"{plan.steps_per_epoch} steps/epoch x {cfg.optim.epochs} epochs; ZeRO-{cfg.deepspeed.zero_stage}; "
+          f"{plan.steps_per_epoch} steps/epoch x {plan.passes} epochs"
+          + (f" (= {cfg.optim.epochs} of {cfg.optim.samples_per_epoch} samples)" if cfg.optim.samples_per_epoch else "")
+          + f"; ZeRO-{cfg.deepspeed.zero_stage}; "
           "targets " + ", ".join(f"{k}={_encoder_name(t['encoder'])} ({t['source']})" for k, t in plan.targets.items())
           + (f"; windows {plan.window.n_samples(plan.info.tr_s)} TRs from {plan.window.start_s:g} s after onset"
              if plan.window is not None else ""))

@@ -96,7 +96,7 @@ def deepspeed_config(cfg: TrainConfig, bf16: bool) -> dict:
 def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, total_steps: int):
     if cfg.optim.schedule == "constant" or total_steps < 2:
         return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
-    # MindEye2: OneCycle, warming up over the first two epochs
+    # MindEye2: OneCycle, warming up over the first two epochs (of optim.samples_per_epoch samples, when set)
     pct = min(0.5, max(0.01, 2.0 / cfg.optim.epochs))
     return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=[g["lr"] for g in optimizer.param_groups],
                                                total_steps=total_steps + 1,
@@ -227,7 +227,8 @@ class Trainer:
         self.mcfg = self.spec.config_model(**payload["method_config"])
         self.info = DatasetInfo.from_dict(payload["info"])
         self.steps_per_epoch = int(payload["steps_per_epoch"])
-        self.total_steps = self.steps_per_epoch * cfg.optim.epochs
+        self.epochs = int(payload.get("epochs", cfg.optim.epochs))  # passes over the data
+        self.total_steps = self.steps_per_epoch * self.epochs
         # methods with frozen parts (e.g. a diffusion UNet) checkpoint only what they train
         self.partial = self.spec.partial_checkpoints
         self.epoch, self.step = 0, 0
@@ -304,7 +305,7 @@ class Trainer:
 
     def run(self) -> None:
         self.setup()
-        while self.epoch < self.cfg.optim.epochs:
+        while self.epoch < self.epochs:
             self.train_epoch()
         if not self.metrics:  # resumed after the last epoch: evaluate the restored weights
             self.metrics = {"epoch": self.epoch, "step": self.step, **self.evaluate()}
@@ -341,7 +342,7 @@ class Trainer:
         """One optimizer step on a batch; returns the method's loss parts."""
         batch = self.prepare(raw)
         loss, parts = self.spec.loss(self.engine, batch,
-                                     Progress(self.epoch, self.cfg.optim.epochs, self.step, self.total_steps))
+                                     Progress(self.epoch, self.epochs, self.step, self.total_steps))
         fault = self.cfg.fault_injection
         if fault and fault.kind == "nan_loss" and self.rank == fault.rank and self.step + 1 == fault.at_step:
             loss = loss * float("nan")
@@ -366,17 +367,17 @@ class Trainer:
                         "epoch_seconds": elapsed,
                         "train.samples_per_s": n * cfg.optim.batch_size * self.world / max(1e-9, time.time() - t0),
                         "worker.peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})
-        if self.epoch % cfg.eval.every_epochs == 0 or self.epoch == cfg.optim.epochs:
+        if self.epoch % cfg.eval.every_epochs == 0 or self.epoch == self.epochs:
             metrics.update(self.evaluate())
         self.tracker.log({k: v for k, v in metrics.items() if k not in ("epoch",)}, step=self.epoch)
         self.poster.epoch(self.step, self.epoch, metrics)
         if self.rank == 0:
             shown = " ".join(f"{k.split('.')[-1]} {v:.4g}" for k, v in metrics.items()
                              if k.startswith(("train.loss", "test.")) or k.endswith("top1"))
-            log.info(f"epoch {self.epoch}/{cfg.optim.epochs} step {self.step} {shown} "
+            log.info(f"epoch {self.epoch}/{self.epochs} step {self.step} {shown} "
                      f"({metrics['epoch_seconds']:.1f} s)")
         self.metrics = metrics
-        if self.epoch % cfg.checkpoint.every_epochs == 0 or self.epoch == cfg.optim.epochs:
+        if self.epoch % cfg.checkpoint.every_epochs == 0 or self.epoch == self.epochs:
             self.save(metrics, self.epoch)
         else:
             ray.train.report(metrics)
