@@ -206,6 +206,32 @@ class DemoConfig(StageConfig):
     seed: int = 0
 
 
+CLAIMS = ("mindeye2", "duala", "mindlink", "clip_mused", "dynadiff")
+
+
+class ClaimsConfig(StageConfig):
+    """``raydecode claims``: each implemented paper's central claim re-run on a synthetic store (two arms of real
+    training runs, scored per test image in one process), with a paired bootstrap interval and a verdict; one MLflow
+    run holds the table, the arms are its child runs."""
+
+    workdir: str = "work/claims"
+    store: str = Field("work/claims/store", description="a synthetic store of the preset (ingested when missing)")
+    experiment: str = Field("raydecode-claims", description="MLflow experiment")
+    run_name: str | None = "claims"
+    ray_address: str | None = Field(None, description="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
+    preset: Literal["tiny", "demo"] = Field("tiny", description="model and store sizes, and each claim's training "
+                                                                "budget (raydecode.app.claims.RECIPES)")
+    claims: list[Literal[CLAIMS]] = Field(default_factory=lambda: list(CLAIMS),  # type: ignore[valid-type]
+                                          description="which papers' claims to run")
+    repeats: int = Field(1, ge=1, description="training runs per arm (seeds optim.seed + r); the per-image scores "
+                                              "are averaged over them before the bootstrap")
+    bootstrap: int = Field(2000, ge=100, description="paired bootstrap resamples of the test images")
+    seed: int = 0
+    pretrained: str | None = Field(None, description="the MindEye2 checkpoint MindEye2's and Duala's claims adapt "
+                                                     "to subject 8 (trained without it); default: pretrained here")
+    num_workers: int = Field(1, ge=1, description="Ray Train workers per run")
+
+
 C = TypeVar("C", bound=BaseModel)
 
 
@@ -631,6 +657,7 @@ STAGE_CONFIGS: dict[tuple[str, ...], type[StageConfig]] = {
     ("pretrain",): TrainConfig, ("sweep",): SweepConfig, ("dynadiff",): DiffusionDecodeConfig,
     ("dynadiff", "train"): DiffusionDecodeConfig, ("dynadiff", "reconstruct"): DiffusionDecodeConfig,
     ("evaluate",): EvaluateConfig, ("compare",): CompareConfig, ("promote",): StageConfig, ("demo",): DemoConfig,
+    ("claims",): ClaimsConfig,
 }
 
 

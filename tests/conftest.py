@@ -140,7 +140,11 @@ class MlflowServer:
 
         if self.proc is not None and self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGTERM)
-            self.proc.wait(30)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:  # a loaded machine: gunicorn's workers take their time; stop it
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(30)
         self.proc = None
 
 

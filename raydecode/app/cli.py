@@ -13,7 +13,7 @@ import os
 import sys
 import time
 
-from raydecode.config import DemoConfig, InfoConfig, IngestSyntheticConfig, load_config
+from raydecode.config import ClaimsConfig, DemoConfig, InfoConfig, IngestSyntheticConfig, load_config
 from raydecode.errors import ConfigError, UserError
 from raydecode.report import StageResult, table
 
@@ -294,6 +294,13 @@ def stage_demo(args) -> StageResult:
     return run_demo(cfg)
 
 
+def stage_claims(args) -> StageResult:
+    from raydecode.app.claims import run_claims
+
+    overrides = list(args.overrides) + ([f"preset={args.preset}"] if args.preset else [])
+    return run_claims(load_config(ClaimsConfig, args.config, overrides))
+
+
 # -- parser --------------------------------------------------------------------------------
 
 
@@ -463,6 +470,12 @@ def _add_operations(sub) -> None:
     demo = _stage(sub, "demo", "the whole pipeline on embedded defaults (what 'make demo' runs)")
     _common(demo)
     demo.set_defaults(func=stage_demo)
+
+    claims = _stage(sub, "claims", "re-run each paper's central claim on a synthetic store: a table of effects, "
+                    "95% intervals and verdicts, one MLflow run", ("claims.yaml",))
+    claims.add_argument("--preset", choices=["tiny", "demo"], help="sizes and training budget (default tiny)")
+    _common(claims)
+    claims.set_defaults(func=stage_claims)
 
 
 def _check_writable(path: str, what: str) -> None:
