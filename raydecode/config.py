@@ -358,7 +358,10 @@ class OptimConfig(BaseModel):
     batch_size: int = Field(32, ge=2, description="per worker (DeepSpeed micro-batch)")
     lr: float = Field(3e-4, gt=0, description="max lr of the OneCycle schedule")
     weight_decay: float = Field(1e-2, ge=0)
-    schedule: Literal["onecycle", "constant"] = "onecycle"
+    schedule: Literal["onecycle", "cosine", "constant"] = Field(
+        "onecycle", description="onecycle: MindEye2's (warm-up over two epochs, cosine down); cosine: linear warm-up "
+                                "over warmup_steps, then cosine to 0 (Dynadiff's); constant")
+    warmup_steps: int = Field(1000, ge=0, description="schedule cosine: linear warm-up steps (Dynadiff: 1,000)")
     grad_clip: float = Field(1.0, ge=0)
     seed: int = 0
     shuffle_buffer: int = Field(256, ge=0, description="local shuffle buffer (rows) on top of Ray Data's file shuffle")

@@ -253,3 +253,18 @@ def test_training_on_a_store_without_captions_is_refused(store_copy, tmp_path):
     cfg = tiny_config(store_copy, tmp_path, "no-captions", method="clip_mused", data={"subjects": [1, 2]})
     with pytest.raises(ConfigError, match="'clip-levels-tiny' reads the stimuli's captions"):
         plan_training(cfg)
+
+
+def test_the_claims_category_score_is_the_models_logits_on_the_subjects_test_images(multi_subject, tiny_store):
+    """``raydecode claims``' CLIP-MUSED score: subject 1's test images (repetitions averaged) in one order, the
+    model's 80 category logits and the store's multi-hot labels; their mAP is the suite's (scikit-learn) and beats
+    the chance mAP of random scores."""
+    from raydecode.app.claims import category_scores
+    from raydecode.config import ClaimsConfig
+    from raydecode.evaluate.semantic import semantic_metrics
+
+    cfg, result = multi_subject
+    logits, labels = category_scores(result.artifacts["checkpoint"], ClaimsConfig(store=tiny_store, workdir=cfg.workdir), 1)
+    assert logits.shape == labels.shape == (30, 80) and set(np.unique(labels)) <= {0, 1}
+    m = semantic_metrics(logits, labels)
+    assert m["map"] > m["chance_map"], m

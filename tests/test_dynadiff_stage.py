@@ -253,3 +253,21 @@ def test_the_evaluation_suite_scores_the_model_as_the_stage_does(stage, tmp_path
     assert 0 <= m["recon.alexnet2"] <= 100 and "retrieval.brain_to_image_top1" not in m
     # test losses: every row's own condition vs the null (batching moves the fixed noise, not the comparison)
     assert m["test.diffusion_loss"] < m["test.null_loss"] and 0 < m["test.condition_gain"] < 1
+
+
+def test_the_claims_image_gain_is_scored_per_test_image_at_each_shift(stage, tiny_store):
+    """``raydecode claims``' Dynadiff score: per test image of the model's subject (repetitions averaged), the
+    denoising loss with its own window's condition and with a shuffled one, at the trained window and shifted
+    ones; the same noise draws at every shift (a paired comparison), so a repeated call gives the same numbers."""
+    import numpy as np
+
+    from raydecode.app.claims import gain_rows
+    from raydecode.config import ClaimsConfig
+
+    cfg, result = stage
+    claims = ClaimsConfig(store=tiny_store, workdir=cfg.workdir)
+    at0, again, shifted = (gain_rows(result.artifacts["checkpoint"], claims, s) for s in (0, 0, 2))
+    assert set(at0) == {"diffusion_loss", "null_loss", "shuffled_loss"} and len(at0["diffusion_loss"]) == 30
+    assert all(np.array_equal(at0[k], again[k]) for k in at0)
+    assert not np.allclose(at0["diffusion_loss"], shifted["diffusion_loss"])  # other windows, other losses
+    assert (at0["null_loss"] > 0).all() and np.isfinite(at0["shuffled_loss"]).all()

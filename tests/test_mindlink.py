@@ -427,3 +427,31 @@ def test_mindlink_is_evaluated_registered_and_compared_beside_mindeye2(mindlink_
     table = open(cmp_.artifacts["table"]).read()
     assert result.artifacts["checkpoint"] in table and mindeye2.artifacts["checkpoint"] in table, table
     assert f"{result.artifacts['checkpoint']}/recon.pixcorr" in cmp_.metrics, cmp_.metrics
+
+
+def test_the_claims_subject_probe_is_a_cross_validated_probe_of_the_test_embeddings(mindlink_trained, tiny_store):
+    """``raydecode claims``' MindLink score: per test row (subject, image; repetitions averaged), whether a 5-fold
+    cross-validated logistic-regression probe on the shared embedding reads the subject; recomputed here from the
+    checkpoint, the store's test rows and scikit-learn."""
+    import numpy as np
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import StratifiedKFold, cross_val_predict
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    from raydecode.app.claims import probe_correct
+    from raydecode.config import ClaimsConfig, DataSelection
+    from raydecode.data.pipeline import read_split
+    from raydecode.inference import ModelRunner
+
+    cfg, result = mindlink_trained
+    ckpt, subjects = result.artifacts["checkpoint"], SOURCE_SUBJECTS[:3]
+    correct = probe_correct(ckpt, ClaimsConfig(store=tiny_store, workdir=cfg.workdir, seed=3), subjects)
+    rows = read_split(tiny_store, "test", DataSelection(subjects=subjects, categories=False, images=True))
+    order = np.lexsort((rows["image_id"], rows["subject"]))
+    rows = {k: v[order] for k, v in rows.items()}
+    runner = ModelRunner.load(ckpt, store=tiny_store)
+    emb = runner.predict(runner.batch(rows))["embedding"].numpy()
+    probe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=5000))
+    expected = cross_val_predict(probe, emb, rows["subject"], cv=StratifiedKFold(5, shuffle=True, random_state=3))
+    assert len(correct) == 3 * 30 and np.array_equal(correct, (expected == rows["subject"]).astype(float))

@@ -177,6 +177,24 @@ def test_an_epoch_can_be_counted_in_samples_as_mindeye2s_reference_does(tiny_sto
     assert int(np.argmax(lrs)) == round(total / 3)  # the peak after 2 of 6 epochs' samples
 
 
+def test_dynadiffs_schedule_warms_up_linearly_then_follows_a_cosine_to_zero(tiny_store, tmp_path):
+    """optim.schedule cosine (Dynadiff: 1k warm-up steps, then cosine): lr rises linearly to its peak at the end of
+    the warm-up, is half of it halfway through the rest, and ends at 0."""
+    from raydecode.train.loop import make_scheduler
+
+    cfg = tiny_config(tiny_store, tmp_path, "x", optim={"schedule": "cosine", "warmup_steps": 10, "lr": 1e-3})
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
+    sched = make_scheduler(opt, cfg, 110)
+    lrs = []
+    for _ in range(111):
+        lrs.append(sched.get_last_lr()[0])
+        opt.step()
+        sched.step()
+    assert lrs[0] == pytest.approx(1e-4) and lrs[9] == pytest.approx(1e-3) and max(lrs) == pytest.approx(1e-3)
+    assert np.all(np.diff(lrs[:10]) > 0) and np.all(np.diff(lrs[10:]) <= 0)
+    assert lrs[60] == pytest.approx(5e-4) and lrs[110] == pytest.approx(0, abs=1e-12)
+
+
 def test_a_store_error_inside_a_worker_reaches_the_user_as_itself(store_copy, ray_local, tmp_path):
     """Stimulus images are read by the workers (targets computed there). Shards whose footers are intact (the
     driver's checks pass) but whose data pages are damaged must give the user the StoreError naming the shard,

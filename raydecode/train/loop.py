@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import resource
 import sys
@@ -96,6 +97,10 @@ def deepspeed_config(cfg: TrainConfig, bf16: bool) -> dict:
 def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, total_steps: int):
     if cfg.optim.schedule == "constant" or total_steps < 2:
         return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+    if cfg.optim.schedule == "cosine":  # Dynadiff: linear warm-up, then cosine to 0 at the last step
+        warm = min(cfg.optim.warmup_steps, total_steps - 1)
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: (step + 1) / warm if step < warm else
+                                                 0.5 * (1 + math.cos(math.pi * (step - warm) / (total_steps - warm))))
     # MindEye2: OneCycle, warming up over the first two epochs (of optim.samples_per_epoch samples, when set)
     pct = min(0.5, max(0.01, 2.0 / cfg.optim.epochs))
     return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=[g["lr"] for g in optimizer.param_groups],
