@@ -37,6 +37,10 @@ class DataSelection(BaseModel):
                                                             "acquisition order (session, run, trial), e.g. MindLink's "
                                                             "500 / 1,500 / 4,000-sample new-subject settings")
     average_test_repeats: bool = Field(True, description="test split: average the repetitions of each image")
+    keep_test_repeats: bool = Field(False, description="averaged test split: also keep each repetition's betas "
+                                                       "(betas_repeats: 3 per image, fewer repeated, as MindEye2's "
+                                                       "reference) for methods that average their outputs over them "
+                                                       "(set from the method's columns)")
     single_test_trial_seed: int | None = Field(
         None, description="test split without averaging: one presentation per (subject, image), drawn with this "
                           "seed (Dynadiff's single-trial protocol); None: every presentation")

@@ -157,3 +157,22 @@ def test_the_prior_drops_its_image_input_while_training_and_samples_without_guid
     assert len(calls) == 4
     guided = prior.sample(cond, steps=4, guidance=3.0, noise=noise)
     assert len(calls) == 4 + 8 and not torch.allclose(plain, guided)
+
+
+def test_mindeye2_averages_its_outputs_over_an_images_repetitions_as_its_reference():
+    """With ``betas_repeats`` (the averaged test split of MindEye2's columns) every prediction is the mean of the
+    three repetitions' predictions, not the prediction of the averaged betas (the backbone is nonlinear)."""
+    spec = get_method("mindeye2")
+    info = DatasetInfo([1], {1: 20})
+    torch.manual_seed(0)
+    model = spec.build_model(spec.config("tiny"), info).eval()
+    reps = torch.randn(4, 3, 20)
+    subject = torch.ones(4, dtype=torch.long)
+    with torch.no_grad():
+        averaged_outputs = spec.predict(model, {"betas": reps.mean(1), "betas_repeats": reps, "subject": subject})
+        each = [spec.predict(model, {"betas": reps[:, r], "subject": subject}) for r in range(3)]
+        of_mean = spec.predict(model, {"betas": reps.mean(1), "subject": subject})
+    for key in ("brain", "backbone", "lowlevel_latents"):
+        assert torch.allclose(averaged_outputs[key], torch.stack([e[key] for e in each]).mean(0), atol=1e-5)
+    assert not torch.allclose(averaged_outputs["brain"], of_mean["brain"], atol=1e-4)
+    assert "betas_repeats" in spec.columns and "betas_repeats" in get_method("duala").columns

@@ -79,6 +79,29 @@ def test_test_split_averages_repetitions(tiny_store, ray_local):
     single = betas_matrix(t["betas"])[t["image_id"].to_numpy() == i]
     assert len(single) == 3
     np.testing.assert_allclose(rows["betas"][0], single.mean(0), atol=1e-3)
+    # MindEye2's columns keep each repetition (in acquisition order) beside the average
+    kept = _collect(trials_dataset(store, "test", DataSelection(subjects=[3], categories=False,
+                                                               keep_test_repeats=True)).dataset)
+    assert kept["betas_repeats"].shape == (len(kept["image_id"]), 3, rows["betas"].shape[1])
+    np.testing.assert_allclose(kept["betas_repeats"].mean(1), kept["betas"], atol=1e-5)
+    j = int(np.flatnonzero(kept["image_id"] == i)[0])
+    order = np.lexsort((t["trial"].to_numpy(), t["run"].to_numpy(), t["session"].to_numpy()))
+    in_order = betas_matrix(t["betas"])[order][t["image_id"].to_numpy()[order] == i]
+    np.testing.assert_allclose(kept["betas_repeats"][j], in_order, atol=1e-6)
+
+
+def test_an_image_seen_fewer_times_repeats_its_own_presentations_as_mindeye2s_reference():
+    from raydecode.data.pipeline import _average_repeats
+
+    def group(n):
+        return {"betas": np.arange(n, dtype=np.float32)[:, None] * np.ones((n, 2), np.float32),
+                "session": np.ones(n, np.int16), "run": np.ones(n, np.int16), "trial": np.arange(n)[::-1].copy(),
+                "repetition": np.arange(n)}
+
+    firsts = [_average_repeats(group(n), keep_repeats=True)["betas_repeats"][0, :, 0].tolist() for n in (1, 2, 3)]
+    # acquisition order is by trial: the last row came first
+    assert firsts == [[0, 0, 0], [1, 0, 1], [2, 1, 0]]
+    assert "betas_repeats" not in _average_repeats(group(3))
 
 
 def test_unknown_subject_and_session_are_refused(tiny_store):

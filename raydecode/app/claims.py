@@ -150,8 +150,12 @@ def _runner(ckpt: str, cfg: ClaimsConfig) -> ModelRunner:
     return ModelRunner.load(ckpt, cfg.s3, store=cfg.store)
 
 
-def _test_rows(cfg: ClaimsConfig, subjects: list[int], categories: bool = False) -> dict[str, np.ndarray]:
-    rows = read_split(cfg.store, "test", DataSelection(subjects=subjects, categories=categories, images=True), cfg.s3)
+def _test_rows(cfg: ClaimsConfig, runner: ModelRunner, subjects: list[int],
+               categories: bool = False) -> dict[str, np.ndarray]:
+    """The averaged test split of ``subjects`` as the evaluation suite reads it for the runner's method."""
+    sel = DataSelection(subjects=subjects, categories=categories, images=True,
+                        keep_test_repeats="betas_repeats" in runner.spec.columns)
+    rows = read_split(cfg.store, "test", sel, cfg.s3)
     if not rows:
         raise StoreError(f"{cfg.store}: no test rows for subjects {subjects}")
     order = np.lexsort((rows["image_id"], rows["subject"]))  # one order for every model
@@ -163,7 +167,7 @@ def retrieval_scores(ckpt: str, cfg: ClaimsConfig, subject: int) -> np.ndarray:
     embedding ranks below its own image, and its image ranks below its own brain embedding, averaged (chance 0.5;
     1 = top-1 in both directions). Finer than top-1 (0 or 1 per image), so 30 test images make an interval."""
     runner = _runner(ckpt, cfg)
-    pred = runner.predict(runner.batch(_test_rows(cfg, [subject])))
+    pred = runner.predict(runner.batch(_test_rows(cfg, runner, [subject])))
     brain, image = F.normalize(pred["brain"].float(), dim=-1), F.normalize(pred["image"].float(), dim=-1)
     sim = (brain @ image.T).double()
     own = sim.diagonal()
@@ -182,7 +186,7 @@ def probe_correct(ckpt: str, cfg: ClaimsConfig, subjects: list[int]) -> np.ndarr
     from sklearn.preprocessing import StandardScaler
 
     runner = _runner(ckpt, cfg)
-    rows = _test_rows(cfg, subjects)
+    rows = _test_rows(cfg, runner, subjects)
     emb = runner.predict(runner.batch(rows))["embedding"].float().numpy()
     probe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=5000))
     folds = StratifiedKFold(5, shuffle=True, random_state=cfg.seed)
@@ -192,7 +196,7 @@ def probe_correct(ckpt: str, cfg: ClaimsConfig, subjects: list[int]) -> np.ndarr
 def category_scores(ckpt: str, cfg: ClaimsConfig, subject: int) -> tuple[np.ndarray, np.ndarray]:
     """(per test image logits, 80-way labels) of ``subject``."""
     runner = _runner(ckpt, cfg)
-    rows = _test_rows(cfg, [subject], categories=True)
+    rows = _test_rows(cfg, runner, [subject], categories=True)
     return runner.predict(runner.batch(rows))["logits"].float().numpy(), rows["categories"]
 
 

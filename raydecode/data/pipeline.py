@@ -75,9 +75,18 @@ def _decode_betas(batch: pa.Table, width: int) -> dict[str, np.ndarray]:
     return out
 
 
-def _average_repeats(group: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """One row per (subject, image): betas (or BOLD windows) averaged over repetitions (MindEye's test protocol)."""
+REPEATS = 3  # NSD shows each shared image 3 times
+
+
+def _average_repeats(group: dict[str, np.ndarray], keep_repeats: bool = False) -> dict[str, np.ndarray]:
+    """One row per (subject, image): betas (or BOLD windows) averaged over repetitions (MindEye's test protocol).
+    ``keep_repeats``: also ``betas_repeats`` (1, 3, width), the repetitions in acquisition order, an image seen
+    fewer times repeating its own (MindEye2's reference: [a, a, a] / [a, b, a]), for a model that averages its
+    outputs over them."""
     out = {}
+    if keep_repeats and "betas" in group:
+        order = np.lexsort(tuple(group[k] for k in ("trial", "run", "session") if k in group))
+        out["betas_repeats"] = group["betas"][np.resize(order, REPEATS)][None].astype(np.float32)
     for name, values in group.items():
         if name in ("betas", "bold"):
             out[name] = values.mean(0, keepdims=True).astype(np.float32)
@@ -103,7 +112,7 @@ def test_grouping(sel: "DataSelection", split: str):
     if split != "test":
         return None
     if sel.average_test_repeats:
-        return _average_repeats, {}
+        return _average_repeats, {"keep_repeats": sel.keep_test_repeats}
     if sel.single_test_trial_seed is not None:
         return pick_one_trial, {"seed": sel.single_test_trial_seed}
     return None

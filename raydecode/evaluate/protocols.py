@@ -42,6 +42,7 @@ def test_selection(cfg: EvaluateConfig, config: dict, protocol: str) -> DataSele
         "subjects": cfg.subjects or config["info"]["subjects"], "sessions": None, "images": True, "categories": True,
         "embeddings": sorted(t["encoder"] for t in config["targets"].values() if t["source"] == "store"),
         "average_test_repeats": protocol != "single",
+        "keep_test_repeats": protocol == "averaged" and "betas_repeats" in get_method(config["method"]).columns,
         "single_test_trial_seed": cfg.reconstruct.seed if protocol == "single" else None})
 
 

@@ -229,7 +229,7 @@ SPEC = register(MethodSpec(
     param_groups=me2.param_groups,
     loss=me2.loss,
     predict=me2.predict,
-    columns=("betas", "subject", "image_id", "categories"),
+    columns=("betas", "subject", "image_id", "categories", "betas_repeats"),
     capabilities=(
         EmbedsTargets(me2.targets),
         Adapts(load_pretrained, from_methods=("mindeye2", "duala")),

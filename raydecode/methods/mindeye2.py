@@ -24,7 +24,7 @@ SPEC = register(MethodSpec(
     param_groups=param_groups,
     loss=loss,
     predict=predict,
-    columns=("betas", "subject", "image_id"),
+    columns=("betas", "subject", "image_id", "betas_repeats"),
     capabilities=(
         EmbedsTargets(targets),
         Adapts(load_pretrained),

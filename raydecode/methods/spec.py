@@ -139,7 +139,8 @@ class MethodSpec:
     - ``predict(model, batch)``: named tensors, one row per batch row; evaluation reads ``brain`` and ``image``
       (retrieval embeddings), ``embedding`` (the representation its t-SNE maps; default ``brain``) and ``logits``
       (80-way class scores: the semantic metrics); other names are the method's own (e.g. statistics spaces);
-    - ``columns``: batch columns the model reads.
+    - ``columns``: batch columns the model reads (``betas_repeats``: the averaged test split also carries each
+      repetition's betas, for a model that averages its outputs over them, as MindEye2's reference does).
     """
 
     name: str

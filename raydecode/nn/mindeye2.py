@@ -271,6 +271,11 @@ class MindEye2(nn.Module):
         return self._loss(batch, progress)
 
     def _predict(self, batch: dict) -> dict[str, torch.Tensor]:
+        reps = batch.get("betas_repeats")
+        if reps is not None:  # MindEye2's test protocol: the outputs averaged over the image's repetitions
+            single = {k: v for k, v in batch.items() if k != "betas_repeats"}
+            outs = [self._predict({**single, "betas": reps[:, r]}) for r in range(reps.shape[1])]
+            return {k: outs[0][k] if k == "image" else torch.stack([o[k] for o in outs]).mean(0) for k in outs[0]}
         z, h, tokens = self.encode(batch["betas"], batch["subject"])
         out = {"brain": self.projector(tokens).flatten(1), "backbone": tokens.flatten(1), "latent": z, "hidden": h,
                "embedding": h}  # the representation evaluation maps (t-SNE): the backbone's input latent
@@ -404,12 +409,15 @@ def image_embeddings(model: MindEye2, batch: dict, seeds, steps: int | None = No
 
     if model.prior is None:
         raise ConfigError("image reconstructions need the diffusion prior: this model was trained with prior: false")
-    _, h, tokens = model.encode(batch["betas"], batch["subject"])
+    reps = batch.get("betas_repeats")
+    betas = [reps[:, r] for r in range(reps.shape[1])] if reps is not None else [batch["betas"]]
+    encoded = [model.encode(b, batch["subject"]) for b in betas]  # averaged over repetitions, as the reference
+    tokens = torch.stack([e[2] for e in encoded]).mean(0)
     noise = initial_noise(seeds, tuple(tokens.shape[1:]))
     guidance = model.cfg.prior_guidance if guidance is None else guidance
     out = {"clip_tokens": model.prior.sample(tokens, steps or 20, guidance, noise=noise)}
     if model.lowlevel is not None:
-        out["lowlevel_latents"] = model.lowlevel(h)[0]
+        out["lowlevel_latents"] = torch.stack([model.lowlevel(e[1])[0] for e in encoded]).mean(0)
     return out
 
 

@@ -358,7 +358,8 @@ def _datasets(cfg: TrainConfig, plan: TrainPlan) -> dict:
                 return trials_dataset(cfg.store, split, sel, cfg.s3)
         train = dataset("train", selection)
         # the test split is every session's repetitions of the shared images, whatever sessions train on
-        test = dataset("test", selection.model_copy(update={"sessions": None}))
+        test = dataset("test", selection.model_copy(update={
+            "sessions": None, "keep_test_repeats": "betas_repeats" in spec.columns}))
     finally:
         data_ctx.enable_progress_bars = bars
     materialize = cfg.data.materialize
