@@ -50,6 +50,7 @@ from raydecode.data.windows import read_windows
 from raydecode.errors import StoreError
 from raydecode.evaluate.semantic import semantic_metrics
 from raydecode.inference import ModelRunner
+from raydecode.methods.spec import get_method
 from raydecode.report import StageResult, table
 from raydecode.runtime import init_ray
 from raydecode.storage import resolve
@@ -63,32 +64,28 @@ _COMMON = {
     "tiny": {"optim": {"batch_size": 8, "lr": 1e-3}},
     "demo": {"optim": {"batch_size": 16, "lr": 1e-3}},
 }
-RECIPES: dict[str, dict[str, dict]] = {
-    "tiny": {
-        "pretrain": {"method": "mindeye2", "data": {"hold_out": [TARGET], "categories": False},
-                     "optim": {"epochs": 6, "batch_size": 32}},
-        "mindeye2": {"data": {"subjects": [TARGET], "sessions": [1], "categories": False}, "optim": {"epochs": 12}},
-        "duala": {"method": "duala", "data": {"subjects": [TARGET], "sessions": [1]}, "optim": {"epochs": 8}},
-        "mindlink": {"method": "mindlink", "data": {"subjects": [1, 2, 3], "categories": False},
-                     "optim": {"epochs": 12, "batch_size": 32, "lr": 3e-3}},
-        "clip_mused": {"method": "clip_mused", "data": {"subjects": [1, 2, 3, 4, 5, 6]},
-                       "optim": {"epochs": 6, "batch_size": 32, "lr": 3e-3, "weight_decay": 0.0}},
-        "dynadiff": {"method": "dynadiff", "data": {"subjects": [1], "categories": False},
-                     "model": {"eval_timesteps": 4}, "optim": {"epochs": 3, "batch_size": 16}},
-    },
-    "demo": {
-        "pretrain": {"method": "mindeye2", "data": {"hold_out": [TARGET], "categories": False},
-                     "optim": {"epochs": 10, "batch_size": 32}},
-        "mindeye2": {"data": {"subjects": [TARGET], "sessions": [1], "categories": False}, "optim": {"epochs": 15}},
-        "duala": {"method": "duala", "data": {"subjects": [TARGET], "sessions": [1]}, "optim": {"epochs": 15}},
-        "mindlink": {"method": "mindlink", "data": {"subjects": [1, 2, 3], "categories": False},
-                     "optim": {"epochs": 12, "batch_size": 32, "lr": 3e-3}},
-        "clip_mused": {"method": "clip_mused", "data": {"subjects": [1, 2, 3, 4, 5, 6]},
-                       "optim": {"epochs": 10, "batch_size": 64, "lr": 3e-3, "weight_decay": 0.0}},
-        "dynadiff": {"method": "dynadiff", "data": {"subjects": [1], "categories": False},
-                     "model": {"eval_timesteps": 4}, "optim": {"epochs": 3, "batch_size": 16}},
-    },
+_TINY = {
+    "pretrain": {"method": "mindeye2", "data": {"hold_out": [TARGET], "categories": False},
+                 "optim": {"epochs": 6, "batch_size": 32}},
+    "mindeye2": {"data": {"subjects": [TARGET], "sessions": [1], "categories": False}, "optim": {"epochs": 12}},
+    "duala": {"method": "duala", "data": {"subjects": [TARGET], "sessions": [1]}, "optim": {"epochs": 8}},
+    "mindlink": {"method": "mindlink", "data": {"subjects": [1, 2, 3], "categories": False},
+                 "optim": {"epochs": 12, "batch_size": 32, "lr": 3e-3}},
+    "clip_mused": {"method": "clip_mused", "data": {"subjects": [1, 2, 3, 4, 5, 6]},
+                   "optim": {"epochs": 6, "batch_size": 32, "lr": 3e-3, "weight_decay": 0.0}},
+    "dynadiff": {"method": "dynadiff", "data": {"subjects": [1], "categories": False},
+                 "model": {"eval_timesteps": 4}, "optim": {"epochs": 3, "batch_size": 16}},
 }
+# the demo store has 6x the trials: longer adaptation runs, CLIP-MUSED as jobs/clip-mused.yaml
+_DEMO = {"pretrain": {"optim": {"epochs": 10}}, "mindeye2": {"optim": {"epochs": 15}},
+         "duala": {"optim": {"epochs": 15}}, "clip_mused": {"optim": {"epochs": 10, "batch_size": 64}}}
+
+
+def _recipes(overrides: dict[str, dict]) -> dict[str, dict]:
+    out = copy.deepcopy(_TINY)
+    for claim, extra in overrides.items():
+        _merge(out[claim], extra)
+    return out
 
 
 @dataclass(frozen=True)
@@ -284,8 +281,9 @@ class Claims:
 
     def mindlink(self) -> ClaimResult:
         subjects = self.recipes["mindlink"]["data"]["subjects"]
-        # effect: how much better the probe reads the subject without the adversary than with it
-        off = {"model": {"lambdas": [1.0, 0.0, 1.0, 1.0]}}
+        # effect: how much better the probe reads the subject without the adversary (L_subj's weight 0) than with it
+        lambdas = list(get_method("mindlink").config(self.cfg.preset).lambdas)
+        off = {"model": {"lambdas": [lambdas[0], 0.0, *lambdas[2:]]}}
         return self.compare("mindlink", (off, {}), lambda ckpt: probe_correct(ckpt, self.cfg, subjects))
 
     def clip_mused(self) -> ClaimResult:
@@ -333,6 +331,9 @@ def _merge(base: dict, extra: dict) -> None:
             _merge(base[key], value)
         else:
             base[key] = value
+
+
+RECIPES: dict[str, dict[str, dict]] = {"tiny": _TINY, "demo": _recipes(_DEMO)}
 
 
 def _ensure_store(cfg: ClaimsConfig) -> None:
