@@ -471,8 +471,8 @@ def _add_operations(sub) -> None:
     _common(demo)
     demo.set_defaults(func=stage_demo)
 
-    claims = _stage(sub, "claims", "re-run each paper's central claim on a synthetic store: a table of effects, "
-                    "95% intervals and verdicts, one MLflow run", ("claims.yaml",))
+    claims = _stage(sub, "claims", "re-run each paper's central claim on a synthetic store: a table of effects, bootstrap "
+                    "intervals and verdicts, one MLflow run", ("claims.yaml",))
     claims.add_argument("--preset", choices=["tiny", "demo"], help="sizes and training budget (default tiny)")
     _common(claims)
     claims.set_defaults(func=stage_claims)
