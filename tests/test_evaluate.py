@@ -63,7 +63,10 @@ def test_evaluate_retrieval_matches_an_in_process_computation_and_beats_chance(e
         m["retrieval.single.brain_to_image_top1"] + m["retrieval.single.image_to_brain_top1"]
 
     c = load_consolidated(result.artifacts["checkpoint"])
-    test = read_split(tiny_store, "test", DataSelection(subjects=c.info.subjects, images=True, categories=False))
+    # MindEye2's protocol: its outputs averaged over each image's three repetitions (betas_repeats)
+    assert "betas_repeats" in c.spec.columns
+    test = read_split(tiny_store, "test", DataSelection(subjects=c.info.subjects, images=True, categories=False,
+                                                        keep_test_repeats=True))
     prep = BatchPreparer(c.config["targets"], torch.device("cpu"), torch.float32, tiny_store, None)
     with torch.no_grad():
         pred = c.spec.predict(c.model, prep(collate(test)))
