@@ -24,7 +24,8 @@ class DecoderModel(mlflow.pyfunc.PythonModel):
         self.decoder = self.loaded.model
 
     def predict(self, context, model_input, params=None):
-        """Inputs: the method's columns (``betas`` or ``bold``, and ``subject``). Methods that reconstruct
+        """Inputs: the method's columns (``betas`` or ``bold``, and ``subject``; MindEye2 and Duala also take
+        ``betas_repeats`` (N, 3, voxels): their outputs averaged over an image's repetitions). Methods that reconstruct
         images return ``image`` (uint8, one ``seed`` per row, default 0, 1, ...; ``params``: steps, guidance);
         the others their predictions (``brain`` retrieval embeddings, ...)."""
         import numpy as np

@@ -122,7 +122,8 @@ def _untrained_baseline(cfg, subject: int) -> dict:
     torch.manual_seed(0)
     model = spec.build_model(mcfg, DatasetInfo([subject], {subject: store.manifest.subject(subject).voxels}))
     spec.load_pretrained(model, load_state(cfg.init_from))
-    test = collate(read_split(cfg.store, "test", DataSelection(subjects=[subject], images=True, categories=False)))
+    test = collate(read_split(cfg.store, "test", DataSelection(subjects=[subject], images=True, categories=False,
+                                                               keep_test_repeats=True)))
     cache = TargetCache({k: FrozenEncoder(encoder_config(v)) for k, v in spec.targets(mcfg).items()})
     test.update(cache(test["image_id"], test.pop("image")))
     with torch.no_grad():
@@ -212,8 +213,10 @@ from raydecode.data.pipeline import read_split
 from raydecode.nn.encoders import FrozenEncoder, TargetCache, encoder_config
 from raydecode.evaluate.retrieval import retrieval_top1
 model = mlflow.pyfunc.load_model("models:/raydecode-duala-subj08@champion")
-test = read_split({cfg.store!r}, "test", DataSelection(subjects=[8], images=True, categories=False))
-out = model.predict({{"betas": test["betas"], "subject": test["subject"]}})
+test = read_split({cfg.store!r}, "test", DataSelection(subjects=[8], images=True, categories=False,
+                                                      keep_test_repeats=True))
+# MindEye2's protocol, as the trial was scored: the outputs averaged over each image's repetitions
+out = model.predict({{"betas": test["betas"], "betas_repeats": test["betas_repeats"], "subject": test["subject"]}})
 loaded = model.unwrap_python_model().loaded
 cache = TargetCache({{k: FrozenEncoder(encoder_config(t["encoder"])) for k, t in loaded.config["targets"].items()}})
 image = cache(torch.as_tensor(test["image_id"]), torch.as_tensor(test["image"]))["clip_tokens"]

@@ -58,7 +58,8 @@ from raydecode.evaluate.retrieval import retrieval_top1
 from raydecode.data.batches import collate
 
 ck = load_consolidated({result.artifacts['checkpoint']!r})
-test = collate(read_split({tiny_store!r}, "test", DataSelection(subjects={SOURCE_SUBJECTS}, images=True)))
+test = collate(read_split({tiny_store!r}, "test", DataSelection(subjects={SOURCE_SUBJECTS}, images=True,
+                                                                keep_test_repeats=True)))  # MindEye2's protocol
 cache = TargetCache({{k: FrozenEncoder(encoder_config(t["encoder"])) for k, t in ck.config["targets"].items()}})
 test.update(cache(test["image_id"], test.pop("image")))
 with torch.no_grad():
