@@ -44,7 +44,7 @@ class ModelRunner:
         self.loaded, self.spec, self.model = loaded, loaded.spec, loaded.model
         self.device = torch.device(device)
         self.prepare = (BatchPreparer(loaded.config["targets"], self.device, torch.float32, store,
-                                      s3.model_dump() if s3 else None) if targets else None)
+                                      s3.model_dump() if s3 else None, training=False) if targets else None)
 
     @classmethod
     def load(cls, ref: ModelRef | str, s3: S3Options | None = None, device: str = "cpu", store: str | None = None,

@@ -222,7 +222,8 @@ def test_nsd_jobs_take_every_weight_from_one_weights_root():
     found = {p.name: list(refs(yaml.safe_load(p.read_text()))) for p in _jobs_nsd()}
     every = [r for rs in found.values() for r in rs]
     assert len(every) >= 10 and {n for n, rs in found.items() if rs} == {"embed-nsd.yaml", "dynadiff-nsd.yaml",
-                                                                         "evaluate-nsd.yaml",
+                                                                         "evaluate-nsd.yaml", "pretrain-nsd.yaml",
+                                                                         "sweep-nsd.yaml",
                                                                          "evaluate-mindlink-nsd.yaml"}, found
     assert all(r.startswith(f"s3://{_tf_buckets()['data']}/weights/") for r in every), every
 

@@ -115,7 +115,8 @@ def test_duala_starts_from_mindeye2_with_frozen_weights_and_trains_lora_and_the_
     cats[torch.arange(12), torch.arange(12) % 3] = 1
     batch = {"betas": torch.randn(12, 40), "subject": torch.full((12,), 8), "categories": cats,
              "clip_tokens": torch.randn(12, n * d), "vae_tokens": torch.randn(12, *cfg.vae_latents),
-             "vae_pooled": torch.randn(12, cfg.lowlevel_feature_dim)}
+             "cnx_tokens": torch.randn(12, cfg.lowlevel_size ** 2, cfg.aux_dim()),
+             "cnx_aug_tokens": torch.randn(12, cfg.lowlevel_size ** 2, cfg.aux_dim())}
     model.reference.copy_(torch.eye(80))
     loss, parts = spec.loss(model, batch, Progress(0, 1, 0, 10))  # BiMixCo phase
     loss.backward()

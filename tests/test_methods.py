@@ -99,7 +99,8 @@ def test_mindeye2_tiny_forward_backward_and_ridge_per_subject():
     batch = {
         "betas": torch.randn(6, 30), "subject": torch.tensor([1, 1, 1, 2, 2, 2]),
         "clip_tokens": torch.randn(6, n * d), "vae_tokens": torch.randn(6, *cfg.vae_latents),
-        "vae_pooled": torch.randn(6, cfg.lowlevel_feature_dim),
+        "cnx_tokens": torch.randn(6, cfg.lowlevel_size ** 2, cfg.aux_dim()),
+        "cnx_aug_tokens": torch.randn(6, cfg.lowlevel_size ** 2, cfg.aux_dim()),
     }
     batch["betas"][3:, 20:] = 0  # subject 2 has 20 voxels: its padding must not matter
     loss, parts = spec.loss(model, batch, Progress(0, 1, 0, 10))

@@ -26,7 +26,7 @@ import torch
 from raydecode.errors import ConfigError
 from raydecode.methods.spec import DatasetInfo, Progress, get_method
 from raydecode.modelinfo.info import dataset_info
-from raydecode.nn.encoders import FrozenEncoder, encoder_config
+from raydecode.nn.encoders import FrozenEncoder, augments, encoder_config
 from raydecode.report import table
 
 GB = 1e9
@@ -88,9 +88,12 @@ def fake_batch(spec, mcfg, info: DatasetInfo, batch: int,
             continue
         elif col not in out:
             raise NotImplementedError(f"memory planner: no shape for column {col!r} of method {spec.name!r}")
+    names = spec.targets(mcfg)
     for key, (tokens, pooled) in (targets if targets is not None else target_shapes(spec, mcfg)).items():
         out[f"{key}_tokens"] = torch.randn(batch, *tokens)
         out[f"{key}_pooled"] = torch.randn(batch, pooled)
+        if augments(encoder_config(names[key])):
+            out[f"{key}_aug_tokens"] = torch.randn(batch, *tokens)
     return out
 
 

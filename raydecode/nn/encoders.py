@@ -21,7 +21,11 @@ small with random weights from a fixed seed, so nothing is downloaded.
 - ``vae``: ``tokens`` = the scaled posterior mean (4 x 28 x 28 for the SD VAE at
   224 px, MindEye2's low-level target), ``pooled`` = the encoder's mid-block
   feature maps average-pooled to 2 x 2 (the low-level feature target of the
-  auxiliary head; MindEye2 used ConvNeXt features here).
+  auxiliary head of older configs).
+- ``convnext``: MindEye2's auxiliary low-level target (:mod:`raydecode.nn.convnext`): ``tokens`` = ConvNeXt-XL's
+  final feature map through the reference's ``maps_projector`` (49 x 512 at 224 px), ``pooled`` = their mean.
+  Training also asks it for the tokens of a blur-augmented copy of each image, drawn afresh every step
+  (:meth:`FrozenEncoder.encode_augmented`): such encoders ``augment``.
 
 The same encoder objects serve the ``embed`` stage (targets written to the
 store) and the train loop (targets computed in the worker when the store has
@@ -39,6 +43,10 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
 from raydecode.errors import ConfigError
+from raydecode.nn.convnext import MEAN as CONVNEXT_MEAN
+from raydecode.nn.convnext import STD as CONVNEXT_STD
+from raydecode.nn.convnext import ConvNeXtTarget, blur_augment, load_reference
+from raydecode.nn.convnext import arch as convnext_arch
 from raydecode.nn.diffusion import decode_latents
 from raydecode.nn.ipadapter import IP_ADAPTER_FILE, ImageTokens
 from raydecode.runtime import seeded
@@ -54,9 +62,9 @@ class EncoderConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str
-    kind: Literal["openclip", "clip-levels", "vae", "ipadapter"]
+    kind: Literal["openclip", "clip-levels", "vae", "ipadapter", "convnext"]
     arch: str = Field(description="openclip, clip-levels: OpenCLIP model name (e.g. ViT-bigG-14); "
-                                  "vae: 'tiny' or 'pretrained'; "
+                                  "vae: 'tiny' or 'pretrained'; convnext: 'xlarge' (the reference's), 'demo', 'tiny'; "
                                   "ipadapter: 'pretrained', 'tiny' or 'demo'")
     weights: str | None = Field(None, description="a file or diffusers dir: a local path, s3:// prefix or "
                                                  "hf://ORG/REPO[@REV][/PATH] (raydecode.weights); None = random weights from `seed`")
@@ -84,6 +92,10 @@ ENCODERS: dict[str, EncoderConfig] = {
         EncoderConfig(name="clip-levels-vitb32", kind="clip-levels", arch="ViT-B-32-quickgelu", image_size=224),
         EncoderConfig(name="clip-levels-tiny", kind="clip-levels", arch="raydecode-tiny-vit", image_size=32),
         EncoderConfig(name="clip-levels-demo", kind="clip-levels", arch="raydecode-demo-vit", image_size=64),
+        # MindEye2's auxiliary target: weights = its convnext_xlarge_alpha0.75_fullckpt.pth (pscotti/mindeyev2)
+        EncoderConfig(name="convnext-xl-mindeye2", kind="convnext", arch="xlarge", image_size=224),
+        EncoderConfig(name="convnext-tiny", kind="convnext", arch="tiny", image_size=32),
+        EncoderConfig(name="convnext-demo", kind="convnext", arch="demo", image_size=64),
     )
 }
 
@@ -143,6 +155,7 @@ class FrozenEncoder(torch.nn.Module):
         super().__init__()
         self.cfg = cfg
         self.needs_captions = cfg.kind == "clip-levels"
+        self.augments = augments(cfg)
         if architecture_only:
             with torch.device("meta"):
                 self.net = self._build(cfg.model_copy(update={"weights": None}), meta=True)
@@ -178,6 +191,8 @@ class FrozenEncoder(torch.nn.Module):
                 return model  # both towers
             model.visual.output_tokens = True
             return model.visual
+        if cfg.kind == "convnext":
+            return FrozenEncoder._build_convnext(cfg)
         if cfg.kind == "ipadapter":
             return ImageTokens.build(cfg.arch, None, cfg.weight_name, cfg.seed, meta=True) if meta \
                 else FrozenEncoder._build_ipadapter(cfg)
@@ -192,6 +207,13 @@ class FrozenEncoder(torch.nn.Module):
             raise ConfigError(f"encoder {cfg.name!r}: unknown OpenCLIP model {cfg.arch!r}")
         weights = str(local_weights(cfg.weights, f"encoder {cfg.name!r}")) if cfg.weights is not None else None
         return create_openclip(cfg.arch, weights, device)
+
+    @staticmethod
+    def _build_convnext(cfg: EncoderConfig) -> torch.nn.Module:
+        net = ConvNeXtTarget(convnext_arch(cfg.arch))
+        if cfg.weights is not None and not on_meta():
+            load_reference(net, local_weights(cfg.weights, f"encoder {cfg.name!r}"), f"encoder {cfg.name!r}")
+        return net
 
     @staticmethod
     def _build_ipadapter(cfg: EncoderConfig) -> torch.nn.Module:
@@ -233,6 +255,9 @@ class FrozenEncoder(torch.nn.Module):
         """uint8 images (B, H, W, 3) -> (tokens, pooled) float32; ``captions`` (one per image) are read by the
         ``clip-levels`` kind only, which requires them."""
         x = self._pixels(images)
+        if self.cfg.kind == "convnext":
+            tokens = self._convnext(x)
+            return tokens, tokens.mean(1)
         if self.cfg.kind in ("openclip", "ipadapter", "clip-levels"):
             mean = x.new_tensor(OPENAI_MEAN).view(1, 3, 1, 1)
             std = x.new_tensor(OPENAI_STD).view(1, 3, 1, 1)
@@ -246,6 +271,17 @@ class FrozenEncoder(torch.nn.Module):
         latents = posterior.mean * self.net.config.scaling_factor
         pooled = F.adaptive_avg_pool2d(self._mid, 2).flatten(1)
         return latents.float(), pooled.float()
+
+    @torch.no_grad()
+    def encode_augmented(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """``augments`` encoders: the tokens of a blur-augmented copy of each uint8 image, a fresh draw per call."""
+        if not self.augments:
+            raise ConfigError(f"encoder {self.cfg.name!r}: a {self.cfg.kind} encoder has no augmented view")
+        return self._convnext(blur_augment(self._pixels(images), generator))
+
+    def _convnext(self, x: torch.Tensor) -> torch.Tensor:
+        x = (x - x.new_tensor(CONVNEXT_MEAN).view(1, 3, 1, 1)) / x.new_tensor(CONVNEXT_STD).view(1, 3, 1, 1)
+        return self.net(x).float()
 
     def _clip_levels(self, x: torch.Tensor, captions: list[str] | None) -> tuple[torch.Tensor, torch.Tensor]:
         """CLIP-MUSED's (f_llv, f_hlv) of normalised pixels ``x`` and their ``captions``."""
@@ -320,12 +356,20 @@ def fold_tokens(ids: torch.Tensor, vocab_size: int, tokenizer) -> torch.Tensor:
     return torch.where(ids == eot, vocab_size - 1, folded)
 
 
+def augments(cfg: EncoderConfig) -> bool:
+    """Whether training also reads the tokens of an augmented view of each image (``<key>_aug_tokens``, drawn
+    every step): MindEye2's ConvNeXt target."""
+    return cfg.kind == "convnext"
+
+
 def requires_weights(cfg: EncoderConfig) -> bool:
     """True for encoders that exist only as pretrained weights (nothing is downloaded at run time)."""
     if cfg.weights is not None:
         return False
     if cfg.kind in ("openclip", "clip-levels"):
         return not cfg.arch.startswith("raydecode-")
+    if cfg.kind == "convnext":
+        return cfg.arch == "xlarge"
     return cfg.arch == "pretrained"
 
 

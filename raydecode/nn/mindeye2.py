@@ -10,7 +10,9 @@ to OpenCLIP ViT-bigG/14 image tokens; three heads train it:
   for the first third of training, then SoftCLIP with a cosine-annealed
   temperature (Sec. 2.4);
 - a low-level branch predicting the image's VAE latents (L1) with an auxiliary
-  feature head trained contrastively (Sec. 2.5).
+  feature head trained contrastively (Sec. 2.5): its s x s maps are pulled towards the
+  ConvNeXt tokens of the image, with the tokens of a blur-augmented copy as the soft
+  labels' anchor (the reference's ``soft_cont_loss``, :mod:`raydecode.nn.convnext`).
 
 Loss = prior_scale * prior + clip_scale * contrastive + blur_scale * (L1 + aux_scale * aux).
 Fine-tuning (the 1-hour recipe) loads a pretrained state dict and adds the new
@@ -24,11 +26,14 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
 from raydecode.errors import ConfigError
 from raydecode.nn.context import DatasetInfo, Progress
+from raydecode.nn.convnext import arch as convnext_arch
+from raydecode.nn.convnext import soft_cont_loss
+from raydecode.nn.encoders import encoder_config
 
 
 class MindEye2Config(BaseModel):
@@ -55,7 +60,8 @@ class MindEye2Config(BaseModel):
     lowlevel_size: int = 7
     decoder_channels: tuple[int, ...] = (32, 64, 128)
     decoder_norm_groups: int = 32
-    lowlevel_feature_dim: int = Field(2048, description="aux target: VAE mid-block features pooled to 2x2")
+    aux_encoder: str | dict = Field("convnext-xl-mindeye2", description="the auxiliary head's target: a convnext "
+                                    "encoder (name or mapping) whose token grid is lowlevel_size x lowlevel_size")
     blurry_dropout: float = Field(0.3, description="dropout on the low-level branch's input maps (reference: 0.3)")
     # loss (MindEye2 paper: 30, 1, 0.5)
     prior_scale: float = 30.0
@@ -70,20 +76,37 @@ class MindEye2Config(BaseModel):
     softclip_temperature: tuple[float, float] = (0.004, 0.0075)
     ridge_weight_decay: float = Field(1e-2, description="the ridge penalty: weight decay on the ridge maps")
 
+    @model_validator(mode="after")
+    def _aux_grid(self):
+        if self.lowlevel:
+            enc = encoder_config(self.aux_encoder)
+            if enc.kind != "convnext":
+                raise ValueError(f"aux_encoder {enc.name!r} is a {enc.kind} encoder; the auxiliary head's target is a "
+                                 "convnext one (e.g. convnext-xl-mindeye2)")
+            grid = enc.image_size // (convnext_arch(enc.arch).stem * 8)
+            if grid != self.lowlevel_size:
+                raise ValueError(f"aux_encoder {enc.name!r} gives a {grid} x {grid} token grid at {enc.image_size} px; "
+                                 f"lowlevel_size is {self.lowlevel_size}")
+        return self
+
+    def aux_dim(self) -> int:
+        """The width of the auxiliary target's tokens (512 for the reference's ConvNeXt)."""
+        return convnext_arch(encoder_config(self.aux_encoder).arch).projector[-1]
+
 
 PRESETS: dict[str, dict] = {
     "paper": {},
     "demo": dict(
         hidden=256, blocks=4, clip_encoder="openclip-demo", clip_tokens=(16, 64), prior_depth=2, prior_heads=4,
         vae_encoder="vae-demo", vae_latents=(4, 16, 16), lowlevel_channels=16, lowlevel_size=4,
-        decoder_channels=(16, 32, 32), decoder_norm_groups=8, lowlevel_feature_dim=128,
+        decoder_channels=(16, 32, 32), decoder_norm_groups=8, aux_encoder="convnext-demo",
         # random-weight targets have far less spread than real CLIP tokens: warmer contrastive temperatures
         bimixco_temperature=0.05, softclip_temperature=(0.04, 0.075),
     ),
     "tiny": dict(
         hidden=128, blocks=2, clip_encoder="openclip-tiny", clip_tokens=(16, 32), prior_depth=1, prior_heads=2,
         vae_encoder="vae-tiny", vae_latents=(4, 8, 8), lowlevel_channels=16, lowlevel_size=2,
-        decoder_channels=(16, 16, 32), decoder_norm_groups=8, lowlevel_feature_dim=128,
+        decoder_channels=(16, 16, 32), decoder_norm_groups=8, aux_encoder="convnext-tiny",
         bimixco_temperature=0.05, softclip_temperature=(0.04, 0.075),
     ),
 }
@@ -232,13 +255,15 @@ class LowLevel(nn.Module):
         self.decoder = Decoder(in_channels=c, out_channels=cfg.vae_latents[0], up_block_types=("UpDecoderBlock2D",) * n,
                                block_out_channels=tuple(cfg.decoder_channels), layers_per_block=1,
                                norm_num_groups=cfg.decoder_norm_groups)
-        f = cfg.lowlevel_feature_dim // 4
-        self.aux = nn.Sequential(nn.Conv2d(c, f, 1), nn.GroupNorm(1, f), nn.ReLU(), nn.Conv2d(f, f, 1))
+        f = cfg.aux_dim()  # the reference's b_maps_projector: 1x1 convs to the target's width, per position
+        self.aux = nn.Sequential(nn.Conv2d(c, f, 1, bias=False), nn.GroupNorm(1, f), nn.ReLU(),
+                                 nn.Conv2d(f, f, 1, bias=False), nn.GroupNorm(1, f), nn.ReLU(), nn.Conv2d(f, f, 1))
 
     def forward(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (VAE latents, auxiliary tokens (B, s * s, target width))."""
         maps = self.norm(self.dropout(self.linear(h)).view(-1, *self.shape))
         latents = self.decoder(maps)
-        aux = F.adaptive_avg_pool2d(self.aux(maps), 2).flatten(1)
+        aux = self.aux(maps).flatten(2).transpose(1, 2)
         return latents, aux
 
 
@@ -317,7 +342,10 @@ class MindEye2(nn.Module):
         if self.lowlevel is not None:
             latents, aux = self.lowlevel(h)
             loss_blur = F.l1_loss(latents, batch["vae_tokens"].view_as(latents))
-            loss_aux = soft_clip_loss(F.normalize(aux, dim=-1), F.normalize(batch["vae_pooled"], dim=-1),
+            width = aux.shape[-1]  # every position of every image is a row, as the reference's soft_cont_loss
+            loss_aux = soft_cont_loss(F.normalize(aux.reshape(-1, width), dim=-1),
+                                      F.normalize(batch["cnx_tokens"].reshape(-1, width), dim=-1),
+                                      F.normalize(batch["cnx_aug_tokens"].reshape(-1, width), dim=-1),
                                       cfg.aux_temperature)
             loss = loss + cfg.blur_scale * (loss_blur + cfg.aux_scale * loss_aux)
             metrics["loss_blur"] = loss_blur.detach()
@@ -425,6 +453,7 @@ def targets(cfg: MindEye2Config) -> dict[str, str]:
     out = {"clip": cfg.clip_encoder}
     if cfg.lowlevel:
         out["vae"] = cfg.vae_encoder
+        out["cnx"] = cfg.aux_encoder
     return out
 
 

@@ -132,7 +132,7 @@ def evaluate(engine, spec: MethodSpec, batches: list[dict], prepare: BatchPrepar
     sums: dict[str, float] = {}
     rows = 0
     for raw in batches:
-        batch = prepare(dict(raw))
+        batch = prepare(dict(raw), augment=False)
         values = spec.test_values(engine, batch)
         for k, v in values.items():
             sums[k] = sums.get(k, 0.0) + float(v.float().sum())
