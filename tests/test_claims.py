@@ -1,7 +1,7 @@
-"""``raydecode claims``: the statistics (paired bootstrap, verdicts) and the command end to end on the tiny preset
-(MindEye2's claim: two real training runs from the session's pretrained model, scored per test image). The other
-claims' per-image scores are tested on their methods' own trained fixtures (test_mindlink, test_clip_mused,
-test_dynadiff_stage) to keep Ray runs shared."""
+"""``raydecode claims``: the statistics (paired bootstrap, verdicts) and ``raydecode claims --preset tiny`` end to end
+(all five claims: nine real training runs, MindEye2's and Duala's from the session's pretrained model, each scored
+per test image). The claims' per-image scores are checked against independent computations on their methods' own
+trained fixtures (test_mindlink, test_clip_mused, test_dynadiff_stage) and, for MindEye2's, here."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ import shutil
 import numpy as np
 import pytest
 
-from raydecode.app.claims import paired_bootstrap, retrieval_scores, verdict
+from raydecode.app.claims import CLAIM_TEXT, paired_bootstrap, retrieval_scores, verdict
 from raydecode.app.cli import main
-from raydecode.config import ClaimsConfig
+from raydecode.config import CLAIMS, ClaimsConfig
 
 
 def test_the_paired_bootstrap_covers_the_true_difference_and_verdicts_follow_the_interval():
@@ -33,35 +33,42 @@ def test_the_paired_bootstrap_covers_the_true_difference_and_verdicts_follow_the
     assert verdict(-0.01, 0.2, 0) == "inconclusive" and verdict(-0.04, 0.1, -0.05) == "pass"
 
 
-def test_claims_re_runs_mindeye2s_claim_and_logs_one_table(pretrained, tiny_store, tmp_path, capsys):
-    """MindEye2's claim on the tiny preset from the session's pretrained model (subjects 1-6; 8 unseen): both arms
-    are child runs of one claims run, every test image of subject 8 is scored from their checkpoints, both decode
-    far above chance, and the interval, the verdict and the MLflow table agree with scores recomputed here."""
+def test_claims_tiny_re_runs_every_claim_and_logs_one_table(pretrained, tiny_store, tmp_path, capsys):
+    """Every claim on the tiny preset, MindEye2's and Duala's from the session's pretrained model (subjects 1-6; 8
+    unseen): every arm is a child run of one claims run, each claim's interval holds its effect and decides its
+    verdict, the exit status follows the verdicts, and for MindEye2 the scores recomputed here from the arms'
+    checkpoints give the logged effect, both arms decoding far above chance."""
     from mlflow.tracking import MlflowClient
 
     _, pre = pretrained
     store = shutil.copytree(tiny_store, tmp_path / "store")
     summary = tmp_path / "summary.json"
     code = main(["claims", "--preset", "tiny", "--set", f"workdir={tmp_path}", "--set", f"store={store}",
-                 "--set", "claims=[mindeye2]", "--set", f"pretrained={pre.artifacts['checkpoint']}",
-                 "--set", "bootstrap=500", "--summary", str(summary)])
+                 "--set", f"pretrained={pre.artifacts['checkpoint']}", "--set", "bootstrap=500",
+                 "--summary", str(summary)])
     out = capsys.readouterr().out
-    assert code == 0, out
     result = json.loads(summary.read_text())
-    m = result["metrics"]
-    assert m["mindeye2.low"] <= m["mindeye2.effect"] <= m["mindeye2.high"]
-    assert result["artifacts"]["mindeye2.verdict"] == verdict(m["mindeye2.low"], m["mindeye2.high"], 0)
-    assert "| MindEye2 |" in open(result["artifacts"]["table"]).read() and "95% interval" in out
+    m, art = result["metrics"], result["artifacts"]
+    thresholds = {c.key: c.threshold for c in CLAIM_TEXT.values()}
+    for key in CLAIMS:
+        assert m[f"{key}.low"] <= m[f"{key}.effect"] <= m[f"{key}.high"], key
+        assert art[f"{key}.verdict"] == verdict(m[f"{key}.low"], m[f"{key}.high"], thresholds[key]), key
+    assert code == (1 if "fail" in {art[f"{k}.verdict"] for k in CLAIMS} else 0), out
+    md = open(art["table"]).read()
+    assert all(f"| {c.paper} | {c.statement} |" in md for c in CLAIM_TEXT.values()) and "95% interval" in out
 
     cfg = ClaimsConfig(workdir=str(tmp_path), store=str(store))
     client = MlflowClient(cfg.resolved_tracking_uri())
     parent = client.get_run(result["mlflow_run_id"])
-    assert parent.info.status == "FINISHED" and parent.data.metrics["claims.mindeye2.effect"] == m["mindeye2.effect"]
+    assert parent.info.status == "FINISHED"
+    assert all(parent.data.metrics[f"claims.{k}.effect"] == m[f"{k}.effect"] for k in CLAIMS)
     assert {a.path for a in client.list_artifacts(parent.info.run_id, "claims")} == {"claims/claims.md",
                                                                                     "claims/claims.json"}
-    arms = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
-    assert sorted(r.info.run_name for r in arms) == ["claims-mindeye2-a-r0", "claims-mindeye2-b-r0"]
-    assert all(r.info.status == "FINISHED" for r in arms)
+    runs = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert sorted(r.info.run_name for r in runs) == sorted(
+        f"claims-{k}-{arm}-r0" for k in CLAIMS for arm in (("a",) if k == "dynadiff" else ("a", "b")))
+    assert all(r.info.status == "FINISHED" for r in runs)
+    arms = [r for r in runs if r.info.run_name.startswith("claims-mindeye2-")]
     scores = {r.info.run_name[-4]: retrieval_scores(r.data.tags["raydecode.checkpoint_uri"], cfg, 8) for r in arms}
     assert len(scores["a"]) == 30 and scores["a"].mean() - scores["b"].mean() == pytest.approx(m["mindeye2.effect"])
     # learning: both arms rank the true pairs far above chance (0.5); which is better is the interval's to say (at

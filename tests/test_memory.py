@@ -8,7 +8,13 @@ from conftest import run_main
 
 from raydecode.methods.spec import get_method
 from raydecode.modelinfo.info import dataset_info
-from raydecode.modelinfo.memory import build_for_measurement, measure_activations, memory_plan, model_states_bytes
+from raydecode.modelinfo.memory import (
+    build_for_measurement,
+    measure_activations,
+    memory_plan,
+    model_states_bytes,
+    resident_encoders,
+)
 
 
 @pytest.mark.parametrize("gpus", [1, 8, 64])
@@ -50,3 +56,14 @@ def test_the_plan_picks_the_smallest_zero_stage_that_fits_and_the_cli_prints_it(
                    "24", "--batch", "16")
     assert out.returncode == 0, out.stderr
     assert "ZeRO-3" in out.stdout and "at optim.batch_size 16: 24 GB: deepspeed.zero_stage 0" in out.stdout
+
+
+def test_the_plan_counts_the_frozen_encoder_every_worker_runs():
+    """MindEye2's ConvNeXt target runs in every worker (a fresh augmented view each step): its weights leave less
+    room for the batch. At paper size it is the reference's ConvNeXt-XL (~350 M parameters: about 1.4 GB fp32)."""
+    plan = memory_plan("mindeye2", "tiny", gpus=2, gpu_sizes_gb=(24,))
+    assert set(plan["frozen_encoders_gb"]) == {"convnext-tiny"}
+    without = memory_plan("mindeye2", "tiny", overrides={"lowlevel": False}, gpus=2, gpu_sizes_gb=(24,))
+    assert without["frozen_encoders_gb"] == {}
+    paper = resident_encoders(get_method("mindeye2"), get_method("mindeye2").config("paper"))
+    assert 1.3e9 < paper["convnext-xl-mindeye2"] < 1.5e9

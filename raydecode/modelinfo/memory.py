@@ -14,6 +14,10 @@ Two parts, per GPU, for N data-parallel GPUs under DeepSpeed ZeRO stage 0-3:
   ``bytes = fixed + per_sample x B``. The model is built on the meta device and given uninitialised CPU memory
   (``to_empty``): the values do not matter, the shapes do; fp32 here, half of it in bf16.
 
+- **frozen encoders** every worker holds whatever the store has embedded: the target encoders that ``augment``
+  (MindEye2's ConvNeXt-XL, run on a fresh augmented view every step), in fp32 as the train loop builds them.
+  Other targets are assumed embedded in the store (``raydecode embed``), as the NSD jobs do.
+
 The largest batch per GPU is what fits in ``usable`` (default 90 %) of its memory beside the model states.
 """
 
@@ -68,6 +72,17 @@ def target_shapes(spec, mcfg) -> dict[str, tuple[tuple[int, ...], int]]:
         enc = FrozenEncoder(encoder_config(name), architecture_only=True)
         shapes[key] = (tuple(enc.tokens_shape), enc.pooled_dim)
     return shapes
+
+
+def resident_encoders(spec, mcfg) -> dict[str, int]:
+    """Bytes of each frozen target encoder every worker holds (those that augment; fp32), by encoder name."""
+    out = {}
+    for name in spec.targets(mcfg).values():
+        cfg = encoder_config(name)
+        if augments(cfg):
+            enc = FrozenEncoder(cfg, architecture_only=True)
+            out[cfg.name] = 4 * sum(p.numel() for p in enc.parameters())
+    return out
 
 
 def fake_batch(spec, mcfg, info: DatasetInfo, batch: int,
@@ -189,17 +204,19 @@ def memory_plan(method: str, preset: str, voxels: list[int] | None = None, overr
     n_train = sum(p.numel() for p in trainable)
     largest = max((p.numel() for p in model.parameters()), default=0)
     act = measure_activations(spec, mcfg, info, model, batch_sizes)
+    frozen = resident_encoders(spec, mcfg)
     rows = []
     for zero in range(4):
         states = model_states_bytes(total, n_train, zero, gpus, "bf16", largest)
         fits = {}
         for size in gpu_sizes_gb:
-            room = usable * size * GB - states - act.at(0)
+            room = usable * size * GB - states - act.at(0) - sum(frozen.values())
             fits[size] = max(0, int(room // (0.5 * act.per_sample))) if act.per_sample > 0 else None
         rows.append({"zero": zero, "states_gb": states / GB, "max_batch": fits})
     return {"method": method, "preset": preset, "voxels": info.voxels, "gpus": gpus, "usable": usable,
             "params": total, "trainable": n_train, "largest_layer": largest,
             "activations_per_sample_gb_bf16": 0.5 * act.per_sample / GB, "activations_fixed_gb_bf16": 0.5 * act.fixed / GB,
+            "frozen_encoders_gb": {k: v / GB for k, v in frozen.items()},
             "zero": rows, "gpu_sizes_gb": list(gpu_sizes_gb)}
 
 
@@ -209,6 +226,9 @@ def format_memory_plan(plan: dict, batch: int | None = None) -> str:
             f"{plan['gpus']} GPUs, bf16 + fp32 Adam states\nactivations (bf16): "
             f"{plan['activations_per_sample_gb_bf16'] * 1e3:.1f} MB per sample + "
             f"{plan['activations_fixed_gb_bf16'] * 1e3:.1f} MB; usable memory {plan['usable']:.0%} of each GPU\n")
+    if plan.get("frozen_encoders_gb"):
+        head += ("frozen target encoders on every GPU (fp32): "
+                 + ", ".join(f"{k} {v:.2f} GB" for k, v in plan["frozen_encoders_gb"].items()) + "\n")
     rows = [[f"ZeRO-{r['zero']}", f"{r['states_gb']:.1f}"]
             + [("-" if r["max_batch"][s] is None else ("does not fit" if r["max_batch"][s] == 0
                                                         else str(r["max_batch"][s]))) for s in sizes]
