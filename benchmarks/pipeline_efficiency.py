@@ -33,8 +33,10 @@ def bare_loop(store: str, preset: str, subjects: list[int], batch_size: int, ste
     st = open_store(store)
     info = DatasetInfo(subjects, {s: st.manifest.subject(s).voxels for s in subjects})
     data = collate(read_split(store, "train", DataSelection(subjects=subjects, images=True, categories=False)))
-    cache = TargetCache({k: FrozenEncoder(encoder_config(v)) for k, v in spec.targets(cfg).items()})
-    data.update(cache(data["image_id"], data.pop("image")))
+    encoders = {k: FrozenEncoder(encoder_config(v)) for k, v in spec.targets(cfg).items()}
+    images = data.pop("image")
+    data.update(TargetCache(encoders)(data["image_id"], images))
+    augmented = {k: e for k, e in encoders.items() if e.augments}  # a fresh view per step, as the train loop
     torch.manual_seed(0)
     model = spec.build_model(cfg, info)
     opt = torch.optim.AdamW(spec.param_groups(model, cfg, 0.01), lr=1e-3)
@@ -44,6 +46,8 @@ def bare_loop(store: str, preset: str, subjects: list[int], batch_size: int, ste
         idx = torch.randint(0, n, (batch_size,))
         batch = {k: v[idx] for k, v in data.items()}
         t0 = time.perf_counter()
+        for k, enc in augmented.items():
+            batch[f"{k}_aug_tokens"] = enc.encode_augmented(images[idx])
         loss, _ = spec.loss(model, batch, Progress(0, 1, step, steps))
         opt.zero_grad()
         loss.backward()
