@@ -4,6 +4,8 @@ all through the generic paths, found by its ``module:name`` reference."""
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 from conftest import SOURCE_SUBJECTS, metric_history, tiny_config
@@ -19,7 +21,7 @@ TOY = "tests.toy_method:toy"
 def toy_trained(tiny_store, ray_local, tmp_path_factory):
     work = tmp_path_factory.mktemp("toy")
     cfg = tiny_config(tiny_store, work, "toy", method=TOY, data={"subjects": SOURCE_SUBJECTS[:3]},
-                      optim={"epochs": 4, "lr": 3e-3}, deepspeed={"zero_stage": 1})
+                      optim={"epochs": 4, "lr": 3e-3}, deepspeed={"zero_stage": 3})
     return cfg, run_training(cfg, stage="pretrain")
 
 
@@ -30,6 +32,10 @@ def test_a_method_in_one_outside_file_trains_evaluates_and_registers(toy_trained
     from raydecode.data.store import open_store
 
     cfg, result = toy_trained
+    # ZeRO-3 partitioned the parameters: one model-states file per rank, consolidated into one safetensors file
+    files = set(os.listdir(os.path.join(result.artifacts["last_ray_checkpoint"], "state")))
+    assert {"zero_pp_rank_0_mp_rank_00_model_states.pt", "zero_pp_rank_1_mp_rank_00_model_states.pt"} <= files
+    assert os.path.exists(os.path.join(result.artifacts["checkpoint"], "model.safetensors"))
     loss = metric_history(cfg, result.mlflow_run_id, "train.loss")
     assert [s for s, _ in loss] == [1, 2, 3, 4] and loss[-1][1] < 0.8 * loss[0][1], loss
     chance = result.metrics["retrieval.chance"]

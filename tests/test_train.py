@@ -75,10 +75,11 @@ json.dump({{"retrieval": r, "ray": "ray" in sys.modules, "deepspeed": "deepspeed
         assert out["retrieval"][key] == pytest.approx(result.metrics[f"retrieval.{key}"], abs=0.01)
 
 
-def test_fine_tune_from_pretrained_beats_scratch_on_one_session(pretrained, tiny_store, s3_server, tmp_path):
-    """MindEye2's 1-hour recipe: a new subject's ridge map on top of the shared model. The fine-tune runs with
-    ZeRO-1 against S3 (store read from and checkpoints written to moto's server); the from-scratch baseline with
-    ZeRO-3 on local disk: both stages train and checkpoint."""
+def test_fine_tune_adds_the_new_subject_and_runs_against_s3_with_zero1(pretrained, tiny_store, s3_server, tmp_path):
+    """MindEye2's 1-hour recipe: a new subject's ridge map on top of the shared model, with ZeRO-1 against S3 (store
+    read from and checkpoints written to moto's server): it decodes the new subject far above chance and its
+    consolidated checkpoint loads back from S3. Whether it beats training from scratch is MindEye2's claim, decided
+    with an interval by `raydecode claims` (test_claims)."""
     from pyarrow import fs as pafs
 
     from raydecode.checkpoint import load_consolidated
@@ -87,39 +88,22 @@ def test_fine_tune_from_pretrained_beats_scratch_on_one_session(pretrained, tiny
     cfg, result = pretrained
     store = resolve("s3://nsd/train/store", s3_server)
     pafs.copy_files(tiny_store, store.path, destination_filesystem=store.fs)
-    common = dict(data={"subjects": [8], "sessions": [1]}, optim={"epochs": 12, "batch_size": 8, "lr": 1e-3})
     fine_cfg = tiny_config(store.uri, tmp_path / "ft", "finetune", init_from=result.artifacts["checkpoint"],
                            s3=s3_server.model_dump(), deepspeed={"zero_stage": 1},
-                           checkpoint={"storage_path": "s3://nsd/train/runs", "every_epochs": 4}, **common)
-    scratch_cfg = tiny_config(tiny_store, tmp_path / "scratch", "scratch", deepspeed={"zero_stage": 3},
-                              checkpoint={"every_epochs": 4}, **common)
-    fine, scratch = run_training(fine_cfg), run_training(scratch_cfg)
+                           checkpoint={"storage_path": "s3://nsd/train/runs", "every_epochs": 4},
+                           data={"subjects": [8], "sessions": [1]}, optim={"epochs": 12, "batch_size": 8, "lr": 1e-3})
+    fine = run_training(fine_cfg)
     assert fine.metrics["retrieval.candidates"] == 30  # tested on every session's test images, not session 1's
     both = ("brain_to_image_top1", "image_to_brain_top1")
-
-    def curve(cfg, result):  # top-1 after every epoch, both directions: 24 decisions of 1/30 each
-        return [v for k in both for _, v in metric_history(cfg, result.mlflow_run_id, f"retrieval.{k}")]
-
-    fine_curve, scratch_curve = curve(fine_cfg, fine), curve(scratch_cfg, scratch)
-    assert len(fine_curve) == len(scratch_curve) == 2 * 12
-    # The 1-hour recipe's claim is that the shared model makes a new subject learn faster. A single final top-1
-    # over 30 images is too coarse to show it (by epoch 12 scratch has mostly caught up on this synthetic data and
-    # the final gap measured -1..+4 of 60 decisions across fresh clones), so the whole learning curve is compared:
-    # the fine-tune's mean top-1 over all epochs must lead scratch's by at least one test image in 30 (measured:
-    # 0.061, about 1.8 images, and more than 2 in another run)
-    lead = sum(fine_curve) / len(fine_curve) - sum(scratch_curve) / len(scratch_curve)
-    print(f"mean top-1 over the learning curve: fine-tune leads scratch by {lead:.3f}")
-    assert lead >= 1 / 30, (lead, fine_curve, scratch_curve)
+    curve = [v for k in both for _, v in metric_history(fine_cfg, fine.mlflow_run_id, f"retrieval.{k}")]
+    assert len(curve) == 2 * 12  # evaluated after every epoch
     assert all(fine.metrics[f"retrieval.{k}"] >= 1 / 30 + 0.2 for k in both), fine.metrics  # far above chance
 
-    # ZeRO-1 and ZeRO-3 wrote one partition per rank into the last Ray Train checkpoint (on S3 for the fine-tune)
+    # ZeRO-1 wrote one optimizer partition per rank into the last Ray Train checkpoint, on S3
     assert fine.artifacts["checkpoint"] == "s3://nsd/train/runs/finetune/final"
     last = resolve(fine.artifacts["last_ray_checkpoint"], s3_server).join("state")
     files = {posixpath.basename(f.path) for f in last.list_files()}
     assert {"zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"} <= files
-    files = os.listdir(os.path.join(scratch.artifacts["last_ray_checkpoint"], "state"))
-    assert {"zero_pp_rank_0_mp_rank_00_model_states.pt", "zero_pp_rank_1_mp_rank_00_model_states.pt"} <= set(files)
-    assert Path(scratch.artifacts["checkpoint"], "model.safetensors").exists()
     # the consolidated fine-tune loads back from S3 with the new subject's ridge map
     ck = load_consolidated(fine.artifacts["checkpoint"], s3_server)
     assert ck.info.subjects == [8] and ck.metrics["step"] == fine.metrics["step"]
