@@ -1,0 +1,129 @@
+"""Framework tax at the step level: one training step of a method, bare PyTorch vs inside DeepSpeed's engine.
+
+    .venv/bin/python benchmarks/bench_step.py [--method mindeye2] [--preset demo] [--batch 32] [--repeats 5]
+
+Same model (same seed), same batch (the memory planner's batch of the method's shapes, targets included), same
+AdamW and gradient clipping, one process. Variants, measured in interleaved blocks (median and min/max of the
+blocks' per-step times):
+
+- ``bare``: ``loss.backward()``, ``clip_grad_norm_``, ``optimizer.step()``, ``zero_grad``;
+- ``deepspeed``: the train loop's own engine (``raydecode.train.loop.deepspeed_config``, ZeRO-0 on one process,
+  gloo), ``engine.backward`` / ``engine.step``;
+- ``deepspeed+loop``: the engine plus what the train loop adds per step besides it (the finite-loss check and the
+  loss parts turned into floats).
+
+Prints the ratios to ``bare``. ``--profile`` adds torch.profiler's top operators of one DeepSpeed step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import statistics
+import time
+
+import torch
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--method", default="mindeye2")
+    ap.add_argument("--preset", default="demo", choices=["tiny", "demo"])
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--steps", type=int, default=10, help="steps per block")
+    ap.add_argument("--repeats", type=int, default=5, help="blocks per variant, interleaved")
+    ap.add_argument("--profile", action="store_true")
+    args = ap.parse_args()
+
+    os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+                       "MASTER_PORT": str(_free_port())})
+    import deepspeed
+
+    from raydecode.config import TrainConfig
+    from raydecode.methods.spec import Progress, get_method
+    from raydecode.modelinfo.info import dataset_info
+    from raydecode.modelinfo.memory import fake_batch
+    from raydecode.train.loop import deepspeed_config
+
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
+    spec = get_method(args.method)
+    mcfg = spec.config(args.preset)
+    info = dataset_info(args.preset, None)
+    torch.manual_seed(0)
+    batch = fake_batch(spec, mcfg, info, args.batch)
+    cfg = TrainConfig.model_validate({"store": "unused", "method": args.method, "preset": args.preset,
+                                      "optim": {"batch_size": args.batch}, "deepspeed": {"zero_stage": 0}})
+
+    def build():
+        torch.manual_seed(0)
+        model = spec.build_model(mcfg, info)
+        opt = torch.optim.AdamW(spec.param_groups(model, mcfg, cfg.optim.weight_decay), lr=cfg.optim.lr)
+        return model, opt
+
+    model, opt = build()
+    bare_params = [p for p in model.parameters() if p.requires_grad]
+    ds_model, ds_opt = build()
+    engine, _, _, _ = deepspeed.initialize(model=ds_model, optimizer=ds_opt, config=deepspeed_config(cfg, False),
+                                           dist_init_required=False)
+    progress = Progress(0, 1, 0, 1000)
+
+    def bare_step():
+        loss, _ = spec.loss(model, batch, progress)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(bare_params, cfg.optim.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    def ds_step():
+        loss, _ = spec.loss(engine, batch, progress)
+        engine.backward(loss)
+        engine.step()
+
+    def ds_loop_step():
+        loss, parts = spec.loss(engine, batch, progress)
+        if not torch.isfinite(loss.detach()).all():
+            raise RuntimeError("diverged")
+        engine.backward(loss)
+        engine.step()
+        {k: float(v) for k, v in parts.items()}
+
+    variants = {"bare": bare_step, "deepspeed": ds_step, "deepspeed+loop": ds_loop_step}
+    for fn in variants.values():  # warm-up: allocator, autograd graphs, optimizer states
+        for _ in range(3):
+            fn()
+    times: dict[str, list[float]] = {k: [] for k in variants}
+    for _ in range(args.repeats):
+        for name, fn in variants.items():
+            t0 = time.perf_counter()
+            for _ in range(args.steps):
+                fn()
+            times[name].append((time.perf_counter() - t0) / args.steps)
+
+    base = statistics.median(times["bare"])
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"\nstep time, {args.method} ({args.preset}, {n_params / 1e6:.2f} M parameters), batch {args.batch}, "
+          f"{torch.get_num_threads()} threads, {args.repeats} interleaved blocks of {args.steps} steps")
+    print(f"{'variant':16s} {'median ms':>10s} {'min':>8s} {'max':>8s} {'ratio':>7s}")
+    for name, ts in times.items():
+        med = statistics.median(ts)
+        print(f"{name:16s} {1e3 * med:10.1f} {1e3 * min(ts):8.1f} {1e3 * max(ts):8.1f} {med / base:7.3f}")
+
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(3):
+                ds_step()
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
+
+
+if __name__ == "__main__":
+    main()
