@@ -20,8 +20,8 @@ small with random weights from a fixed seed, so nothing is downloaded.
   ``pooled`` = the CLIP vision tower's projected image embedding (1024).
 - ``vae``: ``tokens`` = the scaled posterior mean (4 x 28 x 28 for the SD VAE at
   224 px, MindEye2's low-level target), ``pooled`` = the encoder's mid-block
-  feature maps average-pooled to 2 x 2 (the low-level feature target of the
-  auxiliary head of older configs).
+  feature maps average-pooled to 2 x 2 (no method trains on it: MindEye2's
+  auxiliary head reads the ``convnext`` encoder's tokens).
 - ``convnext``: MindEye2's auxiliary low-level target (:mod:`raydecode.nn.convnext`): ``tokens`` = ConvNeXt-XL's
   final feature map through the reference's ``maps_projector`` (49 x 512 at 224 px), ``pooled`` = their mean.
   Training also asks it for the tokens of a blur-augmented copy of each image, drawn afresh every step
