@@ -234,6 +234,8 @@ class ClaimsConfig(StageConfig):
     pretrained: str | None = Field(None, description="the MindEye2 checkpoint MindEye2's and Duala's claims adapt "
                                                      "to subject 8 (trained without it); default: pretrained here")
     num_workers: int = Field(1, ge=1, description="Ray Train workers per run")
+    concurrency: int = Field(2, ge=1, description="training runs side by side (each holds num_workers x 0.25 CPU "
+                                                  "and 0.25 for its stimulus lookup); their start-ups overlap")
 
 
 C = TypeVar("C", bound=BaseModel)

@@ -8,6 +8,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -35,11 +36,58 @@ FAULTS: list[tuple[str, str, str]] = []
 
 
 def pytest_terminal_summary(terminalreporter):
+    if LEAKS:
+        terminalreporter.write_sep("-", "leaked Ray processes")
+        for line in LEAKS:
+            terminalreporter.write_line(line)
     if FAULTS:
         width = max(len(f) for f, _, _ in FAULTS)
         terminalreporter.write_sep("-", "fault matrix")
         for fault, outcome, lost in FAULTS:
             terminalreporter.write_line(f"{fault.ljust(width)}  {outcome}; data lost: {lost}")
+
+
+# Ray Train controllers still alive after the test that started them (a finished or failed run's controller exits)
+LEAKS: list[str] = []
+SESSION_START = time.time()
+REPORTED: set[int] = set()
+
+
+def _ray_processes(title: str = "ray::") -> list[tuple[int, int, str]]:
+    """(pid, parent pid, title) of the Ray processes this session started whose title starts with ``title``."""
+    import psutil
+
+    procs = []
+    for p in psutil.process_iter(["pid", "ppid", "cmdline", "create_time"]):
+        cmd = p.info["cmdline"] or []
+        if cmd and cmd[0].startswith(title) and (p.info["create_time"] or 0) >= SESSION_START:
+            procs.append((p.info["pid"], p.info["ppid"], cmd[0]))
+    return procs
+
+
+@pytest.fixture(autouse=True)
+def no_leaked_train_controller(request):
+    """After every test (its fixtures' runs included), no ``ray::TrainController`` of this session may be alive: a
+    finished run's controller exits; one left holds ~700 MB and can outlive the session's ``ray.shutdown()``."""
+    yield
+    deadline = time.time() + 10
+    while True:
+        left = [pid for pid, _, _ in _ray_processes("ray::TrainController") if pid not in REPORTED]
+        if not left or time.time() > deadline:
+            break
+        time.sleep(0.5)
+    for pid in left:
+        REPORTED.add(pid)
+        LEAKS.append(f"{request.node.nodeid}: ray::TrainController pid {pid} outlived the test")
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Fail the session when a Ray process of it outlives it (``ray.shutdown()`` has run by now)."""
+    time.sleep(2)
+    LEAKS.extend(f"after the session: {title} pid {pid} (parent {ppid})" for pid, ppid, title in _ray_processes()
+                 if ppid in (1, os.getpid()))
+    if LEAKS and session.exitstatus == 0:
+        session.exitstatus = 1
 
 
 def pytest_collection_modifyitems(items):

@@ -213,51 +213,127 @@ def gain_rows(ckpt: str, cfg: ClaimsConfig, shift: int) -> dict[str, np.ndarray]
 # -- the claims ----------------------------------------------------------------------------
 
 
+PRETRAINED = "<pretrained>"  # an arm's init_from: the MindEye2 model pretrained without subject 8
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One training run of a claim: arm ``name`` (``a`` or ``b``), seed ``repeat``, its config changes."""
+
+    claim: str
+    name: str
+    extra: dict
+    repeat: int
+
+    @property
+    def needs_pretrained(self) -> bool:
+        return self.extra.get("init_from") == PRETRAINED
+
+
+def _train_arm(d: dict, stage: str, parent: str) -> tuple[str, str]:
+    """One arm's training run, as a Ray task (runs side by side, as a sweep's trials) -> (checkpoint, run id)."""
+    result = run_training(TrainConfig.model_validate(d), stage=stage, parent_run_id=parent)
+    return result.artifacts["checkpoint"], result.mlflow_run_id
+
+
 class Claims:
-    """Runs the configured claims under one MLflow run (``run``), each arm a child run."""
+    """Runs the configured claims under one MLflow run (``run``), each arm a child run: every claim's arms first
+    (``concurrency`` runs side by side, the pretrained model before the arms that adapt it), then the scores."""
 
     def __init__(self, cfg: ClaimsConfig, parent_run_id: str):
         self.cfg, self.parent = cfg, parent_run_id
         self.recipes = RECIPES[cfg.preset]
         self._pretrained = cfg.pretrained
+        self.trained: dict[tuple[str, str, int], tuple[str, str]] = {}  # (claim, arm, repeat) -> (ckpt, run id)
 
-    def train(self, claim: str, arm: str, extra: dict, repeat: int) -> tuple[str, str]:
-        """One arm's run (``repeat``: its seed) -> (checkpoint URI, MLflow run id). A finished run of the same
-        name and config is not trained again (the run-name claim resumes it after its last epoch)."""
+    def arms(self, claim: str) -> list[Arm]:
+        """The claim's training runs: each arm ``repeats`` times."""
+        if claim == "mindeye2":
+            extras = ({"init_from": PRETRAINED}, {})
+        elif claim == "duala":
+            extras = ({"init_from": PRETRAINED}, {"init_from": PRETRAINED, "model": {"ssp": False, "sdp": False}})
+        elif claim == "mindlink":
+            # arm A: the subject adversary off (L_subj's weight 0); B: the method as published
+            lambdas = list(get_method("mindlink").config(self.cfg.preset).lambdas)
+            extras = ({"model": {"lambdas": [lambdas[0], 0.0, *lambdas[2:]]}}, {})
+        elif claim == "clip_mused":
+            extras = ({}, {"data": {"subjects": [1]}})
+        else:  # dynadiff: one model read out at three windows
+            extras = ({},)
+        return [Arm(claim, name, extra, r) for name, extra in zip("ab", extras) for r in range(self.cfg.repeats)]
+
+    def train_config(self, arm: Arm) -> TrainConfig:
+        """One arm's run (``arm.repeat``: its seed). A finished run of the same name and config is not trained again
+        (the run-name claim resumes it after its last epoch)."""
         cfg = self.cfg
         d = {"store": cfg.store, "workdir": cfg.workdir, "tracking_uri": cfg.tracking_uri, "s3": cfg.s3.model_dump(),
              "experiment": cfg.experiment, "ray_address": cfg.ray_address, "preset": cfg.preset,
-             "run_name": f"{cfg.run_name or 'claims'}-{claim}-{arm}-r{repeat}",
+             "run_name": f"{cfg.run_name or 'claims'}-{arm.claim}-{arm.name}-r{arm.repeat}",
              "data": {"read_cpus": 0.25, "lookup_cpus": 0.25},
              "scaling": {"num_workers": cfg.num_workers, "cpus_per_worker": 0.25},
              "deepspeed": {"zero_stage": 0}, "checkpoint": {"every_epochs": 1000, "num_to_keep": 1},
              "eval": {"every_epochs": 1000}}
-        for part in (_COMMON[cfg.preset], self.recipes[claim], extra):
+        extra = dict(arm.extra)
+        if arm.needs_pretrained:
+            extra["init_from"] = self._pretrained
+        for part in (_COMMON[cfg.preset], self.recipes[arm.claim], extra):
             _merge(d, part)
-        d["optim"]["seed"] = cfg.seed + repeat
-        train_cfg = TrainConfig.model_validate(d)
-        result = run_training(train_cfg, stage=f"claims-{claim}", parent_run_id=self.parent)
-        return result.artifacts["checkpoint"], result.mlflow_run_id
+        d["optim"]["seed"] = cfg.seed + arm.repeat
+        return TrainConfig.model_validate(d)
 
-    def pretrained(self) -> str:
-        if self._pretrained is None:
-            self._pretrained, _ = self.train("pretrain", "mindeye2", {}, 0)
-        return self._pretrained
+    def train_all(self, claims: list[str]) -> None:
+        """Every arm of ``claims`` (and the pretrained model when one needs it and none is given), ``concurrency``
+        at a time as Ray tasks: their start-ups (processes, imports, datasets) overlap, which is most of a small
+        run's time. A failed run stops the others and fails the claims."""
+        import ray
 
-    def compare(self, claim: str, arms: tuple[dict, dict], score: Callable[[str], np.ndarray],
+        arms = [arm for claim in claims for arm in self.arms(claim)]
+        if self._pretrained is None and any(a.needs_pretrained for a in arms):
+            arms.insert(0, Arm("pretrain", "mindeye2", {}, 0))
+        arms.sort(key=lambda a: a.needs_pretrained)  # stable: the pretraining first, its adaptations last
+        for arm in arms:  # every config checked before any run starts
+            if not arm.needs_pretrained:
+                self.train_config(arm)
+        task = ray.remote(num_cpus=0, max_retries=0)(_train_arm)
+        running: dict = {}  # ref -> (arm, start time)
+        print(f"[claims] {len(arms)} training runs, {self.cfg.concurrency} at a time")
+        try:
+            while arms or running:
+                while arms and len(running) < self.cfg.concurrency and (
+                        not arms[0].needs_pretrained or self._pretrained is not None):
+                    arm = arms.pop(0)
+                    cfg = self.train_config(arm)
+                    ref = task.remote(cfg.model_dump(mode="json"), f"claims-{arm.claim}", self.parent)
+                    running[ref] = (arm, time.time())
+                ready, _ = ray.wait(list(running), num_returns=1)
+                arm, start = running.pop(ready[0])
+                ckpt, run_id = ray.get(ready[0])
+                self.trained[(arm.claim, arm.name, arm.repeat)] = (ckpt, run_id)
+                if arm.claim == "pretrain":
+                    self._pretrained = ckpt
+                done = len(self.trained)
+                print(f"[claims] trained {arm.claim} arm {arm.name} (seed +{arm.repeat}) in "
+                      f"{time.time() - start:.0f} s [{done} done, {len(running)} running, {len(arms)} waiting]")
+        except BaseException:
+            for ref in running:
+                ray.cancel(ref, force=True, recursive=True)
+            raise
+
+    def checkpoints(self, claim: str, arm: str) -> tuple[list[str], list[str]]:
+        """Arm ``arm``'s checkpoints and run ids, one per repeat."""
+        runs = [self.trained[(claim, arm, r)] for r in range(self.cfg.repeats)]
+        return [c for c, _ in runs], [r for _, r in runs]
+
+    def compare(self, claim: str, score: Callable[[str], np.ndarray],
                 value: Callable[[np.ndarray, np.ndarray], float] | None = None) -> ClaimResult:
-        """Train both arms ``repeats`` times and score every test item with each checkpoint (averaged over
-        repeats); the effect is ``value(A, idx) - value(B, idx)`` (default: the mean score), its interval a paired
-        bootstrap of the items."""
+        """Score every test item with each of the two arms' checkpoints (averaged over repeats); the effect is
+        ``value(A, idx) - value(B, idx)`` (default: the mean score), its interval a paired bootstrap of the items."""
         text, cfg = CLAIM_TEXT[claim], self.cfg
         scores, runs = [], []
-        for name, extra in zip(("a", "b"), arms):
-            per_repeat = []
-            for r in range(cfg.repeats):
-                ckpt, run_id = self.train(claim, name, extra, r)
-                per_repeat.append(score(ckpt))
-                runs.append(run_id)
-            scores.append(np.mean(per_repeat, 0))
+        for name in ("a", "b"):
+            ckpts, run_ids = self.checkpoints(claim, name)
+            scores.append(np.mean([score(ckpt) for ckpt in ckpts], 0))
+            runs += run_ids
         a, b = scores
         value = value or (lambda x, idx: float(x[idx].mean()))
         n = len(a)
@@ -267,24 +343,18 @@ class Claims:
         return ClaimResult(text.key, text.paper, text.statement, text.score, va, vb, va - vb, low, high,
                            text.threshold, verdict(low, high, text.threshold), n, runs)
 
-    # one method per claim
+    # each claim's scores, from its trained arms
 
     def mindeye2(self) -> ClaimResult:
-        init = self.pretrained()
-        return self.compare("mindeye2", ({"init_from": init}, {}),
-                            lambda ckpt: retrieval_scores(ckpt, self.cfg, TARGET))
+        return self.compare("mindeye2", lambda ckpt: retrieval_scores(ckpt, self.cfg, TARGET))
 
     def duala(self) -> ClaimResult:
-        init = self.pretrained()
-        return self.compare("duala", ({"init_from": init}, {"init_from": init, "model": {"ssp": False, "sdp": False}}),
-                            lambda ckpt: retrieval_scores(ckpt, self.cfg, TARGET))
+        return self.compare("duala", lambda ckpt: retrieval_scores(ckpt, self.cfg, TARGET))
 
     def mindlink(self) -> ClaimResult:
+        # effect: how much better the probe reads the subject without the adversary than with it
         subjects = self.recipes["mindlink"]["data"]["subjects"]
-        # effect: how much better the probe reads the subject without the adversary (L_subj's weight 0) than with it
-        lambdas = list(get_method("mindlink").config(self.cfg.preset).lambdas)
-        off = {"model": {"lambdas": [lambdas[0], 0.0, *lambdas[2:]]}}
-        return self.compare("mindlink", (off, {}), lambda ckpt: probe_correct(ckpt, self.cfg, subjects))
+        return self.compare("mindlink", lambda ckpt: probe_correct(ckpt, self.cfg, subjects))
 
     def clip_mused(self) -> ClaimResult:
         subject = 1
@@ -297,17 +367,12 @@ class Claims:
         def mean_ap(logits: np.ndarray, idx: np.ndarray) -> float:
             return semantic_metrics(logits[idx], labels["y"][idx])["map"]
 
-        return self.compare("clip_mused", ({}, {"data": {"subjects": [subject]}}), score, mean_ap)
+        return self.compare("clip_mused", score, mean_ap)
 
     def dynadiff(self) -> ClaimResult:
         cfg, text = self.cfg, CLAIM_TEXT["dynadiff"]
-        per_shift: dict[int, list[dict]] = {s: [] for s in (-SHIFT, 0, SHIFT)}
-        runs = []
-        for r in range(cfg.repeats):
-            ckpt, run_id = self.train("dynadiff", "a", {}, r)
-            runs.append(run_id)
-            for s in per_shift:
-                per_shift[s].append(gain_rows(ckpt, cfg, s))
+        ckpts, runs = self.checkpoints("dynadiff", "a")
+        per_shift = {s: [gain_rows(ckpt, cfg, s) for ckpt in ckpts] for s in (-SHIFT, 0, SHIFT)}
         rows = {s: {k: np.mean([v[k] for v in vals], 0) for k in vals[0]} for s, vals in per_shift.items()}
 
         def gain(s: int, idx: np.ndarray) -> float:
@@ -359,6 +424,7 @@ def run_claims(cfg: ClaimsConfig) -> StageResult:
         parent = run.info.run_id
     claims = Claims(cfg, parent)
     try:
+        claims.train_all(cfg.claims)
         for key in cfg.claims:
             print(f"\n[claims] {CLAIM_TEXT[key].paper}: {CLAIM_TEXT[key].statement}")
             res = getattr(claims, key)()

@@ -8,8 +8,11 @@ consolidated checkpoint's URI, its config, the metric curves and a summary.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
+import threading
 import time
 from dataclasses import dataclass
 
@@ -289,7 +292,7 @@ def run_training(cfg: TrainConfig, stage: str = "pretrain", parent_run_id: str |
         payload["progress_board"] = progress.board
         trainer = _trainer(cfg, plan, payload, callbacks)
         try:  # a worker's UserError (bad store, bad weights) reaches the user as itself
-            with user_errors_from_ray(), progress:
+            with user_errors_from_ray(), progress, _sigint_restored():
                 result = trainer.fit()
         except UserError:
             raise
@@ -314,6 +317,20 @@ def run_training(cfg: TrainConfig, stage: str = "pretrain", parent_run_id: str |
     print(f"\ncheckpoint {plan.final_uri}\nmlflow run {run_id} ({tracking_uri})")
     metrics["seconds"] = round(time.time() - t0, 1)
     return StageResult(stage=stage, status="ok", mlflow_run_id=run_id, metrics=metrics, artifacts=artifacts)
+
+
+@contextlib.contextmanager
+def _sigint_restored():
+    """Ray Train's ``fit`` installs a SIGINT handler (Ctrl-C aborts the run) that holds the controller actor's handle
+    and stays after the run: the finished controller (~700 MB) lived on until the next run, past ``ray.shutdown()``
+    as an orphan, and a later Ctrl-C in the same process went to it. The handler from before, back after the run."""
+    main = threading.current_thread() is threading.main_thread()
+    before = signal.getsignal(signal.SIGINT) if main else None
+    try:
+        yield
+    finally:
+        if main:
+            signal.signal(signal.SIGINT, before)
 
 
 def _describe(cfg: TrainConfig, plan: TrainPlan, stage: str) -> dict[str, int]:
