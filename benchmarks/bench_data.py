@@ -29,12 +29,12 @@ def main() -> None:
     args = ap.parse_args()
     store_uri = args.store or f"work/bench/{args.preset}"
 
-    from raydecode.data.ingest import run_ingest, synthetic_plan
     from raydecode.config import DataSelection
+    from raydecode.data.ingest import run_ingest, synthetic_plan
     from raydecode.data.pipeline import FOOTER_ACTORS_ENV, betas_matrix, trials_dataset
     from raydecode.data.store import open_store
-    from raydecode.runtime import init_ray
     from raydecode.report import table
+    from raydecode.runtime import init_ray
 
     t0 = time.time()
     run_ingest(synthetic_plan(args.preset, 0), store_uri, progress=False)

@@ -4,8 +4,9 @@
 
 Every arm trains MindEye2 (the preset's model, all its losses, the ConvNeXt target's fresh augmented view per step)
 on the same subjects with the same per-worker batch, AdamW and clipping, and the same torch threads per process
-(``2 // world``). The job arms are ``raydecode pretrain``'s own ``run_training`` (1 or 2 Ray Train workers, DeepSpeed
-ZeRO-0 at world 1 and ZeRO-2 at world 2, gloo), in interleaved repeats:
+(``--threads``, default 1: with two threads on two cores a Ray worker's own threads contend with OpenMP's and a tiny
+step gets slower than with one, 40 vs 36 ms, while a plain process gains 8 %). The job arms are ``raydecode pretrain``'s own ``run_training`` (1 or 2 Ray Train workers, DeepSpeed
+ZeRO-0 unless ``--zero``, gloo), in interleaved repeats:
 
 - ``job-stream``: Ray Data streaming from the store every epoch (``data.materialize: false``);
 - ``job-materialized``: the same job on the train split materialized once in the object store;
@@ -36,6 +37,9 @@ import numpy as np
 import torch
 
 SUBJECTS = [1, 2, 3, 4, 5, 6, 7]
+THREADS = 1  # torch threads per process (--threads)
+ZERO = 0  # the job's ZeRO stage (--zero); 0 is DDP's all-reduce
+PARTS = ("data_wait", "prepare", "step")  # an epoch's seconds: waiting for batches, their targets, the update
 
 
 def _free_port() -> int:
@@ -56,7 +60,7 @@ def bare_worker(rank: int, world: int, store: str, preset: str, batch: int, epoc
     from raydecode.methods.spec import DatasetInfo, Progress, get_method
     from raydecode.nn.encoders import FrozenEncoder, TargetCache, encoder_config
 
-    torch.set_num_threads(max(1, 2 // world))
+    torch.set_num_threads(THREADS)
     if world > 1:
         dist.init_process_group("gloo", rank=rank, world_size=world, init_method=f"tcp://127.0.0.1:{port}")
     spec = get_method("mindeye2")
@@ -78,15 +82,19 @@ def bare_worker(rank: int, world: int, store: str, preset: str, batch: int, epoc
         model = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
     params = [p for p in model.parameters() if p.requires_grad]
     steps = n // batch
-    times = []
+    times, parts = [], []
     for epoch in range(epochs):
         t0 = time.perf_counter()
+        part = dict.fromkeys(PARTS, 0.0)
         perm = torch.randperm(n, generator=torch.Generator().manual_seed(epoch))
         for i in range(steps):
+            t = time.perf_counter()
             idx = perm[i * batch:(i + 1) * batch]
             b = {k: v[idx] for k, v in data.items()}
+            t1 = time.perf_counter()
             for k, enc in augmented.items():
                 b[f"{k}_aug_tokens"] = enc.encode_augmented(images[idx])
+            t2 = time.perf_counter()
             loss, _ = spec.loss(model, b, Progress(epoch, epochs, epoch * steps + i, epochs * steps))
             if not torch.isfinite(loss.detach()).all():
                 raise RuntimeError("diverged")
@@ -94,14 +102,20 @@ def bare_worker(rank: int, world: int, store: str, preset: str, batch: int, epoc
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
             opt.zero_grad(set_to_none=True)
+            part["data_wait"] += t1 - t
+            part["prepare"] += t2 - t1
+            part["step"] += time.perf_counter() - t2
         times.append(time.perf_counter() - t0)
+        parts.append(part)
     if rank == 0:
-        out.update(times=times, samples=steps * batch * world)
+        out.update(times=times, parts=parts, samples=steps * batch * world)
     if world > 1:
         dist.destroy_process_group()
 
 
-def _bare_entry(rank, world, store, preset, batch, epochs, port, queue):
+def _bare_entry(rank, world, store, preset, batch, epochs, port, threads, queue):
+    global THREADS
+    THREADS = threads  # a spawned process: the module's default again
     out: dict = {}
     bare_worker(rank, world, store, preset, batch, epochs, port, out)
     if rank == 0:
@@ -115,7 +129,7 @@ def bare(store: str, preset: str, world: int, batch: int, epochs: int) -> dict:
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     port = _free_port()
-    procs = [ctx.Process(target=_bare_entry, args=(r, world, store, preset, batch, epochs, port, queue))
+    procs = [ctx.Process(target=_bare_entry, args=(r, world, store, preset, batch, epochs, port, THREADS, queue))
              for r in range(world)]
     for p in procs:
         p.start()
@@ -124,7 +138,8 @@ def bare(store: str, preset: str, world: int, batch: int, epochs: int) -> dict:
         p.join()
     rates = [out["samples"] / t for t in out["times"]]
     return {"rate": statistics.median(rates[1:]), "epochs": rates, "wall": time.time() - t0,
-            "epoch_s": statistics.median(out["times"][1:])}
+            "epoch_s": statistics.median(out["times"][1:]),
+            **{k: statistics.median(p[k] for p in out["parts"][1:]) for k in PARTS}}
 
 
 def job(store: str, workdir: str, preset: str, world: int, batch: int, epochs: int, materialize: bool,
@@ -139,8 +154,8 @@ def job(store: str, workdir: str, preset: str, world: int, batch: int, epochs: i
         "data": {"subjects": SUBJECTS, "categories": False, "read_cpus": 0.25, "lookup_cpus": 0.25,
                  "materialize": materialize},
         "optim": {"epochs": epochs, "batch_size": batch, "lr": 1e-3},
-        "scaling": {"num_workers": world, "cpus_per_worker": 2 // world},
-        "deepspeed": {"zero_stage": 0 if world == 1 else 2},
+        "scaling": {"num_workers": world, "cpus_per_worker": THREADS},  # Ray gives the worker as many threads
+        "deepspeed": {"zero_stage": ZERO},
         "checkpoint": {"every_epochs": epochs}, "eval": {"every_epochs": epochs},
     })
     t0 = time.time()
@@ -150,8 +165,9 @@ def job(store: str, workdir: str, preset: str, world: int, batch: int, epochs: i
     hist = lambda k: [m.value for m in sorted(client.get_metric_history(result.mlflow_run_id, k),  # noqa: E731
                                                 key=lambda m: m.step)]
     rates, secs = hist("train.samples_per_s"), hist("epoch_seconds")
+    parts = {k: statistics.median(hist(f"time.{k}_s")[1:]) for k in PARTS}
     return {"rate": statistics.median(rates[1:]), "epochs": rates, "wall": wall,
-            "epoch_s": statistics.median(secs[1:]), "rss_mb": max(hist("worker.peak_rss_mb"))}
+            "epoch_s": statistics.median(secs[1:]), "rss_mb": max(hist("worker.peak_rss_mb")), **parts}
 
 
 def sweep(store: str, workdir: str, preset: str, batch: int, epochs: int, n: int) -> dict:
@@ -187,8 +203,12 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=32, help="per worker")
     ap.add_argument("--repeats", type=int, default=2, help="interleaved repeats of each arm")
     ap.add_argument("--sweep", type=int, default=0, help="(d): trials of a sweep, two at a time (0: skip)")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads per process")
+    ap.add_argument("--zero", type=int, default=0, choices=[0, 1, 2, 3], help="the job's ZeRO stage")
     ap.add_argument("--workdir", default=None)
     args = ap.parse_args()
+    global THREADS, ZERO
+    THREADS, ZERO = args.threads, args.zero
     os.environ.setdefault("RAY_AUTH_MODE", "token")
 
     import ray
@@ -220,16 +240,18 @@ def main() -> None:
 
     med = {arm: statistics.median(r["rate"] for r in rs) for arm, rs in arms.items()}
     print(f"\nMindEye2 ({args.preset}), subjects {SUBJECTS}, world {args.world}, batch {args.batch_size} per worker, "
-          f"{args.epochs} epochs, {2 // args.world} torch threads per process, {args.repeats} interleaved repeats")
-    print(f"{'arm':18s} {'samples/s':>10s} {'min':>8s} {'max':>8s} {'epoch s':>8s} {'wall s':>7s} {'fixed s':>8s}"
-          f" {'RSS MB':>7s}")
+          f"{args.epochs} epochs, ZeRO-{ZERO}, {THREADS} torch threads per process, {args.repeats} interleaved repeats")
+    print(f"{'arm':18s} {'samples/s':>10s} {'min':>8s} {'max':>8s} {'epoch s':>8s} = {'wait':>6s} + {'prep':>6s} + "
+          f"{'step':>6s} + {'other':>6s} {'wall s':>7s} {'fixed s':>8s} {'RSS MB':>7s}")
     for arm, rs in arms.items():
         rates = [r["rate"] for r in rs]
         epoch_s = statistics.median(r["epoch_s"] for r in rs)
+        p = {k: statistics.median(r[k] for r in rs) for k in PARTS}
         wall = statistics.median(r["wall"] for r in rs)
         rss = max((r.get("rss_mb", 0) for r in rs), default=0)
-        print(f"{arm:18s} {med[arm]:10.1f} {min(rates):8.1f} {max(rates):8.1f} {epoch_s:8.2f} {wall:7.1f} "
-              f"{wall - args.epochs * epoch_s:8.1f} {rss:7.0f}")
+        print(f"{arm:18s} {med[arm]:10.1f} {min(rates):8.1f} {max(rates):8.1f} {epoch_s:8.2f} = "
+              f"{p['data_wait']:6.2f} + {p['prepare']:6.2f} + {p['step']:6.2f} + {epoch_s - sum(p.values()):6.2f} "
+              f"{wall:7.1f} {wall - args.epochs * epoch_s:8.1f} {rss or float('nan'):7.0f}")
     p1 = med["job-stream"] / med["job-materialized"]
     p2 = med["bare"] / med["job-materialized"]
     print(f"\nP1 data tax  (stream / materialized samples/s): {p1:.3f}   (target >= 0.95)")

@@ -39,6 +39,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--steps", type=int, default=10, help="steps per block")
     ap.add_argument("--repeats", type=int, default=5, help="blocks per variant, interleaved")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: every core)")
     ap.add_argument("--profile", action="store_true")
     args = ap.parse_args()
 
@@ -50,9 +51,9 @@ def main() -> None:
     from raydecode.methods.spec import Progress, get_method
     from raydecode.modelinfo.info import dataset_info
     from raydecode.modelinfo.memory import fake_batch
-    from raydecode.train.loop import deepspeed_config
+    from raydecode.train.loop import deepspeed_config, skip_lone_allreduce
 
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    torch.set_num_threads(args.threads or max(1, os.cpu_count() or 1))
     deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
     spec = get_method(args.method)
     mcfg = spec.config(args.preset)
@@ -73,6 +74,7 @@ def main() -> None:
     ds_model, ds_opt = build()
     engine, _, _, _ = deepspeed.initialize(model=ds_model, optimizer=ds_opt, config=deepspeed_config(cfg, False),
                                            dist_init_required=False)
+    skip_lone_allreduce(engine, 1, 0)  # as the train loop on one rank
     progress = Progress(0, 1, 0, 1000)
 
     def bare_step():
@@ -118,10 +120,19 @@ def main() -> None:
     if args.profile:
         from torch.profiler import ProfilerActivity, profile
 
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
-            for _ in range(3):
-                ds_step()
-        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
+        counts = {}
+        for name, fn in (("bare", bare_step), ("deepspeed", ds_step)):
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                for _ in range(3):
+                    fn()
+            counts[name] = {e.key: (e.count / 3, e.self_cpu_time_total / 3e3) for e in prof.key_averages()}
+        print("operators per step, DeepSpeed vs bare (largest differences in self CPU time first)")
+        print(f"{'operator':40s} {'bare n':>8s} {'ds n':>8s} {'bare ms':>8s} {'ds ms':>8s}")
+        keys = sorted(set(counts["bare"]) | set(counts["deepspeed"]),
+                      key=lambda k: -(counts["deepspeed"].get(k, (0, 0))[1] - counts["bare"].get(k, (0, 0))[1]))
+        for k in keys[:25]:
+            b, d = counts["bare"].get(k, (0, 0)), counts["deepspeed"].get(k, (0, 0))
+            print(f"{k[:40]:40s} {b[0]:8.0f} {d[0]:8.0f} {b[1]:8.2f} {d[1]:8.2f}")
 
 
 if __name__ == "__main__":

@@ -94,6 +94,15 @@ def deepspeed_config(cfg: TrainConfig, bf16: bool) -> dict:
     return ds
 
 
+def skip_lone_allreduce(engine, world: int, zero_stage: int) -> None:
+    """One rank at ZeRO-0 (a sweep trial, a claims arm): DeepSpeed still flattens every gradient into buckets, all-
+    reduces them with itself and copies them back each step (4 % of a tiny MindEye2 step on CPU,
+    ``benchmarks/bench_step.py --profile``); with nothing to reduce, the engine skips it. ZeRO-1/2 keep theirs:
+    their optimizer moves the gradients into its partitions there."""
+    if world == 1 and zero_stage == 0:
+        engine.enable_backward_allreduce = False
+
+
 def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, total_steps: int):
     if cfg.optim.schedule == "constant" or total_steps < 2:
         return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
@@ -238,6 +247,7 @@ class Trainer:
         self.partial = self.spec.partial_checkpoints
         self.epoch, self.step = 0, 0
         self.metrics: dict[str, float] = {}
+        self.timing: dict[str, float] = {}  # seconds of the epoch so far per part (train_epoch)
 
     # -- setup ---------------------------------------------------------------------------------------------------
 
@@ -258,6 +268,7 @@ class Trainer:
         self.engine, _, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=make_scheduler(optimizer, cfg, self.total_steps),
             config=deepspeed_config(cfg, bf16), dist_init_required=False)
+        skip_lone_allreduce(self.engine, self.world, cfg.deepspeed.zero_stage)
         # resuming reads the checkpoint from storage other jobs can write: no pickle code runs on load
         if self.engine.checkpoint_engine is not None:
             self.engine.checkpoint_engine = WeightsOnlyLoads(self.engine.checkpoint_engine)
@@ -327,11 +338,15 @@ class Trainer:
         skip = self.step - self.epoch * self.steps_per_epoch  # resuming mid-epoch: the epoch's batches already trained
         sums: dict[str, float] = {}
         n = 0
+        self.timing = dict.fromkeys(("data_wait", "prepare", "step"), 0.0)
+        t = time.perf_counter()
         for i, raw in enumerate(self.train_shard.iter_torch_batches(
                 batch_size=cfg.optim.batch_size, drop_last=True, collate_fn=NumpyCollate(),
                 local_shuffle_buffer_size=cfg.optim.shuffle_buffer or None,
                 local_shuffle_seed=cfg.optim.seed + self.epoch)):
+            self.timing["data_wait"] += time.perf_counter() - t
             if i < skip or i >= self.steps_per_epoch:
+                t = time.perf_counter()
                 continue
             for k, v in self.train_step(raw).items():
                 sums[k] = sums.get(k, 0.0) + v
@@ -341,11 +356,14 @@ class Trainer:
             if cfg.checkpoint.every_steps and self.step % cfg.checkpoint.every_steps == 0 \
                     and i + 1 < self.steps_per_epoch:
                 self.save({"epoch": self.epoch, "step": self.step}, self.epoch)
+            t = time.perf_counter()
         self.end_epoch(sums, n, t0)
 
     def train_step(self, raw: dict) -> dict[str, float]:
         """One optimizer step on a batch; returns the method's loss parts."""
+        t0 = time.perf_counter()
         batch = self.prepare(raw)
+        t1 = time.perf_counter()
         loss, parts = self.spec.loss(self.engine, batch,
                                      Progress(self.epoch, self.epochs, self.step, self.total_steps))
         fault = self.cfg.fault_injection
@@ -358,6 +376,8 @@ class Trainer:
         self.engine.backward(loss)
         self.engine.step()
         self.step += 1
+        self.timing["prepare"] += t1 - t0
+        self.timing["step"] += time.perf_counter() - t1
         return parts
 
     def end_epoch(self, sums: dict[str, float], n: int, t0: float) -> None:
@@ -371,7 +391,9 @@ class Trainer:
         metrics.update({"epoch": self.epoch, "step": self.step, "lr": self.scheduler.get_last_lr()[0],
                         "epoch_seconds": elapsed,
                         "train.samples_per_s": n * cfg.optim.batch_size * self.world / max(1e-9, time.time() - t0),
-                        "worker.peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})
+                        "worker.peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                        # where the epoch went (rank 0's): waiting for batches, their targets, forward/backward/step
+                        **{f"time.{k}_s": v for k, v in self.timing.items()}})
         if self.epoch % cfg.eval.every_epochs == 0 or self.epoch == self.epochs:
             metrics.update(self.evaluate())
         self.tracker.log({k: v for k, v in metrics.items() if k not in ("epoch",)}, step=self.epoch)
