@@ -34,11 +34,9 @@ test: $(STAMP)
 test-cluster: $(STAMP)
 	$(BIN)/python -m pytest -q --durations=5 -m cluster tests
 
+# every benchmark one after another (logs in work/bench/), then one table of ratios (benchmarks/run_all.py)
 bench: $(STAMP)
-	$(BIN)/python benchmarks/bench_data.py
-	$(BIN)/python benchmarks/bench_ingest.py
-	$(BIN)/python benchmarks/bench_memory.py
-	$(BIN)/python benchmarks/bench_step.py
+	$(BIN)/python benchmarks/run_all.py
 
 clean:
 	rm -rf work .pytest_cache

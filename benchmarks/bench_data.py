@@ -78,6 +78,8 @@ def main() -> None:
         rows.append([name, n, float(np.median(times)), rate, rate / base])
     print(f"store {store_uri} ({args.preset}; ingest {ingest_s:.1f} s, {os.cpu_count()} cores)")
     print(table(["path", "train trials", "seconds/epoch", "trials/s", "ratio to pyarrow"], rows))
+    keys = ["pyarrow", "ray_data", "ray_data_32_footer_readers", "ray_data_categories", "ray_data_images"]
+    print("RESULT bench_data " + " ".join(f"{k}={r[4]:.3f}" for k, r in zip(keys, rows)))
 
 
 if __name__ == "__main__":

@@ -126,6 +126,7 @@ def main() -> None:
     for name, secs, tps, rmb, wmb in rows:
         print(f"{name:12} {secs:8.1f} {tps:9.1f} {rmb:10.1f} {wmb:13.2f}")
     print(f"Ray tasks / in process: {rows[0][1] / rows[1][1]:.2f}x the speed")
+    print(f"RESULT bench_ingest ray_tasks_speedup={rows[0][1] / rows[1][1]:.2f} mb_per_s_read={rows[1][3]:.1f}")
 
 
 if __name__ == "__main__":

@@ -82,6 +82,7 @@ def main() -> None:
           f"{'measured/estimate':>18}")
     for m, s, a, e, meas, r in rows:
         print(f"{m:10} {s:10.1f} {a:15.1f} {e:12.1f} {meas:12.1f} {r:18.2f}")
+    print("RESULT bench_memory " + " ".join(f"{row[0]}={row[5]:.2f}" for row in rows))
 
 
 if __name__ == "__main__":

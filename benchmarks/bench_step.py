@@ -116,6 +116,8 @@ def main() -> None:
     for name, ts in times.items():
         med = statistics.median(ts)
         print(f"{name:16s} {1e3 * med:10.1f} {1e3 * min(ts):8.1f} {1e3 * max(ts):8.1f} {med / base:7.3f}")
+    print("RESULT bench_step " + " ".join(f"{name.replace('+', '_')}={statistics.median(ts) / base:.3f}"
+                                          for name, ts in times.items() if name != "bare"))
 
     if args.profile:
         from torch.profiler import ProfilerActivity, profile

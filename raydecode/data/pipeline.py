@@ -181,14 +181,16 @@ class StimulusLookup:
                     row["image"] = np.asarray(Image.open(io.BytesIO(table["image"][n].as_py())).convert("RGB"))
                 rows[i] = row
         else:
-            # tokens: the encoder's token array flattened row-major (fixed-size list of float16)
+            # tokens: the encoder's token array flattened row-major (fixed-size list of float16), kept float16 (the
+            # batch is cast on its device: half the bytes through the object store, no 2.5 s conversion per
+            # 213 MB shard of ViT-bigG's tokens; benchmarks/bench_datapath.py)
             info = self.store.manifest.embeddings.get(shard.encoder or "")
             if info is None:
                 raise StoreError(f"{self.store.location(shard).uri}: encoder {shard.encoder!r} is not in the manifest's 'embeddings'")
             widths = {"tokens": int(np.prod(info.tokens_shape)), "pooled": info.pooled_dim}
             for name, width in widths.items():
                 col = table[name].combine_chunks()
-                flat = np.asarray(col.flatten().to_numpy(zero_copy_only=False), np.float32)
+                flat = col.flatten().to_numpy(zero_copy_only=False)
                 if flat.size != len(ids) * width:
                     raise StoreError(f"{self.store.location(shard).uri}: field '{name}' does not hold {width} values per image "
                                      f"(encoder {shard.encoder!r}); run `raydecode info --verify`")
