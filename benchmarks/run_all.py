@@ -42,6 +42,9 @@ BENCHMARKS = [
         "s3.betas+tokens": ("... the same from S3 (moto on 127.0.0.1)", "> 1: GPU fed"),
         "local.betas+images": ("... images for on-the-fly targets (the GPU computes bigG)", "> 1: GPU fed"),
         "s3.betas+images": ("... the same from S3", "> 1: GPU fed"),
+        "s3.tokens+cache": ("... tokens from S3 through data.local_cache (node-local memory-mapped copies)",
+                            "> 1: GPU fed"),
+        "s3.images+cache": ("... images from S3 through data.local_cache", "> 1: GPU fed"),
     }),
     ("bench_memory", ["--batch", "256"], {
         "mindeye2": ("measured peak RSS / model-info --memory's estimate, MindEye2 (demo)", "1 +- 0.2"),

@@ -52,11 +52,26 @@ class DataSelection(BaseModel):
     images: bool = Field(False, description="join stimulus images (uint8 HxWx3)")
     embeddings: list[str] = Field(default_factory=list, description="join these encoders' frozen embeddings from the store")
     stimulus_cache_shards: int = Field(4, ge=1, description="stimulus shards each lookup actor keeps in memory")
+    local_cache: str | None = Field(
+        None, description="an absolute directory on each node's local disk: stimulus images and stored embeddings "
+                          "are decoded there once per node and memory-mapped by every process (NSD scale: a random "
+                          "trial order reads every shard; raydecode.data.shardcache)")
     read_cpus: float = Field(1.0, gt=0, description="CPUs per Ray Data read/decode task")
     lookup_cpus: float = Field(0.25, gt=0, description="CPUs per stimulus-lookup actor (I/O bound)")
     materialize: bool | None = Field(
         None, description="training: read the selected train trials once into Ray's object store instead of "
                           "re-reading the store every epoch (default: when their shards total under 2 GiB)")
+
+    @field_validator("local_cache")
+    @classmethod
+    def _node_local_path(cls, path: str | None) -> str | None:
+        if path is None:
+            return None
+        path = os.path.expanduser(path)
+        if not os.path.isabs(path):  # each process resolves it on its own node: a relative path differs per process
+            raise ValueError(f"{path!r} is relative: give an absolute directory on every node's local disk "
+                             "(e.g. /tmp/raydecode-cache or a local NVMe mount)")
+        return path
 
 
 class WindowConfig(BaseModel):

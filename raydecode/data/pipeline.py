@@ -31,6 +31,7 @@ import pyarrow.compute as pc
 
 from raydecode.config import DataSelection
 from raydecode.data.schema import ShardInfo
+from raydecode.data.shardcache import ShardCache
 from raydecode.data.store import Store, open_store
 from raydecode.errors import ConfigError, StoreError
 from raydecode.storage import S3Options
@@ -144,18 +145,30 @@ def check_embeddings(store: Store, encoders: list[str]) -> None:
         store.check_schemas(("embeddings",), encoders=list(encoders))
 
 
+def _decode_images(table: pa.Table) -> list[np.ndarray]:
+    """A stimulus table's encoded images as uint8 H x W x 3 arrays."""
+    from PIL import Image
+
+    return [np.asarray(Image.open(io.BytesIO(b)).convert("RGB")) for b in table["image"].to_pylist()]
+
+
 class StimulusLookup:
     """Adds stimulus (and embedding) columns to batches by image id, reading shards on demand.
 
-    Used as a Ray Data actor class: the store is opened once per actor; at most
-    ``cache_shards`` decoded shards are kept (least recently used first out)."""
+    Used as a Ray Data actor class: the store is opened once per actor; at most ``cache_shards`` decoded shards are
+    kept (least recently used first out). With ``local_cache`` (``data.local_cache``: a directory on the node's own
+    disk) images and embeddings are decoded once per node into memory-mapped files (:mod:`raydecode.data.shardcache`)
+    and every shard stays mapped: rows are read from the page cache, shared by the node's processes."""
 
-    def __init__(self, store_uri: str, s3: dict | None, images: bool, embeddings: list[str], cache_shards: int):
+    def __init__(self, store_uri: str, s3: dict | None, images: bool, embeddings: list[str], cache_shards: int,
+                 local_cache: str | None = None):
         self.store = open_store(store_uri, S3Options(**(s3 or {})), check=False)
         self.images = images
         self.embeddings = embeddings
         self.cache: OrderedDict[str, dict[int, dict[str, Any]]] = OrderedDict()
+        self.mapped: dict[str, dict[int, dict[str, Any]]] = {}  # shards served from the local cache: never evicted
         self.cache_shards = cache_shards
+        self.local = ShardCache(local_cache) if local_cache else None
         m = self.store.manifest
         self.stim_shards = m.shards_of("stimuli")
         self.emb_shards = {e: m.shards_of("embeddings", encoder=e) for e in embeddings}
@@ -164,43 +177,81 @@ class StimulusLookup:
                 raise StoreError(f"store {self.store.uri} has no embeddings for encoder {e!r}; run `raydecode embed` first")
 
     def _load(self, shard: ShardInfo, kind: str) -> dict[int, dict[str, Any]]:
+        if shard.path in self.mapped:
+            return self.mapped[shard.path]
         if shard.path in self.cache:
             self.cache.move_to_end(shard.path)
             return self.cache[shard.path]
-        table = self.store.read_shard(shard)
-        rows: dict[int, dict[str, Any]] = {}
-        ids = table["image_id"].to_pylist()
+        if self.local is not None:
+            rows = self._stimuli_mapped(shard) if kind == "stimuli" else self._embeddings_mapped(shard)
+            if rows is not None:
+                self.mapped[shard.path] = rows
+                return rows
         if kind == "stimuli":
-            from PIL import Image
-
-            cats = np.asarray(table["categories"].combine_chunks().flatten()).reshape(len(ids), -1)
-            captions = table["caption"].to_pylist()
-            for n, i in enumerate(ids):
-                row = {"categories": cats[n], "caption": captions[n]}
-                if self.images:
-                    row["image"] = np.asarray(Image.open(io.BytesIO(table["image"][n].as_py())).convert("RGB"))
-                rows[i] = row
+            table = self.store.read_shard(shard, None if self.images else ["image_id", "categories", "caption"])
+            images = _decode_images(table) if self.images else None
+            rows = self._stimulus_rows(table, images)
         else:
-            # tokens: the encoder's token array flattened row-major (fixed-size list of float16), kept float16 (the
-            # batch is cast on its device: half the bytes through the object store, no 2.5 s conversion per
-            # 213 MB shard of ViT-bigG's tokens; benchmarks/bench_datapath.py)
-            info = self.store.manifest.embeddings.get(shard.encoder or "")
-            if info is None:
-                raise StoreError(f"{self.store.location(shard).uri}: encoder {shard.encoder!r} is not in the manifest's 'embeddings'")
-            widths = {"tokens": int(np.prod(info.tokens_shape)), "pooled": info.pooled_dim}
-            for name, width in widths.items():
-                col = table[name].combine_chunks()
-                flat = col.flatten().to_numpy(zero_copy_only=False)
-                if flat.size != len(ids) * width:
-                    raise StoreError(f"{self.store.location(shard).uri}: field '{name}' does not hold {width} values per image "
-                                     f"(encoder {shard.encoder!r}); run `raydecode info --verify`")
-                per = flat.reshape(len(ids), width)
-                for n, i in enumerate(ids):
-                    rows.setdefault(i, {})[name] = per[n]
+            ids, tokens, pooled = self._embeddings(shard)
+            rows = {i: {"tokens": tokens[n], "pooled": pooled[n]} for n, i in enumerate(ids.tolist())}
         self.cache[shard.path] = rows
         while len(self.cache) > self.cache_shards:
             self.cache.popitem(last=False)
         return rows
+
+    @staticmethod
+    def _stimulus_rows(table: pa.Table, images: np.ndarray | list | None) -> dict[int, dict[str, Any]]:
+        ids = table["image_id"].to_pylist()
+        cats = np.asarray(table["categories"].combine_chunks().flatten()).reshape(len(ids), -1)
+        captions = table["caption"].to_pylist()
+        rows: dict[int, dict[str, Any]] = {}
+        for n, i in enumerate(ids):
+            rows[i] = {"categories": cats[n], "caption": captions[n]}
+            if images is not None:
+                rows[i]["image"] = images[n]
+        return rows
+
+    def _stimuli_mapped(self, shard: ShardInfo) -> dict[int, dict[str, Any]] | None:
+        """Categories and captions read from the shard (small columns), its decoded images mapped from the local
+        cache (``None``: images of different sizes, which one array cannot hold)."""
+        table = self.store.read_shard(shard, ["image_id", "categories", "caption"])
+        images = None
+        if self.images:
+            def build() -> dict[str, np.ndarray] | None:
+                decoded = _decode_images(self.store.read_shard(shard, ["image"]))
+                return {"image": np.stack(decoded)} if len({a.shape for a in decoded}) == 1 else None
+
+            mapped = self.local.columns(shard, ("image",), build)
+            if mapped is None:
+                return None
+            images = mapped["image"]
+        return self._stimulus_rows(table, images)
+
+    def _embeddings_mapped(self, shard: ShardInfo) -> dict[int, dict[str, Any]]:
+        def build() -> dict[str, np.ndarray]:
+            ids, tokens, pooled = self._embeddings(shard)
+            return {"image_id": ids, "tokens": tokens, "pooled": pooled}
+
+        a = self.local.columns(shard, ("image_id", "tokens", "pooled"), build)
+        return {i: {"tokens": a["tokens"][n], "pooled": a["pooled"][n]} for n, i in enumerate(a["image_id"].tolist())}
+
+    def _embeddings(self, shard: ShardInfo) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(image ids, tokens, pooled) of an embedding shard. Tokens: the encoder's token array flattened row-major
+        (a fixed-size list of float16), kept float16 (batches are cast on their device: half the bytes through the
+        object store, and no 2.5 s conversion per 213 MB shard of ViT-bigG's tokens; benchmarks/bench_datapath.py)."""
+        table = self.store.read_shard(shard)
+        ids = table["image_id"].to_numpy().astype(np.int64)
+        info = self.store.manifest.embeddings.get(shard.encoder or "")
+        if info is None:
+            raise StoreError(f"{self.store.location(shard).uri}: encoder {shard.encoder!r} is not in the manifest's 'embeddings'")
+        out = []
+        for name, width in (("tokens", int(np.prod(info.tokens_shape))), ("pooled", info.pooled_dim)):
+            flat = table[name].combine_chunks().flatten().to_numpy(zero_copy_only=False)
+            if flat.size != len(ids) * width:
+                raise StoreError(f"{self.store.location(shard).uri}: field '{name}' does not hold {width} values per image "
+                                 f"(encoder {shard.encoder!r}); run `raydecode info --verify`")
+            out.append(flat.reshape(len(ids), width))
+        return ids, out[0], out[1]
 
     def _rows_for(self, shards: list[ShardInfo], kind: str, image_ids: np.ndarray) -> list[dict[str, Any]]:
         out = []
@@ -382,7 +433,7 @@ def with_stimuli(ds, store: Store, sel: DataSelection):
     return ds.map_batches(
         StimulusLookup,
         fn_constructor_args=(store.uri, store.s3.model_dump() if store.s3 else None, sel.images, sel.embeddings,
-                             sel.stimulus_cache_shards),
+                             sel.stimulus_cache_shards, sel.local_cache),
         batch_format="numpy", compute=ActorPoolStrategy(min_size=1, max_size=2), num_cpus=sel.lookup_cpus)
 
 
@@ -420,6 +471,6 @@ def finish_in_memory(store: Store, batch: dict[str, np.ndarray], split: str, sel
         batch = {n: np.concatenate([g[n] for g in groups]) for n in groups[0]}
     if batch and (sel.categories or sel.images or sel.embeddings):
         lookup = StimulusLookup(store.uri, store.s3.model_dump() if store.s3 else None, sel.images,
-                                sel.embeddings, sel.stimulus_cache_shards)
+                                sel.embeddings, sel.stimulus_cache_shards, sel.local_cache)
         batch = lookup(batch)
     return batch

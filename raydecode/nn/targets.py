@@ -16,10 +16,11 @@ class BatchPreparer:
     per image id: the images (and captions) of ids not seen yet are read from the store's stimulus shards.
     An encoder that ``augments`` also adds ``<key>_aug_tokens``: every step, each image of the batch (read again
     from the stimulus shards) through a fresh draw of the encoder's augmentation. Those targets feed training
-    losses only: with ``training=False`` (prediction, evaluation) they are left out, their encoders never built."""
+    losses only: with ``training=False`` (prediction, evaluation) they are left out, their encoders never built.
+    ``local_cache``: the images are read through the node-local cache (``data.local_cache``)."""
 
     def __init__(self, targets: dict[str, dict], device: torch.device, dtype: torch.dtype,
-                 store_uri: str, s3: dict | None, training: bool = True):
+                 store_uri: str, s3: dict | None, training: bool = True, local_cache: str | None = None):
         self.device, self.dtype = device, dtype
         augmenting = {k for k, t in targets.items() if augments(encoder_config(t["encoder"]))}
         self.dropped = set()
@@ -34,7 +35,7 @@ class BatchPreparer:
         self.augmented = {k: encoders[k] for k in augmenting}
         computed = {k: e for k, e in encoders.items() if targets[k]["source"] == "compute"}
         self.cache = TargetCache(computed) if computed else None
-        self.images = StimulusLookup(store_uri, s3, True, [], 8) if encoders else None
+        self.images = StimulusLookup(store_uri, s3, True, [], 8, local_cache) if encoders else None
         self.embedding_column = embedding_column
 
     def _images(self, ids: torch.Tensor) -> torch.Tensor:

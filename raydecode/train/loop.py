@@ -273,7 +273,7 @@ class Trainer:
         if self.engine.checkpoint_engine is not None:
             self.engine.checkpoint_engine = WeightsOnlyLoads(self.engine.checkpoint_engine)
         self.prepare = BatchPreparer(self.payload["targets"], device, torch.bfloat16 if bf16 else torch.float32,
-                                     cfg.store, cfg.s3.model_dump())
+                                     cfg.store, cfg.s3.model_dump(), local_cache=cfg.data.local_cache)
         self.tracker = Tracker(self.payload.get("tracking_uri"), self.payload.get("run_id"), self.rank == 0)
         self.resume()
         self.poster = Poster(self.payload.get("progress_board"), self.rank == 0)
