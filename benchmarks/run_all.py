@@ -37,14 +37,13 @@ BENCHMARKS = [
         "ray_data_images": ("... with the images joined", "1.0 = par"),
     }),
     ("bench_datapath", [], {
-        "local.betas+tokens": ("paper-shaped store, local disk, precomputed bigG tokens: delivered / one GPU's need",
-                               "> 1: GPU fed"),
-        "s3.betas+tokens": ("... the same from S3 (moto on 127.0.0.1)", "> 1: GPU fed"),
-        "local.betas+images": ("... images for on-the-fly targets (the GPU computes bigG)", "> 1: GPU fed"),
-        "s3.betas+images": ("... the same from S3", "> 1: GPU fed"),
-        "s3.tokens+cache": ("... tokens from S3 through data.local_cache (node-local memory-mapped copies)",
-                            "> 1: GPU fed"),
+        "local.betas+tokens": ("paper-shaped store (10 stimulus shards, LRU of 4), local disk, precomputed bigG "
+                               "tokens: delivered per 1-CPU worker / one GPU's need at 40 % MFU", "> 1: GPU fed"),
+        "local.tokens+cache": ("... the same through data.local_cache (node-local memory-mapped copies)", "> 1: GPU fed"),
+        "s3.tokens+cache": ("... from S3 (moto on 127.0.0.1) through data.local_cache", "> 1: GPU fed"),
+        "local.betas+images": ("... images for bigG on the GPU, no cache", "> 1: GPU fed"),
         "s3.images+cache": ("... images from S3 through data.local_cache", "> 1: GPU fed"),
+        "s3.betas": ("... betas alone from S3", "> 1: GPU fed"),
     }),
     ("bench_memory", ["--batch", "256"], {
         "mindeye2": ("measured peak RSS / model-info --memory's estimate, MindEye2 (demo)", "1 +- 0.2"),
