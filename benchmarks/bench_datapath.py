@@ -133,19 +133,14 @@ def to_s3(local: str, endpoint: str, bucket: str) -> str:
 def consume(config: dict) -> None:
     """Ray Train's loop: iterate the worker's split as the train loop does; rank 0 reports per-epoch rates."""
     import ray.train
-    from ray.data.collate_fn import NumpyBatchCollateFn
 
-    from raydecode.data.batches import collate
-
-    class Collate(NumpyBatchCollateFn):
-        def __call__(self, batch):
-            return collate(batch)
+    from raydecode.train.loop import numpy_collate
 
     shard = ray.train.get_dataset_shard("train")
     epochs = []
     for _ in range(config["epochs"]):
         t0, rows, nbytes = time.perf_counter(), 0, 0
-        for batch in shard.iter_torch_batches(batch_size=config["batch"], drop_last=True, collate_fn=Collate()):
+        for batch in shard.iter_torch_batches(batch_size=config["batch"], drop_last=True, collate_fn=numpy_collate()):
             rows += len(batch["betas"])
             nbytes += sum(v.numel() * v.element_size() for v in batch.values())
         dt = time.perf_counter() - t0

@@ -20,6 +20,7 @@ from raydecode.data.schema import EncoderInfo
 from raydecode.data.shardcache import ShardCache
 from raydecode.data.store import StoreWriter, open_store
 from raydecode.embed import _embeddings_table, shard_path
+from raydecode.errors import StorageError
 from raydecode.nn.targets import BatchPreparer
 
 ENCODER = "fake-tokens"
@@ -80,7 +81,7 @@ def test_the_cached_lookup_gives_the_same_rows_and_later_processes_decode_nothin
     again = StimulusLookup(uri, None, True, [ENCODER], 1, cache)({"image_id": ids.copy()})
     for key, value in plain.items():
         np.testing.assert_array_equal(again[key], value, err_msg=key)
-    with pytest.raises(Exception):  # the plain lookup needs the shard just removed
+    with pytest.raises(StorageError, match="missing file"):  # the plain lookup needs the shard just removed
         StimulusLookup(uri, None, False, [ENCODER], 1)({"image_id": ids.copy()})
 
 

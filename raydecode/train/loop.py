@@ -103,6 +103,18 @@ def skip_lone_allreduce(engine, world: int, zero_stage: int) -> None:
         engine.enable_backward_allreduce = False
 
 
+def numpy_collate():
+    """The train split's collate for ``iter_torch_batches``: numpy batches to :func:`collate`'s tensors (Ray Data's
+    class-based collate: a plain function is deprecated)."""
+    from ray.data.collate_fn import NumpyBatchCollateFn
+
+    class NumpyCollate(NumpyBatchCollateFn):
+        def __call__(self, batch):
+            return collate(batch)
+
+    return NumpyCollate()
+
+
 def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, total_steps: int):
     if cfg.optim.schedule == "constant" or total_steps < 2:
         return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
@@ -328,12 +340,6 @@ class Trainer:
         self.finish()
 
     def train_epoch(self) -> None:
-        from ray.data.collate_fn import NumpyBatchCollateFn
-
-        class NumpyCollate(NumpyBatchCollateFn):  # Ray Data's class-based collate (a plain function is deprecated)
-            def __call__(self, batch):
-                return collate(batch)
-
         cfg, t0 = self.cfg, time.time()
         skip = self.step - self.epoch * self.steps_per_epoch  # resuming mid-epoch: the epoch's batches already trained
         sums: dict[str, float] = {}
@@ -341,7 +347,7 @@ class Trainer:
         self.timing = dict.fromkeys(("data_wait", "prepare", "step"), 0.0)
         t = time.perf_counter()
         for i, raw in enumerate(self.train_shard.iter_torch_batches(
-                batch_size=cfg.optim.batch_size, drop_last=True, collate_fn=NumpyCollate(),
+                batch_size=cfg.optim.batch_size, drop_last=True, collate_fn=numpy_collate(),
                 local_shuffle_buffer_size=cfg.optim.shuffle_buffer or None,
                 local_shuffle_seed=cfg.optim.seed + self.epoch)):
             self.timing["data_wait"] += time.perf_counter() - t
