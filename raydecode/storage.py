@@ -125,7 +125,11 @@ def _s3_filesystem(opts: S3Options) -> pafs.S3FileSystem:
     kwargs: dict = {
         "connect_timeout": o.connect_timeout_s,
         "request_timeout": o.request_timeout_s,
-        "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=o.max_attempts),
+        # AWS's "default" strategy: exponential backoff (25 ms x 2^n) and no retry quota. The "standard" one shares
+        # a quota of 500 tokens per client, 5 per retry, so after ~100 throttled requests (a long streaming read
+        # through a SlowDown burst) it stops retrying at all and the read fails; a training job would rather wait.
+        # Its argument counts retries, not attempts.
+        "retry_strategy": pafs.AwsDefaultS3RetryStrategy(max_attempts=o.max_attempts - 1),
     }
     if o.endpoint_url:
         ep = urlparse(o.endpoint_url if "://" in o.endpoint_url else f"https://{o.endpoint_url}")
