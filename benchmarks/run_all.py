@@ -32,6 +32,13 @@ BENCHMARKS = [
         "p1": ("P1 data tax at world 2 (2 Ray Train workers)", ">= 0.95"),
         "p2": ("P2 framework tax at world 2: DDP over gloo / the job (ZeRO-0)", "<= 1.10"),
     }),
+    ("bench_peer", ["--prior-deps", "work/bench/peer-site"], {
+        "bimixco": ("peer: our MindEye2 step / the MindEyeV2 reference's, same sizes and inputs (BiMixCo phase; "
+                    "needs MINDEYEV2_REPO)", "<= 1.0"),
+        "softclip": ("... SoftCLIP phase", "<= 1.0"),
+        "prior": ("... with the reference's diffusion prior (dalle2-pytorch, installed into work/bench/peer-site)",
+                  "yes"),
+    }),
     ("bench_data", ["--preset", "demo"], {
         "ray_data": ("Ray Data read of the train split / pyarrow in one process (demo store)", "1.0 = par"),
         "ray_data_images": ("... with the images joined", "1.0 = par"),
@@ -84,7 +91,7 @@ def main() -> int:
             continue
         print(f"[bench] {name}: {secs:.0f} s", flush=True)
         for key, (what, target) in keys.items():
-            rows.append((name, what, results.get(key, "-"), target))
+            rows.append((name, what, results.get(key) or ("skipped" if "skipped" in results else "-"), target))
     width = max((len(r[1]) for r in rows), default=10)
     print(f"\nraydecode benchmarks at {commit}, {os.cpu_count()} CPUs, {time.time() - t_all:.0f} s in all")
     print(f"{'benchmark':16s} {'ratio':{width}s} {'value':>8s}  target")
