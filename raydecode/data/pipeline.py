@@ -297,8 +297,9 @@ def small_shuffles():
 # reading their footers on a pool of new actor processes (RAY_DATA_PARQUET_FOOTER_NUM_ACTORS, 32 by default), so
 # each streamed epoch starts with seconds of process start-up: 1.4 of the 1.65 s a streamed epoch of the tiny store
 # takes, against 0.25 s for the whole epoch with V1 (benchmarks/bench_data.py). V1 reads the footers once, when the
-# dataset is created, and an execution only reads. A store's manifest already names its few shards: nothing to
-# discover, so raydecode reads with V1. True here: Ray's default (the benchmark compares both).
+# dataset is created, and an execution only reads. The train split, executed once per epoch, is read with V1 (a
+# store's manifest names its shards: nothing to discover); the splits read once keep Ray's default. True here: V2
+# for the train split too (the benchmark compares both).
 USE_DATASOURCE_V2 = False
 
 
@@ -312,14 +313,15 @@ def file_order(sel: DataSelection, split: str):
     return FileShuffleConfig(seed=sel.seed, reseed_after_execution=False)
 
 
-def read_shards(paths: list[str], filesystem, **kwargs):
-    """``ray.data.read_parquet`` of a store's shards with Ray Data's V1 Parquet reader (see
-    :data:`USE_DATASOURCE_V2`): footers read once here, no actors started by an epoch."""
+def read_shards(paths: list[str], filesystem, every_epoch: bool = False, **kwargs):
+    """``ray.data.read_parquet`` of a store's shards; ``every_epoch`` (the train split): with Ray Data's V1 Parquet
+    reader (see :data:`USE_DATASOURCE_V2`), footers read once here and no actor started by an epoch."""
     import ray.data
     from ray.data import DataContext
 
     ctx = DataContext.get_current()
-    old, ctx.use_datasource_v2 = ctx.use_datasource_v2, USE_DATASOURCE_V2
+    old = ctx.use_datasource_v2
+    ctx.use_datasource_v2 = old if not every_epoch else USE_DATASOURCE_V2
     try:
         return ray.data.read_parquet(paths, filesystem=filesystem, **kwargs)
     finally:
@@ -371,6 +373,7 @@ def _trials_dataset(store: Store | str, split: str, sel: DataSelection, s3: S3Op
     ds = read_shards(
         paths,
         store.root.fs,
+        every_epoch=split == "train",
         columns=list(TRIAL_COLUMNS),
         partitioning=None,
         shuffle=file_order(sel, split),
