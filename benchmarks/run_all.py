@@ -40,7 +40,9 @@ BENCHMARKS = [
                   "yes"),
     }),
     ("bench_data", ["--preset", "demo"], {
-        "ray_data": ("Ray Data read of the train split / pyarrow in one process (demo store)", "1.0 = par"),
+        "ray_data": ("Ray Data read of the train split, per epoch / pyarrow in one process (demo store)", "1.0 = par"),
+        "ray_data_v1_reader": ("... through Ray Data's V1 Parquet reader (footers read once, not every epoch)",
+                               "1.0 = par"),
         "ray_data_images": ("... with the images joined", "1.0 = par"),
     }),
     ("bench_datapath", [], {

@@ -1,5 +1,6 @@
 """Ray Data pipeline on a real local Ray cluster: splits, selections, the per-worker parts Ray Train streams."""
 
+import os
 
 import numpy as np
 import pytest
@@ -159,17 +160,20 @@ def _footer_readers() -> set[str]:
     return {i for i, a in ray._private.state.actors().items() if a.get("ActorClassName") == "FooterReader"}
 
 
-def test_an_epoch_reads_the_shards_without_listing_them_again(tiny_store, ray_local):
-    """A store's reads use Ray Data's V1 Parquet reader: the footers are read once, when the dataset is made, and
-    an epoch (an execution of the dataset) only reads. Ray's V2 reader lists the files again in every execution on
-    new footer-reading actor processes, seconds of start-up per streamed epoch."""
-    import ray.data
+def test_a_read_starts_the_footer_readers_its_shards_need(tiny_store, ray_local, monkeypatch):
+    """Ray Data lists parquet files through footer-reading actors, 32 per read by default (a new process each): a
+    store's read asks for one per 10 shards, unless RAY_DATA_PARQUET_FOOTER_NUM_ACTORS says otherwise."""
+    from raydecode.data.pipeline import FOOTER_ACTORS_ENV, footer_actors
 
+    assert [footer_actors(n) for n in (1, 10, 11, 95, 5000)] == [1, 1, 2, 10, 32]
+    monkeypatch.delenv(FOOTER_ACTORS_ENV, raising=False)
     sel = DataSelection(subjects=[1, 2], categories=False)
     before = _footer_readers()
-    ds = trials_dataset(tiny_store, "train", sel).dataset
-    ds.context.execution_options.preserve_order = True
-    epochs = [np.concatenate([b["image_id"] for b in ds.iter_batches(batch_format="numpy")]) for _ in range(2)]
-    assert len(epochs[0]) == 300 and (epochs[0] == epochs[1]).all()  # every row, in the same order each epoch
-    assert _footer_readers() == before
-    assert ray.data.DataContext.get_current().use_datasource_v2  # Ray's default left as it was for other reads
+    td = trials_dataset(tiny_store, "train", sel)
+    assert FOOTER_ACTORS_ENV not in os.environ  # set for the read only
+    assert td.dataset.materialize().count() == 300
+    assert len(_footer_readers() - before) == footer_actors(len(td.files)) == 1
+    monkeypatch.setenv(FOOTER_ACTORS_ENV, "3")
+    before = _footer_readers()
+    assert trials_dataset(tiny_store, "train", sel).dataset.materialize().count() == 300
+    assert len(_footer_readers() - before) == 3

@@ -18,6 +18,8 @@ shuffled across the cluster and no process holds the whole store.
 from __future__ import annotations
 
 import io
+import math
+import os
 from collections import OrderedDict
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -293,14 +295,17 @@ def small_shuffles():
         ctx.shuffle_strategy = old
 
 
-# Ray Data has two Parquet readers. V2 (its default since 2.5x) lists the files in every execution of a dataset,
-# reading their footers on a pool of new actor processes (RAY_DATA_PARQUET_FOOTER_NUM_ACTORS, 32 by default), so
-# each streamed epoch starts with seconds of process start-up: 1.4 of the 1.65 s a streamed epoch of the tiny store
-# takes, against 0.25 s for the whole epoch with V1 (benchmarks/bench_data.py). V1 reads the footers once, when the
-# dataset is created, and an execution only reads. The train split, executed once per epoch, is read with V1 (a
-# store's manifest names its shards: nothing to discover); the splits read once keep Ray's default. True here: V2
-# for the train split too (the benchmark compares both).
-USE_DATASOURCE_V2 = False
+# Ray Data (datasource V2) lists parquet files through a pool of footer-reading actors, each a new worker process:
+# RAY_DATA_PARQUET_FOOTER_NUM_ACTORS of them per read (32 by default), each call reading the footers of
+# RAY_DATA_PARQUET_FOOTER_BATCH_SIZE files (10). Sized for unknown directories of thousands of files; a store's
+# manifest names its few shards.
+FOOTER_ACTORS_ENV = "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS"
+FILES_PER_FOOTER_CALL = 10
+
+
+def footer_actors(n_files: int) -> int:
+    """Footer readers for a read of ``n_files`` files: one per footer call, at most Ray Data's default 32."""
+    return min(32, max(1, math.ceil(n_files / FILES_PER_FOOTER_CALL)))
 
 
 def file_order(sel: DataSelection, split: str):
@@ -313,19 +318,21 @@ def file_order(sel: DataSelection, split: str):
     return FileShuffleConfig(seed=sel.seed, reseed_after_execution=False)
 
 
-def read_shards(paths: list[str], filesystem, every_epoch: bool = False, **kwargs):
-    """``ray.data.read_parquet`` of a store's shards; ``every_epoch`` (the train split): with Ray Data's V1 Parquet
-    reader (see :data:`USE_DATASOURCE_V2`), footers read once here and no actor started by an epoch."""
+def read_shards(paths: list[str], filesystem, **kwargs):
+    """``ray.data.read_parquet`` of a store's shards with :func:`footer_actors` footer readers (a read of 4 shards
+    started 27 actor processes on a fresh 2-node cluster of 4 CPUs: 70 s instead of 9 s before training began).
+    ``RAY_DATA_PARQUET_FOOTER_NUM_ACTORS`` in the environment wins. The indexer reads the variable when the dataset
+    is created, in this process."""
     import ray.data
-    from ray.data import DataContext
 
-    ctx = DataContext.get_current()
-    old = ctx.use_datasource_v2
-    ctx.use_datasource_v2 = old if not every_epoch else USE_DATASOURCE_V2
+    ours = FOOTER_ACTORS_ENV not in os.environ
+    if ours:
+        os.environ[FOOTER_ACTORS_ENV] = str(footer_actors(len(paths)))
     try:
         return ray.data.read_parquet(paths, filesystem=filesystem, **kwargs)
     finally:
-        ctx.use_datasource_v2 = old
+        if ours:
+            del os.environ[FOOTER_ACTORS_ENV]
 
 
 @dataclass
@@ -373,7 +380,6 @@ def _trials_dataset(store: Store | str, split: str, sel: DataSelection, s3: S3Op
     ds = read_shards(
         paths,
         store.root.fs,
-        every_epoch=split == "train",
         columns=list(TRIAL_COLUMNS),
         partitioning=None,
         shuffle=file_order(sel, split),

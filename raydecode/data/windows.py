@@ -156,8 +156,7 @@ def _windows_dataset(store, split: str, window: WindowConfig, sel, s3, shift: in
     voxels = {s: store.manifest.subject(s).voxels for s in subjects}
     width = max(voxels.values())
     test_ids = np.asarray(store.manifest.shared_test_image_ids, np.int64)
-    ds = read_shards([store.location(s).path for s in shards], store.root.fs, every_epoch=split == "train",
-                     columns=list(RUN_COLUMNS),
+    ds = read_shards([store.location(s).path for s in shards], store.root.fs, columns=list(RUN_COLUMNS),
                      partitioning=None, shuffle=file_order(sel, split),
                      num_cpus=sel.read_cpus)
     ds = ds.map_batches(windows_of_runs, batch_format="pyarrow", batch_size=1, num_cpus=sel.read_cpus,
