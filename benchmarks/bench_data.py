@@ -6,8 +6,9 @@ Prints trials/s for (a) a plain single-process pyarrow read of the train shards,
 pipeline without joins (Ray Data's default Parquet reader, V2, which lists the files again in every execution on
 new footer-reading actor processes), (c) the same through Ray Data's V1 reader, which reads the footers once when
 the dataset is made (5x faster an epoch here; raydecode keeps V2: V1's sampling tasks at creation each need a whole
-CPU, which stalled concurrent sweep trials), (d) with categories, (e) with images, and the ratios to (a). Each Ray Data row is one dataset executed once per epoch, as a training run streams it:
-the median epoch after the first, so Ray's per-execution start-up is in it, its one-time set-up not.
+CPU, which stalled concurrent sweep trials), (d) with categories, (e) with images, and the ratios to (a). Each
+Ray Data row is one dataset executed once per epoch, as a training run streams it: the median epoch after the
+first, so Ray's per-execution start-up is in it, its one-time set-up not.
 """
 
 from __future__ import annotations
