@@ -3,10 +3,9 @@
     python benchmarks/bench_data.py [--preset demo] [--store DIR]
 
 Prints trials/s for (a) a plain single-process pyarrow read of the train shards, (b) the Ray Data
-pipeline without joins (Ray Data's default Parquet reader, V2, which lists the files again in every execution on
-new footer-reading actor processes), (c) the same through Ray Data's V1 reader, which reads the footers once when
-the dataset is made (5x faster an epoch here; raydecode keeps V2: V1's sampling tasks at creation each need a whole
-CPU, which stalled concurrent sweep trials), (d) with categories, (e) with images, and the ratios to (a). Each
+pipeline without joins (raydecode's manifest-planned read, ``ShardSource``), (c) the same through
+``ray.data.read_parquet`` (its default reader, V2, lists the files again in every execution on new
+footer-reading actor processes), (d) with categories, (e) with images, and the ratios to (a). Each
 Ray Data row is one dataset executed once per epoch, as a training run streams it: the median epoch after the
 first, so Ray's per-execution start-up is in it, its one-time set-up not.
 """
@@ -16,6 +15,7 @@ from __future__ import annotations
 import argparse
 import os
 import time
+from contextlib import nullcontext
 from unittest import mock
 
 import numpy as np
@@ -29,7 +29,7 @@ def main() -> None:
     args = ap.parse_args()
     store_uri = args.store or f"work/bench/{args.preset}"
 
-    from ray.data import DataContext
+    from ray.data import FileShuffleConfig
 
     from raydecode.config import DataSelection
     from raydecode.data.ingest import run_ingest, synthetic_plan
@@ -53,12 +53,20 @@ def main() -> None:
 
     init_ray()
 
-    def ray_pipeline(sel: DataSelection, v1: bool = False):
+    def read_parquet(root, shards, columns, seed, num_cpus):
+        """What raydecode read with before ShardSource: Ray's Parquet reader, the files in one seeded order."""
+        import ray.data
+
+        order = FileShuffleConfig(seed=seed, reseed_after_execution=False) if seed is not None else None
+        return ray.data.read_parquet([root.join(s.path).path for s in shards], filesystem=root.fs, columns=columns,
+                                     partitioning=None, shuffle=order, num_cpus=num_cpus)
+
+    def ray_pipeline(sel: DataSelection, parquet: bool = False):
         made = []
 
         def run() -> int:
             if not made:  # one dataset, executed once per epoch
-                with mock.patch.object(DataContext.get_current(), "use_datasource_v2", not v1):
+                with mock.patch("raydecode.data.source.read_store_shards", read_parquet) if parquet else nullcontext():
                     made.append(trials_dataset(store, "train", sel).dataset)
             return sum(len(b["betas"]) for b in made[0].iter_batches(batch_size=256))
         return run
@@ -66,7 +74,7 @@ def main() -> None:
     cases = [
         ("pyarrow, one process", plain),
         ("Ray Data, no joins", ray_pipeline(DataSelection(categories=False))),
-        ("  ... through Ray's V1 Parquet reader", ray_pipeline(DataSelection(categories=False), v1=True)),
+        ("  ... through ray.data.read_parquet", ray_pipeline(DataSelection(categories=False), parquet=True)),
         ("Ray Data + categories", ray_pipeline(DataSelection())),
         ("Ray Data + images", ray_pipeline(DataSelection(images=True))),
     ]
@@ -83,7 +91,7 @@ def main() -> None:
         rows.append([name, n, float(np.median(times)), rate, rate / base])
     print(f"store {store_uri} ({args.preset}; ingest {ingest_s:.1f} s, {os.cpu_count()} cores)")
     print(table(["path", "train trials", "seconds/epoch", "trials/s", "ratio to pyarrow"], rows))
-    keys = ["pyarrow", "ray_data", "ray_data_v1_reader", "ray_data_categories", "ray_data_images"]
+    keys = ["pyarrow", "ray_data", "ray_data_read_parquet", "ray_data_categories", "ray_data_images"]
     print("RESULT bench_data " + " ".join(f"{k}={r[4]:.3f}" for k, r in zip(keys, rows)))
 
 

@@ -160,7 +160,7 @@ def stream(store: str, s3, variant: str, workers: int, epochs: int, batch: int, 
     options = dict(VARIANTS[variant])
     if options.pop("local_cache", False):  # a fresh node-local cache: the first epoch fills it, the others map it
         options["local_cache"] = os.path.join(storage, f"cache-{variant}")
-    sel = DataSelection(categories=False, read_cpus=0.25, lookup_cpus=0.25, **options)
+    sel = DataSelection(categories=False, read_cpus=0.25, **options)
     ds = trials_dataset(store, "train", sel, s3).dataset
     out = os.path.join(storage, f"{variant}.json")
     TorchTrainer(consume, train_loop_config={"epochs": epochs, "batch": batch, "out": out},

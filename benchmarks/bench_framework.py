@@ -151,7 +151,7 @@ def job(store: str, workdir: str, preset: str, world: int, batch: int, epochs: i
 
     cfg = TrainConfig.model_validate({
         "store": store, "workdir": workdir, "run_name": name, "preset": preset,
-        "data": {"subjects": SUBJECTS, "categories": False, "read_cpus": 0.25, "lookup_cpus": 0.25,
+        "data": {"subjects": SUBJECTS, "categories": False, "read_cpus": 0.25,
                  "materialize": materialize},
         "optim": {"epochs": epochs, "batch_size": batch, "lr": 1e-3},
         "scaling": {"num_workers": world, "cpus_per_worker": THREADS},  # Ray gives the worker as many threads
@@ -176,7 +176,7 @@ def sweep(store: str, workdir: str, preset: str, batch: int, epochs: int, n: int
     from raydecode.sweep import run_sweep
 
     base = {"store": store, "workdir": workdir, "method": "mindeye2", "preset": preset,
-            "data": {"categories": False, "read_cpus": 0.25, "lookup_cpus": 0.25},
+            "data": {"categories": False, "read_cpus": 0.25},
             "optim": {"epochs": epochs, "batch_size": batch, "lr": 1e-3},
             "scaling": {"num_workers": 1, "cpus_per_worker": 0.25}, "deepspeed": {"zero_stage": 0},
             "checkpoint": {"every_epochs": epochs}, "eval": {"every_epochs": epochs}}

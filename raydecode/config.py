@@ -9,6 +9,7 @@ message naming the key and, where there is a fixed set, the allowed values.
 from __future__ import annotations
 
 import os
+import warnings
 import re
 from pathlib import Path
 from typing import Any, ClassVar, Literal, TypeVar
@@ -51,16 +52,25 @@ class DataSelection(BaseModel):
     categories: bool = Field(True, description="join each image's 80-way multi-hot categories")
     images: bool = Field(False, description="join stimulus images (uint8 HxWx3)")
     embeddings: list[str] = Field(default_factory=list, description="join these encoders' frozen embeddings from the store")
-    stimulus_cache_shards: int = Field(4, ge=1, description="stimulus shards each lookup actor keeps in memory")
+    stimulus_cache_shards: int = Field(4, ge=1, description="decoded stimulus shards each read process keeps in memory "
+                                                             "(least recently used first out; see local_cache)")
     local_cache: str | None = Field(
         None, description="an absolute directory on each node's local disk: stimulus images and stored embeddings "
                           "are decoded there once per node and memory-mapped by every process (NSD scale: a random "
                           "trial order reads every shard; raydecode.data.shardcache)")
-    read_cpus: float = Field(1.0, gt=0, description="CPUs per Ray Data read/decode task")
-    lookup_cpus: float = Field(0.25, gt=0, description="CPUs per stimulus-lookup actor (I/O bound)")
+    read_cpus: float = Field(1.0, gt=0, description="CPUs per Ray Data read task (read, decode, stimulus lookup)")
     materialize: bool | None = Field(
         None, description="training: read the selected train trials once into Ray's object store instead of "
                           "re-reading the store every epoch (default: when their shards total under 2 GiB)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _retired_fields(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "lookup_cpus" in data:
+            warnings.warn("data.lookup_cpus is no longer used and is ignored: stimulus lookups run in the read tasks "
+                          "(data.read_cpus)", FutureWarning, stacklevel=2)
+            data = {k: v for k, v in data.items() if k != "lookup_cpus"}
+        return data
 
     @field_validator("local_cache")
     @classmethod

@@ -70,7 +70,7 @@ def evaluation_config(cfg: DiffusionDecodeConfig, checkpoint: str | None, shifts
             "reconstruct": {**r.model_dump(exclude={"single_trial"}), "enabled": reconstruct,
                             "shifted": tr.reconstruct},
             "batch_size": r.batch_size, "use_gpu": cfg.scaling.use_gpu, "cpus_per_actor": cfg.scaling.cpus_per_worker,
-            "data": {"read_cpus": cfg.data.read_cpus, "lookup_cpus": cfg.data.lookup_cpus}}
+            "data": {"read_cpus": cfg.data.read_cpus}}
     for key, value in cfg.evaluate.items():
         set_dotted(base, key, value, "evaluate", merge=True)
     try:

@@ -133,7 +133,7 @@ def run_class_statistics(store_uri: str, checkpoint: str, spaces: list[str], sub
         tensors, info = load_stats(uri, s3)
         return StatsResult(uri, "unchanged", tensors, info, time.time() - t0)
 
-    sel = DataSelection(subjects=subjects, categories=True, read_cpus=cpus, lookup_cpus=cpus)
+    sel = DataSelection(subjects=subjects, categories=True, read_cpus=cpus)
     ds = trials_dataset(store_uri, "train", sel, s3).dataset.map_batches(
         _ClassSums, fn_constructor_args=(checkpoint, s3.model_dump() if s3 else None, spaces, subjects),
         batch_size=batch_size, batch_format="numpy", compute=ActorPoolStrategy(size=1), num_cpus=cpus)

@@ -37,7 +37,7 @@ _TRACKED = ("CPU", "GPU", "memory")
 @dataclass(frozen=True)
 class Demand:
     """Bundles a stage holds at once: ``strategy`` applies to ``bundles`` (Ray's placement strategies), ``extra``
-    (Ray Data's listing task, lookup actors, ...) go wherever they fit beside them."""
+    (Ray Data's tasks, ...) go wherever they fit beside them."""
 
     what: str
     bundles: list[Bundle]

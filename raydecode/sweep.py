@@ -158,14 +158,14 @@ def _trial(params: dict, base: dict, sweep: str, parent_run_id: str) -> None:
 
 def _concurrency(cfg: SweepConfig) -> int:
     """Trials side by side: ``max_concurrent_trials``, else as many as the cluster's possible nodes (the autoscaler's
-    node types x max_count, else the nodes up now) hold, each trial with its train workers and lookup actor; one CPU
-    stays free for Ray Data's file listing. One trial must fit (waiting for nodes on a cluster without an
+    node types x max_count, else the nodes up now) hold, each trial with its train workers and a read task; one CPU
+    stays free for the test split's averaging shuffle. One trial must fit (waiting for nodes on a cluster without an
     autoscaler); more are queued by Tune and brought by the autoscaler."""
     shape = require(train_demand(cfg, "a sweep trial"), cfg.scaling.wait_for_nodes_s)
     if cfg.max_concurrent_trials:
         return cfg.max_concurrent_trials
-    # held for a whole trial: its workers and its stimulus-lookup actor; file listing (1 CPU) is brief and shared
-    per_trial = cfg.scaling.num_workers * cfg.scaling.cpus_per_worker + cfg.data.lookup_cpus
+    # held for a whole trial: its workers, and a read task to feed them; the averaging shuffle (1 CPU) is brief
+    per_trial = cfg.scaling.num_workers * cfg.scaling.cpus_per_worker + cfg.data.read_cpus
     fit = int((shape.total("CPU") - 1.0 + 1e-9) // per_trial) if per_trial > 0 else 1
     if cfg.scaling.use_gpu:
         fit = min(fit, int(shape.total("GPU") // cfg.scaling.num_workers))

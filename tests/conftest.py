@@ -240,7 +240,7 @@ STEPS_PER_EPOCH = 6 * 150 // 2 // 32  # tiny store: 150 train trials per subject
 def tiny_config(store: str, workdir: Path, run_name: str, **over) -> TrainConfig:
     base = {
         "store": store, "workdir": str(workdir), "run_name": run_name, "preset": "tiny",
-        "data": {"subjects": SOURCE_SUBJECTS, "categories": False, "read_cpus": 0.25, "lookup_cpus": 0.25},
+        "data": {"subjects": SOURCE_SUBJECTS, "categories": False, "read_cpus": 0.25},
         "optim": {"epochs": 6, "batch_size": 32, "lr": 1e-3},
         "scaling": {"num_workers": 2, "cpus_per_worker": 0.25},
         "deepspeed": {"zero_stage": 2},

@@ -88,7 +88,7 @@ def test_clip_mused_is_evaluated_and_compared_beside_mindeye2(multi_subject, pre
 
     cfg, result = multi_subject
     common = dict(store=tiny_store, workdir=cfg.workdir, subjects=[1], protocols=["averaged"], cpus_per_actor=0.5,
-                  data={"read_cpus": 0.25, "lookup_cpus": 0.25}, reconstruct={"enabled": False})
+                  data={"read_cpus": 0.25}, reconstruct={"enabled": False})
     ev = run_evaluate(EvaluateConfig(model=result.artifacts["checkpoint"], tsne=True, **common))
     m = ev.metrics
     print("subject 1:", {k: v for k, v in m.items() if k.startswith("semantic.")})

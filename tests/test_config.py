@@ -155,3 +155,12 @@ def test_evaluation_protocols_are_named_and_shifted_ones_need_a_window_reading_m
         check_protocols(cfg, me2)
     dd = {"method": "dynadiff", "model": get_method("dynadiff").config("tiny").model_dump(mode="json")}
     check_protocols(cfg, dd)  # a window-reading method: accepted
+
+
+def test_a_retired_lookup_cpus_is_ignored_with_a_warning_naming_what_replaced_it():
+    """Stimulus lookups run in the read tasks since the lookup actor pool went: an old config still loads."""
+    from raydecode.config import DataSelection
+
+    with pytest.warns(FutureWarning, match=r"data\.lookup_cpus is no longer used .*data\.read_cpus"):
+        sel = DataSelection.model_validate({"read_cpus": 0.5, "lookup_cpus": 0.25})
+    assert sel.read_cpus == 0.5 and "lookup_cpus" not in sel.model_dump()

@@ -21,7 +21,7 @@ def _config(store: str, workdir, **over) -> DiffusionDecodeConfig:
     base = {
         "store": store, "workdir": str(workdir), "run_name": "dd-tiny", "method": "dynadiff", "preset": "tiny",
         "model": {"eval_timesteps": 4},
-        "data": {"subjects": [1], "categories": False, "read_cpus": 0.25, "lookup_cpus": 0.25},
+        "data": {"subjects": [1], "categories": False, "read_cpus": 0.25},
         "optim": {"epochs": 3, "batch_size": 8, "lr": 3e-3},
         "scaling": {"num_workers": 2, "cpus_per_worker": 0.25}, "deepspeed": {"zero_stage": 2},
         "reconstruct": {"steps": 4, "max_images": 8, "grid_images": 6},
@@ -241,7 +241,7 @@ def test_the_evaluation_suite_scores_the_model_as_the_stage_does(stage, tmp_path
         "store": cfg.store, "workdir": cfg.workdir, "tsne": False, "cpus_per_actor": 0.5,
         "reconstruct": {"steps": 4, "max_images": 8, "size": None, "grid_images": 4},
         "metric_nets": [dict(metric="alexnet2", arch="alexnet", layer="features.4", size=64)],
-        "data": {"read_cpus": 0.25, "lookup_cpus": 0.25}}))
+        "data": {"read_cpus": 0.25}}))
     summary = tmp_path / "summary.json"
     assert main(["evaluate", "--model", result.artifacts["checkpoint"], "--config", str(path),
                  "--summary", str(summary)]) == 0

@@ -25,7 +25,7 @@ def _config(tmp_path, **over) -> str:
 
     base = {"decoder": {"preset": "tiny", "blend": 0.5}, "metric_nets": SMALL_NETS, "cpus_per_actor": 0.5,
             "reconstruct": {"steps": 2, "max_images": 6, "grid_images": 6},
-            "data": {"read_cpus": 0.25, "lookup_cpus": 0.25}, **over}
+            "data": {"read_cpus": 0.25}, **over}
     path = tmp_path / f"evaluate-{len(os.listdir(tmp_path))}.yaml"
     path.write_text(yaml.safe_dump(base))
     return path

@@ -393,7 +393,7 @@ def test_a_sweep_with_a_failed_trial_run_again_finishes_it_and_keeps_the_rest(ti
         "store": tiny_store, "workdir": str(tmp_path), "run_name": "crashy", "method": "mindeye2", "preset": "tiny",
         "subjects": [1], "space": {"optim.lr": {"grid": [1e-3, 2e-3]}}, "search": "grid", "promote": False,
         "max_concurrent_trials": 1, "trial_retries": 0,
-        "data": {"sessions": [1], "categories": False, "read_cpus": 0.25, "lookup_cpus": 0.25},
+        "data": {"sessions": [1], "categories": False, "read_cpus": 0.25},
         "optim": {"epochs": 3, "batch_size": 8}, "scaling": {"num_workers": 1, "cpus_per_worker": 0.25},
         "deepspeed": {"zero_stage": 0},
         "fault_injection": {"rank": 0, "at_step": 8, "marker": str(tmp_path / "killed"), "delay_s": 1.0}})

@@ -378,11 +378,11 @@ def nsd_trained(nsd_store, me2_store, ray_local, tmp_path_factory):
               "scaling": {"num_workers": 1, "cpus_per_worker": 0.5}, "deepspeed": {"zero_stage": 2}}
     pre = TrainConfig.model_validate({
         **common, "run_name": "nsd-pretrain",
-        "data": {"subjects": [1, 2], "categories": False, "read_cpus": 0.25, "lookup_cpus": 0.25},
+        "data": {"subjects": [1, 2], "categories": False, "read_cpus": 0.25},
         "optim": {"epochs": 8, "batch_size": 16, "lr": 1e-3}})
     dd = DiffusionDecodeConfig.model_validate({
         **common, "run_name": "nsd-dynadiff", "method": "dynadiff", "model": {"eval_timesteps": 2},
-        "data": {"subjects": [1], "categories": False, "read_cpus": 0.25, "lookup_cpus": 0.25},
+        "data": {"subjects": [1], "categories": False, "read_cpus": 0.25},
         "optim": {"epochs": 2, "batch_size": 8, "lr": 3e-3},
         "reconstruct": {"steps": 2, "max_images": 4, "grid_images": 4}, "time_resolved": {"shifts": [0]},
         "promote": False})

@@ -369,7 +369,7 @@ def test_new_subject_adaptation_is_a_sweep_over_the_sample_count(mindlink_traine
         "run_name": "ml-new-subject", "init_from": result.artifacts["checkpoint"], "subjects": [4],
         "space": {"data.train_trials": {"grid": [16, 120]}}, "search": "grid", "promote": False,
         "metric": "retrieval.brain_to_image_top1", "tie_break": "retrieval.image_to_brain_top1",
-        "data": {"categories": False, "read_cpus": 0.25, "lookup_cpus": 0.25},
+        "data": {"categories": False, "read_cpus": 0.25},
         "model": {"warmup_fraction": 0.0},  # adapting: every loss from the first step
         "optim": {"epochs": 20, "lr": 1e-3, "batch_size": 8},
         "scaling": {"num_workers": 1, "cpus_per_worker": 0.25}, "deepspeed": {"zero_stage": 0}}))
@@ -403,7 +403,7 @@ def test_mindlink_is_evaluated_registered_and_compared_beside_mindeye2(mindlink_
     common = dict(store=tiny_store, workdir=cfg.workdir, protocols=["averaged"], tsne=False, cpus_per_actor=0.5,
                   metric_nets=[n.model_dump(exclude_defaults=True) for n in SMALL_NETS],
                   reconstruct={"steps": 3, "max_images": 6, "grid_images": 6},
-                  data={"read_cpus": 0.25, "lookup_cpus": 0.25})
+                  data={"read_cpus": 0.25})
     ev = run_evaluate(EvaluateConfig(model=result.artifacts["checkpoint"], **common,
                                      decoder={"kind": "ip-adapter", "preset": "tiny"}))
     m = ev.metrics

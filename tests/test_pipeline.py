@@ -160,20 +160,43 @@ def _footer_readers() -> set[str]:
     return {i for i, a in ray._private.state.actors().items() if a.get("ActorClassName") == "FooterReader"}
 
 
-def test_a_read_starts_the_footer_readers_its_shards_need(tiny_store, ray_local, monkeypatch):
-    """Ray Data lists parquet files through footer-reading actors, 32 per read by default (a new process each): a
-    store's read asks for one per 10 shards, unless RAY_DATA_PARQUET_FOOTER_NUM_ACTORS says otherwise."""
-    from raydecode.data.pipeline import FOOTER_ACTORS_ENV, footer_actors
+def test_shards_are_read_from_the_manifest_in_one_seeded_order(tiny_store, ray_local, tmp_path):
+    """ShardSource plans its reads from the manifest alone (no listing, no footer-reading actors, which Ray's
+    read_parquet starts again every epoch): the train split's shards come in one order drawn from data.seed, the same
+    in every execution, other splits in store order; a shard that went missing is an error naming it."""
+    import shutil
 
-    assert [footer_actors(n) for n in (1, 10, 11, 95, 5000)] == [1, 1, 2, 10, 32]
-    monkeypatch.delenv(FOOTER_ACTORS_ENV, raising=False)
+    from raydecode.data.source import ShardSource, shard_order
+
+    store = open_store(tiny_store)
     sel = DataSelection(subjects=[1, 2], categories=False)
     before = _footer_readers()
-    td = trials_dataset(tiny_store, "train", sel)
-    assert FOOTER_ACTORS_ENV not in os.environ  # set for the read only
-    assert td.dataset.materialize().count() == 300
-    assert len(_footer_readers() - before) == footer_actors(len(td.files)) == 1
-    monkeypatch.setenv(FOOTER_ACTORS_ENV, "3")
-    before = _footer_readers()
-    assert trials_dataset(tiny_store, "train", sel).dataset.materialize().count() == 300
-    assert len(_footer_readers() - before) == 3
+    td = trials_dataset(store, "train", sel)
+    td.dataset.context.execution_options.preserve_order = True
+    epochs = [[(int(s), int(se), int(r), int(t)) for s, se, r, t in zip(*(b[k] for k in ("subject", "session", "run", "trial")))]
+              for b in (_collect(td.dataset), _collect(td.dataset))]
+    assert epochs[0] == epochs[1] and len(epochs[0]) == 300  # the same rows in the same order every epoch
+    assert not _footer_readers() - before
+
+    shards = store.manifest.shards_of("trials", subjects=[1, 2])
+    order = shard_order(len(shards), sel.seed)
+    assert sorted(order) == list(range(len(shards))) and order != sorted(order) and order != shard_order(len(shards), 1)
+    first = [(int(sh.subject), int(sh.session)) for sh in (shards[i] for i in order)]
+    seen = list(dict.fromkeys((s, se) for s, se, _, _ in epochs[0]))
+    assert seen == first  # the seeded order, not the store's
+    tds = trials_dataset(store, "test", DataSelection(subjects=[1, 2], categories=False, average_test_repeats=False))
+    tds.dataset.context.execution_options.preserve_order = True
+    test = _collect(tds.dataset)
+    at = {(int(sh.subject), int(sh.session)): n for n, sh in enumerate(shards)}
+    positions = [at[k] for k in dict.fromkeys(zip(test["subject"].tolist(), test["session"].tolist()))]
+    assert len(positions) > 1 and positions == sorted(positions)  # store order
+
+    copy = tmp_path / "store"
+    shutil.copytree(tiny_store, copy)
+    moved = open_store(str(copy))
+    gone = moved.manifest.shards_of("trials", subjects=[1])[0]
+    os.remove(moved.location(gone).path)
+    source = ShardSource(moved.root, moved.manifest.shards_of("trials", subjects=[1]), ["subject"])
+    assert len(source.get_read_tasks(1)) == len(moved.manifest.shards_of("trials", subjects=[1]))  # planned, not read
+    with pytest.raises(Exception, match=f"missing file .*{os.path.basename(gone.path)}"):
+        trials_dataset(moved, "train", DataSelection(subjects=[1], categories=False)).dataset.materialize()

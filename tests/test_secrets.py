@@ -66,7 +66,7 @@ def test_credentials_reach_no_file_run_registry_ray_state_or_log(s3_server, mlfl
     config = tmp_path / "user" / "pretrain.yaml"
     config.write_text(yaml.safe_dump({
         **common, "run_name": "secret-run", "experiment": "secrets",
-        "data": {"subjects": [1, 2], "categories": False, "read_cpus": 0.25, "lookup_cpus": 0.25},
+        "data": {"subjects": [1, 2], "categories": False, "read_cpus": 0.25},
         "optim": {"epochs": 2, "batch_size": 32, "lr": 1e-3},
         "scaling": {"num_workers": 2, "cpus_per_worker": 0.25}, "deepspeed": {"zero_stage": 2},
         "checkpoint": {"storage_path": f"s3://nsd/{prefix}/runs"}}))

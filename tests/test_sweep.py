@@ -28,7 +28,7 @@ def sweep_config(tiny_store, workdir, init_from, **over) -> SweepConfig:
     base = {
         "store": tiny_store, "workdir": str(workdir), "run_name": "sweep-tiny", "method": "duala", "preset": "tiny",
         "init_from": init_from, "subjects": NEW_SUBJECTS,
-        "data": {"sessions": [1], "read_cpus": 0.25, "lookup_cpus": 0.25},
+        "data": {"sessions": [1], "read_cpus": 0.25},
         "optim": {"epochs": 5, "batch_size": 8, "lr": 1e-3},
         "scaling": {"num_workers": 1, "cpus_per_worker": 0.25}, "deepspeed": {"zero_stage": 0},
     }

@@ -43,7 +43,7 @@ def test_a_method_in_one_outside_file_trains_evaluates_and_registers(toy_trained
 
     ev = run_evaluate(EvaluateConfig(store=tiny_store, workdir=cfg.workdir, model=result.artifacts["checkpoint"],
                                      protocols=["averaged"], cpus_per_actor=0.5,
-                                     data={"read_cpus": 0.25, "lookup_cpus": 0.25}))
+                                     data={"read_cpus": 0.25}))
     assert ev.metrics["rows"] == 3 * 30
     assert ev.metrics["retrieval.brain_to_image_top1"] >= 3 * ev.metrics["retrieval.chance"], ev.metrics
 

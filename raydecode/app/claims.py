@@ -269,7 +269,7 @@ class Claims:
         d = {"store": cfg.store, "workdir": cfg.workdir, "tracking_uri": cfg.tracking_uri, "s3": cfg.s3.model_dump(),
              "experiment": cfg.experiment, "ray_address": cfg.ray_address, "preset": cfg.preset,
              "run_name": f"{cfg.run_name or 'claims'}-{arm.claim}-{arm.name}-r{arm.repeat}",
-             "data": {"read_cpus": 0.25, "lookup_cpus": 0.25},
+             "data": {"read_cpus": 0.25},
              "scaling": {"num_workers": cfg.num_workers, "cpus_per_worker": 0.25},
              "deepspeed": {"zero_stage": 0}, "checkpoint": {"every_epochs": 1000, "num_to_keep": 1},
              "eval": {"every_epochs": 1000}}

@@ -18,8 +18,6 @@ shuffled across the cluster and no process holds the whole store.
 from __future__ import annotations
 
 import io
-import math
-import os
 from collections import OrderedDict
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -295,44 +293,17 @@ def small_shuffles():
         ctx.shuffle_strategy = old
 
 
-# Ray Data (datasource V2) lists parquet files through a pool of footer-reading actors, each a new worker process:
-# RAY_DATA_PARQUET_FOOTER_NUM_ACTORS of them per read (32 by default), each call reading the footers of
-# RAY_DATA_PARQUET_FOOTER_BATCH_SIZE files (10). Sized for unknown directories of thousands of files; a store's
-# manifest names its few shards.
-FOOTER_ACTORS_ENV = "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS"
-FILES_PER_FOOTER_CALL = 10
+def train_order(sel: DataSelection, split: str) -> int | None:
+    """The seed of the train split's one random shard order (the same every epoch and after a restart; rows are
+    mixed per epoch by the train loop's seeded local shuffle); None (store order) for other splits."""
+    return sel.seed if sel.shuffle and split == "train" else None
 
 
-def footer_actors(n_files: int) -> int:
-    """Footer readers for a read of ``n_files`` files: one per footer call, at most Ray Data's default 32."""
-    return min(32, max(1, math.ceil(n_files / FILES_PER_FOOTER_CALL)))
+def only_split(ds, split: str, num_cpus: float):
+    """The rows of ``ds`` whose ``split`` column is ``split`` (fused into the read tasks)."""
+    from ray.data.expressions import col
 
-
-def file_order(sel: DataSelection, split: str):
-    """The train split's files in one random order drawn from ``sel.seed``, the same every epoch and after a
-    restart (the rows are mixed per epoch by the train loop's seeded local shuffle); other splits in store order."""
-    from ray.data import FileShuffleConfig
-
-    if not (sel.shuffle and split == "train"):
-        return None
-    return FileShuffleConfig(seed=sel.seed, reseed_after_execution=False)
-
-
-def read_shards(paths: list[str], filesystem, **kwargs):
-    """``ray.data.read_parquet`` of a store's shards with :func:`footer_actors` footer readers (a read of 4 shards
-    started 27 actor processes on a fresh 2-node cluster of 4 CPUs: 70 s instead of 9 s before training began).
-    ``RAY_DATA_PARQUET_FOOTER_NUM_ACTORS`` in the environment wins. The indexer reads the variable when the dataset
-    is created, in this process."""
-    import ray.data
-
-    ours = FOOTER_ACTORS_ENV not in os.environ
-    if ours:
-        os.environ[FOOTER_ACTORS_ENV] = str(footer_actors(len(paths)))
-    try:
-        return ray.data.read_parquet(paths, filesystem=filesystem, **kwargs)
-    finally:
-        if ours:
-            del os.environ[FOOTER_ACTORS_ENV]
+    return ds.filter(expr=col("split") == split, num_cpus=num_cpus)
 
 
 @dataclass
@@ -376,16 +347,10 @@ def trials_dataset(
 def _trials_dataset(store: Store | str, split: str, sel: DataSelection, s3: S3Options | None) -> TrialsDataset:
     store, subjects, voxels, shards = _select(store, sel, s3)
     width = max(voxels.values())
-    paths = [store.location(s).path for s in shards]
-    ds = read_shards(
-        paths,
-        store.root.fs,
-        columns=list(TRIAL_COLUMNS),
-        partitioning=None,
-        shuffle=file_order(sel, split),
-        num_cpus=sel.read_cpus,
-    )
-    ds = ds.filter(expr=f"split == '{split}'", num_cpus=sel.read_cpus)
+    from raydecode.data.source import read_store_shards  # Ray is imported where it is used
+
+    ds = read_store_shards(store.root, shards, list(TRIAL_COLUMNS), train_order(sel, split), sel.read_cpus)
+    ds = only_split(ds, split, sel.read_cpus)
     if split == "train" and sel.train_trials is not None:
         ds = ds.map_batches(_keep_first, fn_kwargs={"cutoffs": train_cutoffs(store, shards, sel.train_trials)},
                             batch_format="pyarrow", num_cpus=sel.read_cpus)
@@ -424,17 +389,32 @@ def _keep_first(batch: pa.Table, cutoffs: dict[int, int]) -> pa.Table:
 
 
 def with_stimuli(ds, store: Store, sel: DataSelection):
-    """The selection's stimulus columns (categories, images, embeddings) added by image id through one pool of
-    1-2 :class:`StimulusLookup` actors (``lookup_cpus`` each); ``ds`` unchanged when it asks for none."""
-    from ray.data import ActorPoolStrategy
-
+    """The selection's stimulus columns (categories, images, embeddings) added by image id in the read tasks
+    themselves (fused with the read: no actor pool to start again every epoch, no extra hop through the object
+    store): each worker process keeps one :class:`StimulusLookup` across tasks and epochs (:func:`lookup_stimuli`);
+    ``ds`` unchanged when the selection asks for none."""
     if not (sel.categories or sel.images or sel.embeddings):
         return ds
-    return ds.map_batches(
-        StimulusLookup,
-        fn_constructor_args=(store.uri, store.s3.model_dump() if store.s3 else None, sel.images, sel.embeddings,
-                             sel.stimulus_cache_shards, sel.local_cache),
-        batch_format="numpy", compute=ActorPoolStrategy(min_size=1, max_size=2), num_cpus=sel.lookup_cpus)
+    args = (store.uri, store.s3.model_dump() if store.s3 else None, sel.images, list(sel.embeddings),
+            sel.stimulus_cache_shards, sel.local_cache)
+    return ds.map_batches(lookup_stimuli, fn_kwargs={"args": args}, batch_format="numpy", num_cpus=sel.read_cpus)
+
+
+_LOOKUP: tuple[str, StimulusLookup] | None = None  # this process's lookup, kept between Ray tasks
+
+
+def lookup_stimuli(batch: dict[str, np.ndarray], args: tuple) -> dict[str, np.ndarray]:
+    """``batch`` with its stimulus columns, through this process's :class:`StimulusLookup` for ``args`` (made on
+    first use, replaced when ``args`` change: a worker process holds at most one lookup's cache). Ray reuses its
+    worker processes across tasks and executions, so an epoch finds the shards the last one decoded (the actor pool
+    this replaces started new processes every epoch: a demo epoch with categories took 3.5 s instead of 1.0 s,
+    benchmarks/bench_data.py)."""
+    global _LOOKUP
+    key = repr(args)
+    if _LOOKUP is None or _LOOKUP[0] != key:
+        _LOOKUP = None  # the old cache goes before the new one fills
+        _LOOKUP = (key, StimulusLookup(*args))
+    return _LOOKUP[1](batch)
 
 
 def train_datasets(store: Store | str, selection: DataSelection | None = None, s3: S3Options | None = None) -> dict:

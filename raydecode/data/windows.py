@@ -23,12 +23,11 @@ import pyarrow as pa
 from raydecode.config import DataSelection, WindowConfig
 from raydecode.data.pipeline import (
     TrialsDataset,
-    file_order,
     finish_in_memory,
     group_test,
-    read_shards,
     small_shuffles,
     test_grouping,
+    train_order,
     with_stimuli,
 )
 from raydecode.data.store import Store, open_store
@@ -156,9 +155,9 @@ def _windows_dataset(store, split: str, window: WindowConfig, sel, s3, shift: in
     voxels = {s: store.manifest.subject(s).voxels for s in subjects}
     width = max(voxels.values())
     test_ids = np.asarray(store.manifest.shared_test_image_ids, np.int64)
-    ds = read_shards([store.location(s).path for s in shards], store.root.fs, columns=list(RUN_COLUMNS),
-                     partitioning=None, shuffle=file_order(sel, split),
-                     num_cpus=sel.read_cpus)
+    from raydecode.data.source import read_store_shards  # Ray is imported where it is used
+
+    ds = read_store_shards(store.root, shards, list(RUN_COLUMNS), train_order(sel, split), sel.read_cpus)
     ds = ds.map_batches(windows_of_runs, batch_format="pyarrow", batch_size=1, num_cpus=sel.read_cpus,
                         fn_kwargs={"window": window.model_dump(), "split": split, "test_ids": test_ids,
                                    "width": width, "shift": shift})

@@ -204,7 +204,7 @@ def infer(cfg: EvaluateConfig, ref: ModelRef, config: dict, keys: np.ndarray | N
                                                    num_cpus=cfg.data.read_cpus)
              for i, p in enumerate(cfg.protocols)]
     ds = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
-    # one stimulus-lookup pool for every protocol (a pool per protocol would hold CPUs the shuffles need)
+    # the stimuli joined once for every protocol, after the union
     ds = with_stimuli(ds, open_store(cfg.store, cfg.s3), test_selection(cfg, config, cfg.protocols[0]))
     # an actor holds its model: Ray Data's "uses N MiB per worker" advice is expected here, not a problem
     ds.context.issue_detectors_config.high_memory_detector_config.detection_time_interval_s = -1
@@ -279,13 +279,14 @@ def _use_gpu(cfg: EvaluateConfig) -> bool:
 
 
 def evaluate_demand(cfg: EvaluateConfig, use_gpu: bool) -> Demand:
-    """What an evaluation holds at once: its inference actors, the stimulus lookup and the averaging shuffle's
-    tasks (Ray Data's sort shuffle: one CPU) beside them."""
+    """What an evaluation holds at once: its inference actors, and beside them room for Ray Data's tasks, one at a
+    time: a read task (``data.read_cpus``; it also joins the stimuli) or one of the averaging shuffle's (Ray Data's
+    sort shuffle: one whole CPU)."""
     actor = {"CPU": cfg.cpus_per_actor, **({"GPU": 1.0} if use_gpu else {})}
     averages = any(p != "single" for p in cfg.protocols)
-    extra = [{"CPU": cfg.data.lookup_cpus}, {"CPU": 1.0 if averages else cfg.data.read_cpus}]
+    extra = [{"CPU": max(1.0 if averages else 0.0, cfg.data.read_cpus)}]
     return Demand("evaluate", [dict(actor) for _ in range(cfg.actors)], extra=extra,
-                  hint="lower actors / cpus_per_actor / data.lookup_cpus, set use_gpu to match the nodes, "
+                  hint="lower actors / cpus_per_actor / data.read_cpus, set use_gpu to match the nodes, "
                        "or add nodes")
 
 

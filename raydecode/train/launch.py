@@ -433,12 +433,13 @@ def _encoder_name(ref) -> str:
 
 
 def train_demand(cfg: TrainConfig, what: str = "training") -> Demand:
-    """What one training run holds at once: its workers' bundles (placed with ``scaling.placement_strategy``), the
-    stimulus-lookup actor and Ray Data's file listing (one whole CPU) beside them."""
+    """What one training run holds at once: its workers' bundles (placed with ``scaling.placement_strategy``), and
+    beside them room for Ray Data's tasks, one at a time: a read task (``data.read_cpus``; it also joins the
+    stimuli) or one of the test split's averaging shuffle (Ray Data's sort shuffle: one whole CPU)."""
     worker = {"CPU": cfg.scaling.cpus_per_worker, **({"GPU": 1.0} if cfg.scaling.use_gpu else {})}
     return Demand(what, [dict(worker) for _ in range(cfg.scaling.num_workers)], cfg.scaling.placement_strategy,
-                  extra=[{"CPU": 1.0}, {"CPU": cfg.data.lookup_cpus}],
-                  hint="lower scaling.num_workers / scaling.cpus_per_worker / data.lookup_cpus, set scaling.use_gpu "
+                  extra=[{"CPU": max(1.0, cfg.data.read_cpus)}],
+                  hint="lower scaling.num_workers / scaling.cpus_per_worker / data.read_cpus, set scaling.use_gpu "
                        "to match the nodes, or add nodes")
 
 
