@@ -222,8 +222,8 @@ def main() -> None:
         store = f"{tmp}/store"
         run_ingest(synthetic_plan(args.preset, 0, timeseries=False), store, progress=False)
         require_token_auth()
-        # 4 logical CPUs on the 2 cores: a worker holds 2 // world of them (its torch threads), beside Ray Data's
-        # file listing and the stimulus lookup the job reserves
+        # 4 logical CPUs on the 2 cores: a worker holds 2 // world of them (its torch threads), beside the room the
+        # job reserves for Ray Data's tasks
         ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, logging_level="error",
                  _system_config=local_system_config())
         arms: dict[str, list[dict]] = {arm: [] for arm in args.arms}
@@ -254,19 +254,20 @@ def main() -> None:
         print(f"{arm:18s} {med[arm]:10.1f} {min(rates):8.1f} {max(rates):8.1f} {epoch_s:8.2f} = "
               f"{p['data_wait']:6.2f} + {p['prepare']:6.2f} + {p['step']:6.2f} + {epoch_s - sum(p.values()):6.2f} "
               f"{wall:7.1f} {wall - args.epochs * epoch_s:8.1f} {rss or float('nan'):7.0f}")
-    if not {"job-stream", "job-materialized", "bare"} <= set(arms):
-        print("RESULT bench_framework partial=" + ",".join(arms))  # ratios need every arm
-        return
-    p1 = med["job-stream"] / med["job-materialized"]
-    p2 = med["bare"] / med["job-materialized"]
-    print(f"\nP1 data tax  (stream / materialized samples/s): {p1:.3f}   (target >= 0.95)")
-    print(f"P2 framework tax (bare / job samples/s, time per sample): {p2:.3f}   (target <= 1.10)")
+    results = []
+    if {"job-stream", "job-materialized"} <= set(arms):
+        p1 = med["job-stream"] / med["job-materialized"]
+        print(f"\nP1 data tax  (stream / materialized samples/s): {p1:.3f}   (target >= 0.95)")
+        results.append(f"p1={p1:.3f}")
+    if {"bare", "job-materialized"} <= set(arms):
+        p2 = med["bare"] / med["job-materialized"]
+        print(f"P2 framework tax (bare / job samples/s, time per sample): {p2:.3f}   (target <= 1.10)")
+        results.append(f"p2={p2:.3f}")
     if sw:
         print(f"sweep: {sw['trials']} trials 2 at a time {sw['sweep_s']:.1f} s, one single trial {sw['single_s']:.1f} s: "
               f"speed-up {sw['speedup']:.2f}x over back to back, slot efficiency {sw['efficiency']:.2f}")
-    print(f"RESULT bench_framework p1={p1:.3f} p2={p2:.3f}"
-          + (f" sweep_speedup={sw['speedup']:.2f} sweep_efficiency={sw['efficiency']:.2f}" if sw else ""))
-
+        results += [f"sweep_speedup={sw['speedup']:.2f}", f"sweep_efficiency={sw['efficiency']:.2f}"]
+    print("RESULT bench_framework " + " ".join(results or ["none=" + ",".join(arms)]))
 
 if __name__ == "__main__":
     main()

@@ -9,8 +9,8 @@ message naming the key and, where there is a fixed set, the allowed values.
 from __future__ import annotations
 
 import os
-import warnings
 import re
+import warnings
 from pathlib import Path
 from typing import Any, ClassVar, Literal, TypeVar
 
