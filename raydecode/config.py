@@ -647,7 +647,7 @@ class EvaluateConfig(StageConfig):
     use_gpu: bool | None = Field(None, description="one GPU per actor; default: when the cluster can have GPUs "
                                                    "(its autoscaler's node types, else its nodes)")
     wait_for_nodes_s: float = Field(600.0, ge=0, description=WAIT_FOR_NODES)
-    data: DataSelection = Field(default_factory=DataSelection, description="read_cpus / lookup_cpus of the test read")
+    data: DataSelection = Field(default_factory=DataSelection, description="read_cpus of the test read")
 
     @field_validator("protocols")
     @classmethod

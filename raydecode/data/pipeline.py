@@ -1,18 +1,20 @@
 """Ray Data pipeline: datasets from a store, for training (streaming split) and evaluation.
 
 Files are selected from the manifest (subjects, sessions), never by listing a
-bucket, then read by ``ray.data.read_parquet`` through the store's pyarrow
-filesystem, so the same code streams a local directory or an S3 prefix.
+bucket, then read through :class:`raydecode.data.source.ShardSource` (a Ray
+datasource planned from the manifest) with the store's pyarrow filesystem, so
+the same code streams a local directory or an S3 prefix.
 
 Betas of subjects with different voxel counts share one dataset: each row
 carries ``betas`` (float32, zero-padded to the widest selected subject) and
 ``n_voxels``; a model's per-subject ridge reads ``betas[:, :n_voxels]``.
 
-Stimuli (images, categories) and frozen embeddings are joined by image id in a
-stateful ``map_batches`` (an actor pool): each actor reads only the stimulus
-shards its batches point at (shards are sorted by image id and the manifest
-holds their ranges) and keeps a bounded cache of them, so betas are never
-shuffled across the cluster and no process holds the whole store.
+Stimuli (images, categories) and frozen embeddings are joined by image id in
+the read tasks (a ``map_batches`` fused with the read): each worker process
+keeps one :class:`StimulusLookup` across tasks and epochs, reads only the
+stimulus shards its batches point at (shards are sorted by image id and the
+manifest holds their ranges) and keeps a bounded cache of them, so betas are
+never shuffled across the cluster and no process holds the whole store.
 """
 
 from __future__ import annotations

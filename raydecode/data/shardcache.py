@@ -1,7 +1,7 @@
 """A node-local cache of the stores' heavy per-image columns (decoded stimulus images, embedding tokens), as
 memory-mapped ``.npy`` files.
 
-The stimulus lookup joins images and frozen embeddings to trials by image id. Without this cache every lookup actor
+The stimulus lookup joins images and frozen embeddings to trials by image id. Without this cache every read process
 (and every train worker that draws augmented views) decodes whole shards into memory and keeps a few (an LRU of
 ``data.stimulus_cache_shards``): at NSD's scale a random trial order over 73k images in 146 shards of 500 turns that
 into a shard decode per row, and the decode itself is slow (a ViT-bigG token shard: 8.6 s per 213 MB of parquet
