@@ -10,8 +10,12 @@ Two parts, per GPU, for N data-parallel GPUs under DeepSpeed ZeRO stage 0-3:
   For a fully trainable model these are DeepSpeed's ``estimate_zero2/3_model_states_mem_needs`` without offload;
 - **activations**, measured, not modelled: the tensors autograd saves for backward in one ``spec.loss`` of the
   method (a batch of the store's shapes, the target encoders' output shapes from their architectures), counted
-  once per storage with ``torch.autograd.graph.saved_tensors_hooks``, parameters left out, at two batch sizes:
-  ``bytes = fixed + per_sample x B``. The model is built on the meta device and given uninitialised CPU memory
+  once per storage with ``torch.autograd.graph.saved_tensors_hooks``, parameters left out, at three batch sizes:
+  ``bytes = fixed + per_sample x B + per_pair x B^2``. Every row of the measured batches is the widest subject's
+  (an upper bound), so tensor sizes are polynomials in the batch and three sizes give the coefficients exactly:
+  the quadratic term is the contrastive losses' similarity matrices (MindEye2's ``soft_cont_loss`` over its
+  (B x 16)^2 ConvNeXt token pairs), which a line through two small batches missed (MindEye2, demo preset, B = 64:
+  63 MB by the line, 93 MB by the fit and as counted). The model is built on the meta device and given uninitialised CPU memory
   (``to_empty``): the values do not matter, the shapes do; fp32 here, half of it in bf16.
 
 - **frozen encoders** every worker holds whatever the store has embedded: the target encoders that ``augment``
@@ -23,6 +27,7 @@ The largest batch per GPU is what fits in ``usable`` (default 90 %) of its memor
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -59,10 +64,22 @@ def model_states_bytes(total: int, trainable: int, zero: int, gpus: int, precisi
 class Activations:
     per_sample: float  # bytes per sample (fp32)
     fixed: float  # bytes independent of the batch (fp32)
+    per_pair: float = 0.0  # bytes per batch size squared (fp32): B x B similarity matrices
 
     def at(self, batch: int, precision: str = "bf16") -> float:
         scale = 0.5 if precision == "bf16" else 1.0
-        return scale * (self.fixed + self.per_sample * batch)
+        return scale * (self.fixed + self.per_sample * batch + self.per_pair * batch * batch)
+
+    def max_batch(self, room: float, precision: str = "bf16") -> int:
+        """The largest batch whose batch-dependent activations fit in ``room`` bytes (``fixed`` already taken)."""
+        scale = 0.5 if precision == "bf16" else 1.0
+        a, b = scale * self.per_pair, scale * self.per_sample
+        if room <= 0:
+            return 0
+        if a <= 0:
+            return int(room // b)
+        n = int((-b + math.sqrt(b * b + 4 * a * room)) / (2 * a))
+        return n - 1 if a * n * n + b * n > room else n
 
 
 def target_shapes(spec, mcfg) -> dict[str, tuple[tuple[int, ...], int]]:
@@ -86,10 +103,16 @@ def resident_encoders(spec, mcfg) -> dict[str, int]:
 
 
 def fake_batch(spec, mcfg, info: DatasetInfo, batch: int,
-               targets: dict[str, tuple[tuple[int, ...], int]] | None = None) -> dict[str, torch.Tensor]:
+               targets: dict[str, tuple[tuple[int, ...], int]] | None = None,
+               widest_only: bool = False) -> dict[str, torch.Tensor]:
     """A batch of the shapes the training loop hands ``spec.loss``: the method's columns and its targets
-    (``targets``: :func:`target_shapes`, computed here when not given)."""
-    subjects = torch.tensor(info.subjects)[torch.arange(batch) % len(info.subjects)]
+    (``targets``: :func:`target_shapes`, computed here when not given); its rows cycle through the subjects, or
+    (``widest_only``) all belong to the subject with the most voxels: what the planner measures, an upper bound
+    whose sizes grow as polynomials in the batch (with cycling subjects a small batch holds only some of the
+    per-subject ridge maps' widths)."""
+    widest = max(info.subjects, key=lambda s: info.voxels[s])
+    subjects = (torch.full((batch,), widest) if widest_only
+                else torch.tensor(info.subjects)[torch.arange(batch) % len(info.subjects)])
     out: dict[str, torch.Tensor] = {"subject": subjects, "image_id": torch.arange(batch)}
     for col in spec.columns:
         if col == "betas":
@@ -144,32 +167,47 @@ def _materialize_attributes(model: torch.nn.Module) -> None:
                 setattr(module, name, type(value).from_config(value.config))
 
 
-def measure_activations(spec, mcfg, info: DatasetInfo, model: torch.nn.Module,
-                        batch_sizes: tuple[int, int] = (2, 4)) -> Activations:
-    """Bytes autograd saves for backward in one ``spec.loss``, at two batch sizes (see the module doc)."""
+def saved_bytes(spec, mcfg, info: DatasetInfo, model: torch.nn.Module, batch: int,
+                shapes: dict[str, tuple[tuple[int, ...], int]] | None = None) -> int:
+    """Bytes autograd saves for backward in one ``spec.loss`` of a ``batch`` of the widest subject's rows, once per
+    storage, the parameters, buffers and the batch itself left out."""
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     params |= {b.untyped_storage().data_ptr() for b in model.buffers()}
-    totals = []
+    data = fake_batch(spec, mcfg, info, batch, shapes, widest_only=True)
+    inputs = {t.untyped_storage().data_ptr() for t in data.values()}
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in params and ptr not in inputs:
+            seen[ptr] = max(seen.get(ptr, 0), t.untyped_storage().nbytes())
+        return t
+
+    torch.manual_seed(0)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss, _ = spec.loss(model, data, Progress(0, 1, 0, 1))
+    del loss
+    return sum(seen.values())
+
+
+def measure_activations(spec, mcfg, info: DatasetInfo, model: torch.nn.Module,
+                        batch_sizes: tuple[int, ...] = (2, 3, 4)) -> Activations:
+    """Bytes autograd saves for backward in one ``spec.loss`` at ``batch_sizes``, fitted (see the module doc): a
+    line through two sizes, a parabola through three."""
+    if len(batch_sizes) not in (2, 3) or len(set(batch_sizes)) != len(batch_sizes):
+        raise ConfigError(f"activations are measured at 2 or 3 distinct batch sizes, not {batch_sizes}")
     shapes = target_shapes(spec, mcfg)  # once: building ViT-bigG even on meta takes seconds
-    for b in batch_sizes:
-        batch = fake_batch(spec, mcfg, info, b, shapes)
-        inputs = {t.untyped_storage().data_ptr() for t in batch.values()}
-        seen: dict[int, int] = {}
-
-        def pack(t: torch.Tensor) -> torch.Tensor:
-            ptr = t.untyped_storage().data_ptr()
-            if ptr not in params and ptr not in inputs:
-                seen[ptr] = max(seen.get(ptr, 0), t.untyped_storage().nbytes())
-            return t
-
-        torch.manual_seed(0)
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            loss, _ = spec.loss(model, batch, Progress(0, 1, 0, 1))
-        del loss
-        totals.append(sum(seen.values()))
-    (b1, b2), (t1, t2) = batch_sizes, totals
-    per = max(0.0, (t2 - t1) / (b2 - b1))
-    return Activations(per, max(0.0, t1 - per * b1))
+    totals = [saved_bytes(spec, mcfg, info, model, b, shapes) for b in batch_sizes]
+    if len(batch_sizes) == 2:
+        (b1, b2), (t1, t2) = batch_sizes, totals
+        per = max(0.0, (t2 - t1) / (b2 - b1))
+        return Activations(per, max(0.0, t1 - per * b1))
+    # the parabola through the three points (Lagrange's form, in exact float arithmetic on byte counts)
+    (x1, x2, x3), (y1, y2, y3) = batch_sizes, totals
+    pair = ((y3 - y1) / (x3 - x1) - (y2 - y1) / (x2 - x1)) / (x3 - x2)
+    per = (y2 - y1) / (x2 - x1) - pair * (x1 + x2)
+    fixed = y1 - per * x1 - pair * x1 * x1
+    return Activations(max(0.0, per), max(0.0, fixed), max(0.0, pair))
 
 
 # model keys that name pretrained weights: the planner builds their architectures from the preset instead (nothing
@@ -194,7 +232,7 @@ def job_settings(path: str) -> dict:
 
 def memory_plan(method: str, preset: str, voxels: list[int] | None = None, overrides: dict | None = None,
                 gpus: int = 8, gpu_sizes_gb: tuple[int, ...] = GPU_SIZES_GB, usable: float = 0.9,
-                batch_sizes: tuple[int, int] = (2, 4)) -> dict:
+                batch_sizes: tuple[int, ...] = (2, 3, 4)) -> dict:
     """Model states and the largest per-GPU batch for ``gpu_sizes_gb`` x ZeRO 0-3 on ``gpus`` GPUs (bf16)."""
     spec = get_method(method)
     mcfg = spec.config(preset, overrides)
@@ -211,11 +249,12 @@ def memory_plan(method: str, preset: str, voxels: list[int] | None = None, overr
         fits = {}
         for size in gpu_sizes_gb:
             room = usable * size * GB - states - act.at(0) - sum(frozen.values())
-            fits[size] = max(0, int(room // (0.5 * act.per_sample))) if act.per_sample > 0 else None
+            fits[size] = act.max_batch(room) if act.per_sample > 0 or act.per_pair > 0 else None
         rows.append({"zero": zero, "states_gb": states / GB, "max_batch": fits})
     return {"method": method, "preset": preset, "voxels": info.voxels, "gpus": gpus, "usable": usable,
             "params": total, "trainable": n_train, "largest_layer": largest,
             "activations_per_sample_gb_bf16": 0.5 * act.per_sample / GB, "activations_fixed_gb_bf16": 0.5 * act.fixed / GB,
+            "activations_per_pair_gb_bf16": 0.5 * act.per_pair / GB,
             "frozen_encoders_gb": {k: v / GB for k, v in frozen.items()},
             "zero": rows, "gpu_sizes_gb": list(gpu_sizes_gb)}
 
@@ -225,7 +264,9 @@ def format_memory_plan(plan: dict, batch: int | None = None) -> str:
     head = (f"{plan['method']} ({plan['preset']}), {plan['params']:,} parameters ({plan['trainable']:,} trainable), "
             f"{plan['gpus']} GPUs, bf16 + fp32 Adam states\nactivations (bf16): "
             f"{plan['activations_per_sample_gb_bf16'] * 1e3:.1f} MB per sample + "
-            f"{plan['activations_fixed_gb_bf16'] * 1e3:.1f} MB; usable memory {plan['usable']:.0%} of each GPU\n")
+            + (f"{plan['activations_per_pair_gb_bf16'] * 1e6:.1f} KB x batch^2 + "
+               if plan.get("activations_per_pair_gb_bf16") else "")
+            + f"{plan['activations_fixed_gb_bf16'] * 1e3:.1f} MB; usable memory {plan['usable']:.0%} of each GPU\n")
     if plan.get("frozen_encoders_gb"):
         head += ("frozen target encoders on every GPU (fp32): "
                  + ", ".join(f"{k} {v:.2f} GB" for k, v in plan["frozen_encoders_gb"].items()) + "\n")
