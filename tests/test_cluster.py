@@ -210,7 +210,7 @@ def test_pretrain_waits_for_a_node_then_reads_and_writes_s3_and_logs_to_mlflow(d
             raise
         assert job.returncode == 0, out[-4000:] + err[-2000:]
         assert "succeeded" in out.lower()
-        assert "training: waiting up to 600 s for nodes: it needs 2 x {0.25 CPU} + 1 x {1 CPU} + 1 x {0.25 CPU}, " \
+        assert "training: waiting up to 600 s for nodes: it needs 2 x {0.25 CPU} + 1 x {1 CPU}, " \
                "the cluster has nodes" in out
         assert "training: the cluster now has nodes" in out
         assert "ZeRO-2" in out and "2 workers" in out

@@ -30,7 +30,7 @@ import numpy as np
 from raydecode import tracking
 from raydecode.checkpoint import ModelRef, model_config, resolve_ref
 from raydecode.config import CompareConfig, EvaluateConfig, protocol_shift
-from raydecode.data.pipeline import with_stimuli
+from raydecode.data.pipeline import REPEATS, with_stimuli
 from raydecode.data.store import open_store
 from raydecode.errors import ConfigError, StoreError, user_errors_from_ray
 from raydecode.evaluate.feature_metrics import (
@@ -190,8 +190,14 @@ class Predictor:
         return out
 
 
-def _tag_protocol(batch: dict[str, np.ndarray], protocol: int) -> dict[str, np.ndarray]:
-    return {**batch, "protocol": np.full(len(batch["subject"]), protocol, np.int8)}
+def _tag_protocol(batch: dict[str, np.ndarray], protocol: int, fill_repeats: bool = False) -> dict[str, np.ndarray]:
+    """A protocol's rows tagged with its index; ``fill_repeats``: rows without repetitions (single trials) carry
+    their own betas REPEATS times as ``betas_repeats``, so that every protocol's rows have the same columns (see
+    :func:`infer`; a model averaging its outputs over identical repeats predicts what it predicts for the trial)."""
+    out = {**batch, "protocol": np.full(len(batch["subject"]), protocol, np.int8)}
+    if fill_repeats and "betas" in batch and "betas_repeats" not in batch:
+        out["betas_repeats"] = np.repeat(np.asarray(batch["betas"], np.float32)[:, None], REPEATS, axis=1)
+    return out
 
 
 def infer(cfg: EvaluateConfig, ref: ModelRef, config: dict, keys: np.ndarray | None,
@@ -200,8 +206,11 @@ def infer(cfg: EvaluateConfig, ref: ModelRef, config: dict, keys: np.ndarray | N
     row's outputs (sorted by subject, image id)."""
     from ray.data import ActorPoolStrategy
 
-    parts = [test_rows(cfg, config, p).map_batches(_tag_protocol, fn_kwargs={"protocol": i}, batch_format="numpy",
-                                                   num_cpus=cfg.data.read_cpus)
+    # one column set for every protocol: the Predictor's batches mix protocols, and Ray Data cannot make numpy of a
+    # batch whose blocks lack a tensor column others have ("buffer is too small for requested array")
+    repeats = any(test_selection(cfg, config, p).keep_test_repeats for p in cfg.protocols)
+    parts = [test_rows(cfg, config, p).map_batches(_tag_protocol, fn_kwargs={"protocol": i, "fill_repeats": repeats},
+                                                   batch_format="numpy", num_cpus=cfg.data.read_cpus)
              for i, p in enumerate(cfg.protocols)]
     ds = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
     # the stimuli joined once for every protocol, after the union
