@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from ray.data import DataContext
+from ray.data import DataContext, read_datasource
 from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
@@ -83,7 +83,5 @@ class ShardSource(Datasource):
 def read_store_shards(root: Location, shards: list[ShardInfo], columns: list[str] | None = None,
                       seed: int | None = None, num_cpus: float | None = None, **kwargs: Any):
     """``ray.data.read_datasource`` of :class:`ShardSource`: one read task per shard, planned from the manifest."""
-    import ray.data
-
-    return ray.data.read_datasource(ShardSource(root, shards, columns, seed), num_cpus=num_cpus,
+    return read_datasource(ShardSource(root, shards, columns, seed), num_cpus=num_cpus,
                                     override_num_blocks=max(1, len(shards)), **kwargs)
