@@ -173,8 +173,8 @@ def test_shards_are_read_from_the_manifest_in_one_seeded_order(tiny_store, ray_l
     before = _footer_readers()
     td = trials_dataset(store, "train", sel)
     td.dataset.context.execution_options.preserve_order = True
-    epochs = [[(int(s), int(se), int(r), int(t)) for s, se, r, t in zip(*(b[k] for k in ("subject", "session", "run", "trial")))]
-              for b in (_collect(td.dataset), _collect(td.dataset))]
+    keys = ("subject", "session", "run", "trial")
+    epochs = [list(zip(*(b[k].tolist() for k in keys))) for b in (_collect(td.dataset), _collect(td.dataset))]
     assert epochs[0] == epochs[1] and len(epochs[0]) == 300  # the same rows in the same order every epoch
     assert not _footer_readers() - before
 

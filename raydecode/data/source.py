@@ -84,4 +84,4 @@ def read_store_shards(root: Location, shards: list[ShardInfo], columns: list[str
                       seed: int | None = None, num_cpus: float | None = None, **kwargs: Any):
     """``ray.data.read_datasource`` of :class:`ShardSource`: one read task per shard, planned from the manifest."""
     return read_datasource(ShardSource(root, shards, columns, seed), num_cpus=num_cpus,
-                                    override_num_blocks=max(1, len(shards)), **kwargs)
+                           override_num_blocks=max(1, len(shards)), **kwargs)

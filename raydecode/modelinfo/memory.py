@@ -15,8 +15,8 @@ Two parts, per GPU, for N data-parallel GPUs under DeepSpeed ZeRO stage 0-3:
   (an upper bound), so tensor sizes are polynomials in the batch and three sizes give the coefficients exactly:
   the quadratic term is the contrastive losses' similarity matrices (MindEye2's ``soft_cont_loss`` over its
   (B x 16)^2 ConvNeXt token pairs), which a line through two small batches missed (MindEye2, demo preset, B = 64:
-  63 MB by the line, 93 MB by the fit and as counted). The model is built on the meta device and given uninitialised CPU memory
-  (``to_empty``): the values do not matter, the shapes do; fp32 here, half of it in bf16.
+  63 MB by the line, 93 MB by the fit and as counted). The model is built on the meta device and given
+  uninitialised CPU memory (``to_empty``): the values do not matter, the shapes do; fp32 here, half of it in bf16.
 
 - **frozen encoders** every worker holds whatever the store has embedded: the target encoders that ``augment``
   (MindEye2's ConvNeXt-XL, run on a fresh augmented view every step), in fp32 as the train loop builds them.
