@@ -1,21 +1,23 @@
 """The memory planner (`raydecode model-info --memory`): model states as DeepSpeed's own estimators count them, and
-activations measured from what autograd saves, a parabola in the batch size."""
+activations measured as the peak bytes alive in a step, a parabola in the batch size."""
 
 from __future__ import annotations
 
 import pytest
+import torch
 from conftest import run_main
 
 from raydecode.errors import ConfigError
 from raydecode.methods.spec import get_method
 from raydecode.modelinfo.info import dataset_info
 from raydecode.modelinfo.memory import (
+    LiveBytes,
     build_for_measurement,
     measure_activations,
     memory_plan,
     model_states_bytes,
     resident_encoders,
-    saved_bytes,
+    step_peak_bytes,
 )
 
 
@@ -35,10 +37,29 @@ def test_model_states_match_deepspeeds_estimators_for_a_fully_trainable_model(gp
     assert model_states_bytes(total, 0, 0, gpus) == 2 * total
 
 
-def test_activations_are_measured_as_a_parabola_in_the_batch_and_counted_once_per_storage():
-    """Saved tensors grow with B (features) and B^2 (soft_cont_loss's (B x 16)^2 similarities): three batch sizes
-    give both terms and predict the count at a batch 8x larger, where a line through two small batches falls 18 %
-    short (demo preset)."""
+def test_live_bytes_counts_transients_once_per_storage_and_frees_them():
+    """y = 2x is alive until the sum consumes it, and autograd saves nothing for backward: the peak is y's 4000 bytes
+    and the sum's 4 (x, an input, skipped; a view of y is y's storage); in backward y is gone, and the seed gradient
+    (4) and x's gradient (4000) join the sum: 4008, or 4004 with x's gradient left out by its number."""
+    x = torch.randn(1000, requires_grad=True)
+    saved = []
+    with LiveBytes({x.untyped_storage().data_ptr()}) as live:
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            y = x * 2.0
+            view = y[:10]
+            s = y.sum()
+        del y, view
+        s.backward()
+    assert saved == []
+    assert live.peak() == 4008
+    assert live.peak({live.number(x.grad)}) == 4004
+    assert live.number(x) is None and live.number(s) is not None
+
+
+def test_activations_are_measured_as_a_parabola_in_the_batch():
+    """The peak bytes of a step grow with B (features) and B^2 (soft_cont_loss's (B x 16)^2 similarities): three
+    batch sizes give both terms and predict the peak at a batch 8x larger, where a line through two small batches
+    falls short (demo preset)."""
     spec = get_method("mindeye2")
     mcfg, info = spec.config("demo"), dataset_info("demo")
     model, trainable = build_for_measurement(spec, mcfg, info)
@@ -46,7 +67,7 @@ def test_activations_are_measured_as_a_parabola_in_the_batch_and_counted_once_pe
     act = measure_activations(spec, mcfg, info, model)
     assert act.per_sample > 0 and act.per_pair > 0
     line = measure_activations(spec, mcfg, info, model, (2, 4))
-    counted = saved_bytes(spec, mcfg, info, model, 32)
+    counted = step_peak_bytes(spec, mcfg, info, model, 32)
     assert act.at(32, "fp32") == pytest.approx(counted, rel=1e-3)
     assert line.at(32, "fp32") < 0.9 * counted
     assert act.at(64, "bf16") == pytest.approx(act.at(64, "fp32") / 2)

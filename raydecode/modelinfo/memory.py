@@ -8,15 +8,17 @@ Two parts, per GPU, for N data-parallel GPUs under DeepSpeed ZeRO stage 0-3:
   partitions the fp32 parts (16 Psi_t / N), ZeRO-2 the gradients too (18 Psi_t / N), ZeRO-3 the 16-bit weights
   as well, its gradients going straight into the fp32 partitions (2 Psi / N + 16 Psi_t / N + 4 L). fp32 (CPU) keeps 4 Psi weights + 4 Psi_t gradients + 8 Psi_t moments.
   For a fully trainable model these are DeepSpeed's ``estimate_zero2/3_model_states_mem_needs`` without offload;
-- **activations**, measured, not modelled: the tensors autograd saves for backward in one ``spec.loss`` of the
-  method (a batch of the store's shapes, the target encoders' output shapes from their architectures), counted
-  once per storage with ``torch.autograd.graph.saved_tensors_hooks``, parameters left out, at three batch sizes:
-  ``bytes = fixed + per_sample x B + per_pair x B^2``. Every row of the measured batches is the widest subject's
-  (an upper bound), so tensor sizes are polynomials in the batch and three sizes give the coefficients exactly:
-  the quadratic term is the contrastive losses' similarity matrices (MindEye2's ``soft_cont_loss`` over its
-  (B x 16)^2 ConvNeXt token pairs), which a line through two small batches missed (MindEye2, demo preset, B = 64:
-  63 MB by the line, 93 MB by the fit and as counted). The model is built on the meta device and given
-  uninitialised CPU memory (``to_empty``): the values do not matter, the shapes do; fp32 here, half of it in bf16.
+- **activations**, measured, not modelled: the most bytes alive at once during one ``spec.loss`` of the method and its
+  backward (a batch of the store's shapes, the target encoders' output shapes from their architectures), counted per
+  storage by a ``TorchDispatchMode`` (:class:`LiveBytes`) that logs every tensor an op creates and when it is freed,
+  the parameters, their gradients and the batch left out: what autograd saves for backward and the transients beside
+  it at the peak (an op's output before the next op consumes it, the activations' gradients in backward). Measured
+  at three batch sizes and fitted as ``bytes = fixed + per_sample x B + per_pair x B^2``. Every row of the measured
+  batches is the widest subject's (an upper bound), so tensor sizes are polynomials in the batch and three sizes give
+  the coefficients exactly: the quadratic term is the contrastive losses' similarity matrices (MindEye2's
+  ``soft_cont_loss`` over its (B x 16)^2 ConvNeXt token pairs), which a line through two small batches missed. The
+  model is built on the meta device and given uninitialised CPU memory (``to_empty``): the values do not matter, the
+  shapes do; fp32 here, half of it in bf16.
 
 - **frozen encoders** every worker holds whatever the store has embedded: the target encoders that ``augment``
   (MindEye2's ConvNeXt-XL, run on a fresh augmented view every step), in fp32 as the train loop builds them.
@@ -28,9 +30,13 @@ The largest batch per GPU is what fits in ``usable`` (default 90 %) of its memor
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import dataclass
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+from torch.utils.weak import WeakIdKeyDictionary
 
 from raydecode.errors import ConfigError
 from raydecode.methods.spec import DatasetInfo, Progress, get_method
@@ -167,37 +173,81 @@ def _materialize_attributes(model: torch.nn.Module) -> None:
                 setattr(module, name, type(value).from_config(value.config))
 
 
-def saved_bytes(spec, mcfg, info: DatasetInfo, model: torch.nn.Module, batch: int,
-                shapes: dict[str, tuple[tuple[int, ...], int]] | None = None) -> int:
-    """Bytes autograd saves for backward in one ``spec.loss`` of a ``batch`` of the widest subject's rows, once per
-    storage, the parameters, buffers and the batch itself left out."""
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    params |= {b.untyped_storage().data_ptr() for b in model.buffers()}
+class LiveBytes(TorchDispatchMode):
+    """Bytes of the tensors that ops create while the mode is on, alive over time: every new storage an op returns
+    (on the calling thread and autograd's backward, whose ops run under the same mode) is logged with its size, and
+    again when it is freed (a weak reference's finalizer). :meth:`peak` replays that log, optionally without some
+    storages (the parameters' gradients, which the model states count). Storages in ``skip`` (by data pointer: the
+    parameters, buffers and inputs) are not counted; a view shares its storage and is counted once."""
+
+    def __init__(self, skip: set[int] = frozenset()):
+        super().__init__()
+        self.skip = set(skip)
+        self.ids: WeakIdKeyDictionary = WeakIdKeyDictionary()  # storage -> its number in the log
+        self.log: list[tuple[int, int]] = []  # (number, bytes) when created, (number, -1) when freed
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor) and not t.is_meta:
+                st = t.untyped_storage()
+                if st.data_ptr() in self.skip or st in self.ids:
+                    continue
+                n = self.ids[st] = len(self.log)  # unique: the log only grows
+                self.log.append((n, st.nbytes()))
+                weakref.finalize(st, self.log.append, (n, -1))
+        return out
+
+    def number(self, t: torch.Tensor) -> int | None:
+        """The log number of ``t``'s storage, None when the mode did not create it."""
+        return self.ids.get(t.untyped_storage())
+
+    def peak(self, without: set[int] = frozenset()) -> int:
+        """The most bytes alive at once, the storages numbered in ``without`` left out."""
+        size: dict[int, int] = {}
+        live = peak = 0
+        for n, nbytes in self.log:
+            if n in without:
+                continue
+            if nbytes >= 0:
+                size[n] = nbytes
+                live += nbytes
+                peak = max(peak, live)
+            else:
+                live -= size.pop(n, 0)
+        return peak
+
+
+def step_peak_bytes(spec, mcfg, info: DatasetInfo, model: torch.nn.Module, batch: int,
+                    shapes: dict[str, tuple[tuple[int, ...], int]] | None = None) -> int:
+    """The peak bytes alive during one ``spec.loss`` and its backward on a ``batch`` of the widest subject's rows:
+    what autograd saves plus the transients beside it (an op's output before the next consumes it, the gradients of
+    activations in backward); the parameters, buffers, the batch itself and the parameters' gradients left out (the
+    model states count those)."""
+    skip = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
     data = fake_batch(spec, mcfg, info, batch, shapes, widest_only=True)
-    inputs = {t.untyped_storage().data_ptr() for t in data.values()}
-    seen: dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        ptr = t.untyped_storage().data_ptr()
-        if ptr not in params and ptr not in inputs:
-            seen[ptr] = max(seen.get(ptr, 0), t.untyped_storage().nbytes())
-        return t
-
+    skip |= {t.untyped_storage().data_ptr() for t in data.values()}
+    for p in model.parameters():
+        p.grad = None
     torch.manual_seed(0)
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with LiveBytes(skip) as live:
         loss, _ = spec.loss(model, data, Progress(0, 1, 0, 1))
-    del loss
-    return sum(seen.values())
+        loss.backward()
+        del loss
+    grads = {live.number(p.grad) for p in model.parameters() if p.grad is not None}
+    for p in model.parameters():
+        p.grad = None
+    return live.peak(grads)
 
 
 def measure_activations(spec, mcfg, info: DatasetInfo, model: torch.nn.Module,
                         batch_sizes: tuple[int, ...] = (2, 3, 4)) -> Activations:
-    """Bytes autograd saves for backward in one ``spec.loss`` at ``batch_sizes``, fitted (see the module doc): a
-    line through two sizes, a parabola through three."""
+    """The peak bytes of one ``spec.loss`` and its backward (:func:`step_peak_bytes`) at ``batch_sizes``, fitted
+    (see the module doc): a line through two sizes, a parabola through three."""
     if len(batch_sizes) not in (2, 3) or len(set(batch_sizes)) != len(batch_sizes):
         raise ConfigError(f"activations are measured at 2 or 3 distinct batch sizes, not {batch_sizes}")
     shapes = target_shapes(spec, mcfg)  # once: building ViT-bigG even on meta takes seconds
-    totals = [saved_bytes(spec, mcfg, info, model, b, shapes) for b in batch_sizes]
+    totals = [step_peak_bytes(spec, mcfg, info, model, b, shapes) for b in batch_sizes]
     if len(batch_sizes) == 2:
         (b1, b2), (t1, t2) = batch_sizes, totals
         per = max(0.0, (t2 - t1) / (b2 - b1))
