@@ -120,16 +120,33 @@ def _reveal(value: SecretStr | None) -> str | None:
     return value.get_secret_value() if value is not None else None
 
 
+class RetryingS3FileSystem(pafs.S3FileSystem):
+    """pyarrow's S3 filesystem that keeps its retry strategy when pickled. pyarrow pickles an ``S3FileSystem`` by its
+    constructor's arguments but leaves ``retry_strategy`` out, so the copy a Ray task, a Ray Data read task or a Ray
+    Train worker receives fell back to pyarrow's default (AWS's "standard" strategy, 3 attempts and a retry quota):
+    a read there failed on a throttled stretch that the driver rides out."""
+
+    def __init__(self, attempts: int, **kwargs):
+        # AWS's "default" strategy: exponential backoff (25 ms x 2^n) and no retry quota. The "standard" one shares a
+        # quota of 500 tokens per client, 5 per retry, so after ~100 throttled requests (a long streaming read through
+        # a SlowDown burst) it stops retrying at all and the read fails; a training job would rather wait. Its
+        # argument counts retries, not attempts.
+        super().__init__(retry_strategy=pafs.AwsDefaultS3RetryStrategy(max_attempts=attempts - 1), **kwargs)
+        self.attempts = attempts
+
+    def __reduce__(self):
+        return _rebuild_s3, (self.attempts, pafs.S3FileSystem.__reduce__(self)[1][0])
+
+
+def _rebuild_s3(attempts: int, kwargs: dict) -> RetryingS3FileSystem:
+    return RetryingS3FileSystem(attempts, **kwargs)
+
+
 def _s3_filesystem(opts: S3Options) -> pafs.S3FileSystem:
     o = opts.resolved()
     kwargs: dict = {
         "connect_timeout": o.connect_timeout_s,
         "request_timeout": o.request_timeout_s,
-        # AWS's "default" strategy: exponential backoff (25 ms x 2^n) and no retry quota. The "standard" one shares
-        # a quota of 500 tokens per client, 5 per retry, so after ~100 throttled requests (a long streaming read
-        # through a SlowDown burst) it stops retrying at all and the read fails; a training job would rather wait.
-        # Its argument counts retries, not attempts.
-        "retry_strategy": pafs.AwsDefaultS3RetryStrategy(max_attempts=o.max_attempts - 1),
     }
     if o.endpoint_url:
         ep = urlparse(o.endpoint_url if "://" in o.endpoint_url else f"https://{o.endpoint_url}")
@@ -148,7 +165,7 @@ def _s3_filesystem(opts: S3Options) -> pafs.S3FileSystem:
         kwargs["secret_key"] = _reveal(o.secret_access_key)
         if o.session_token:
             kwargs["session_token"] = _reveal(o.session_token)
-    return pafs.S3FileSystem(**kwargs)
+    return RetryingS3FileSystem(o.max_attempts, **kwargs)
 
 
 @dataclass(frozen=True)

@@ -169,9 +169,10 @@ def test_a_tampered_checkpoint_file_is_refused_not_run(twin_runs, tmp_path):
 
 class FlakyS3:
     """A proxy in front of moto's S3 that answers every ``every``-th request with 503 SlowDown (S3's throttling
-    reply) instead of forwarding it: a flapping endpoint."""
+    reply) instead of forwarding it: a flapping endpoint; ``runs``: every request but each ``every``-th (a throttled
+    stretch of ``every - 1`` failures in a row)."""
 
-    def __init__(self, upstream: str, every: int = 3, status: int = 503, code: str = "SlowDown"):
+    def __init__(self, upstream: str, every: int = 3, status: int = 503, code: str = "SlowDown", runs: bool = False):
         import http.client
         import threading
         from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -200,7 +201,7 @@ class FlakyS3:
                     body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
                 with lock:
                     proxy.requests += 1
-                    fail = proxy.requests % proxy.every == 0
+                    fail = (proxy.requests % proxy.every == 0) != runs
                     proxy.failed += fail
                 if fail:
                     reply = (f"<?xml version='1.0' encoding='UTF-8'?><Error><Code>{code}</Code>"
@@ -238,6 +239,42 @@ class FlakyS3:
 
     def close(self):
         self.server.shutdown()
+
+
+def test_an_s3_store_keeps_its_retries_in_ray_tasks(s3_server, ray_local):
+    """pyarrow pickles an S3 filesystem without its retry strategy: the copy a Ray task (a Ray Data read task, a Ray
+    Train worker) receives fell back to 3 attempts. Five requests in six answered 503: a file looked up in a Ray task
+    takes 6 attempts, which the store's filesystem (``s3.max_attempts`` 8) still makes there; pyarrow's own
+    filesystem with the same retry strategy, pickled the same way, gives up after 3."""
+    import pickle
+    import secrets
+
+    import pyarrow.fs as pafs
+    import ray
+
+    from raydecode.storage import Location, resolve
+
+    uri = f"s3://nsd/retries-{secrets.token_hex(4)}/file.bin"
+    resolve(uri, s3_server).write_bytes_atomic(b"x" * 1000)
+    flaky = FlakyS3(s3_server.endpoint_url, every=6, runs=True)
+    try:
+        loc = resolve(uri, s3_server.model_copy(update={"endpoint_url": flaky.url}))
+        assert pickle.loads(pickle.dumps(loc.fs)).attempts == 8
+
+        @ray.remote(num_cpus=0)
+        def size(location: Location) -> int:
+            return location.size()
+
+        flaky.requests = 0  # requests 1-5 fail, the 6th is answered
+        assert ray.get(size.remote(loc)) == 1000
+        assert flaky.failed == 5
+        kwargs = pafs.S3FileSystem.__reduce__(loc.fs)[1][0]
+        plain = pafs.S3FileSystem(retry_strategy=pafs.AwsDefaultS3RetryStrategy(max_attempts=7), **kwargs)
+        flaky.requests = 0
+        with pytest.raises(ray.exceptions.RayTaskError, match="cannot look up .*HTTP status 503"):
+            ray.get(size.remote(Location(plain, loc.path, loc.uri, loc.endpoint)))
+    finally:
+        flaky.close()
 
 
 def test_a_flapping_s3_endpoint_costs_retries_not_data(s3_server, ray_local):
