@@ -36,7 +36,7 @@ BENCHMARKS = [
                "an epoch shows)", ">= 0.95"),
         "p2": ("P2 framework tax at world 2: DDP over gloo / the job (ZeRO-0)", "<= 1.10"),
     }),
-    ("bench_peer", ["--prior-deps", "work/bench/peer-site"], {
+    ("bench_peer", ["--prior-deps", "work/bench/peer-site", "--repeats", "2"], {
         "bimixco": ("peer: our MindEye2 step / the MindEyeV2 reference's, same sizes and inputs (BiMixCo phase; "
                     "needs MINDEYEV2_REPO)", "<= 1.0"),
         "softclip": ("... SoftCLIP phase", "<= 1.0"),
