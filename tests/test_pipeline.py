@@ -154,42 +154,6 @@ def test_streaming_split_gives_each_train_worker_its_own_part(tiny_store, ray_lo
         assert sorted(a + b) == sorted(keys.tolist())  # every trial reached one
 
 
-def _actors(class_name: str) -> set[str]:
-    import ray._private.state
-
-    return {i for i, a in ray._private.state.actors().items()
-            if a.get("ActorClassName") == class_name and a.get("State") != "DEAD"}
-
-
-def test_a_materialized_train_split_is_split_once_into_equal_parts_in_read_order(tiny_store, ray_local):
-    """The training jobs' DataConfig (``launch._data_config``): a materialized train split becomes one fixed part per
-    worker (``split(n, equal=True)``), each iterating its own blocks every epoch with no SplitCoordinator actor in
-    the loop (``streaming_split`` starts one): every trial reaches exactly one worker, the parts are equal, in read
-    order, and the same rows in the same order every epoch; a dataset not split reaches every worker whole."""
-    import ray
-
-    from raydecode.train.launch import _data_config
-
-    td = trials_dataset(tiny_store, "train", DataSelection(subjects=[1, 2], categories=False))
-    train = td.dataset.materialize()
-    whole = [int(k) for b in train.iter_batches(batch_size=None) for k in _keys(b)]
-    before = _actors("SplitCoordinator")
-    iterators = _data_config().configure({"train": train, "test": ray.data.range(10)}, 2, None, None)
-    seen = [[[int(k) for b in its["train"].iter_batches(batch_size=32) for k in _keys(b)] for _ in range(2)]
-            for its in iterators]
-    assert _actors("SplitCoordinator") == before
-    for rank in (0, 1):
-        assert seen[rank][0] == seen[rank][1]  # the same rows in the same order every epoch
-        assert sum(len(b["id"]) for b in iterators[rank]["test"].iter_batches()) == 10
-    a, b = seen[0][0], seen[1][0]
-    assert 0 < len(a) == len(b) and not set(a) & set(b)
-    assert a + b == whole[:len(a) + len(b)]  # read order kept; equal parts drop at most one row
-
-
-def _keys(batch) -> np.ndarray:
-    return batch["subject"].astype(np.int64) * 100000 + batch["image_id"] * 10 + batch["repetition"]
-
-
 def _footer_readers() -> set[str]:
     import ray._private.state
 
