@@ -154,6 +154,47 @@ def test_streaming_split_gives_each_train_worker_its_own_part(tiny_store, ray_lo
         assert sorted(a + b) == sorted(keys.tolist())  # every trial reached one
 
 
+def _actors(class_name: str) -> set[str]:
+    import ray._private.state
+
+    return {i for i, a in ray._private.state.actors().items()
+            if a.get("ActorClassName") == class_name and a.get("State") != "DEAD"}
+
+
+def _keys(batch) -> list[int]:
+    return (batch["subject"].astype(np.int64) * 100000 + batch["image_id"] * 10 + batch["repetition"]).tolist()
+
+
+def test_a_materialized_train_split_is_dealt_once_into_equal_parts_in_read_order(tiny_store, ray_local):
+    """The training jobs' DataConfig (``launch._data_config``): a materialized train split becomes one fixed part per
+    worker, its blocks dealt in turn, with no SplitCoordinator actor in the loop (``streaming_split`` starts one):
+    every trial reaches at most one worker (equal parts drop at most one row), each part holds every subject and
+    gives the same rows in the same order every epoch and every run; a dataset not split reaches every worker
+    whole."""
+    import ray
+
+    from raydecode.train.launch import _data_config
+
+    td = trials_dataset(tiny_store, "train", DataSelection(subjects=[1, 2], categories=False))
+    train = td.dataset.materialize()
+    assert train.num_blocks() >= 4  # enough blocks for the deal to mix them
+    whole = [k for b in train.iter_batches(batch_size=None) for k in _keys(b)]
+    before = _actors("SplitCoordinator")
+    iterators = _data_config().configure({"train": train, "test": ray.data.range(10)}, 2, None, None)
+    seen = [[[k for b in its["train"].iter_batches(batch_size=32) for k in _keys(b)] for _ in range(2)]
+            for its in iterators]
+    assert _actors("SplitCoordinator") == before
+    again = _data_config().configure({"train": train}, 2, None, None)  # a restarted run's workers
+    for rank in (0, 1):
+        part = seen[rank][0]
+        assert part == seen[rank][1]  # the same rows in the same order every epoch
+        assert part == [k for b in again[rank]["train"].iter_batches(batch_size=32) for k in _keys(b)]  # every run
+        assert {k // 100000 for k in part} == {1, 2}  # both subjects: the blocks were dealt, not cut in two runs
+        assert sum(len(b["id"]) for b in iterators[rank]["test"].iter_batches()) == 10
+    a, b = seen[0][0], seen[1][0]
+    assert len(a) == len(b) and not set(a) & set(b) and len(whole) - 1 <= len(a) + len(b) <= len(whole)
+
+
 def _footer_readers() -> set[str]:
     import ray._private.state
 

@@ -295,6 +295,18 @@ def small_shuffles():
         ctx.shuffle_strategy = old
 
 
+def deal_blocks(ds, n: int) -> list:
+    """A materialized dataset as ``n`` materialized parts of equal row counts, the same on every call: its blocks
+    dealt in turn (block i to part i mod n, in read order), then cut equal (``split(n, equal=True)`` moves the few
+    rows the deal leaves uneven to the next part, and drops at most n - 1). A plain ``split`` cuts the read order into n contiguous runs: with
+    shards read in a seeded order, each part would hold a fixed subset of the shards (subjects) for a whole run."""
+    import ray.data
+
+    refs = ds.to_arrow_refs()
+    dealt = [ref for k in range(n) for ref in refs[k::n]]
+    return ray.data.from_arrow_refs(dealt).split(n, equal=True)
+
+
 def train_order(sel: DataSelection, split: str) -> int | None:
     """The seed of the train split's one random shard order (the same every epoch and after a restart; rows are
     mixed per epoch by the train loop's seeded local shuffle); None (store order) for other splits."""

@@ -23,7 +23,7 @@ from raydecode import tracking
 from raydecode.checkpoint import CONFIG_FILE, METRICS_FILE, read_json
 from raydecode.config import TrainConfig
 from raydecode.data.pca import fit_roi_pca, write_pca
-from raydecode.data.pipeline import train_cutoffs, trials_dataset
+from raydecode.data.pipeline import deal_blocks, train_cutoffs, trials_dataset
 from raydecode.data.store import open_store
 from raydecode.data.windows import count_windows, windows_dataset
 from raydecode.errors import ConfigError, UserError, user_errors_from_ray
@@ -401,9 +401,33 @@ def _in_order():
     return options
 
 
+def _data_config():
+    """Ray Train's ``DataConfig``: the train split in read order (:func:`_in_order`). A materialized one is split once:
+    its blocks dealt to the workers in turn (block i to worker i mod n, as ``streaming_split`` hands them out, so
+    every worker sees every subject's shards), then cut to equal row counts; each worker iterates its own blocks
+    every epoch with no coordinator actor in the loop. ``streaming_split`` (kept for a streamed split) starts an
+    execution on its SplitCoordinator every epoch and passes every worker's blocks through it: at world 2 (tiny
+    preset) 0.14 s of a 1.28 s epoch waiting for batches, 0.05 s split once."""
+    from ray.data.dataset import MaterializedDataset
+    from ray.train import DataConfig
+
+    class SplitOnce(DataConfig):
+        def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
+            train = datasets.get("train")
+            if not isinstance(train, MaterializedDataset) or world_size < 2:
+                return super().configure(datasets, world_size, worker_handles, worker_node_ids, **kwargs)
+            rest = {k: v for k, v in datasets.items() if k != "train"}
+            out = super().configure(rest, world_size, worker_handles, worker_node_ids, **kwargs)
+            for part, iterators in zip(deal_blocks(train, world_size), out):
+                iterators["train"] = part.iterator()
+            return out
+
+    return SplitOnce(datasets_to_split=["train"], execution_options={"train": _in_order()})
+
+
 def _trainer(cfg: TrainConfig, plan: TrainPlan, payload: dict, callbacks: list | None):
     """Ray Train's TorchTrainer running the loop on ``scaling`` workers, checkpoints in ``cfg.storage_path()``."""
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     storage_path, storage_fs = train_storage(cfg.storage_path(), cfg.s3)
@@ -415,7 +439,7 @@ def _trainer(cfg: TrainConfig, plan: TrainPlan, payload: dict, callbacks: list |
                                      placement_strategy=cfg.scaling.placement_strategy,
                                      resources_per_worker=resources),
         datasets=_datasets(cfg, plan),
-        dataset_config=DataConfig(datasets_to_split=["train"], execution_options={"train": _in_order()}),
+        dataset_config=_data_config(),
         run_config=RunConfig(
             name=cfg.run_name, storage_path=storage_path, storage_filesystem=storage_fs,
             failure_config=FailureConfig(max_failures=cfg.checkpoint.max_failures),
