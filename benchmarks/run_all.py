@@ -65,6 +65,13 @@ BENCHMARKS = [
         "duala": ("... Duala", "1 +- 0.2"),
         "dynadiff": ("... Dynadiff", "1 +- 0.2"),
     }),
+    ("bench_gpu", ["--plan"], {
+        "mindeye2_mfu": ("one GPU, bf16: MindEye2 paper preset (jobs/pretrain-nsd.yaml), model FLOPs utilisation",
+                         "0.40"),
+        "mindeye2_samples_s": ("... samples/s", "-"),
+        "dynadiff_mfu": ("... Dynadiff paper preset (jobs/dynadiff-nsd.yaml), MFU", "0.40"),
+        "dynadiff_samples_s": ("... samples/s", "-"),
+    }),
     ("bench_ingest", ["--sessions", "1"], {
         "ray_tasks_speedup": ("NSD-sized ingest: Ray tasks / one process, speed", "~ cores used"),
     }),
