@@ -296,13 +296,17 @@ def small_shuffles():
 
 
 def deal_blocks(ds, n: int) -> list:
-    """A materialized dataset as ``n`` materialized parts of equal row counts, the same on every call: its blocks
-    dealt in turn (block i to part i mod n, in read order), then cut equal (``split(n, equal=True)`` moves the few
-    rows the deal leaves uneven to the next part, and drops at most n - 1). A plain ``split`` cuts the read order into n contiguous runs: with
-    shards read in a seeded order, each part would hold a fixed subset of the shards (subjects) for a whole run."""
+    """A materialized dataset as ``n`` materialized parts of equal row counts, the same on every call: its non-empty
+    blocks dealt in turn (block i to part i mod n, in read order; ``streaming_split`` hands them out much like this,
+    but per epoch and through a coordinator actor), then cut equal (``split(n, equal=True)`` moves the few rows the
+    deal leaves uneven to the next part and drops at most n - 1). A plain ``split`` cuts the read order into n
+    contiguous runs instead."""
     import ray.data
 
-    refs = ds.to_arrow_refs()
+    rows = [m.num_rows for bundle in ds.iter_internal_ref_bundles() for m in bundle.metadata]
+    refs = [ref for ref, k in zip(ds.to_arrow_refs(), rows, strict=True) if k]  # empty blocks (train_trials) dealt none
+    if not refs:
+        return ds.split(n, equal=True)
     dealt = [ref for k in range(n) for ref in refs[k::n]]
     return ray.data.from_arrow_refs(dealt).split(n, equal=True)
 
