@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from raydecode.config import DataSelection
-from raydecode.data.pipeline import trials_dataset
+from raydecode.data.pipeline import deal_blocks, trials_dataset
 from raydecode.data.store import open_store
 from raydecode.errors import ConfigError, StoreError
 
@@ -193,6 +193,11 @@ def test_a_materialized_train_split_is_dealt_once_into_equal_parts_in_read_order
         assert sum(len(b["id"]) for b in iterators[rank]["test"].iter_batches()) == 10
     a, b = seen[0][0], seen[1][0]
     assert len(a) == len(b) and not set(a) & set(b) and len(whole) - 1 <= len(a) + len(b) <= len(whole)
+    # the parts keep the source's context, not the driver's: the jobs' train split has no progress bars (a worker
+    # would print one per epoch)
+    for quiet in (True, False):
+        train.context.enable_progress_bars = not quiet
+        assert all(p.context.enable_progress_bars is not quiet for p in deal_blocks(train, 2))
 
 
 def _footer_readers() -> set[str]:

@@ -305,10 +305,11 @@ def deal_blocks(ds, n: int) -> list:
 
     rows = [m.num_rows for bundle in ds.iter_internal_ref_bundles() for m in bundle.metadata]
     refs = [ref for ref, k in zip(ds.to_arrow_refs(), rows, strict=True) if k]  # empty blocks (train_trials) dealt none
-    if not refs:
-        return ds.split(n, equal=True)
     dealt = [ref for k in range(n) for ref in refs[k::n]]
-    return ray.data.from_arrow_refs(dealt).split(n, equal=True)
+    parts = (ray.data.from_arrow_refs(dealt) if dealt else ds).split(n, equal=True)
+    for part in parts:  # a new dataset snapshots the driver's context: keep the source's (no progress bars)
+        part.context.enable_progress_bars = ds.context.enable_progress_bars
+    return parts
 
 
 def train_order(sel: DataSelection, split: str) -> int | None:
