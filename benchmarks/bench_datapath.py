@@ -22,7 +22,8 @@ from local disk, and (betas, the cached joins) from S3.
 The consumption rate of one GPU is derived from FLOPs counted with ``torch.utils.flop_counter`` (MindEye2's paper
 model built at the ``paper`` preset, one forward of its losses; a training step ~ 3x the forward; bigG's visual tower
 and the ConvNeXt-XL augmented target on meta tensors): rate = 989 TFLOP/s (H100/H200 dense bf16) x 0.40 / FLOPs per
-sample. Headroom = delivered / consumed per worker; > 1 means the data path keeps that GPU fed.
+sample (the count, ~35 s, is kept in ``--workdir`` per hash of the model's sources). Headroom = delivered /
+consumed per worker; > 1 means the data path keeps that GPU fed.
 """
 
 from __future__ import annotations
@@ -80,11 +81,38 @@ print(params, fwd, count(lambda: tower(x)), count(lambda: cnx(x)))
 """
 
 
-def flops() -> dict:
-    """FLOPs per sample, counted in a child process (the paper model holds ~10 GB while it is counted)."""
+# what the FLOP count depends on: the paper model's code and presets, the encoders' architectures, the versions
+MODEL_SOURCES = ("raydecode/methods", "raydecode/nn", "raydecode/modelinfo", "raydecode/config.py",
+                 "raydecode/data/synthetic.py")
+
+
+def flops(cache_dir: str | None = None) -> dict:
+    """FLOPs per sample, counted in a child process (the paper model holds ~10 GB while it is counted: ~35 s), or
+    read from ``cache_dir`` where a count of the same sources (:data:`MODEL_SOURCES`, torch, open_clip) is kept."""
+    import hashlib
+    import importlib.metadata as md
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    h = hashlib.sha256(FLOPS.encode())
+    for src in MODEL_SOURCES:
+        path = os.path.join(root, src)
+        files = [path] if path.endswith(".py") else sorted(
+            os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs if f.endswith((".py", ".json", ".yaml")))
+        for f in files:
+            h.update(os.path.relpath(f, root).encode() + open(f, "rb").read())
+    h.update(f"{md.version('torch')} {md.version('open_clip_torch')}".encode())
+    cached = os.path.join(cache_dir, f"flops-{h.hexdigest()[:16]}.json") if cache_dir else None
+    if cached and os.path.exists(cached):
+        with open(cached) as f:
+            return json.load(f)
     out = subprocess.run([sys.executable, "-c", FLOPS], capture_output=True, text=True, check=True)
     params, fwd, bigg, cnx = (float(v) for v in out.stdout.split()[-4:])
-    return {"params": params, "forward": fwd, "bigg": bigg, "convnext": cnx}
+    result = {"params": params, "forward": fwd, "bigg": bigg, "convnext": cnx}
+    if cached:
+        with open(cached + ".tmp", "w") as f:
+            json.dump(result, f)
+        os.replace(cached + ".tmp", cached)
+    return result
 
 
 def make_store(root: str) -> str:
@@ -188,8 +216,8 @@ def main() -> None:
     from raydecode.runtime import local_system_config, require_token_auth
     from raydecode.storage import S3Options
 
-    fl = flops()
     os.makedirs(args.workdir, exist_ok=True)
+    fl = flops(args.workdir)
     local = make_store(args.workdir)
     rows: list[tuple[str, str, dict]] = []
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
