@@ -27,20 +27,14 @@ from __future__ import annotations
 import argparse
 import os
 import resource
-import socket
 import statistics
 import time
 
 import torch
+from bench_step import _free_port  # a sibling script: benchmarks/ is the path's first entry
 
 PEAKS = {"H100": 989.0, "H200": 989.0, "H800": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0}  # dense bf16
 JOBS = ("jobs/pretrain-nsd.yaml", "jobs/dynadiff-nsd.yaml")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def peak_tflops(device: torch.device, given: float | None) -> float | None:
@@ -53,18 +47,13 @@ def peak_tflops(device: torch.device, given: float | None) -> float | None:
 
 
 def job(path: str, args: argparse.Namespace) -> dict:
-    """``path``'s method, preset, overrides, batch, ZeRO stage and precision."""
-    import yaml
-
+    """``path``'s method, preset, overrides, per-GPU batch and ZeRO stage (``--preset`` / ``--batch`` override)."""
     from raydecode.modelinfo.memory import job_settings
 
     settings = job_settings(path)
-    data = yaml.safe_load(open(path)) or {}
-    ds = data.get("deepspeed") or {}
     if args.preset:  # a paper job's model overrides (weights' architectures, image sizes) are the paper's
         settings.update(preset=args.preset, overrides={})
-    return {**settings, "batch": args.batch or settings["batch"] or 32,
-            "zero": int(ds.get("zero_stage", 0)), "path": path}
+    return {**settings, "batch": args.batch or settings["batch"] or 32, "path": path}
 
 
 def target_encoders(spec, mcfg, device: torch.device) -> dict:

@@ -129,8 +129,7 @@ def test_streaming_split_gives_each_train_worker_its_own_part(tiny_store, ray_lo
             for _ in range(2):  # two epochs: each re-reads its part
                 keys = []
                 for batch in parts[rank].iter_batches(batch_size=32):
-                    keys += (batch["subject"].astype(np.int64) * 100000 + batch["image_id"] * 10
-                             + batch["repetition"]).tolist()
+                    keys += _keys(batch)
                 seen[rank].append(keys)
         except BaseException as exc:  # noqa: BLE001 - reported below
             errors.append(exc)
@@ -165,7 +164,7 @@ def _keys(batch) -> list[int]:
     return (batch["subject"].astype(np.int64) * 100000 + batch["image_id"] * 10 + batch["repetition"]).tolist()
 
 
-def test_a_materialized_train_split_is_dealt_once_into_equal_parts_in_read_order(tiny_store, ray_local):
+def test_a_materialized_train_split_is_dealt_once_into_equal_fixed_parts(tiny_store, ray_local):
     """The training jobs' DataConfig (``launch._data_config``): a materialized train split becomes one fixed part per
     worker, its blocks dealt in turn, with no SplitCoordinator actor in the loop (``streaming_split`` starts one):
     every trial reaches at most one worker (equal parts drop at most one row), each part holds every subject and
@@ -189,7 +188,7 @@ def test_a_materialized_train_split_is_dealt_once_into_equal_parts_in_read_order
         part = seen[rank][0]
         assert part == seen[rank][1]  # the same rows in the same order every epoch
         assert part == [k for b in again[rank]["train"].iter_batches(batch_size=32) for k in _keys(b)]  # every run
-        assert {k // 100000 for k in part} == {1, 2}  # both subjects: the blocks were dealt, not cut in two runs
+        assert {k // 100000 for k in part} == {1, 2}  # both subjects in each part
         assert sum(len(b["id"]) for b in iterators[rank]["test"].iter_batches()) == 10
     a, b = seen[0][0], seen[1][0]
     assert len(a) == len(b) and not set(a) & set(b) and len(whole) - 1 <= len(a) + len(b) <= len(whole)

@@ -266,7 +266,8 @@ WEIGHT_KEYS = ("unet",)
 
 
 def job_settings(path: str) -> dict:
-    """method, preset, model overrides, per-GPU batch and GPUs of a training job's YAML (jobs/*-nsd.yaml)."""
+    """method, preset, model overrides, per-GPU batch, GPUs and ZeRO stage of a training job's YAML
+    (jobs/*-nsd.yaml)."""
     import yaml
 
     try:
@@ -277,7 +278,9 @@ def job_settings(path: str) -> dict:
     if isinstance(model.get("vae"), dict):
         model["vae"] = {k: v for k, v in model["vae"].items() if k != "weights"}
     return {"method": data.get("method", "mindeye2"), "preset": data.get("preset", "demo"), "overrides": model,
-            "batch": (data.get("optim") or {}).get("batch_size"), "gpus": (data.get("scaling") or {}).get("num_workers")}
+            "batch": (data.get("optim") or {}).get("batch_size"),
+            "gpus": (data.get("scaling") or {}).get("num_workers"),
+            "zero": int((data.get("deepspeed") or {}).get("zero_stage", 0))}
 
 
 def memory_plan(method: str, preset: str, voxels: list[int] | None = None, overrides: dict | None = None,
