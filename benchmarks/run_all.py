@@ -52,11 +52,13 @@ BENCHMARKS = [
         "ray_data_images": ("... with the images joined", "1.0 = par"),
     }),
     ("bench_datapath", [], {
-        "local.betas+tokens": ("paper-shaped store (10 stimulus shards, LRU of 4), local disk, precomputed bigG "
-                               "tokens: delivered per 1-CPU worker / one GPU's need at 40 % MFU", "> 1: GPU fed"),
+        "local.betas+tokens": ("paper-shaped store (10 stimulus shards), local disk, precomputed bigG tokens joined "
+                               "uncached: delivered per 1-CPU worker / one GPU's need at 40 % MFU (NSD: ~300x the "
+                               "decodes a trial)", "> 1: GPU fed"),
         "local.tokens+cache": ("... the same through data.local_cache (node-local memory-mapped copies)", "> 1: GPU fed"),
-        "s3.tokens+cache": ("... from S3 (moto on 127.0.0.1) through data.local_cache", "> 1: GPU fed"),
-        "local.betas+images": ("... images for bigG on the GPU, no cache", "> 1: GPU fed"),
+        "s3.betas+tokens": ("... from S3 (moto on 127.0.0.1), uncached", "> 1: GPU fed"),
+        "s3.tokens+cache": ("... from S3 through data.local_cache (jobs/pretrain-nsd.yaml's choice)", "> 1: GPU fed"),
+        "local.betas+images": ("... images for bigG on the GPU, uncached", "> 1: GPU fed"),
         "s3.images+cache": ("... images from S3 through data.local_cache", "> 1: GPU fed"),
         "s3.betas": ("... betas alone from S3", "> 1: GPU fed"),
     }),

@@ -15,12 +15,14 @@ import torch
 from pydantic import ValidationError
 
 from raydecode.config import DataSelection
+from raydecode.data.ingest import run_ingest, synthetic_plan
 from raydecode.data.pipeline import StimulusLookup, embedding_column
 from raydecode.data.schema import EncoderInfo
 from raydecode.data.shardcache import ShardCache
 from raydecode.data.store import StoreWriter, open_store
+from raydecode.data.synthetic import PRESETS
 from raydecode.embed import _embeddings_table, shard_path
-from raydecode.errors import StorageError
+from raydecode.errors import StorageError, StoreError
 from raydecode.nn.targets import BatchPreparer
 
 ENCODER = "fake-tokens"
@@ -83,6 +85,45 @@ def test_the_cached_lookup_gives_the_same_rows_and_later_processes_decode_nothin
         np.testing.assert_array_equal(again[key], value, err_msg=key)
     with pytest.raises(StorageError, match="missing file"):  # the plain lookup needs the shard just removed
         StimulusLookup(uri, None, False, [ENCODER], 1)({"image_id": ids.copy()})
+
+
+def test_a_batch_in_random_order_decodes_each_of_its_shards_once_and_gives_every_image_its_own_row(tmp_path,
+                                                                                                   monkeypatch):
+    # one subject of the tiny preset, 10 images a stimulus shard: 8 shards, 4x the LRU of 2 below
+    monkeypatch.setitem(PRESETS, "tiny-shards", PRESETS["tiny"].model_copy(update={
+        "name": "tiny-shards", "voxels": PRESETS["tiny"].voxels[:1], "sessions": (1,), "images_per_shard": 10}))
+    uri = str(tmp_path / "store")
+    run_ingest(synthetic_plan("tiny-shards", 0, timeseries=False), uri, progress=False)
+    _with_embeddings(uri)
+    store = open_store(uri)
+    stimuli = store.manifest.shards_of("stimuli")
+    assert len(stimuli) > 4
+    expected = {}  # every image's categories and tokens, read shard by shard
+    for sh in stimuli:
+        t = store.read_shard(sh, ["image_id", "categories"])
+        cats = np.asarray(t["categories"].combine_chunks().flatten()).reshape(t.num_rows, -1)
+        expected.update({i: [c] for i, c in zip(t["image_id"].to_pylist(), cats)})
+    for sh in store.manifest.shards_of("embeddings"):
+        t = store.read_shard(sh, ["image_id", "tokens"])
+        tokens = t["tokens"].combine_chunks().flatten().to_numpy(zero_copy_only=False).reshape(t.num_rows, -1)
+        for i, tok in zip(t["image_id"].to_pylist(), tokens):
+            expected[i].append(tok)
+    ids = np.random.default_rng(2).choice(sorted(expected), 200)  # a random trial order over every shard
+
+    lookup = StimulusLookup(uri, None, False, [ENCODER], 2)
+    reads = []
+    read_shard = lookup.store.read_shard
+    monkeypatch.setattr(lookup.store, "read_shard", lambda sh, *a, **k: reads.append(sh.path) or read_shard(sh, *a, **k))
+    out = lookup({"image_id": ids.copy()})
+    touched = {sh.path for sh in stimuli if ((ids >= sh.image_id_min) & (ids <= sh.image_id_max)).any()}
+    # each stimulus shard the batch falls in read once, and its embedding shard once (the row-by-row walk through
+    # an LRU of 2 read one every row or two)
+    assert len(touched) > 4 and touched <= set(reads) and len(reads) == len(set(reads)) == 2 * len(touched)
+    np.testing.assert_array_equal(out["categories"], np.stack([expected[i][0] for i in ids.tolist()]))
+    np.testing.assert_array_equal(out[embedding_column(ENCODER, "tokens")],
+                                  np.stack([expected[i][1] for i in ids.tolist()]))
+    with pytest.raises(StoreError, match=f"image {10**6} is missing from the stimuli of store"):
+        lookup({"image_id": np.array([ids[0], 10**6])})
 
 
 def test_a_copy_cut_short_is_built_again(store_with_embeddings, tmp_path):

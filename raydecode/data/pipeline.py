@@ -253,30 +253,46 @@ class StimulusLookup:
             out.append(flat.reshape(len(ids), width))
         return ids, out[0], out[1]
 
-    def _rows_for(self, shards: list[ShardInfo], kind: str, image_ids: np.ndarray) -> list[dict[str, Any]]:
-        out = []
-        for i in image_ids.tolist():
-            shard = next((s for s in shards if s.image_id_min <= i <= s.image_id_max), None)
-            row = self._load(shard, kind).get(i) if shard else None
-            if row is None:
-                raise StoreError(f"image {i} is missing from the {kind} of store {self.store.uri}")
-            out.append(row)
+    def _gather(self, shards: list[ShardInfo], kind: str, image_ids: np.ndarray, fields: tuple[str, ...]) -> dict:
+        """``fields`` of the rows of ``image_ids``, in their order, as arrays (lists for captions). Each shard the ids
+        fall in is loaded once per call and its rows copied out before the next: a batch in random trial order decodes
+        each of its shards at most once, where a row-by-row walk through the LRU decoded a shard every few rows
+        (paper-shaped store, 10 shards, LRU of 4: 0.6 decodes a row; ``benchmarks/bench_datapath.py``), and no
+        decoded shard outlives its place in the LRU for a view into it."""
+        ids = np.asarray(image_ids, dtype=np.int64)
+        out: dict[str, Any] = {}
+        found = np.zeros(len(ids), dtype=bool)
+        for shard in shards:
+            at = np.flatnonzero((ids >= shard.image_id_min) & (ids <= shard.image_id_max) & ~found)
+            if not len(at) and (out or len(ids)):  # (an empty batch still takes its columns' shapes from a shard)
+                continue
+            rows = self._load(shard, kind)
+            if not out and rows:  # the fields' shapes and dtypes from any row of the first shard loaded
+                like = next(iter(rows.values()))
+                out = {f: [None] * len(ids) if f == "caption" else
+                       np.empty((len(ids), *np.shape(like[f])), dtype=np.asarray(like[f]).dtype) for f in fields}
+            for n in at.tolist():
+                row = rows.get(int(ids[n]))
+                if row is not None:
+                    found[n] = True
+                    for f in fields:
+                        out[f][n] = row[f]
+        if not found.all():
+            raise StoreError(f"image {int(ids[~found][0])} is missing from the {kind} of store {self.store.uri}")
         return out
 
     def captions(self, image_ids: np.ndarray) -> list[str]:
         """The stimuli's captions of ``image_ids`` (text-reading target encoders; batches carry no strings)."""
-        return [r["caption"] for r in self._rows_for(self.stim_shards, "stimuli", image_ids)]
+        return self._gather(self.stim_shards, "stimuli", image_ids, ("caption",))["caption"]
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         ids = batch["image_id"]
-        stim = self._rows_for(self.stim_shards, "stimuli", ids)
-        batch["categories"] = np.stack([r["categories"] for r in stim])
-        if self.images:
-            batch["image"] = np.stack([r["image"] for r in stim])
+        batch.update(self._gather(self.stim_shards, "stimuli", ids, ("categories", "image") if self.images else
+                                  ("categories",)))
         for e, shards in self.emb_shards.items():
-            emb = self._rows_for(shards, "embeddings", ids)
-            batch[embedding_column(e, "tokens")] = np.stack([r["tokens"] for r in emb])
-            batch[embedding_column(e, "pooled")] = np.stack([r["pooled"] for r in emb])
+            emb = self._gather(shards, "embeddings", ids, ("tokens", "pooled"))
+            batch[embedding_column(e, "tokens")] = emb["tokens"]
+            batch[embedding_column(e, "pooled")] = emb["pooled"]
         return batch
 
 

@@ -3,9 +3,10 @@ memory-mapped ``.npy`` files.
 
 The stimulus lookup joins images and frozen embeddings to trials by image id. Without this cache every read process
 (and every train worker that draws augmented views) decodes whole shards into memory and keeps a few (an LRU of
-``data.stimulus_cache_shards``): at NSD's scale a random trial order over 73k images in 146 shards of 500 turns that
-into a shard decode per row, and the decode itself is slow (a ViT-bigG token shard: 8.6 s per 213 MB of parquet
-float16; ``benchmarks/bench_datapath.py``). With ``data.local_cache`` set to a directory on each node's local disk,
+``data.stimulus_cache_shards``); a block of trials decodes each shard it falls in once, and at NSD's scale a
+session's 750 trials in random order fall in nearly all of its 146 shards of 500 images (~100 images decoded a
+trial), while the decode itself is slow (a ViT-bigG token shard: 8.6 s per 213 MB of parquet float16;
+``benchmarks/bench_datapath.py``). With ``data.local_cache`` set to a directory on each node's local disk,
 a shard is decoded once per node into ``<dir>/<the shard's sha256>/<column>.npy``; every process of the node maps
 those files (the page cache holds one copy, shared) and reads the rows it needs. The files are named by content:
 a changed store never reads a stale copy, and two stores with the same shard share it.
