@@ -1,6 +1,7 @@
 """The data tax and the framework tax of a training job, and a sweep's efficiency, measured side by side in one run.
 
     .venv/bin/python benchmarks/bench_framework.py [--preset tiny|demo] [--world 1|2] [--epochs 4] [--repeats 2]
+        [--subjects 7]
 
 Every arm trains MindEye2 (the preset's model, all its losses, the ConvNeXt target's fresh augmented view per step)
 on the same subjects with the same per-worker batch, AdamW and clipping, and the same torch threads per process
@@ -113,9 +114,9 @@ def bare_worker(rank: int, world: int, store: str, preset: str, batch: int, epoc
         dist.destroy_process_group()
 
 
-def _bare_entry(rank, world, store, preset, batch, epochs, port, threads, queue):
-    global THREADS
-    THREADS = threads  # a spawned process: the module's default again
+def _bare_entry(rank, world, store, preset, batch, epochs, port, threads, subjects, queue):
+    global THREADS, SUBJECTS
+    THREADS, SUBJECTS = threads, subjects  # a spawned process: the module's defaults again
     out: dict = {}
     bare_worker(rank, world, store, preset, batch, epochs, port, out)
     if rank == 0:
@@ -129,7 +130,8 @@ def bare(store: str, preset: str, world: int, batch: int, epochs: int) -> dict:
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     port = _free_port()
-    procs = [ctx.Process(target=_bare_entry, args=(r, world, store, preset, batch, epochs, port, THREADS, queue))
+    procs = [ctx.Process(target=_bare_entry, args=(r, world, store, preset, batch, epochs, port, THREADS, SUBJECTS,
+                                                      queue))
              for r in range(world)]
     for p in procs:
         p.start()
@@ -204,13 +206,14 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2, help="interleaved repeats of each arm")
     ap.add_argument("--sweep", type=int, default=0, help="(d): trials of a sweep, two at a time (0: skip)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per process")
+    ap.add_argument("--subjects", type=int, default=len(SUBJECTS), help="train on subjects 1..N (the epoch's length)")
     ap.add_argument("--zero", type=int, default=0, choices=[0, 1, 2, 3], help="the job's ZeRO stage")
     ap.add_argument("--arms", nargs="+", default=["job-stream", "job-materialized", "bare"],
                     choices=["job-stream", "job-materialized", "bare"], help="the arms to run (ratios need theirs)")
     ap.add_argument("--workdir", default=None)
     args = ap.parse_args()
-    global THREADS, ZERO
-    THREADS, ZERO = args.threads, args.zero
+    global THREADS, ZERO, SUBJECTS
+    THREADS, ZERO, SUBJECTS = args.threads, args.zero, list(range(1, args.subjects + 1))
     os.environ.setdefault("RAY_AUTH_MODE", "token")
 
     import ray
