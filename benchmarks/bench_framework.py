@@ -198,6 +198,7 @@ def sweep(store: str, workdir: str, preset: str, batch: int, epochs: int, n: int
 
 
 def main() -> None:
+    global THREADS, ZERO, SUBJECTS
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="tiny", choices=["tiny", "demo"])
     ap.add_argument("--world", type=int, default=1, choices=[1, 2])
@@ -212,7 +213,6 @@ def main() -> None:
                     choices=["job-stream", "job-materialized", "bare"], help="the arms to run (ratios need theirs)")
     ap.add_argument("--workdir", default=None)
     args = ap.parse_args()
-    global THREADS, ZERO, SUBJECTS
     THREADS, ZERO, SUBJECTS = args.threads, args.zero, list(range(1, args.subjects + 1))
     os.environ.setdefault("RAY_AUTH_MODE", "token")
 
