@@ -18,7 +18,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 # (script, its arguments, {result key: (what the ratio is, the target or what 1.0 means)})
 BENCHMARKS = [
-    ("bench_step", ["--preset", "demo", "--repeats", "3"], {
+    ("bench_step", ["--preset", "demo", "--repeats", "5", "--steps", "20"], {
         "deepspeed": ("MindEye2 step in DeepSpeed's engine / bare torch (demo, 1 process)", "<= 1.10"),
         "deepspeed_loop": ("... plus the train loop's per-step checks", "<= 1.10"),
     }),
@@ -53,9 +53,8 @@ BENCHMARKS = [
         "ray_data_images": ("... with the images joined", "1.0 = par"),
     }),
     ("bench_datapath", [], {
-        "local.betas+tokens": ("paper-shaped store (10 stimulus shards), local disk, precomputed bigG tokens joined "
-                               "uncached: delivered per 1-CPU worker / one GPU's need at 40 % MFU (NSD: ~300x the "
-                               "decodes a trial)", "> 1: GPU fed"),
+        "local.betas+tokens": ("paper-shaped store, local disk, bigG tokens joined uncached (NSD: ~300x the decodes): "
+                               "delivered per worker / one GPU's need at 40 % MFU", "> 1: GPU fed"),
         "local.tokens+cache": ("... the same through data.local_cache (node-local memory-mapped copies)", "> 1: GPU fed"),
         "s3.betas+tokens": ("... from S3 (moto on 127.0.0.1), uncached", "> 1: GPU fed"),
         "s3.tokens+cache": ("... from S3 through data.local_cache (jobs/pretrain-nsd.yaml's choice)", "> 1: GPU fed"),
