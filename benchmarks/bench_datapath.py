@@ -45,7 +45,6 @@ ENCODER = "bigg-shaped"
 TOKENS, POOLED = (256, 1664), 1280
 PEAK_TFLOPS = 989.0  # H100 SXM / H200, dense bf16
 MFU = 0.40
-CACHED = ("images+cache", "tokens+cache")
 NSD_DECODES_PER_TRIAL = 146 * 500 / 750  # a session's trials fall in nearly every one of NSD's 146 stimulus shards
 VARIANTS = {"betas": {}, "betas+images": {"images": True}, "betas+tokens": {"embeddings": [ENCODER]},
             "images+cache": {"images": True, "local_cache": True}, "tokens+cache": {"embeddings": [ENCODER],
@@ -270,8 +269,8 @@ def main() -> None:
     stim, trials = m.shards_of("stimuli"), m.shards_of("trials")
     per_trial = sum(s.rows for s in stim) / statistics.mean(s.rows for s in trials)
     print(f"\nan uncached join decodes each stimulus shard a block of trials falls in, once per block: here a block "
-          f"(one trial shard, ~{statistics.mean(s.rows for s in trials):.0f} trials) falls in all {len(stim)} shards of "
-          f"{stim[0].rows} images ({per_trial:.1f} images decoded a trial); NSD's (a session's 750 trials in 146 shards of "
+          f"(one trial shard, ~{statistics.mean(s.rows for s in trials):.0f} trials) falls in the store's {len(stim)} "
+          f"shards of {stim[0].rows} images ({per_trial:.1f} images decoded a trial); NSD's (a session's 750 trials in 146 shards of "
           f"500: {NSD_DECODES_PER_TRIAL:.0f} a trial) decode ~{NSD_DECODES_PER_TRIAL / per_trial:.0f}x more per "
           "trial, so the uncached rates above are upper bounds at NSD's scale; the cached ones decode each image once "
           "per node")
