@@ -53,13 +53,13 @@ def main() -> None:
 
     init_ray()
 
-    def read_parquet(root, shards, columns, seed, num_cpus):
+    def read_parquet(root, shards, columns, seed, **tasks):
         """What raydecode read with before ShardSource: Ray's Parquet reader, the files in one seeded order."""
         import ray.data
 
         order = FileShuffleConfig(seed=seed, reseed_after_execution=False) if seed is not None else None
         return ray.data.read_parquet([root.join(s.path).path for s in shards], filesystem=root.fs, columns=columns,
-                                     partitioning=None, shuffle=order, num_cpus=num_cpus)
+                                     partitioning=None, shuffle=order, **tasks)
 
     def ray_pipeline(sel: DataSelection, parquet: bool = False):
         made = []

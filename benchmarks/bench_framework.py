@@ -1,7 +1,7 @@
 """The data tax and the framework tax of a training job, and a sweep's efficiency, measured side by side in one run.
 
     .venv/bin/python benchmarks/bench_framework.py [--preset tiny|demo] [--world 1|2] [--epochs 4] [--repeats 2]
-        [--subjects 7]
+        [--subjects 7] [--read-cpus 1.0] [--read-concurrency N]
 
 Every arm trains MindEye2 (the preset's model, all its losses, the ConvNeXt target's fresh augmented view per step)
 on the same subjects with the same per-worker batch, AdamW and clipping, and the same torch threads per process
@@ -14,6 +14,11 @@ ZeRO-0 unless ``--zero``, gloo), in interleaved repeats:
 - ``bare``: a plain torch loop on the same rows, read with pyarrow and held in memory, targets precomputed (the job
   caches them per image during its first epoch, which is left out of its rate); ``--world 2``: the same loop in two
   processes under ``DistributedDataParallel`` over gloo, each with its half of the rows.
+
+The job arms read with raydecode's default ``data.read_cpus: 1`` (``--read-cpus``): with quarter-CPU read tasks a
+streamed epoch runs more of them at once than Ray keeps worker processes, and Ray starts 2-4 new ones an epoch
+(~2 CPU-s each, their stimulus lookups cold) beside the training thread (P1 0.83-0.96 against 0.99 at 1 CPU, demo,
+3 subjects; ``--read-concurrency 2`` caps them: 0.92-0.97).
 
 Throughput is the steady state: the median over epochs after the first of samples per second (the job's
 ``train.samples_per_s``, which includes each epoch's iterator start-up; the bare loop's timed the same way).
@@ -39,6 +44,7 @@ import torch
 
 SUBJECTS = [1, 2, 3, 4, 5, 6, 7]
 THREADS = 1  # torch threads per process (--threads)
+READ = {"read_cpus": 1.0, "read_concurrency": None}  # the job arms' read tasks (--read-cpus, --read-concurrency)
 ZERO = 0  # the job's ZeRO stage (--zero); 0 is DDP's all-reduce
 PARTS = ("data_wait", "prepare", "step")  # an epoch's seconds: waiting for batches, their targets, the update
 
@@ -153,8 +159,7 @@ def job(store: str, workdir: str, preset: str, world: int, batch: int, epochs: i
 
     cfg = TrainConfig.model_validate({
         "store": store, "workdir": workdir, "run_name": name, "preset": preset,
-        "data": {"subjects": SUBJECTS, "categories": False, "read_cpus": 0.25,
-                 "materialize": materialize},
+        "data": {"subjects": SUBJECTS, "categories": False, **READ, "materialize": materialize},
         "optim": {"epochs": epochs, "batch_size": batch, "lr": 1e-3},
         "scaling": {"num_workers": world, "cpus_per_worker": THREADS},  # Ray gives the worker as many threads
         "deepspeed": {"zero_stage": ZERO},
@@ -209,11 +214,14 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="torch threads per process")
     ap.add_argument("--subjects", type=int, default=len(SUBJECTS), help="train on subjects 1..N (the epoch's length)")
     ap.add_argument("--zero", type=int, default=0, choices=[0, 1, 2, 3], help="the job's ZeRO stage")
+    ap.add_argument("--read-cpus", type=float, default=1.0, help="the job arms' data.read_cpus (raydecode's default)")
+    ap.add_argument("--read-concurrency", type=int, default=None, help="the job arms' data.read_concurrency")
     ap.add_argument("--arms", nargs="+", default=["job-stream", "job-materialized", "bare"],
                     choices=["job-stream", "job-materialized", "bare"], help="the arms to run (ratios need theirs)")
     ap.add_argument("--workdir", default=None)
     args = ap.parse_args()
     THREADS, ZERO, SUBJECTS = args.threads, args.zero, list(range(1, args.subjects + 1))
+    READ.update(read_cpus=args.read_cpus, read_concurrency=args.read_concurrency)
     os.environ.setdefault("RAY_AUTH_MODE", "token")
 
     import ray
@@ -245,7 +253,8 @@ def main() -> None:
 
     med = {arm: statistics.median(r["rate"] for r in rs) for arm, rs in arms.items()}
     print(f"\nMindEye2 ({args.preset}), subjects {SUBJECTS}, world {args.world}, batch {args.batch_size} per worker, "
-          f"{args.epochs} epochs, ZeRO-{ZERO}, {THREADS} torch threads per process, {args.repeats} interleaved repeats")
+          f"{args.epochs} epochs, ZeRO-{ZERO}, {THREADS} torch threads per process, {args.repeats} interleaved repeats, "
+          f"data.read_cpus {READ['read_cpus']}, read_concurrency {READ['read_concurrency']}")
     print(f"{'arm':18s} {'samples/s':>10s} {'min':>8s} {'max':>8s} {'epoch s':>8s} = {'wait':>6s} + {'prep':>6s} + "
           f"{'step':>6s} + {'other':>6s} {'wall s':>7s} {'fixed s':>8s} {'RSS MB':>7s}")
     for arm, rs in arms.items():

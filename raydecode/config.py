@@ -59,6 +59,11 @@ class DataSelection(BaseModel):
                           "are decoded there once per node and memory-mapped by every process (NSD scale: a random "
                           "trial order reads every shard; raydecode.data.shardcache)")
     read_cpus: float = Field(1.0, gt=0, description="CPUs per Ray Data read task (read, decode, stimulus lookup)")
+    read_concurrency: int | None = Field(
+        None, ge=1, description="the most read tasks at once, cluster-wide (Ray Data's concurrency; default: as many "
+                                "as the free CPUs hold at data.read_cpus each). With read_cpus under 1, more read "
+                                "tasks run than a node keeps worker processes (one per CPU): Ray stops the extra ones "
+                                "after a streamed epoch and starts them, and their stimulus lookups, again the next")
     materialize: bool | None = Field(
         None, description="training: read the selected train trials once into Ray's object store instead of "
                           "re-reading the store every epoch (default: when their shards total under 2 GiB)")

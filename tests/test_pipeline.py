@@ -245,3 +245,47 @@ def test_shards_are_read_from_the_manifest_in_one_seeded_order(tiny_store, ray_l
     assert len(source.get_read_tasks(1)) == len(moved.manifest.shards_of("trials", subjects=[1]))  # planned, not read
     with pytest.raises(Exception, match=f"missing file .*{os.path.basename(gone.path)}"):
         trials_dataset(moved, "train", DataSelection(subjects=[1], categories=False)).dataset.materialize()
+
+
+def _most_at_once(spans: list[tuple[float, float]]) -> int:
+    events = sorted([(a, 1) for a, _ in spans] + [(b, -1) for _, b in spans])
+    running = most = 0
+    for _, step in events:
+        running += step
+        most = max(most, running)
+    return most
+
+
+def test_read_concurrency_caps_the_read_tasks_at_once_and_keeps_them_fused(tiny_store, ray_local):
+    """data.read_concurrency is Ray Data's ``concurrency`` on the read and on every map fused into it. Fractional-CPU
+    read tasks on new worker processes (each starting Python and its stimulus lookup: what a streamed epoch pays when Ray
+    has stopped the idle workers beyond one per CPU) run several at once; capped at one, they run one after
+    another, still one fused operator, and deliver the same rows."""
+    import ray
+
+    def read(cap):  # runs in a Ray task: only what it imports (no helper of this module)
+        sel = DataSelection(subjects=[1, 2, 3, 4], images=True, read_cpus=0.05, read_concurrency=cap)
+        ds = trials_dataset(open_store(tiny_store), "train", sel).dataset.materialize()
+        spans = {}  # (start, end) of each read task, from the exec stats Ray Data keeps with its blocks
+        for name, blocks in ds._raw_stats().metadata.items():  # the public ds.stats() prints only totals
+            for es in (b.exec_stats for b in blocks if name.startswith("Read")):
+                span = spans.setdefault(es.task_idx, [es.start_time_s, es.end_time_s])
+                span[0], span[1] = min(span[0], es.start_time_s), max(span[1], es.end_time_s)
+        ops = [n for n in ds._raw_stats().metadata if n.startswith("Read")]
+        return sorted(tuple(s) for s in spans.values()), ops, ds.to_pandas().to_dict("list")
+
+    rows, most = {}, {}
+    for cap in (None, 1):
+        # a runtime env of its own: its tasks start on new worker processes, as after Ray stopped the idle ones
+        fresh = ray.remote(num_cpus=0)(read).options(runtime_env={"env_vars": {"RAYDECODE_TEST_CAP": str(cap)}})
+        spans, ops, got = ray.get(fresh.remote(cap))
+        assert len(spans) >= 8 and ops == [  # one task per shard, in the one fused read operator
+            "ReadReadStoreShards->Filter(col('split') == 'train')->MapBatches(_decode_betas)->MapBatches(lookup_stimuli)"]
+        most[cap] = _most_at_once(spans)
+        got = {k: np.stack(v) for k, v in got.items()}
+        order = np.lexsort((got["trial"], got["run"], got["session"], got["subject"]))
+        rows[cap] = {k: v[order] for k, v in got.items()}
+    assert most[1] == 1 and most[None] > 1, most
+    assert rows[None].keys() == rows[1].keys() and all(np.array_equal(rows[None][k], rows[1][k]) for k in rows[1])
+    with pytest.raises(ValueError, match="read_concurrency"):
+        DataSelection(read_concurrency=0)

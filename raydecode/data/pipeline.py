@@ -334,11 +334,17 @@ def train_order(sel: DataSelection, split: str) -> int | None:
     return sel.seed if sel.shuffle and split == "train" else None
 
 
-def only_split(ds, split: str, num_cpus: float):
+def read_tasks(sel: DataSelection) -> dict:
+    """The resources of the read tasks and of every map fused into them (Ray Data fuses only maps that share them):
+    ``data.read_cpus`` each, at most ``data.read_concurrency`` at once."""
+    return {"num_cpus": sel.read_cpus, "concurrency": sel.read_concurrency}
+
+
+def only_split(ds, split: str, sel: DataSelection):
     """The rows of ``ds`` whose ``split`` column is ``split`` (fused into the read tasks)."""
     from ray.data.expressions import col
 
-    return ds.filter(expr=col("split") == split, num_cpus=num_cpus)
+    return ds.filter(expr=col("split") == split, **read_tasks(sel))
 
 
 @dataclass
@@ -384,12 +390,12 @@ def _trials_dataset(store: Store | str, split: str, sel: DataSelection, s3: S3Op
     width = max(voxels.values())
     from raydecode.data.source import read_store_shards  # Ray is imported where it is used
 
-    ds = read_store_shards(store.root, shards, list(TRIAL_COLUMNS), train_order(sel, split), sel.read_cpus)
-    ds = only_split(ds, split, sel.read_cpus)
+    ds = read_store_shards(store.root, shards, list(TRIAL_COLUMNS), train_order(sel, split), **read_tasks(sel))
+    ds = only_split(ds, split, sel)
     if split == "train" and sel.train_trials is not None:
         ds = ds.map_batches(_keep_first, fn_kwargs={"cutoffs": train_cutoffs(store, shards, sel.train_trials)},
-                            batch_format="pyarrow", num_cpus=sel.read_cpus)
-    ds = ds.map_batches(_decode_betas, fn_kwargs={"width": width}, batch_format="pyarrow", num_cpus=sel.read_cpus)
+                            batch_format="pyarrow", **read_tasks(sel))
+    ds = ds.map_batches(_decode_betas, fn_kwargs={"width": width}, batch_format="pyarrow", **read_tasks(sel))
     ds = with_stimuli(group_test(ds, sel, split, len(subjects)), store, sel)
     return TrialsDataset(ds, subjects, voxels, width, [s.path for s in shards])
 
@@ -432,7 +438,7 @@ def with_stimuli(ds, store: Store, sel: DataSelection):
         return ds
     args = (store.uri, store.s3.model_dump() if store.s3 else None, sel.images, list(sel.embeddings),
             sel.stimulus_cache_shards, sel.local_cache)
-    return ds.map_batches(lookup_stimuli, fn_kwargs={"args": args}, batch_format="numpy", num_cpus=sel.read_cpus)
+    return ds.map_batches(lookup_stimuli, fn_kwargs={"args": args}, batch_format="numpy", **read_tasks(sel))
 
 
 _LOOKUP: tuple[str, StimulusLookup] | None = None  # this process's lookup, kept between Ray tasks

@@ -81,7 +81,8 @@ class ShardSource(Datasource):
 
 
 def read_store_shards(root: Location, shards: list[ShardInfo], columns: list[str] | None = None,
-                      seed: int | None = None, num_cpus: float | None = None, **kwargs: Any):
-    """``ray.data.read_datasource`` of :class:`ShardSource`: one read task per shard, planned from the manifest."""
-    return read_datasource(ShardSource(root, shards, columns, seed), num_cpus=num_cpus,
-                           override_num_blocks=max(1, len(shards)), **kwargs)
+                      seed: int | None = None, **kwargs: Any):
+    """``ray.data.read_datasource`` of :class:`ShardSource`: one read task per shard, planned from the manifest
+    (``kwargs``: the read tasks' resources, e.g. ``num_cpus``, ``concurrency``)."""
+    return read_datasource(ShardSource(root, shards, columns, seed), override_num_blocks=max(1, len(shards)),
+                           **kwargs)

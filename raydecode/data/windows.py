@@ -25,6 +25,7 @@ from raydecode.data.pipeline import (
     TrialsDataset,
     finish_in_memory,
     group_test,
+    read_tasks,
     small_shuffles,
     test_grouping,
     train_order,
@@ -157,8 +158,8 @@ def _windows_dataset(store, split: str, window: WindowConfig, sel, s3, shift: in
     test_ids = np.asarray(store.manifest.shared_test_image_ids, np.int64)
     from raydecode.data.source import read_store_shards  # Ray is imported where it is used
 
-    ds = read_store_shards(store.root, shards, list(RUN_COLUMNS), train_order(sel, split), sel.read_cpus)
-    ds = ds.map_batches(windows_of_runs, batch_format="pyarrow", batch_size=1, num_cpus=sel.read_cpus,
+    ds = read_store_shards(store.root, shards, list(RUN_COLUMNS), train_order(sel, split), **read_tasks(sel))
+    ds = ds.map_batches(windows_of_runs, batch_format="pyarrow", batch_size=1, **read_tasks(sel),
                         fn_kwargs={"window": window.model_dump(), "split": split, "test_ids": test_ids,
                                    "width": width, "shift": shift})
     ds = with_stimuli(group_test(ds, sel, split, len(subjects)), store, sel)
