@@ -18,7 +18,7 @@ ZeRO-0 unless ``--zero``, gloo), in interleaved repeats:
 The job arms read with raydecode's default ``data.read_cpus: 1`` (``--read-cpus``): with quarter-CPU read tasks a
 streamed epoch runs more of them at once than Ray keeps worker processes, and Ray starts 2-4 new ones an epoch
 (~2 CPU-s each, their stimulus lookups cold) beside the training thread (P1 0.83-0.96 against 0.99 at 1 CPU, demo,
-3 subjects; ``--read-concurrency 2`` caps them: 0.92-0.97).
+3 subjects; ``--read-concurrency 2`` caps them: 0.97 in one run).
 
 Throughput is the steady state: the median over epochs after the first of samples per second (the job's
 ``train.samples_per_s``, which includes each epoch's iterator start-up; the bare loop's timed the same way).
