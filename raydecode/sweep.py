@@ -237,12 +237,11 @@ def _claim_sweep(cfg: SweepConfig, tune_uri: str):
     from ray import tune
 
     flat = tracking.flatten(cfg.model_dump(mode="json"))
-    ident = {k: v for k, v in flat.items() if not any(k == key or k.startswith(key + ".") for key in _SWEEP_VOLATILE)}
     tune_root = resolve(tune_uri, cfg.s3)
     name = cfg.run_name or "sweep"
-    return claim_run(resolve(cfg.storage_path(), cfg.s3).join(name), ident, f"sweep run_name {name!r}", lambda: any(
+    return claim_run(resolve(cfg.storage_path(), cfg.s3).join(name), flat, f"sweep run_name {name!r}", lambda: any(
         tune.Tuner.can_restore(f"{tune_root.path.rstrip('/')}/{n}", storage_filesystem=tune_root.fs)
-        for n in _experiment_names(cfg)))
+        for n in _experiment_names(cfg)), volatile=_SWEEP_VOLATILE)
 
 
 def _rows(results, cfg: SweepConfig) -> list[dict]:

@@ -320,8 +320,9 @@ def test_a_flapping_s3_endpoint_costs_retries_not_data(s3_server, ray_local):
 
 def test_a_killed_driver_rerun_with_the_same_name_resumes_its_checkpoint_and_mlflow_run(tiny_store, tmp_path):
     """``raydecode pretrain`` killed (SIGKILL to its whole process group: the driver and the local Ray it started)
-    after its epoch-1 checkpoint; the same command again resumes from that checkpoint, in the same MLflow run, and
-    the run's history holds every epoch."""
+    after its epoch-1 checkpoint; the same command again, reading its data otherwise (read CPUs, read concurrency,
+    stimulus cache: how rows are read, not which), resumes from that checkpoint, in the same MLflow run, and the
+    run's history holds every epoch; the same name with another learning rate is refused in one line."""
     import signal
     import subprocess
     import sys
@@ -347,7 +348,13 @@ def test_a_killed_driver_rerun_with_the_same_name_resumes_its_checkpoint_and_mlf
     finally:
         first.wait(60)
     assert not (runs / "final").exists()
-    again = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    other = ["--set", "optim.lr=0.0123"]
+    refused = subprocess.run(cmd + other, capture_output=True, text=True, timeout=600)
+    assert refused.returncode == 2 and "run_name 'driver-kill' already names a run with another config" in \
+        refused.stderr and "optim.lr" in refused.stderr, refused.stderr[-2000:]
+    read_otherwise = ["--set", "data.read_cpus=0.5", "--set", "data.read_concurrency=1",
+                      "--set", "data.stimulus_cache_shards=1"]
+    again = subprocess.run(cmd + read_otherwise, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-2000:]
     assert "exists with this config: resuming from its last checkpoint in MLflow run" in again.stdout
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")

@@ -157,6 +157,8 @@ MATERIALIZE_BELOW = 2 * 1024**3  # bytes of selected trial shards
 # what makes two launches under one run_name the same run (anything else may change on a resume)
 _RUN_IDENTITY = ("method", "preset", "model", "store", "data", "init_from", "optim", "scaling.num_workers",
                  "deepspeed.zero_stage")
+# how the rows are read, not which rows in which order (the read order is preserved): may change on a resume
+_READ_SETTINGS = ("data.read_cpus", "data.read_concurrency", "data.local_cache", "data.stimulus_cache_shards")
 
 
 @dataclass
@@ -176,15 +178,22 @@ class RunClaim:
                                                    sort_keys=True, indent=1).encode())
 
 
-def claim_run(run_dir: Location, identity: dict, what: str, has_progress) -> RunClaim:
+def _without(flat: dict, keys: tuple[str, ...]) -> dict:
+    return {k: v for k, v in flat.items() if not any(k == key or k.startswith(key + ".") for key in keys)}
+
+
+def claim_run(run_dir: Location, identity: dict, what: str, has_progress,
+              volatile: tuple[str, ...] = ()) -> RunClaim:
     """Record ``identity`` in ``run_dir``'s :data:`RUN_FILE`; a relaunch with the same identity resumes (Ray Train
     and Tune restore by name) in the recorded MLflow run, a different one is refused while ``has_progress()``
-    (a claim nothing was saved under is replaced). ``what``: the config key that names the run, for the error."""
-    identity = json.loads(json.dumps(identity, sort_keys=True))
+    (a claim nothing was saved under is replaced). ``what``: the config key that names the run, for the error.
+    Keys under ``volatile`` are left out on both sides (a claim recorded before they were is compared without them)."""
+    identity = json.loads(json.dumps(_without(identity, volatile), sort_keys=True))
     loc = run_dir.join(RUN_FILE)
     if loc.exists():
         old = json.loads(loc.read_bytes())
         old_ident, run_id = (old["identity"], old.get("mlflow_run_id")) if "identity" in old else (old, None)
+        old_ident = _without(old_ident, volatile)
         changed = sorted(k for k in set(old_ident) | set(identity) if old_ident.get(k) != identity.get(k))
         if not changed:
             return RunClaim(loc, identity, True, run_id)
@@ -204,7 +213,8 @@ def _claim_run_name(cfg: TrainConfig) -> RunClaim:
     run_dir = resolve(cfg.storage_path(), cfg.s3).join(cfg.run_name or "run")
     base = run_dir.path.rstrip("/") + "/"
     return claim_run(run_dir, ident, f"run_name {cfg.run_name!r}",
-                     lambda: any(f.path.removeprefix(base).startswith("checkpoint_") for f in run_dir.list_files()))
+                     lambda: any(f.path.removeprefix(base).startswith("checkpoint_") for f in run_dir.list_files()),
+                     volatile=_READ_SETTINGS)
 
 
 def _first_failure(exc: BaseException) -> str:
