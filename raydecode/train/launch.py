@@ -178,8 +178,13 @@ class RunClaim:
                                                    sort_keys=True, indent=1).encode())
 
 
+def _under(flat_key: str, keys: tuple[str, ...]) -> bool:
+    """Whether a flattened config key is one of ``keys`` or inside one of them."""
+    return any(flat_key == key or flat_key.startswith(key + ".") for key in keys)
+
+
 def _without(flat: dict, keys: tuple[str, ...]) -> dict:
-    return {k: v for k, v in flat.items() if not any(k == key or k.startswith(key + ".") for key in keys)}
+    return {k: v for k, v in flat.items() if not _under(k, keys)}
 
 
 def claim_run(run_dir: Location, identity: dict, what: str, has_progress,
@@ -209,7 +214,7 @@ def claim_run(run_dir: Location, identity: dict, what: str, has_progress,
 def _claim_run_name(cfg: TrainConfig) -> RunClaim:
     """The training run's claim: the config keys that decide its checkpoints (:data:`_RUN_IDENTITY`)."""
     flat = tracking.flatten(cfg.model_dump(mode="json"))
-    ident = {k: v for k, v in flat.items() if any(k == key or k.startswith(key + ".") for key in _RUN_IDENTITY)}
+    ident = {k: v for k, v in flat.items() if _under(k, _RUN_IDENTITY)}
     run_dir = resolve(cfg.storage_path(), cfg.s3).join(cfg.run_name or "run")
     base = run_dir.path.rstrip("/") + "/"
     return claim_run(run_dir, ident, f"run_name {cfg.run_name!r}",
